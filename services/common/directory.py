@@ -1,0 +1,91 @@
+"""Look-ups of sessions' immutable facts, answered by the store over HTTP and cached.
+
+The gateway asks "who is participant <code>?" when a WebSocket opens; decisions asks "how is
+group <id> configured?" before it handles the group's first message. Both answers never change
+once a session exists, so they are cached for the life of the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+
+class ParticipantInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    participant: str
+    session: str
+    group: str
+    id_in_group: int
+    experiment: str
+
+
+class GroupConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session: str
+    group: str
+    experiment: str
+    members: list[str]  # participant codes in id_in_group order
+    num_periods: int
+    period_length: float
+    num_subperiods: int
+    rate_limit: float
+    params: dict[str, Any]
+
+    def id_in_group(self, code: str) -> int:
+        return self.members.index(code) + 1
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Directory:
+    """HTTP client of the store's `/internal/*` look-ups, with a positive cache."""
+
+    def __init__(self, store_url: str, token: str, *, timeout: float = 5.0) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=store_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+        self._participants: dict[str, ParticipantInfo] = {}
+        self._groups: dict[str, GroupConfig] = {}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        response = await self._client.get(path)
+        if response.status_code == 404:
+            raise NotFound(path)
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def participant(self, code: str) -> ParticipantInfo:
+        cached = self._participants.get(code)
+        if cached is not None:
+            return cached
+        info = ParticipantInfo.model_validate(await self._get(f"/internal/participants/{code}"))
+        self._participants[code] = info
+        return info
+
+    async def group(self, group: str) -> GroupConfig:
+        cached = self._groups.get(group)
+        if cached is not None:
+            return cached
+        config = GroupConfig.model_validate(await self._get(f"/internal/groups/{group}"))
+        self._groups[group] = config
+        return config
+
+    async def reachable(self) -> bool:
+        try:
+            response = await self._client.get("/healthz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

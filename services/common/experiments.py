@@ -1,0 +1,111 @@
+"""Experiments: the per-experiment hooks the decisions service calls (pure functions, no I/O).
+
+An experiment says which inbound channels it accepts, a member's initial decision, whether a
+decision is valid, and the payoffs of a set of group decisions (oTree / otree_redwood's
+`initial_decision`, validation and payoff functions). Register new ones with `register()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Experiment(Protocol):
+    name: str
+    channels: frozenset[str]
+
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any: ...
+
+    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
+        """None if the decision is acceptable, else a message for `invalid_decision`."""
+
+    def payoffs(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]: ...
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class PlainDecisions:
+    """Relays numbers: every member's decision is any finite number; no payoffs."""
+
+    name: str = "decisions"
+    channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
+        return None
+
+    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
+        return None if _is_number(decision) else "a decision must be a finite number"
+
+    def payoffs(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Bimatrix:
+    """Continuous-time 2×2 game: a decision is the probability of playing the first action.
+
+    Payoffs (`params.payoff_matrix`, default a prisoner's dilemma [[[3,3],[0,5]],[[5,0],[1,1]]])
+    are the expected flow payoffs of each player against the mean of the other members' mixes.
+    """
+
+    name: str = "bimatrix"
+    channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
+        value = params.get("initial_decision", 0.5)
+        return float(value) if _is_number(value) else 0.5
+
+    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
+        if _is_number(decision) and 0.0 <= decision <= 1.0:
+            return None
+        return "a bimatrix decision must be a number in [0, 1]"
+
+    def payoffs(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        matrix = params.get("payoff_matrix", [[[3, 3], [0, 5]], [[5, 0], [1, 1]]])
+        result: dict[str, float] = {}
+        for me, mine in decisions.items():
+            others = [v for code, v in decisions.items() if code != me and _is_number(v)]
+            if not _is_number(mine) or not others:
+                result[me] = 0.0
+                continue
+            p = float(mine)
+            q = sum(float(v) for v in others) / len(others)
+            result[me] = round(
+                p * q * matrix[0][0][0]
+                + p * (1 - q) * matrix[0][1][0]
+                + (1 - p) * q * matrix[1][0][0]
+                + (1 - p) * (1 - q) * matrix[1][1][0],
+                6,
+            )
+        return result
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> None:
+    _REGISTRY[experiment.name] = experiment
+
+
+def get(name: str) -> Experiment:
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register(PlainDecisions())
+register(Bimatrix())

@@ -1,0 +1,36 @@
+"""Health and metrics routes shared by every service: `/healthz`, `/readyz`, `/metrics`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+ReadinessCheck = Callable[[], Awaitable[list[str]]]
+
+
+def health_router(registry: CollectorRegistry, readiness: ReadinessCheck) -> APIRouter:
+    """`readiness` returns the list of unmet conditions; empty means ready."""
+    router = APIRouter()
+
+    @router.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        try:
+            problems = await readiness()
+        except Exception as exc:
+            problems = [f"readiness check failed: {exc.__class__.__name__}: {exc}"]
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

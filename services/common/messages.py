@@ -1,0 +1,103 @@
+"""Message schemas: the contract between Canopy services on the bus.
+
+Every bus message is one `Envelope` (JSON). Its `type` says what it is:
+
+commands (imperative, one handler):
+    StartPeriod       decisions → timers: run period `payload.period` of a group now
+
+events (past tense):
+    FrameAccepted     gateway → decisions + store: a participant frame the broker confirmed
+    PresenceChanged   gateway → decisions: a participant connection opened or closed
+    TimerFired        timers → decisions: a period started / a sub-period tick / a period ended
+    Broadcast         decisions → gateways + store: a server frame for a group (or one member)
+    Control           decisions → gateways: a frame for one connection that is not logged
+                      (`hello` snapshots, `replaced` notices)
+
+Frames on the participants' WebSocket are described in PROTOCOL.md; `InboundFrame` validates
+the browser → server ones, `server_frame()` builds the server → browser ones.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+SCHEMA_VERSION = 1
+
+
+class MessageType(StrEnum):
+    START_PERIOD = "StartPeriod"
+    FRAME_ACCEPTED = "FrameAccepted"
+    PRESENCE_CHANGED = "PresenceChanged"
+    TIMER_FIRED = "TimerFired"
+    BROADCAST = "Broadcast"
+    CONTROL = "Control"
+
+
+class Channel(StrEnum):
+    """Server → browser channels of the contract."""
+
+    HELLO = "hello"
+    ACK = "ack"
+    ERROR = "error"
+    GROUP_DECISIONS = "group_decisions"
+    PERIOD_START = "period_start"
+    SUBPERIOD = "subperiod"
+    PERIOD_END = "period_end"
+    PRESENCE = "presence"
+    # Internal control channel: tells a gateway to close a connection that was replaced.
+    REPLACED = "replaced"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    type: MessageType
+    version: int = SCHEMA_VERSION
+    session: str
+    group: str
+    participant: str | None = None
+    # The participant's frame seq (FrameAccepted) or the seq an error answers (Broadcast).
+    seq: int | None = None
+    channel: str | None = None
+    # The gateway connection a message belongs to (presence, hello, replaced).
+    connection: str | None = None
+    # When the message entered the bus (epoch seconds), set by its publisher.
+    ts: float = Field(default_factory=now)
+    payload: Any = None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=False))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Envelope:
+        return cls.model_validate_json(body)
+
+
+class InboundFrame(BaseModel):
+    """A browser → server frame: `{"channel": "decisions", "payload": <JSON>, "seq": 7}`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    channel: StrictStr = Field(min_length=1, max_length=64)
+    seq: StrictInt = Field(ge=1, le=2**53)
+    payload: Any
+
+
+def server_frame(channel: str, payload: Any, ts: float | None = None) -> bytes:
+    """Encode one server → browser frame; encode once, send to every addressee."""
+    return orjson.dumps({"channel": channel, "payload": payload, "ts": now() if ts is None else ts})

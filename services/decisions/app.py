@@ -1,0 +1,54 @@
+"""Composition root of the decisions service: `create_app(settings)` wires bus, store look-ups,
+the worker and one ordered consumer per shard queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.common.bus import Bus, Topology, consume_in_order, running, shard_queue
+from services.common.directory import Directory
+from services.common.health import health_router
+from services.common.serve import instance_name
+from services.decisions.handlers import DecisionsWorker
+from services.decisions.metrics import DecisionsMetrics
+from services.decisions.settings import DecisionsSettings
+
+
+def create_app(settings: DecisionsSettings) -> FastAPI:
+    metrics = DecisionsMetrics()
+    topology = Topology(settings.shards, settings.queue_type)
+    bus = Bus(settings.amqp_url, topology, name=f"decisions {instance_name(settings)}")
+    directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
+    worker = DecisionsWorker(bus, directory, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await bus.connect()
+        channel = await bus.channel(prefetch=settings.decisions_prefetch)
+        tasks = []
+        for index in range(settings.shards):
+            queue = await channel.declare_queue(shard_queue(index), passive=True)
+            tasks.append(
+                asyncio.create_task(
+                    consume_in_order(
+                        queue, worker.handle, on_malformed=lambda m, e: metrics.rejected.inc()
+                    )
+                )
+            )
+        async with running(tasks):
+            yield
+        worker.close()
+        await directory.close()
+        await bus.close()
+
+    async def readiness() -> list[str]:
+        return [] if bus.is_connected else ["not connected to RabbitMQ"]
+
+    app = FastAPI(title="Canopy decisions", lifespan=lifespan)
+    app.include_router(health_router(metrics.registry, readiness))
+    app.state.worker = worker
+    return app

@@ -1,0 +1,228 @@
+"""A group's live state machine: decisions, presence, periods, rate limit. Pure: no I/O.
+
+`GroupState` receives the group's inputs in its one total order (frames, presence, timer ticks)
+and returns effects for the adapter to carry out (broadcasts, control frames, a StartPeriod
+command, a deferred flush). Time is passed in, so tests drive it without clocks or brokers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.common.directory import GroupConfig
+from services.common.errors import ErrorCode
+from services.common.experiments import Experiment
+from services.common.messages import Channel
+
+PeriodState = Literal["waiting", "starting", "running", "ended"]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A logged server frame for the whole group, or for one member when `participant` is set."""
+
+    channel: str
+    payload: Any
+    participant: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    """An unlogged frame for one connection (`hello`, `replaced`)."""
+
+    channel: str
+    payload: Any
+    participant: str
+    connection: str
+
+
+@dataclass(frozen=True)
+class StartPeriod:
+    period: int
+    period_length: float
+    num_subperiods: int
+
+
+@dataclass(frozen=True)
+class FlushAt:
+    """Call `GroupState.flush` at epoch time `at` (rate-limit trailing edge)."""
+
+    at: float
+
+
+Effect = Broadcast | Control | StartPeriod | FlushAt
+
+
+@dataclass
+class GroupState:
+    config: GroupConfig
+    experiment: Experiment
+    decisions: dict[str, Any] = field(default_factory=dict)
+    last_seq: dict[str, int] = field(default_factory=dict)
+    connections: dict[str, str] = field(default_factory=dict)  # code → current connection
+    period: int = 1
+    state: PeriodState = "waiting"
+    ends_at: float | None = None
+    subperiod: int = 0
+    last_broadcast_at: float = float("-inf")
+    flush_pending: bool = False
+
+    def __post_init__(self) -> None:
+        for index, code in enumerate(self.config.members, start=1):
+            self.decisions.setdefault(
+                code, self.experiment.initial_decision(index, self.config.params)
+            )
+            self.last_seq.setdefault(code, 0)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def on_frame(
+        self, participant: str, seq: int, channel: str, payload: Any, now: float
+    ) -> list[Effect]:
+        if participant not in self.last_seq or seq <= self.last_seq[participant]:
+            return []  # not a member, or a duplicate already applied: idempotent on (p, seq)
+        self.last_seq[participant] = seq
+        if channel != "decisions":
+            return []
+        if self.state != "running":
+            return [
+                self._error(
+                    participant,
+                    seq,
+                    ErrorCode.PERIOD_NOT_RUNNING,
+                    f"period {self.period} is {self._public_state()}",
+                )
+            ]
+        problem = self.experiment.validate(payload, self.config.params)
+        if problem is not None:
+            return [self._error(participant, seq, ErrorCode.INVALID_DECISION, problem)]
+        self.decisions[participant] = payload
+        return self._decisions_changed(now)
+
+    def on_presence(self, participant: str, connection: str, connected: bool) -> list[Effect]:
+        if participant not in self.last_seq:
+            return []
+        effects: list[Effect] = []
+        current = self.connections.get(participant)
+        if connected:
+            self.connections[participant] = connection
+            effects.append(Control(Channel.HELLO, self.hello(participant), participant, connection))
+            if current is None:
+                effects.append(self._presence(participant, connected=True))
+            elif current != connection:
+                effects.append(Control(Channel.REPLACED, {}, participant, current))
+            effects.extend(self._maybe_start())
+        elif current == connection:
+            del self.connections[participant]
+            effects.append(self._presence(participant, connected=False))
+        # else: a replaced connection closed; the participant is still connected.
+        return effects
+
+    def on_timer(self, event: str, period: int, index: int, ends_at: float | None) -> list[Effect]:
+        if period != self.period:
+            return []  # a tick of another period (e.g. redelivered after it ended)
+        if event == "period_start" and self.state in ("waiting", "starting"):
+            self.state, self.ends_at, self.subperiod = "running", ends_at, 0
+            length = self.config.period_length
+            return [
+                Broadcast(
+                    Channel.PERIOD_START, {"period": period, "length": length, "ends_at": ends_at}
+                )
+            ]
+        if event == "subperiod" and self.state == "running" and index > self.subperiod:
+            self.subperiod = index
+            return [
+                Broadcast(
+                    Channel.SUBPERIOD,
+                    {
+                        "period": period,
+                        "index": index,
+                        "group_decisions": dict(self.decisions),
+                        "payoffs": self._payoffs(),
+                    },
+                )
+            ]
+        if event == "period_end" and self.state == "running":
+            effects: list[Effect] = []
+            if self.flush_pending:  # the last change is never dropped
+                self.flush_pending = False
+                effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions)))
+            self.state = "ended"
+            effects.append(
+                Broadcast(
+                    Channel.PERIOD_END,
+                    {
+                        "period": period,
+                        "group_decisions": dict(self.decisions),
+                        "payoffs": self._payoffs(),
+                    },
+                )
+            )
+            if self.period < self.config.num_periods:
+                self.period, self.state, self.ends_at = self.period + 1, "waiting", None
+                effects.extend(self._maybe_start())
+            return effects
+        return []
+
+    def flush(self, now: float) -> list[Effect]:
+        if not self.flush_pending:
+            return []
+        self.flush_pending = False
+        self.last_broadcast_at = now
+        return [Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions))]
+
+    # -- views -------------------------------------------------------------------------------
+
+    def hello(self, participant: str) -> dict[str, Any]:
+        return {
+            "participant": participant,
+            "group": self.config.group,
+            "id_in_group": self.config.id_in_group(participant),
+            "members": list(self.config.members),
+            "group_decisions": dict(self.decisions),
+            "period": {
+                "number": self.period,
+                "state": self._public_state(),
+                "ends_at": self.ends_at,
+            },
+            "last_seq": self.last_seq[participant],
+        }
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _public_state(self) -> str:
+        return "waiting" if self.state == "starting" else self.state
+
+    def _decisions_changed(self, now: float) -> list[Effect]:
+        rate_limit = self.config.rate_limit
+        if rate_limit <= 0 or now - self.last_broadcast_at >= rate_limit:
+            self.last_broadcast_at = now
+            self.flush_pending = False
+            return [Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions))]
+        if self.flush_pending:
+            return []  # the scheduled flush will carry this change too
+        self.flush_pending = True
+        return [FlushAt(self.last_broadcast_at + rate_limit)]
+
+    def _maybe_start(self) -> list[Effect]:
+        if self.state != "waiting" or len(self.connections) < len(self.config.members):
+            return []
+        self.state = "starting"
+        return [StartPeriod(self.period, self.config.period_length, self.config.num_subperiods)]
+
+    def _presence(self, participant: str, *, connected: bool) -> Broadcast:
+        return Broadcast(Channel.PRESENCE, {"participant": participant, "connected": connected})
+
+    def _error(self, participant: str, seq: int, code: ErrorCode, message: str) -> Broadcast:
+        return Broadcast(
+            Channel.ERROR,
+            {"code": code.value, "message": message, "seq": seq},
+            participant=participant,
+            seq=seq,
+        )
+
+    def _payoffs(self) -> dict[str, float]:
+        roles = {code: i for i, code in enumerate(self.config.members, start=1)}
+        return self.experiment.payoffs(self.decisions, roles, self.config.params)

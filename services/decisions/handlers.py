@@ -1,0 +1,171 @@
+"""Bus handlers of the decisions service: feed each group's inputs to its `GroupState`.
+
+One consumer per shard queue handles messages one at a time, so a group's inputs are applied in
+the one order the broker holds them in. Effects are published (with confirms) before the input
+is acknowledged, so a crash between the two replays the input instead of losing its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.common import experiments
+from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, output_key
+from services.common.directory import Directory, NotFound
+from services.common.messages import Envelope, MessageType, now
+from services.decisions.domain import (
+    Broadcast,
+    Control,
+    Effect,
+    FlushAt,
+    GroupState,
+    StartPeriod,
+)
+from services.decisions.metrics import DecisionsMetrics
+
+log = logging.getLogger(__name__)
+
+
+class DecisionsWorker:
+    def __init__(self, bus: Bus, directory: Directory, metrics: DecisionsMetrics) -> None:
+        self._bus = bus
+        self._directory = directory
+        self._metrics = metrics
+        self.groups: dict[str, GroupState] = {}
+        self._flush_handles: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, envelope: Envelope, message: AbstractIncomingMessage | None) -> None:
+        started = time.perf_counter()
+        state = await self._state(envelope.group)
+        if state is None:
+            log.warning("input for unknown group %s dropped", envelope.group)
+            return
+        effects = self._apply_input(state, envelope)
+        await self._carry_out(state, effects)
+        self._metrics.inputs.labels(envelope.type.value).inc()
+        self._metrics.handle_seconds.observe(time.perf_counter() - started)
+
+    def _apply_input(self, state: GroupState, envelope: Envelope) -> list[Effect]:
+        payload: Any = envelope.payload
+        if envelope.type is MessageType.FRAME_ACCEPTED:
+            if envelope.participant is None or envelope.seq is None or envelope.channel is None:
+                log.error("FrameAccepted without participant/seq/channel: %s", envelope.id)
+                return []
+            return state.on_frame(
+                envelope.participant, envelope.seq, envelope.channel, payload, now()
+            )
+        if envelope.type is MessageType.PRESENCE_CHANGED:
+            if envelope.participant is None or envelope.connection is None:
+                log.error("PresenceChanged without participant/connection: %s", envelope.id)
+                return []
+            return state.on_presence(
+                envelope.participant, envelope.connection, bool(payload.get("connected"))
+            )
+        if envelope.type is MessageType.TIMER_FIRED:
+            return state.on_timer(
+                str(payload["event"]),
+                int(payload["period"]),
+                int(payload.get("index", 0)),
+                payload.get("ends_at"),
+            )
+        log.error("unexpected %s on a shard queue: %s", envelope.type, envelope.id)
+        return []
+
+    async def _state(self, group: str) -> GroupState | None:
+        state = self.groups.get(group)
+        if state is not None:
+            return state
+        delay = 0.1
+        while True:  # the store is briefly unreachable: wait, keeping the group's order
+            try:
+                config = await self._directory.group(group)
+                break
+            except NotFound:
+                return None
+            except httpx.HTTPError as exc:
+                log.warning("store unreachable for group %s (%s); retrying", group, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        state = self.groups.get(group)  # another shard consumer may have raced us here
+        if state is None:
+            state = GroupState(config, experiments.get(config.experiment))
+            self.groups[group] = state
+            self._metrics.groups.set(len(self.groups))
+        return state
+
+    async def _carry_out(self, state: GroupState, effects: list[Effect]) -> None:
+        config = state.config
+        for effect in effects:
+            if isinstance(effect, Broadcast):
+                envelope = Envelope(
+                    type=MessageType.BROADCAST,
+                    session=config.session,
+                    group=config.group,
+                    participant=effect.participant,
+                    seq=effect.seq,
+                    channel=effect.channel,
+                    payload=effect.payload,
+                )
+                await self._bus.publish(OUTPUTS, output_key(config.group, logged=True), envelope)
+                self._metrics.outputs.labels(effect.channel).inc()
+            elif isinstance(effect, Control):
+                envelope = Envelope(
+                    type=MessageType.CONTROL,
+                    session=config.session,
+                    group=config.group,
+                    participant=effect.participant,
+                    connection=effect.connection,
+                    channel=effect.channel,
+                    payload=effect.payload,
+                )
+                await self._bus.publish(OUTPUTS, output_key(config.group, logged=False), envelope)
+            elif isinstance(effect, StartPeriod):
+                envelope = Envelope(
+                    type=MessageType.START_PERIOD,
+                    session=config.session,
+                    group=config.group,
+                    payload={
+                        "period": effect.period,
+                        "period_length": effect.period_length,
+                        "num_subperiods": effect.num_subperiods,
+                    },
+                )
+                await self._bus.publish(COMMANDS, TIMERS_KEY, envelope)
+            elif isinstance(effect, FlushAt):
+                self._schedule_flush(state, effect.at)
+
+    def _schedule_flush(self, state: GroupState, at: float) -> None:
+        group = state.config.group
+        loop = asyncio.get_running_loop()
+        if group in self._flush_handles:
+            self._flush_handles[group].cancel()
+        delay = max(0.0, at - now())
+        self._flush_handles[group] = loop.call_later(delay, self._start_flush, state)
+
+    def _start_flush(self, state: GroupState) -> None:
+        self._flush_handles.pop(state.config.group, None)
+        task = asyncio.get_running_loop().create_task(self._flush(state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, state: GroupState) -> None:
+        try:
+            await self._carry_out(state, state.flush(now()))
+        except Exception:
+            # The bus is reconnecting: keep the change pending and try again shortly.
+            log.exception("rate-limited flush of group %s failed; retrying", state.config.group)
+            state.flush_pending = True
+            self._schedule_flush(state, now() + 0.5)
+
+    def close(self) -> None:
+        for handle in self._flush_handles.values():
+            handle.cancel()
+        for task in self._tasks:
+            task.cancel()

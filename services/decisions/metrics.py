@@ -1,0 +1,35 @@
+"""Prometheus metrics of the decisions service."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class DecisionsMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.inputs = Counter(
+            "canopy_decisions_inputs", "Inputs handled, by type", ["type"], registry=self.registry
+        )
+        self.outputs = Counter(
+            "canopy_decisions_outputs",
+            "Frames published, by channel",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "canopy_decisions_malformed",
+            "Malformed bus messages dead-lettered",
+            registry=self.registry,
+        )
+        self.groups = Gauge(
+            "canopy_decisions_groups",
+            "Groups whose state this worker holds",
+            registry=self.registry,
+        )
+        self.handle_seconds = Histogram(
+            "canopy_decisions_handle_seconds",
+            "Time to handle one input, publishing included",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )

@@ -1,0 +1,14 @@
+"""`python -m services.gateway`: run the gateway service."""
+
+from services.common.serve import serve
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+
+settings = GatewaySettings()
+serve(
+    create_app(settings),
+    settings,
+    service="gateway",
+    port=settings.gateway_port,
+    ws_max_size=settings.max_frame_bytes,
+)

@@ -1,0 +1,179 @@
+"""The participants' side of the gateway: `GET /ws/{code}` (PROTOCOL.md) and the page + client.
+
+Per frame: flood limit → JSON → shape → channel → duplicate check → publish with confirm →
+`ack`. A rejected frame gets an `error` and the connection stays open; nothing is acknowledged
+before the broker confirmed it, so an acknowledged frame is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib.resources import files
+
+import httpx
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from starlette.websockets import WebSocketDisconnect
+
+from services.common import experiments
+from services.common.bus import INPUTS, Bus, input_key
+from services.common.directory import Directory, NotFound
+from services.common.errors import CloseCode, ErrorCode, ProtocolError
+from services.common.messages import Channel, Envelope, MessageType, server_frame
+from services.gateway.domain import TokenBucket, parse_frame
+from services.gateway.handlers import Connection, Hub
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+TRY_AGAIN_LATER = 1013
+
+
+class Participants:
+    """Serves one participant connection from accept to close."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        bus: Bus,
+        directory: Directory,
+        hub: Hub,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._settings = settings
+        self._bus = bus
+        self._directory = directory
+        self._hub = hub
+        self._metrics = metrics
+
+    async def serve(self, websocket: WebSocket, code: str) -> None:
+        try:
+            info = await self._directory.participant(code)
+        except NotFound:
+            self._metrics.connects.labels("unknown_participant").inc()
+            await websocket.close(code=CloseCode.UNKNOWN_PARTICIPANT)  # HTTP 403 before upgrade
+            return
+        except httpx.HTTPError:
+            self._metrics.connects.labels("store_unreachable").inc()
+            await websocket.close(code=TRY_AGAIN_LATER)
+            return
+        await websocket.accept()
+        self._metrics.connects.labels("accepted").inc()
+        connection = Connection(websocket, info, self._settings.outbox_limit)
+        writer = asyncio.create_task(connection.write_loop())
+        try:
+            await self._hub.add(connection)
+            await self._presence(connection, connected=True)
+            await self._read(connection)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self._hub.remove(connection)
+            if not connection.replaced:
+                try:
+                    await self._presence(connection, connected=False)
+                except Exception:
+                    log.exception("could not publish the disconnect of %s", code)
+            connection.close(1000)
+            await writer
+
+    async def _presence(self, connection: Connection, *, connected: bool) -> None:
+        info = connection.info
+        envelope = Envelope(
+            type=MessageType.PRESENCE_CHANGED,
+            session=info.session,
+            group=info.group,
+            participant=info.participant,
+            connection=connection.id,
+            payload={"connected": connected},
+        )
+        await self._bus.publish(
+            INPUTS, input_key(info.group, self._settings.shards, "presence"), envelope
+        )
+
+    async def _read(self, connection: Connection) -> None:
+        settings = self._settings
+        bucket = TokenBucket(settings.max_frames_per_second, 2 * settings.max_frames_per_second)
+        channels = experiments.get(connection.info.experiment).channels
+        websocket = connection.websocket
+        while not connection.closing:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            try:
+                if not bucket.take(time.monotonic()):
+                    raise ProtocolError(
+                        ErrorCode.TOO_MANY_MESSAGES,
+                        f"more than {settings.max_frames_per_second:g} frames/s",
+                    )
+                if text is None:
+                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
+                frame = parse_frame(text, channels)
+                await self._accept(connection, frame.seq, frame.channel, frame.payload)
+            except ProtocolError as error:
+                self._metrics.frames.labels(error.code).inc()
+                connection.send(
+                    server_frame(
+                        Channel.ERROR,
+                        {"code": error.code, "message": error.message, "seq": error.seq},
+                    ).decode()
+                )
+
+    async def _accept(
+        self, connection: Connection, seq: int, channel: str, payload: object
+    ) -> None:
+        if not connection.hello.is_set():
+            # The hello carries last_seq; without it (decisions slow) downstream dedup still holds.
+            try:
+                await asyncio.wait_for(connection.hello.wait(), self._settings.hello_timeout)
+            except TimeoutError:
+                log.warning(
+                    "no hello for %s after %ss",
+                    connection.participant,
+                    self._settings.hello_timeout,
+                )
+        if seq <= connection.last_seq:
+            self._metrics.frames.labels("duplicate").inc()
+            connection.send(server_frame(Channel.ACK, {"seq": seq}).decode())
+            return
+        info = connection.info
+        envelope = Envelope(
+            type=MessageType.FRAME_ACCEPTED,
+            session=info.session,
+            group=info.group,
+            participant=info.participant,
+            seq=seq,
+            channel=channel,
+            payload=payload,
+        )
+        started = time.perf_counter()
+        await self._bus.publish(
+            INPUTS, input_key(info.group, self._settings.shards, "frame"), envelope
+        )
+        self._metrics.confirm_seconds.observe(time.perf_counter() - started)
+        self._metrics.frames.labels("accepted").inc()
+        connection.last_seq = seq
+        connection.send(server_frame(Channel.ACK, {"seq": seq}).decode())
+
+
+def participant_router(participants: Participants) -> APIRouter:
+    router = APIRouter()
+    static = files("services.gateway").joinpath("static")
+
+    @router.websocket("/ws/{code}")
+    async def websocket_endpoint(websocket: WebSocket, code: str) -> None:
+        await participants.serve(websocket, code)
+
+    @router.get("/p/{code}", response_class=HTMLResponse, include_in_schema=False)
+    async def participant_page(code: str) -> HTMLResponse:
+        return HTMLResponse(static.joinpath("participant.html").read_text())
+
+    @router.get("/", response_class=PlainTextResponse, include_in_schema=False)
+    async def root() -> str:
+        return "Canopy gateway. Participants open /p/<code>; the WebSocket is /ws/<code>.\n"
+
+    return router

@@ -1,0 +1,196 @@
+"""The gateway's connections and its bus handler: which sockets are here, and fan-out to them.
+
+`Hub` knows every open participant connection on this gateway, binds the gateway's queue to a
+group's broadcasts while at least one member is connected here, and forwards each message from
+the bus to the connections it is for. Every connection has an outbox drained by its own writer
+task, so one slow browser never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from starlette.websockets import WebSocket, WebSocketState
+
+from services.common.bus import OUTPUTS, group_binding
+from services.common.directory import ParticipantInfo
+from services.common.errors import CloseCode
+from services.common.messages import Channel, Envelope, MessageType, new_id, server_frame
+from services.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+SLOW_CLIENT = 1013  # "try again later": the browser reconnects and resynchronises from hello
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, info: ParticipantInfo, outbox_limit: int) -> None:
+        self.id = new_id()
+        self.websocket = websocket
+        self.info = info
+        self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=outbox_limit)
+        self.hello = asyncio.Event()
+        self.last_seq = 0
+        self.replaced = False
+        self.closing = False
+        self._close: tuple[int, str] = (1000, "")
+
+    @property
+    def participant(self) -> str:
+        return self.info.participant
+
+    @property
+    def group(self) -> str:
+        return self.info.group
+
+    def send(self, frame: str) -> bool:
+        """Queue a frame for this browser; False if it is too far behind."""
+        if self.closing:
+            return True
+        try:
+            self.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Ask the writer task to close the socket after the frames already queued."""
+        if self.closing:
+            return
+        self.closing = True
+        self._close = (code, reason)
+        try:
+            self.outbox.put_nowait(None)
+        except asyncio.QueueFull:
+            self.outbox.get_nowait()  # a slow client: drop one frame to make room to close
+            self.outbox.put_nowait(None)
+
+    async def write_loop(self) -> None:
+        """Send queued frames in order; ends when closed or the browser went away."""
+        ws = self.websocket
+        while True:
+            frame = await self.outbox.get()
+            if frame is None:
+                code, reason = self._close
+                if ws.application_state == WebSocketState.CONNECTED:
+                    with contextlib.suppress(RuntimeError):
+                        await ws.close(code=code, reason=reason)
+                return
+            try:
+                await ws.send_text(frame)
+            except Exception:
+                return  # the reader notices the disconnect and cleans up
+
+
+class Hub:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+        self._queue: AbstractQueue | None = None
+        self.connections: dict[str, Connection] = {}
+        self._members_here: dict[str, set[str]] = defaultdict(set)
+        self._bound: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def attach(self, queue: AbstractQueue) -> None:
+        self._queue = queue
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def add(self, connection: Connection) -> None:
+        """Register a connection, replacing (4409) an older one of the same participant."""
+        older = self.connections.get(connection.participant)
+        if older is not None:
+            older.replaced = True
+            older.close(CloseCode.REPLACED, "replaced by a newer connection")
+        self.connections[connection.participant] = connection
+        self._metrics.connections.set(len(self.connections))
+        await self._bind(connection.group, connection.participant)
+
+    async def remove(self, connection: Connection) -> None:
+        if self.connections.get(connection.participant) is connection:
+            del self.connections[connection.participant]
+            self._metrics.connections.set(len(self.connections))
+            await self._unbind(connection.group, connection.participant)
+
+    async def _bind(self, group: str, participant: str) -> None:
+        async with self._locks[group]:
+            self._members_here[group].add(participant)
+            if group not in self._bound:
+                assert self._queue is not None
+                await self._queue.bind(OUTPUTS, routing_key=group_binding(group))
+                self._bound.add(group)
+                self._metrics.groups.set(len(self._bound))
+
+    async def _unbind(self, group: str, participant: str) -> None:
+        async with self._locks[group]:
+            self._members_here[group].discard(participant)
+            if not self._members_here[group] and group in self._bound:
+                del self._members_here[group]
+                assert self._queue is not None
+                try:
+                    await self._queue.unbind(OUTPUTS, routing_key=group_binding(group))
+                finally:
+                    self._bound.discard(group)
+                    self._metrics.groups.set(len(self._bound))
+
+    # -- from the bus ------------------------------------------------------------------------
+
+    async def consume(self, queue: AbstractQueue) -> None:
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                self.on_message(message)
+
+    def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = Envelope.decode(message.body)
+        except ValueError as exc:
+            log.error("malformed message on the gateway queue dropped: %s", exc)
+            return
+        if envelope.type is MessageType.CONTROL:
+            self._control(envelope)
+        elif envelope.type is MessageType.BROADCAST:
+            self._broadcast(envelope)
+
+    def _control(self, envelope: Envelope) -> None:
+        connection = self.connections.get(envelope.participant or "")
+        if connection is None or connection.id != envelope.connection:
+            return  # not (or no longer) here
+        if envelope.channel == Channel.HELLO:
+            payload: dict[str, Any] = envelope.payload
+            connection.last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
+            self._deliver(connection, server_frame(Channel.HELLO, payload, envelope.ts))
+            connection.hello.set()
+        elif envelope.channel == Channel.REPLACED:
+            connection.replaced = True
+            connection.close(CloseCode.REPLACED, "replaced by a newer connection")
+
+    def _broadcast(self, envelope: Envelope) -> None:
+        self._metrics.broadcasts.inc()
+        frame: str | None = None
+        if envelope.participant is not None:
+            connection = self.connections.get(envelope.participant)
+            if connection is not None:
+                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
+                self._deliver(connection, frame)
+            return
+        for participant in self._members_here.get(envelope.group, ()):
+            connection = self.connections.get(participant)
+            if connection is None:
+                continue
+            if frame is None:  # encode once per broadcast, not once per member
+                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
+            self._deliver(connection, frame)
+
+    def _deliver(self, connection: Connection, frame: str | bytes) -> None:
+        text = frame if isinstance(frame, str) else frame.decode()
+        if connection.send(text):
+            self._metrics.frames_out.inc()
+        else:
+            log.warning("participant %s is too far behind; disconnecting", connection.participant)
+            self._metrics.slow_clients.inc()
+            connection.close(SLOW_CLIENT, "too far behind; reconnect")

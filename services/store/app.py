@@ -1,0 +1,73 @@
+"""Composition root of the store service: MongoDB, the event writer, the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Response
+
+from services.common.bus import STORE_QUEUE, Bus, Topology, running
+from services.common.health import health_router
+from services.common.serve import instance_name
+from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
+from services.store.handlers import EventWriter
+from services.store.metrics import StoreMetrics
+from services.store.repository import Repository
+from services.store.settings import StoreSettings
+
+
+def create_app(settings: StoreSettings) -> FastAPI:
+    metrics = StoreMetrics()
+    token = settings.admin_token.get_secret_value()
+    repository = Repository(settings.mongo_url, settings.mongo_db)
+    topology = Topology(settings.shards, settings.queue_type)
+    bus = Bus(settings.amqp_url, topology, name=f"store {instance_name(settings)}")
+    writer = EventWriter(
+        repository,
+        metrics,
+        batch_size=settings.store_batch_size,
+        batch_seconds=settings.store_batch_seconds,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await repository.setup()
+        await bus.connect()
+        channel = await bus.channel(prefetch=2 * settings.store_batch_size)
+        queue = await channel.declare_queue(STORE_QUEUE, passive=True)
+        task = asyncio.create_task(writer.run(queue))
+        async with running([task]):
+            yield
+        await bus.close()
+        await repository.close()
+
+    async def readiness() -> list[str]:
+        problems = []
+        try:
+            await repository.ping()
+        except Exception as exc:
+            problems.append(f"MongoDB unreachable: {exc}")
+        if not bus.is_connected:
+            return [*problems, "not connected to RabbitMQ"]
+        missing = await bus.missing_consumers()
+        problems.extend(f"no consumer on {name}" for name in missing)
+        return problems
+
+    app = FastAPI(
+        title="Canopy store",
+        lifespan=lifespan,
+        description="Researchers' API: sessions, live status, event export.",
+    )
+    install_error_handlers(app)
+    app.include_router(health_router(metrics.registry, readiness))
+    app.include_router(api_router(repository, metrics, settings.public_url, token))
+    app.include_router(internal_router(repository, token))
+
+    @app.get("/", include_in_schema=False)
+    async def monitor() -> Response:
+        return monitor_page()
+
+    app.state.writer = writer
+    return app

@@ -1,0 +1,89 @@
+"""MongoDB access of the store (PyMongo's native async client): sessions, groups, participants,
+and the event log. Only what real MongoDB does: nothing specific to the local nx-27017 server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.errors import BulkWriteError
+
+DUPLICATE_KEY = 11000
+
+
+class Repository:
+    def __init__(self, url: str, database: str) -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, tz_aware=True, serverSelectionTimeoutMS=5000
+        )
+        self._db = self._client[database]
+        self.sessions = self._db["sessions"]
+        self.groups = self._db["groups"]
+        self.participants = self._db["participants"]
+        self.events = self._db["events"]
+
+    async def setup(self) -> None:
+        await self.events.create_index([("session", ASCENDING), ("ts", ASCENDING)])
+        await self.participants.create_index([("session", ASCENDING)])
+        await self.groups.create_index([("session", ASCENDING)])
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ping(self) -> None:
+        await self._client.admin.command("ping")
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create_session(self, layout: dict[str, Any]) -> None:
+        await self.groups.insert_many(layout["groups"])
+        await self.participants.insert_many(layout["participants"])
+        await self.sessions.insert_one(layout["session"])
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return [s async for s in self.sessions.find({}).sort("created_at", ASCENDING)]
+
+    async def session(self, session_id: str) -> dict[str, Any] | None:
+        return await self.sessions.find_one({"_id": session_id})
+
+    async def session_groups(self, session_id: str) -> list[dict[str, Any]]:
+        return [g async for g in self.groups.find({"session": session_id})]
+
+    async def session_participants(self, session_id: str) -> list[dict[str, Any]]:
+        cursor = self.participants.find({"session": session_id})
+        return [p async for p in cursor.sort([("group", ASCENDING), ("id_in_group", ASCENDING)])]
+
+    async def participant(self, code: str) -> dict[str, Any] | None:
+        return await self.participants.find_one({"_id": code})
+
+    async def group(self, group_id: str) -> dict[str, Any] | None:
+        return await self.groups.find_one({"_id": group_id})
+
+    # -- the event log -----------------------------------------------------------------------
+
+    async def insert_events(self, documents: list[dict[str, Any]]) -> int:
+        """Insert a batch; documents already in the log are skipped. Returns how many were new."""
+        if not documents:
+            return 0
+        try:
+            result = await self.events.insert_many(documents, ordered=False)
+            return len(result.inserted_ids)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            others = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+            if others:
+                raise
+            return len(documents) - len(errors)
+
+    async def apply_status(self, updates: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+        """Live status (presence, period) derived from logged events, in log order."""
+        for collection, key, fields in updates:
+            await self._db[collection].update_one({"_id": key}, {"$set": fields})
+
+    async def session_events(
+        self, session_id: str, *, batch_size: int = 1000
+    ) -> AsyncIterator[dict[str, Any]]:
+        cursor = self.events.find({"session": session_id}, batch_size=batch_size)
+        async for document in cursor.sort([("ts", ASCENDING), ("seq", ASCENDING)]):
+            yield document

@@ -1,0 +1,16 @@
+"""Settings of the store service."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings
+
+
+class StoreSettings(CommonSettings):
+    store_port: int = Field(default=8001, ge=1, le=65535)
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    mongo_db: str = Field(default="canopy", min_length=1, max_length=63)
+    # Events are written in batches of at most this many, or after this many seconds.
+    store_batch_size: int = Field(default=500, ge=1, le=10000)
+    store_batch_seconds: float = Field(default=0.02, gt=0, le=5)
