@@ -21,7 +21,13 @@ from services.common import experiments
 from services.common.bus import INPUTS, Bus, input_key
 from services.common.directory import Directory, NotFound
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
-from services.common.messages import Channel, Envelope, MessageType, server_frame
+from services.common.messages import (
+    Channel,
+    Envelope,
+    InboundFrame,
+    MessageType,
+    server_frame,
+)
 from services.gateway.domain import TokenBucket, parse_frame
 from services.gateway.handlers import Connection, Hub
 from services.gateway.metrics import GatewayMetrics
@@ -30,6 +36,7 @@ from services.gateway.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER = 1013
+INTERNAL_ERROR = 1011
 
 
 class Participants:
@@ -70,6 +77,11 @@ class Participants:
             await self._read(connection)
         except WebSocketDisconnect:
             pass
+        except Exception:
+            # Typically the broker connection dropped mid-publish: unacknowledged frames are
+            # resent by the browser after it reconnects, so closing loses nothing.
+            log.exception("connection of %s failed", code)
+            connection.close(INTERNAL_ERROR, "server error; reconnect")
         finally:
             await self._hub.remove(connection)
             if not connection.replaced:
@@ -95,37 +107,50 @@ class Participants:
         )
 
     async def _read(self, connection: Connection) -> None:
+        """Validate frames as they arrive; hand accepted ones to the connection's publisher.
+
+        Reading never waits for the broker, so the flood limit sees the real arrival rate, and
+        the publisher keeps one participant's frames in seq order on the bus.
+        """
         settings = self._settings
         bucket = TokenBucket(settings.max_frames_per_second, 2 * settings.max_frames_per_second)
         channels = experiments.get(connection.info.experiment).channels
         websocket = connection.websocket
-        while not connection.closing:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            try:
-                if not bucket.take(time.monotonic()):
-                    raise ProtocolError(
-                        ErrorCode.TOO_MANY_MESSAGES,
-                        f"more than {settings.max_frames_per_second:g} frames/s",
-                    )
-                if text is None:
-                    raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
-                frame = parse_frame(text, channels)
-                await self._accept(connection, frame.seq, frame.channel, frame.payload)
-            except ProtocolError as error:
-                self._metrics.frames.labels(error.code).inc()
-                connection.send(
-                    server_frame(
-                        Channel.ERROR,
-                        {"code": error.code, "message": error.message, "seq": error.seq},
-                    ).decode()
-                )
+        inbox: asyncio.Queue[InboundFrame | None] = asyncio.Queue()
+        publisher = asyncio.create_task(self._publish_loop(connection, inbox))
+        try:
+            while not connection.closing and not publisher.done():
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                try:
+                    if text is None:
+                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
+                    frame = parse_frame(text, channels)
+                    if not bucket.take(time.monotonic()):
+                        raise ProtocolError(
+                            ErrorCode.TOO_MANY_MESSAGES,
+                            f"more than {settings.max_frames_per_second:g} frames/s",
+                            frame.seq,
+                        )
+                    inbox.put_nowait(frame)
+                except ProtocolError as error:
+                    self._metrics.frames.labels(error.code).inc()
+                    payload = {"code": error.code, "message": error.message, "seq": error.seq}
+                    connection.send(server_frame(Channel.ERROR, payload).decode())
+        finally:
+            # Frames already read are still published (and acknowledged if the socket is open).
+            inbox.put_nowait(None)
+            await publisher
 
-    async def _accept(
-        self, connection: Connection, seq: int, channel: str, payload: object
+    async def _publish_loop(
+        self, connection: Connection, inbox: asyncio.Queue[InboundFrame | None]
     ) -> None:
+        while (frame := await inbox.get()) is not None:
+            await self._accept(connection, frame)
+
+    async def _accept(self, connection: Connection, frame: InboundFrame) -> None:
         if not connection.hello.is_set():
             # The hello carries last_seq; without it (decisions slow) downstream dedup still holds.
             try:
@@ -136,6 +161,7 @@ class Participants:
                     connection.participant,
                     self._settings.hello_timeout,
                 )
+        seq = frame.seq
         if seq <= connection.last_seq:
             self._metrics.frames.labels("duplicate").inc()
             connection.send(server_frame(Channel.ACK, {"seq": seq}).decode())
@@ -147,8 +173,8 @@ class Participants:
             group=info.group,
             participant=info.participant,
             seq=seq,
-            channel=channel,
-            payload=payload,
+            channel=frame.channel,
+            payload=frame.payload,
         )
         started = time.perf_counter()
         await self._bus.publish(

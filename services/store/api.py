@@ -36,6 +36,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for error in exc.errors():
+            if error.get("type") == "json_invalid":
+                parts.append("the body is not valid JSON")
+                continue
             where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
             message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
             parts.append(f"{where}: {message}" if where else message)

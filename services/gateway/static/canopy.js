@@ -81,7 +81,7 @@
       var o = Object.assign({}, DEFAULTS, options || {});
       this.options = o;
       this._WebSocket = o.WebSocket || global.WebSocket;
-      this._random = o.random || Math.random;
+      if (typeof o.random !== "function") o.random = Math.random;
       this._local = "localStorage" in o ? o.localStorage : storageOrNull("localStorage");
       this._session = "sessionStorage" in o ? o.sessionStorage : storageOrNull("sessionStorage");
       this._seqKey = "canopy.seq." + participantCode;
@@ -194,7 +194,7 @@
       this.state.retryInMs = null;
       this._helloReceived = false;
       this._sentSeqs.clear();
-      this._preHello = { period: null, presence: {} };
+      this._preHello = { period: null, presence: [] };
       this._setStatus(this._everConnected ? "reconnecting" : "connecting");
       var ws;
       try {
@@ -258,7 +258,7 @@
       var o = this.options;
       var nominal = Math.min(o.maxDelayMs, o.minDelayMs * Math.pow(2, this._attempt));
       this._attempt = Math.min(this._attempt + 1, 30);
-      var delay = nominal / 2 + (this._random() * nominal) / 2;
+      var delay = nominal / 2 + (o.random() * nominal) / 2;
       this.state.retryInMs = delay;
       var self = this;
       this._retryTimer = setTimeout(function () {
@@ -321,13 +321,23 @@
       if (periodIsOlder(period, this._preHello.period)) period = this._preHello.period;
       st.period = period;
 
+      // Presence: unknown until heard of, unless the gateway says (an optional `presence`
+      // map in the hello) or a period_start implies it; then what came before this hello.
       var presence = {};
       (Array.isArray(p.members) ? p.members : []).forEach(function (m) {
         presence[m] = null;
       });
-      Object.assign(presence, this._preHello.presence);
-      presence[p.participant || this.code] = true;
+      if (isObject(p.presence)) {
+        Object.keys(p.presence).forEach(function (m) {
+          presence[m] = !!p.presence[m];
+        });
+      }
       st.presence = presence;
+      var self = this;
+      this._preHello.presence.forEach(function (change) {
+        self._applyPresence(change[0], change[1]);
+      });
+      presence[p.participant || this.code] = true;
 
       this._dropPendingUpTo(last);
       if (st.nextSeq <= last) this._setNextSeq(last + 1);
@@ -375,6 +385,8 @@
       if (channel === "group_decisions" && isObject(p)) {
         st.groupDecisions = Object.assign({}, st.groupDecisions, p);
       } else if (channel === "period_start" && isObject(p)) {
+        // A period starts when every member is connected (PROTOCOL.md).
+        this._presenceChange(null, true);
         this._setPeriod({
           number: p.period,
           state: "running",
@@ -398,15 +410,26 @@
           st.groupDecisions = Object.assign({}, st.groupDecisions, p.group_decisions);
         }
       } else if (channel === "presence" && isObject(p) && typeof p.participant === "string") {
-        // This client knows best whether it is connected itself.
-        if (p.participant !== this.code) {
-          st.presence[p.participant] = !!p.connected;
-          if (!this._helloReceived) this._preHello.presence[p.participant] = !!p.connected;
-        }
+        this._presenceChange(p.participant, !!p.connected);
       }
       this._emit("onMessage", channel, p, ts);
       if (Object.prototype.hasOwnProperty.call(this.handlers, channel)) {
         this._emit(channel, p, ts);
+      }
+    }
+
+    _presenceChange(participant, connected) {
+      // participant null: every member. Before the hello, also kept to replay onto it.
+      if (!this._helloReceived) this._preHello.presence.push([participant, connected]);
+      this._applyPresence(participant, connected);
+    }
+
+    _applyPresence(participant, connected) {
+      var presence = this.state.presence;
+      var members = participant === null ? Object.keys(presence) : [participant];
+      for (var i = 0; i < members.length; i++) {
+        // This client knows best whether it is connected itself.
+        if (members[i] !== this.code) presence[members[i]] = connected;
       }
     }
 

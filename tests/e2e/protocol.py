@@ -1,0 +1,165 @@
+"""A test client that speaks exactly PROTOCOL.md: nothing Canopy-internal is imported here."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+TIMEOUT = 10.0
+
+Frame = dict[str, Any]
+
+
+@dataclass
+class Participant:
+    """One participant's socket, with every frame it received kept in order."""
+
+    code: str
+    ws: ClientConnection
+    received: list[Frame] = field(default_factory=list)
+    _cursor: int = 0
+    _next_seq: int = 1
+
+    @classmethod
+    async def connect(cls, gateway_url: str, code: str) -> Participant:
+        ws = await websockets.connect(ws_url(gateway_url, code), max_size=None)
+        return cls(code, ws)
+
+    async def send(
+        self, payload: Any, *, seq: int | None = None, channel: str = "decisions"
+    ) -> int:
+        if seq is None:
+            seq = self._next_seq
+        self._next_seq = max(self._next_seq, seq + 1)
+        await self.ws.send(json.dumps({"channel": channel, "payload": payload, "seq": seq}))
+        return seq
+
+    async def next(self, timeout: float = TIMEOUT) -> Frame:
+        if self._cursor < len(self.received):
+            frame = self.received[self._cursor]
+        else:
+            raw = await asyncio.wait_for(self.ws.recv(), timeout)
+            frame = json.loads(raw)
+            assert set(frame) == {"channel", "payload", "ts"}, frame
+            self.received.append(frame)
+        self._cursor += 1
+        return frame
+
+    async def expect(
+        self, channel: str, where: Callable[[Any], bool] = lambda _: True, timeout: float = TIMEOUT
+    ) -> Any:
+        """Read until a frame on `channel` whose payload satisfies `where`; return its payload.
+
+        Frames skipped on the way stay in `received` for later assertions."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.next()
+                if frame["channel"] == channel and where(frame["payload"]):
+                    return frame["payload"]
+
+    async def ack(self, seq: int) -> None:
+        await self.expect("ack", lambda p: p["seq"] == seq)
+
+    async def reply(self, seq: int) -> Frame:
+        """The `ack` or `error` that answers frame `seq`."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                frame = await self.next()
+                if frame["channel"] in ("ack", "error") and frame["payload"]["seq"] == seq:
+                    return frame
+
+    async def error(self, seq: int | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = await self.expect(
+            "error", lambda p: seq is None or p["seq"] == seq
+        )
+        return payload
+
+    def seen(self, channel: str) -> list[Any]:
+        """Payloads of the frames on `channel` received so far, in order."""
+        return [f["payload"] for f in self.received if f["channel"] == channel]
+
+    def channels(self) -> list[str]:
+        return [f["channel"] for f in self.received]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def ws_url(gateway_url: str, code: str) -> str:
+    return gateway_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{code}"
+
+
+async def create_session(api: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    body = {
+        "experiment": "decisions",
+        "num_participants": 2,
+        "group_size": 2,
+        "num_periods": 1,
+        "period_length": 30,
+        "num_subperiods": 0,
+        "rate_limit": 0.0,
+        "params": {},
+        "label": "e2e",
+    }
+    body.update(overrides)
+    response = await api.post("/api/sessions", json=body)
+    assert response.status_code == 201, response.text
+    session: dict[str, Any] = response.json()
+    return session
+
+
+async def connect_group(gateway_url: str, codes: list[str]) -> list[Participant]:
+    """Connect every member and wait until each has seen its hello and period_start."""
+    members = [await Participant.connect(gateway_url, code) for code in codes]
+    for member in members:
+        await member.expect("hello")
+    for member in members:
+        await member.expect("period_start")
+    return members
+
+
+async def export_csv(api: httpx.AsyncClient, session: str) -> list[dict[str, str]]:
+    response = await api.get(f"/api/sessions/{session}/events", params={"format": "csv"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    reader = csv.DictReader(io.StringIO(response.text))
+    assert reader.fieldnames == [
+        "ts",
+        "session",
+        "group",
+        "participant",
+        "direction",
+        "channel",
+        "seq",
+        "value",
+    ]
+    return list(reader)
+
+
+async def export_until(
+    api: httpx.AsyncClient, session: str, done: Callable[[list[dict[str, str]]], bool]
+) -> list[dict[str, str]]:
+    """The store writes in batches: poll the export (bounded) until `done` holds."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            rows = await export_csv(api, session)
+            if done(rows):
+                return rows
+            await asyncio.sleep(0.05)
+
+
+def inbound(rows: list[dict[str, str]], participant: str | None = None) -> list[dict[str, str]]:
+    return [
+        r
+        for r in rows
+        if r["direction"] == "in" and (participant is None or r["participant"] == participant)
+    ]
