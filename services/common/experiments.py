@@ -14,8 +14,12 @@ from typing import Any, Protocol
 
 
 class Experiment(Protocol):
-    name: str
-    channels: frozenset[str]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Inbound channels participants may send on."""
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any: ...
 

@@ -188,6 +188,7 @@ class GroupState:
                 "ends_at": self.ends_at,
             },
             "last_seq": self.last_seq[participant],
+            "presence": {code: code in self.connections for code in self.config.members},
         }
 
     # -- helpers -----------------------------------------------------------------------------

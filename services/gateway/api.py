@@ -61,7 +61,10 @@ class Participants:
             info = await self._directory.participant(code)
         except NotFound:
             self._metrics.connects.labels("unknown_participant").inc()
-            await websocket.close(code=CloseCode.UNKNOWN_PARTICIPANT)  # HTTP 403 before upgrade
+            # Accept, then close with 4403: a browser sees the close code (an HTTP 403 before
+            # the upgrade reaches page scripts only as an anonymous failure, close code 1006).
+            await websocket.accept()
+            await websocket.close(code=CloseCode.UNKNOWN_PARTICIPANT, reason="unknown participant")
             return
         except httpx.HTTPError:
             self._metrics.connects.labels("store_unreachable").inc()

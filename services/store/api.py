@@ -182,7 +182,7 @@ def _row(document: dict[str, Any]) -> list[Any]:
     ]
 
 
-async def _csv_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def _csv_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(EXPORT_COLUMNS)
@@ -191,17 +191,17 @@ async def _csv_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[st
         writer.writerow(_row(document))
         rows += 1
         if rows % EXPORT_BATCH == 0:
-            yield buffer.getvalue()
+            yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
-    yield buffer.getvalue()
+    yield buffer.getvalue().encode()
 
 
 async def _jsonl_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     lines: list[bytes] = []
     async for document in events:
         row = dict(zip(EXPORT_COLUMNS, _row(document), strict=True))
-        row["participant"] = document.get("participant")
+        row["participant"] = document.get("participant") or ""  # "empty" for a group broadcast
         row["seq"] = document.get("seq")
         row["value"] = orjson.Fragment(document["value"])  # already JSON text
         lines.append(orjson.dumps(row) + b"\n")

@@ -31,7 +31,7 @@ class Participant:
 
     @classmethod
     async def connect(cls, gateway_url: str, code: str) -> Participant:
-        ws = await websockets.connect(ws_url(gateway_url, code), max_size=None)
+        ws = await websockets.connect(ws_url(gateway_url, code), max_size=None, max_queue=None)
         return cls(code, ws)
 
     async def send(

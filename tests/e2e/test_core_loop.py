@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -29,6 +30,7 @@ async def test_whole_flow(api: httpx.AsyncClient, gateway_url: str) -> None:
         "group_decisions": {codes[0]: None, codes[1]: None},
         "period": {"number": 1, "state": "waiting", "ends_at": None},
         "last_seq": 0,
+        "presence": {codes[0]: True, codes[1]: False},
     }
     (start,) = b.seen("period_start")
     assert start["period"] == 1 and start["length"] == 1.5
@@ -72,12 +74,20 @@ async def test_jsonl_export_and_session_listing(api: httpx.AsyncClient, gateway_
     await a.send({"any": ["json", 1]}, seq=1)
     await a.ack(seq=1)
     await a.error(seq=1)  # the plain `decisions` experiment wants numbers
-    response = await api.get(
-        f"/api/sessions/{session['session']}/events", params={"format": "jsonl"}
-    )
-    lines = [json.loads(line) for line in response.text.splitlines()]
-    frame = next(x for x in lines if x["direction"] == "in")
-    assert frame["value"] == {"any": ["json", 1]} and frame["seq"] == 1
+    async with asyncio.timeout(10):  # the store writes in batches: poll until it is there
+        while True:
+            response = await api.get(
+                f"/api/sessions/{session['session']}/events", params={"format": "jsonl"}
+            )
+            rows = [json.loads(line) for line in response.text.splitlines()]
+            if any(x["direction"] == "in" for x in rows):
+                break
+            await asyncio.sleep(0.05)
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    frame = next(x for x in rows if x["direction"] == "in")
+    assert frame["value"] == {"any": ["json", 1]}
+    assert frame["seq"] == 1
+    assert all(x["participant"] == "" for x in rows if x["channel"] == "presence")
     listing = (await api.get("/api/sessions")).json()["sessions"]
     mine = next(s for s in listing if s["session"] == session["session"])
     assert mine["label"] == "jsonl" and mine["connected"] == 2

@@ -111,6 +111,8 @@ async def test_oversized_frame_closes_with_1009(api: httpx.AsyncClient, gateway_
 
 
 async def test_unknown_code_is_refused(gateway_url: str) -> None:
-    with pytest.raises(websockets.InvalidStatus) as refused:
-        await websockets.connect(ws_url(gateway_url, "0123456789abcdef0123"))
-    assert refused.value.response.status_code == 403
+    ws = await websockets.connect(ws_url(gateway_url, "0123456789abcdef0123"))
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4403

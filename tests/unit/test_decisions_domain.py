@@ -9,11 +9,22 @@ from services.common.directory import GroupConfig
 from services.decisions.domain import Broadcast, Control, FlushAt, GroupState, StartPeriod
 
 
-def make_state(*, experiment: str = "decisions", rate_limit: float = 0.0, num_periods: int = 1,
-               members: tuple[str, ...] = ("a", "b")) -> GroupState:
+def make_state(
+    *,
+    experiment: str = "decisions",
+    rate_limit: float = 0.0,
+    num_periods: int = 1,
+    members: tuple[str, ...] = ("a", "b"),
+) -> GroupState:
     config = GroupConfig(
-        session="s", group="g", experiment=experiment, members=list(members),
-        num_periods=num_periods, period_length=10.0, num_subperiods=0, rate_limit=rate_limit,
+        session="s",
+        group="g",
+        experiment=experiment,
+        members=list(members),
+        num_periods=num_periods,
+        period_length=10.0,
+        num_subperiods=0,
+        rate_limit=rate_limit,
         params={},
     )
     return GroupState(config, experiments.get(experiment))
@@ -35,9 +46,14 @@ def test_hello_snapshot_before_anything() -> None:
     state = make_state(experiment="bimatrix")
     hello = state.hello("b")
     assert hello == {
-        "participant": "b", "group": "g", "id_in_group": 2, "members": ["a", "b"],
+        "participant": "b",
+        "group": "g",
+        "id_in_group": 2,
+        "members": ["a", "b"],
         "group_decisions": {"a": 0.5, "b": 0.5},
-        "period": {"number": 1, "state": "waiting", "ends_at": None}, "last_seq": 0,
+        "period": {"number": 1, "state": "waiting", "ends_at": None},
+        "last_seq": 0,
+        "presence": {"a": False, "b": False},
     }
     assert make_state().hello("a")["group_decisions"] == {"a": None, "b": None}
 
@@ -59,16 +75,22 @@ def test_period_starts_once_when_the_whole_group_is_connected() -> None:
 def test_decision_outside_a_running_period_is_refused_but_counts_as_seen() -> None:
     state = make_state()
     effects = state.on_frame("a", 1, "decisions", 0.3, now=0.0)
-    assert effects == [Broadcast("error", {"code": "period_not_running",
-                                           "message": "period 1 is waiting", "seq": 1},
-                                 participant="a", seq=1)]
+    assert effects == [
+        Broadcast(
+            "error",
+            {"code": "period_not_running", "message": "period 1 is waiting", "seq": 1},
+            participant="a",
+            seq=1,
+        )
+    ]
     assert state.last_seq["a"] == 1
 
 
 def test_decisions_are_broadcast_and_duplicates_ignored() -> None:
     state = running_state()
     assert state.on_frame("a", 1, "decisions", 0.25, now=1.0) == [
-        Broadcast("group_decisions", {"a": 0.25, "b": None})]
+        Broadcast("group_decisions", {"a": 0.25, "b": None})
+    ]
     assert state.on_frame("a", 1, "decisions", 0.99, now=1.1) == []
     assert state.decisions["a"] == 0.25
 
@@ -98,7 +120,9 @@ def test_rate_limit_coalesces_and_never_drops_the_last_change() -> None:
     # A pending change is flushed before period_end.
     state.on_frame("a", 3, "decisions", 0.4, now=11.5)
     assert channels(state.on_timer("period_end", 1, 0, ends_at=None)) == [
-        "group_decisions", "period_end"]
+        "group_decisions",
+        "period_end",
+    ]
 
 
 def test_replacement_is_no_presence_change_and_old_connection_is_told() -> None:

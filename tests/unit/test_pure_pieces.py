@@ -18,22 +18,29 @@ CHANNELS = frozenset({"decisions"})
 def test_schedule_is_absolute_and_ends_with_subperiod_then_end() -> None:
     ticks = schedule(period=1, starts_at=100.0, length=9.0, num_subperiods=3)
     assert [(t.event, t.index, t.at) for t in ticks] == [
-        ("period_start", 0, 100.0), ("subperiod", 1, 103.0), ("subperiod", 2, 106.0),
-        ("subperiod", 3, 109.0), ("period_end", 0, 109.0)]
+        ("period_start", 0, 100.0),
+        ("subperiod", 1, 103.0),
+        ("subperiod", 2, 106.0),
+        ("subperiod", 3, 109.0),
+        ("period_end", 0, 109.0),
+    ]
     assert [t.event for t in schedule(1, 0.0, 5.0, 0)] == ["period_start", "period_end"]
 
 
-@pytest.mark.parametrize(("text", "code", "seq"), [
-    ("{", ErrorCode.BAD_JSON, None),
-    ("[1]", ErrorCode.BAD_MESSAGE, None),
-    ('{"channel": "decisions", "seq": 1}', ErrorCode.BAD_MESSAGE, 1),
-    ('{"channel": "decisions", "payload": 1}', ErrorCode.BAD_MESSAGE, None),
-    ('{"channel": "decisions", "payload": 1, "seq": "1"}', ErrorCode.BAD_MESSAGE, None),
-    ('{"channel": "decisions", "payload": 1, "seq": 0}', ErrorCode.BAD_MESSAGE, None),
-    ('{"channel": "decisions", "payload": 1, "seq": true}', ErrorCode.BAD_MESSAGE, None),
-    ('{"channel": 5, "payload": 1, "seq": 2}', ErrorCode.BAD_MESSAGE, 2),
-    ('{"channel": "chat", "payload": 1, "seq": 3}', ErrorCode.UNKNOWN_CHANNEL, 3),
-])
+@pytest.mark.parametrize(
+    ("text", "code", "seq"),
+    [
+        ("{", ErrorCode.BAD_JSON, None),
+        ("[1]", ErrorCode.BAD_MESSAGE, None),
+        ('{"channel": "decisions", "seq": 1}', ErrorCode.BAD_MESSAGE, 1),
+        ('{"channel": "decisions", "payload": 1}', ErrorCode.BAD_MESSAGE, None),
+        ('{"channel": "decisions", "payload": 1, "seq": "1"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"channel": "decisions", "payload": 1, "seq": 0}', ErrorCode.BAD_MESSAGE, None),
+        ('{"channel": "decisions", "payload": 1, "seq": true}', ErrorCode.BAD_MESSAGE, None),
+        ('{"channel": 5, "payload": 1, "seq": 2}', ErrorCode.BAD_MESSAGE, 2),
+        ('{"channel": "chat", "payload": 1, "seq": 3}', ErrorCode.UNKNOWN_CHANNEL, 3),
+    ],
+)
 def test_bad_frames(text: str, code: ErrorCode, seq: int | None) -> None:
     with pytest.raises(ProtocolError) as caught:
         parse_frame(text, CHANNELS)
@@ -55,8 +62,16 @@ def test_token_bucket_passes_bursts_and_sustained_rate() -> None:
 
 
 def test_event_documents_and_iso_timestamps() -> None:
-    frame = Envelope(type=MessageType.FRAME_ACCEPTED, session="s", group="g", participant="p",
-                     seq=3, channel="decisions", payload={"$set": 1}, ts=0.5)
+    frame = Envelope(
+        type=MessageType.FRAME_ACCEPTED,
+        session="s",
+        group="g",
+        participant="p",
+        seq=3,
+        channel="decisions",
+        payload={"$set": 1},
+        ts=0.5,
+    )
     doc = event_document(frame)
     assert doc is not None
     assert doc["_id"] == "in:p:3"

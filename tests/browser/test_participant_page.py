@@ -1,0 +1,267 @@
+"""The participant page (GET /p/{code}) in headless Chromium against the whole running stack.
+
+Uses the session fixture `stack` (tests/conftest.py): every service up on free ports,
+`stack.urls` with `gateway_url`, `store_url` and `admin_token`.
+
+What Chromium does when a context goes offline (checked with Debian's Chromium 156): an
+already open WebSocket is not closed, its frames just stop moving until the context is
+online again, while new connections fail at once (net::ERR_INTERNET_DISCONNECTED). So the
+offline test drops the socket through the client's `dropConnection()` hook, which does what a
+real network failure does to it, and the reconnect and resend that follow are the page's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
+    ),
+]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+SCREENSHOT = Path("/tmp/canopy-participant.png")
+SESSION_CONFIG: dict[str, Any] = {
+    "experiment": "decisions",
+    "num_participants": 2,
+    "group_size": 2,
+    "num_periods": 1,
+    "period_length": 30,
+    "num_subperiods": 0,
+    "rate_limit": 0.0,
+    "params": {},
+    "label": "browser test",
+}
+SOON_MS = 5_000  # how long a change may take to show up on another page
+RECONNECT_MS = 10_000  # backoff is at most 5 s, plus the new connection's hello
+
+
+def _url(urls: Any, name: str) -> str:
+    value = urls[name] if isinstance(urls, dict) else getattr(urls, name)
+    return str(value)
+
+
+class Session:
+    """One session created through the researchers' API, and the pages of its participants."""
+
+    def __init__(self, stack: Any, created: dict[str, Any]) -> None:
+        self.id: str = created["session"]
+        self.store_url = _url(stack.urls, "store_url")
+        self.admin_token = _url(stack.urls, "admin_token")
+        gateway = _url(stack.urls, "gateway_url").rstrip("/") + "/"
+        parts = sorted(created["participants"], key=lambda p: (p["group"], p["id_in_group"]))
+        self.codes: list[str] = [p["code"] for p in parts]
+        # `url` may be absolute or a path on the gateway: urljoin serves both.
+        self.urls: list[str] = [urljoin(gateway, p["url"]) for p in parts]
+
+    async def events(self) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(
+                f"{self.store_url}/api/sessions/{self.id}/events",
+                params={"format": "jsonl"},
+                headers={"Authorization": f"Bearer {self.admin_token}"},
+            )
+        assert response.status_code == 200, response.text
+        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+@pytest.fixture
+async def session(stack: Any) -> Session:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            f"{_url(stack.urls, 'store_url')}/api/sessions",
+            headers={"Authorization": f"Bearer {_url(stack.urls, 'admin_token')}"},
+            json=SESSION_CONFIG,
+        )
+    assert response.status_code == 201, response.text
+    return Session(stack, response.json())
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+NewContext = Callable[[], Awaitable[BrowserContext]]
+
+
+@pytest.fixture
+async def new_context(browser: Browser) -> AsyncIterator[NewContext]:
+    """Fresh browser contexts (separate storage, like separate lab machines), closed after the
+    test, which fails if any page threw an uncaught exception."""
+    contexts: list[BrowserContext] = []
+    page_errors: list[str] = []
+
+    async def make() -> BrowserContext:
+        context = await browser.new_context(viewport={"width": 1000, "height": 640})
+        context.on("page", lambda page: page.on("pageerror", lambda e: page_errors.append(str(e))))
+        contexts.append(context)
+        return context
+
+    yield make
+    for context in contexts:
+        await context.close()
+    assert not page_errors, page_errors
+
+
+async def open_page(context: BrowserContext, url: str) -> Page:
+    page = await context.new_page()
+    await page.goto(url)
+    return page
+
+
+def row(page: Page, code: str) -> Any:
+    return page.locator(f'#members [data-participant="{code}"]')
+
+
+async def expect_running(page: Page) -> None:
+    await expect(page.locator("#status")).to_have_attribute("data-status", "connected")
+    await expect(page.locator("#period")).to_have_attribute(
+        "data-state", "running", timeout=SOON_MS
+    )
+    await expect(page.locator("#slider")).to_be_enabled()
+
+
+async def set_decision(page: Page, value: float) -> None:
+    # fill() on a range input sets the value and fires `input` and `change`, like a drag ending.
+    await page.locator("#slider").fill(f"{value:.2f}")
+
+
+async def page_state(page: Page, expression: str) -> Any:
+    return await page.evaluate(f"() => window.canopyClient.state.{expression}")
+
+
+async def test_decision_reaches_the_other_member(session: Session, new_context: NewContext) -> None:
+    page_a = await open_page(await new_context(), session.urls[0])
+    page_b = await open_page(await new_context(), session.urls[1])
+    a, b = session.codes
+
+    for page in (page_a, page_b):
+        await expect_running(page)
+        await expect(page.locator("#members [data-participant]")).to_have_count(2)
+        await expect(row(page, a).locator(".name")).to_contain_text("Player 1")
+        await expect(page.locator("#countdown")).to_have_text(re.compile(r"^\d+:\d\d$"))
+    await expect(row(page_a, a)).to_have_class(re.compile(r"\byou\b"))
+    await expect(row(page_b, b)).to_have_class(re.compile(r"\byou\b"))
+    await expect(row(page_b, a)).to_have_attribute("data-presence", "connected")
+
+    await set_decision(page_a, 0.73)
+
+    await expect(row(page_b, a).locator(".decision")).to_have_text("0.73", timeout=SOON_MS)
+    await expect(row(page_a, a).locator(".decision")).to_have_text("0.73", timeout=SOON_MS)
+    await expect(row(page_b, b).locator(".decision")).to_have_text("–")
+    await page_b.wait_for_function("() => window.canopyClient.state.pending.length === 0")
+    await page_a.wait_for_function("() => window.canopyClient.state.pending.length === 0")
+    await expect(page_a.locator("#errors")).to_be_hidden()
+
+    await page_b.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+async def test_offline_changes_arrive_once_after_reconnect(
+    session: Session, new_context: NewContext
+) -> None:
+    context_a = await new_context()
+    page_a = await open_page(context_a, session.urls[0])
+    page_b = await open_page(await new_context(), session.urls[1])
+    a, b = session.codes
+    await expect_running(page_a)
+    await expect_running(page_b)
+
+    await set_decision(page_a, 0.25)
+    await expect(row(page_b, a).locator(".decision")).to_have_text("0.25", timeout=SOON_MS)
+
+    await context_a.set_offline(True)
+    if await page_state(page_a, "status") == "connected":
+        # Chromium keeps the open socket (see the module docstring): drop it as a network
+        # failure would.
+        await page_a.evaluate("() => window.canopyClient.dropConnection()")
+    await expect(page_a.locator("#status")).to_have_attribute("data-status", "reconnecting")
+
+    await set_decision(page_a, 0.85)
+    pending = await page_state(page_a, "pending")
+    assert [frame["payload"] for frame in pending] == [0.85]
+    await expect(row(page_b, a).locator(".decision")).to_have_text("0.25")
+
+    await context_a.set_offline(False)
+
+    await expect(page_a.locator("#status")).to_have_attribute(
+        "data-status", "connected", timeout=RECONNECT_MS
+    )
+    await expect(row(page_b, a).locator(".decision")).to_have_text("0.85", timeout=SOON_MS)
+    await page_a.wait_for_function(
+        "() => window.canopyClient.state.pending.length === 0", timeout=SOON_MS
+    )
+    assert await page_state(page_a, "connections") >= 2
+    # The new connection also receives: B's next change reaches A.
+    await set_decision(page_b, 0.4)
+    await expect(row(page_a, b).locator(".decision")).to_have_text("0.40", timeout=SOON_MS)
+
+    # Every frame A made is in the log exactly once: seqs 1 .. nextSeq - 1, no duplicate.
+    sent = list(range(1, await page_state(page_a, "nextSeq")))
+    assert len(sent) >= 2
+    deadline = time.monotonic() + 10  # the store writes in batches: poll until it caught up
+    while True:
+        rows = [
+            event
+            for event in await session.events()
+            if event["direction"] == "in" and event["participant"] == a
+        ]
+        logged = Counter(int(event["seq"]) for event in rows)
+        if set(logged) >= set(sent) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert sorted(logged) == sent
+    assert all(count == 1 for count in logged.values()), logged
+    last = max(rows, key=lambda event: int(event["seq"]))["value"]
+    assert (json.loads(last) if isinstance(last, str) else last) == 0.85
+
+
+async def test_second_tab_replaces_the_first(session: Session, new_context: NewContext) -> None:
+    context = await new_context()
+    first = await open_page(context, session.urls[0])
+    await expect(first.locator("#status")).to_have_attribute("data-status", "connected")
+
+    second = await open_page(context, session.urls[0])
+
+    await expect(first.locator("#status")).to_have_attribute(
+        "data-status", "replaced", timeout=SOON_MS
+    )
+    await expect(first.locator("#status")).to_have_text("Opened elsewhere")
+    await expect(first.locator("#notice")).to_be_visible()
+    await expect(second.locator("#status")).to_have_attribute("data-status", "connected")
+
+    # The first tab stays put (no reconnect fight) until the participant asks for it.
+    await first.get_by_role("button", name="Continue in this tab").click()
+    await expect(first.locator("#status")).to_have_attribute(
+        "data-status", "connected", timeout=SOON_MS
+    )
+    await expect(second.locator("#status")).to_have_attribute(
+        "data-status", "replaced", timeout=SOON_MS
+    )
