@@ -197,7 +197,8 @@ class Bus:
             self._probe_channel = await self.connection.channel(publisher_confirms=False)
         missing = []
         for name in self.topology.required_consumers():
-            queue = await self._probe_channel.declare_queue(name, passive=True)
+            # robust=False: a robust channel caches declarations and would repeat the first answer.
+            queue = await self._probe_channel.declare_queue(name, passive=True, robust=False)
             result = queue.declaration_result
             if not result.consumer_count:
                 missing.append(name)

@@ -1,0 +1,90 @@
+# Canopy. Targets: install, run, test, lint, clean (`make help` lists them).
+# Everything runs on this machine: `make run` and the tests start their own RabbitMQ node and
+# MongoDB-wire server (devstack/), on free loopback ports, in .run/.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.canopy-installed
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+LINTED := services devstack tests
+
+.PHONY: help install system-packages stop-system-rabbitmq run test lint clean
+
+help:
+	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
+	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
+	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
+	@echo "make lint     ruff check, ruff format --check, mypy"
+	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
+
+# Quiet and fast when everything is there: two file tests and a timestamp comparison.
+install: system-packages $(STAMP)
+
+system-packages:
+	@missing=""; \
+	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v ps >/dev/null || missing="$$missing procps"; \
+	if [ ! -x $(PY) ]; then \
+		command -v python3 >/dev/null || missing="$$missing python3"; \
+		python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install$$missing"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL)$$missing >/dev/null || exit 1; \
+		case "$$missing" in *rabbitmq-server*) $(MAKE) --no-print-directory stop-system-rabbitmq;; esac; \
+	fi
+
+# On some machines the Debian package starts (and enables) a system node on install. Ours use
+# their own ports, but a system node would sit on 5672 and its epmd on 4369: stop and disable
+# it. Detected by its process, not with rabbitmqctl (which would itself start an epmd).
+stop-system-rabbitmq:
+	@if pgrep -u rabbitmq -x beam.smp >/dev/null; then \
+		echo "Stopping and disabling the system RabbitMQ node started by the package"; \
+		if [ -d /run/systemd/system ]; then \
+			$(SUDO) systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true; \
+		elif command -v service >/dev/null; then \
+			$(SUDO) service rabbitmq-server stop >/dev/null 2>&1 || true; \
+		fi; \
+		epmd -kill >/dev/null 2>&1 || true; \
+	fi; \
+	if [ ! -d /run/systemd/system ] && command -v update-rc.d >/dev/null; then \
+		$(SUDO) update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true; \
+	elif [ -d /run/systemd/system ]; then \
+		$(SUDO) systemctl disable rabbitmq-server >/dev/null 2>&1 || true; \
+	fi
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Reinstalled only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | $(PY)
+	@echo "pip install -e '.[dev]'"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+run: install
+	@exec $(PY) -m devstack run
+
+test: install
+	$(VENV)/bin/ruff check $(LINTED)
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy -p services -p devstack
+
+# Stops nothing: refuses while a `make run` or a test session still holds its folder.
+clean:
+	@for lock in .run/devstack.lock .run/test-*/devstack.lock; do \
+		if [ -e "$$lock" ] && ! flock -n "$$lock" true; then \
+			echo "$$lock is held by pid $$(cat "$$lock"): stop it first"; exit 1; \
+		fi; \
+	done
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
