@@ -33,6 +33,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -132,7 +133,7 @@ class Bus:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._probe_channel: AbstractChannel | None = None
+        self._probe_channel: AbstractRobustChannel | None = None
 
     @property
     def connection(self) -> AbstractRobustConnection:

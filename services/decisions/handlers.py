@@ -103,29 +103,20 @@ class DecisionsWorker:
     async def _carry_out(self, state: GroupState, effects: list[Effect]) -> None:
         config = state.config
         for effect in effects:
-            if isinstance(effect, Broadcast):
+            if isinstance(effect, Broadcast | Control):
+                logged = isinstance(effect, Broadcast)
                 envelope = Envelope(
-                    type=MessageType.BROADCAST,
+                    type=MessageType.BROADCAST if logged else MessageType.CONTROL,
                     session=config.session,
                     group=config.group,
                     participant=effect.participant,
-                    seq=effect.seq,
+                    seq=effect.seq if isinstance(effect, Broadcast) else None,
+                    connection=effect.connection if isinstance(effect, Control) else None,
                     channel=effect.channel,
                     payload=effect.payload,
                 )
-                await self._bus.publish(OUTPUTS, output_key(config.group, logged=True), envelope)
+                await self._bus.publish(OUTPUTS, output_key(config.group, logged=logged), envelope)
                 self._metrics.outputs.labels(effect.channel).inc()
-            elif isinstance(effect, Control):
-                envelope = Envelope(
-                    type=MessageType.CONTROL,
-                    session=config.session,
-                    group=config.group,
-                    participant=effect.participant,
-                    connection=effect.connection,
-                    channel=effect.channel,
-                    payload=effect.payload,
-                )
-                await self._bus.publish(OUTPUTS, output_key(config.group, logged=False), envelope)
             elif isinstance(effect, StartPeriod):
                 envelope = Envelope(
                     type=MessageType.START_PERIOD,
