@@ -36,6 +36,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
 from services.common.messages import Envelope
 
@@ -164,12 +165,19 @@ class Bus:
             and not self._publish_channel.is_closed
         )
 
-    async def publish(self, exchange: str, routing_key: str, envelope: Envelope) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> None:
         """Publish and wait for the broker's confirm; raises if unroutable or refused."""
-        await self.publish_raw(exchange, routing_key, envelope.encode(), envelope.id)
+        await self.publish_raw(exchange, routing_key, envelope.encode(), envelope.id, mandatory)
 
     async def publish_raw(
-        self, exchange: str, routing_key: str, body: bytes, message_id: str
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        mandatory: bool = True,
     ) -> None:
         message = aio_pika.Message(
             body,
@@ -177,7 +185,31 @@ class Bus:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
         )
-        await self._exchanges[exchange].publish(message, routing_key, mandatory=True)
+        await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
+
+    async def publish_reliably(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> None:
+        """Publish until the broker confirms, riding out connection loss and refusals.
+
+        An unroutable mandatory message (PublishError) is a wiring error and is raised: retrying
+        cannot help. Anything else (connection or channel lost, broker nack) is retried with
+        backoff while the robust connection restores itself.
+        """
+        body = envelope.encode()
+        delay = 0.05
+        while True:
+            try:
+                await self.publish_raw(exchange, routing_key, body, envelope.id, mandatory)
+                return
+            except PublishError:
+                raise
+            except (AMQPError, ConnectionError, ChannelInvalidStateError, TimeoutError) as exc:
+                log.warning(
+                    "publishing %s failed (%r); retrying in %.2fs", envelope.type, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def channel(self, *, prefetch: int) -> AbstractChannel:
         channel = await self.connection.channel()
@@ -240,6 +272,62 @@ async def consume_in_order(
                 await message.nack(requeue=True)
                 continue
             await message.ack()
+
+
+Pipelined = Callable[[Envelope], Awaitable[Awaitable[Any]]]
+
+
+async def consume_pipelined(
+    queue: AbstractQueue,
+    handler: Pipelined,
+    *,
+    on_malformed: Callable[[AbstractIncomingMessage, Exception], None] | None = None,
+) -> None:
+    """Like `consume_in_order`, but without waiting for one message's outputs to be confirmed
+    before handling the next.
+
+    `handler` does its ordered work (state changes, starting publishes in order) and returns an
+    awaitable that completes once the message's outputs are confirmed; the message is acked
+    then, in the background. The broker's prefetch bounds how many are in flight.
+    """
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def ack_when_done(message: AbstractIncomingMessage, done: Awaitable[Any]) -> None:
+        try:
+            await done
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("outputs of a message on %s failed; message requeued", queue.name)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+    try:
+        async with queue.iterator() as messages:
+            async for message in messages:
+                try:
+                    envelope = Envelope.decode(message.body)
+                except ValueError as exc:
+                    log.error("malformed message on %s rejected: %s", queue.name, exc)
+                    if on_malformed is not None:
+                        on_malformed(message, exc)
+                    await message.reject(requeue=False)
+                    continue
+                try:
+                    done = await handler(envelope)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("handler failed on %s; message requeued", queue.name)
+                    await message.nack(requeue=True)
+                    continue
+                task = asyncio.create_task(ack_when_done(message, done))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+    finally:
+        for task in in_flight:
+            task.cancel()
 
 
 @asynccontextmanager

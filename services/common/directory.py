@@ -7,6 +7,7 @@ once a session exists, so they are cached for the life of the process.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -52,14 +53,35 @@ class Directory:
             base_url=store_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
         self._participants: dict[str, ParticipantInfo] = {}
         self._groups: dict[str, GroupConfig] = {}
+        # One request per key in flight: a burst of connects for one code asks the store once.
+        self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def close(self) -> None:
         await self._client.aclose()
 
     async def _get(self, path: str) -> dict[str, Any]:
+        pending = self._in_flight.get(path)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._in_flight[path] = future
+        try:
+            body = await self._fetch(path)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unshared failure is not reported twice
+            raise
+        else:
+            future.set_result(body)
+            return body
+        finally:
+            del self._in_flight[path]
+
+    async def _fetch(self, path: str) -> dict[str, Any]:
         response = await self._client.get(path)
         if response.status_code == 404:
             raise NotFound(path)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.common.bus import Bus, Topology, consume_in_order, running, shard_queue
+from services.common.bus import Bus, Topology, consume_pipelined, running, shard_queue
 from services.common.directory import Directory
 from services.common.health import health_router
 from services.common.serve import instance_name
@@ -34,7 +34,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
             queue = await channel.declare_queue(shard_queue(index), passive=True)
             tasks.append(
                 asyncio.create_task(
-                    consume_in_order(
+                    consume_pipelined(
                         queue, worker.handle, on_malformed=lambda m, e: metrics.rejected.inc()
                     )
                 )

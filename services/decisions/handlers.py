@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import httpx
-from aio_pika.abc import AbstractIncomingMessage
 
 from services.common import experiments
 from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, output_key
@@ -32,6 +32,10 @@ from services.decisions.metrics import DecisionsMetrics
 log = logging.getLogger(__name__)
 
 
+async def _nothing() -> None:
+    return None
+
+
 class DecisionsWorker:
     def __init__(self, bus: Bus, directory: Directory, metrics: DecisionsMetrics) -> None:
         self._bus = bus
@@ -41,15 +45,25 @@ class DecisionsWorker:
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def handle(self, envelope: Envelope, message: AbstractIncomingMessage | None) -> None:
+    async def handle(self, envelope: Envelope) -> Awaitable[None]:
+        """Apply one input and start publishing its effects, in order.
+
+        Returns an awaitable that completes when every effect is confirmed by the broker; the
+        caller acknowledges the input then, while the next input is already being handled.
+        """
         started = time.perf_counter()
         state = await self._state(envelope.group)
         if state is None:
             log.warning("input for unknown group %s dropped", envelope.group)
-            return
+            return _nothing()
         effects = self._apply_input(state, envelope)
-        await self._carry_out(state, effects)
+        publishes = self._carry_out(state, effects)
         self._metrics.inputs.labels(envelope.type.value).inc()
+        return self._confirmed(publishes, started)
+
+    async def _confirmed(self, publishes: list[asyncio.Task[None]], started: float) -> None:
+        if publishes:
+            await asyncio.gather(*publishes)
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
 
     def _apply_input(self, state: GroupState, envelope: Envelope) -> list[Effect]:
@@ -100,8 +114,15 @@ class DecisionsWorker:
             self._metrics.groups.set(len(self.groups))
         return state
 
-    async def _carry_out(self, state: GroupState, effects: list[Effect]) -> None:
+    def _carry_out(self, state: GroupState, effects: list[Effect]) -> list[asyncio.Task[None]]:
+        """Start one publish task per effect, in effect order.
+
+        Tasks start in creation order and aiormq serialises publishes on a channel behind a
+        FIFO lock, so the broker receives a group's outputs in the order they were produced,
+        while their confirms are awaited concurrently.
+        """
         config = state.config
+        tasks: list[asyncio.Task[None]] = []
         for effect in effects:
             if isinstance(effect, Broadcast | Control):
                 logged = isinstance(effect, Broadcast)
@@ -115,7 +136,13 @@ class DecisionsWorker:
                     channel=effect.channel,
                     payload=effect.payload,
                 )
-                await self._bus.publish(OUTPUTS, output_key(config.group, logged=logged), envelope)
+                # A logged broadcast always routes (to the store at least); a control frame
+                # routes only while the participant's gateway is bound, so it is best-effort.
+                tasks.append(
+                    self._publish(
+                        OUTPUTS, output_key(config.group, logged=logged), envelope, mandatory=logged
+                    )
+                )
                 self._metrics.outputs.labels(effect.channel).inc()
             elif isinstance(effect, StartPeriod):
                 envelope = Envelope(
@@ -128,9 +155,17 @@ class DecisionsWorker:
                         "num_subperiods": effect.num_subperiods,
                     },
                 )
-                await self._bus.publish(COMMANDS, TIMERS_KEY, envelope)
+                tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
             elif isinstance(effect, FlushAt):
                 self._schedule_flush(state, effect.at)
+        return tasks
+
+    def _publish(
+        self, exchange: str, key: str, envelope: Envelope, *, mandatory: bool
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            self._bus.publish_reliably(exchange, key, envelope, mandatory=mandatory)
+        )
 
     def _schedule_flush(self, state: GroupState, at: float) -> None:
         group = state.config.group
@@ -148,7 +183,7 @@ class DecisionsWorker:
 
     async def _flush(self, state: GroupState) -> None:
         try:
-            await self._carry_out(state, state.flush(now()))
+            await asyncio.gather(*self._carry_out(state, state.flush(now())))
         except Exception:
             # The bus is reconnecting: keep the change pending and try again shortly.
             log.exception("rate-limited flush of group %s failed; retrying", state.config.group)

@@ -68,7 +68,8 @@ class Participants:
             return
         except httpx.HTTPError:
             self._metrics.connects.labels("store_unreachable").inc()
-            await websocket.close(code=TRY_AGAIN_LATER)
+            await websocket.accept()  # so the browser sees 1013 and retries
+            await websocket.close(code=TRY_AGAIN_LATER, reason="try again shortly")
             return
         await websocket.accept()
         self._metrics.connects.labels("accepted").inc()
