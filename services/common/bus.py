@@ -4,10 +4,10 @@ Topology (declared in one place, `Topology.declare`, idempotently by every servi
 
     canopy.inputs   topic   shard.<i>.frame | shard.<i>.presence | shard.<i>.timer
         └─▶ canopy.decisions.shard.<i>   (single active consumer: one owner per group)
-        └─▶ canopy.store.events          (only `shard.*.frame`: the inbound log)
-    canopy.outputs  topic   group.<group>.event (logged) | group.<group>.control (not logged)
+    canopy.outputs  topic   group.<group>.event | group.<group>.control
         └─▶ canopy.gateway.<instance>    (exclusive; bound per group while a member is here)
-        └─▶ canopy.store.events          (only `group.*.event`: the outbound log)
+    canopy.log      direct  log
+        └─▶ canopy.store.events          (LogBatch messages from decisions: the event log)
     canopy.commands direct  timers
         └─▶ canopy.timers
     canopy.dead     fanout  └─▶ canopy.dead   (messages a consumer rejected as malformed)
@@ -38,13 +38,15 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
-from services.common.messages import Envelope
+from services.common.messages import Envelope, LogBatch
 
 log = logging.getLogger(__name__)
 
 INPUTS = "canopy.inputs"
 OUTPUTS = "canopy.outputs"
 COMMANDS = "canopy.commands"
+LOG = "canopy.log"
+LOG_KEY = "log"
 DEAD = "canopy.dead"
 STORE_QUEUE = "canopy.store.events"
 TIMERS_QUEUE = "canopy.timers"
@@ -97,6 +99,7 @@ class Topology:
             INPUTS: await channel.declare_exchange(INPUTS, "topic", durable=True),
             OUTPUTS: await channel.declare_exchange(OUTPUTS, "topic", durable=True),
             COMMANDS: await channel.declare_exchange(COMMANDS, "direct", durable=True),
+            LOG: await channel.declare_exchange(LOG, "direct", durable=True),
             DEAD: await channel.declare_exchange(DEAD, "fanout", durable=True),
         }
         dead = await channel.declare_queue(
@@ -111,8 +114,11 @@ class Topology:
         store = await channel.declare_queue(
             STORE_QUEUE, durable=True, arguments=self._durable_args()
         )
-        await store.bind(exchanges[INPUTS], routing_key="shard.*.frame")
-        await store.bind(exchanges[OUTPUTS], routing_key="group.*.event")
+        await store.bind(exchanges[LOG], routing_key=LOG_KEY)
+        # Before log batches, the store read frames and broadcasts straight off these
+        # exchanges; a broker kept from then (make run's) must stop copying them to it.
+        await store.unbind(exchanges[INPUTS], routing_key="shard.*.frame")
+        await store.unbind(exchanges[OUTPUTS], routing_key="group.*.event")
         timers = await channel.declare_queue(
             TIMERS_QUEUE, durable=True, arguments=self._durable_args()
         )
@@ -166,7 +172,12 @@ class Bus:
         )
 
     async def publish(
-        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope | LogBatch,
+        *,
+        mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm; raises if unroutable or refused."""
         await self.publish_raw(exchange, routing_key, envelope.encode(), envelope.id, mandatory)
@@ -188,7 +199,12 @@ class Bus:
         await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
 
     async def publish_reliably(
-        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope | LogBatch,
+        *,
+        mandatory: bool = True,
     ) -> None:
         """Publish until the broker confirms, riding out connection loss and refusals.
 

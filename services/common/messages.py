@@ -13,6 +13,11 @@ events (past tense):
     Control           decisions → gateways: a frame for one connection that is not logged
                       (`hello` snapshots, `replaced` notices)
 
+log batches (decisions → store):
+    LogBatch          the log records (in and out) decisions produced in a few milliseconds;
+                      one message per batch, not per event, keeps the broker's work per
+                      decision low
+
 Frames on the participants' WebSocket are described in PROTOCOL.md; `InboundFrame` validates
 the browser → server ones, `server_frame()` builds the server → browser ones.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import time
 import uuid
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -86,6 +91,68 @@ class Envelope(BaseModel):
     @classmethod
     def decode(cls, body: bytes) -> Envelope:
         return cls.model_validate_json(body)
+
+
+class LogRecord(BaseModel):
+    """One row of the event log (PROTOCOL.md export): a frame in, or a server frame out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str  # unique: `in:<participant>:<seq>` for frames in, the broadcast's id for frames out
+    ts: float  # when the event entered the bus
+    session: str
+    group: str
+    participant: str | None
+    direction: Literal["in", "out"]
+    channel: str
+    seq: int | None
+    value: Any
+
+
+class LogBatch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_id)
+    type: Literal["LogBatch"] = "LogBatch"
+    version: int = SCHEMA_VERSION
+    ts: float = Field(default_factory=now)
+    records: list[LogRecord]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def decode(cls, body: bytes) -> LogBatch:
+        return cls.model_validate_json(body)
+
+
+def inbound_record(envelope: Envelope) -> LogRecord:
+    """The log record of an accepted frame; its id makes a resent frame the same record."""
+    return LogRecord(
+        id=f"in:{envelope.participant}:{envelope.seq}",
+        ts=envelope.ts,
+        session=envelope.session,
+        group=envelope.group,
+        participant=envelope.participant,
+        direction="in",
+        channel=envelope.channel or "",
+        seq=envelope.seq,
+        value=envelope.payload,
+    )
+
+
+def outbound_record(envelope: Envelope) -> LogRecord:
+    return LogRecord(
+        id=envelope.id,
+        ts=envelope.ts,
+        session=envelope.session,
+        group=envelope.group,
+        participant=envelope.participant,
+        direction="out",
+        channel=envelope.channel or "",
+        seq=envelope.seq,
+        value=envelope.payload,
+    )
 
 
 class InboundFrame(BaseModel):

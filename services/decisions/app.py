@@ -14,6 +14,7 @@ from services.common.directory import Directory
 from services.common.health import health_router
 from services.common.serve import instance_name
 from services.decisions.handlers import DecisionsWorker
+from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 from services.decisions.settings import DecisionsSettings
 
@@ -23,7 +24,10 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     topology = Topology(settings.shards, settings.queue_type)
     bus = Bus(settings.amqp_url, topology, name=f"decisions {instance_name(settings)}")
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
-    worker = DecisionsWorker(bus, directory, metrics)
+    log_writer = LogWriter(
+        bus, interval=settings.log_batch_seconds, max_records=settings.log_batch_records
+    )
+    worker = DecisionsWorker(bus, directory, metrics, log_writer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +46,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         async with running(tasks):
             yield
         worker.close()
+        await log_writer.close()
         await directory.close()
         await bus.close()
 

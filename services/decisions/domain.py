@@ -78,10 +78,14 @@ class GroupState:
 
     # -- inputs ------------------------------------------------------------------------------
 
+    def seen(self, participant: str, seq: int) -> bool:
+        """Whether this frame was applied already (a resent duplicate) or is not a member's."""
+        return participant not in self.last_seq or seq <= self.last_seq[participant]
+
     def on_frame(
         self, participant: str, seq: int, channel: str, payload: Any, now: float
     ) -> list[Effect]:
-        if participant not in self.last_seq or seq <= self.last_seq[participant]:
+        if self.seen(participant, seq):
             return []  # not a member, or a duplicate already applied: idempotent on (p, seq)
         self.last_seq[participant] = seq
         if channel != "decisions":

@@ -18,7 +18,14 @@ import httpx
 from services.common import experiments
 from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, output_key
 from services.common.directory import Directory, NotFound
-from services.common.messages import Envelope, MessageType, now
+from services.common.messages import (
+    Envelope,
+    LogRecord,
+    MessageType,
+    inbound_record,
+    now,
+    outbound_record,
+)
 from services.decisions.domain import (
     Broadcast,
     Control,
@@ -27,6 +34,7 @@ from services.decisions.domain import (
     GroupState,
     StartPeriod,
 )
+from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 
 log = logging.getLogger(__name__)
@@ -37,33 +45,50 @@ async def _nothing() -> None:
 
 
 class DecisionsWorker:
-    def __init__(self, bus: Bus, directory: Directory, metrics: DecisionsMetrics) -> None:
+    def __init__(
+        self, bus: Bus, directory: Directory, metrics: DecisionsMetrics, log_writer: LogWriter
+    ) -> None:
         self._bus = bus
         self._directory = directory
         self._metrics = metrics
+        self._log = log_writer
         self.groups: dict[str, GroupState] = {}
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, envelope: Envelope) -> Awaitable[None]:
-        """Apply one input and start publishing its effects, in order.
+        """Apply one input and start publishing its effects and log records, in order.
 
-        Returns an awaitable that completes when every effect is confirmed by the broker; the
-        caller acknowledges the input then, while the next input is already being handled.
+        Returns an awaitable that completes when the broker confirmed every effect and the log
+        batch holding this input's records; the caller acknowledges the input then, while the
+        next input is already being handled.
         """
         started = time.perf_counter()
         state = await self._state(envelope.group)
         if state is None:
             log.warning("input for unknown group %s dropped", envelope.group)
             return _nothing()
+        records: list[LogRecord] = []
+        if envelope.type is MessageType.FRAME_ACCEPTED and not state.seen(
+            envelope.participant or "", envelope.seq or 0
+        ):
+            records.append(inbound_record(envelope))
         effects = self._apply_input(state, envelope)
-        publishes = self._carry_out(state, effects)
+        publishes = self._carry_out(state, effects, records)
         self._metrics.inputs.labels(envelope.type.value).inc()
-        return self._confirmed(publishes, started)
+        written = self._log.add(records) if records else None
+        return self._confirmed(publishes, written, started)
 
-    async def _confirmed(self, publishes: list[asyncio.Task[None]], started: float) -> None:
+    async def _confirmed(
+        self,
+        publishes: list[asyncio.Task[None]],
+        written: asyncio.Future[None] | None,
+        started: float,
+    ) -> None:
         if publishes:
             await asyncio.gather(*publishes)
+        if written is not None:
+            await written
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
 
     def _apply_input(self, state: GroupState, envelope: Envelope) -> list[Effect]:
@@ -114,7 +139,9 @@ class DecisionsWorker:
             self._metrics.groups.set(len(self.groups))
         return state
 
-    def _carry_out(self, state: GroupState, effects: list[Effect]) -> list[asyncio.Task[None]]:
+    def _carry_out(
+        self, state: GroupState, effects: list[Effect], records: list[LogRecord]
+    ) -> list[asyncio.Task[None]]:
         """Start one publish task per effect, in effect order.
 
         Tasks start in creation order and aiormq serialises publishes on a channel behind a
@@ -136,13 +163,15 @@ class DecisionsWorker:
                     channel=effect.channel,
                     payload=effect.payload,
                 )
-                # A logged broadcast always routes (to the store at least); a control frame
-                # routes only while the participant's gateway is bound, so it is best-effort.
+                # Nobody may be connected to a group's gateways, so frames out are not
+                # mandatory; the log record of a broadcast goes into the log batch instead.
                 tasks.append(
                     self._publish(
-                        OUTPUTS, output_key(config.group, logged=logged), envelope, mandatory=logged
+                        OUTPUTS, output_key(config.group, logged=logged), envelope, mandatory=False
                     )
                 )
+                if logged:
+                    records.append(outbound_record(envelope))
                 self._metrics.outputs.labels(effect.channel).inc()
             elif isinstance(effect, StartPeriod):
                 envelope = Envelope(
@@ -183,7 +212,11 @@ class DecisionsWorker:
 
     async def _flush(self, state: GroupState) -> None:
         try:
-            await asyncio.gather(*self._carry_out(state, state.flush(now())))
+            records: list[LogRecord] = []
+            publishes = self._carry_out(state, state.flush(now()), records)
+            await asyncio.gather(*publishes)
+            if records:
+                await self._log.add(records)
         except Exception:
             # The bus is reconnecting: keep the change pending and try again shortly.
             log.exception("rate-limited flush of group %s failed; retrying", state.config.group)

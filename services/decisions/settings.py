@@ -11,3 +11,6 @@ class DecisionsSettings(CommonSettings):
     decisions_port: int = Field(default=8002, ge=1, le=65535)
     # Unacknowledged inputs a worker holds per shard queue.
     decisions_prefetch: int = Field(default=200, ge=1, le=65535)
+    # Log records are sent to the store in batches: at most this often, or this many at once.
+    log_batch_seconds: float = Field(default=0.01, gt=0, le=5)
+    log_batch_records: int = Field(default=1000, ge=1, le=100_000)

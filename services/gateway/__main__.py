@@ -11,4 +11,6 @@ serve(
     service="gateway",
     port=settings.gateway_port,
     ws_max_size=settings.max_frame_bytes,
+    # Frames are small JSON: deflating each one for each member costs more CPU than it saves.
+    ws_per_message_deflate=False,
 )

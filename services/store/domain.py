@@ -10,7 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common import experiments
-from services.common.messages import Envelope, MessageType
+from services.common.messages import LogRecord
 
 EXPORT_COLUMNS = ("ts", "session", "group", "participant", "direction", "channel", "seq", "value")
 
@@ -91,26 +91,19 @@ def layout_session(request: CreateSession, public_url: str) -> dict[str, Any]:
     return {"session": session, "groups": groups, "participants": participants}
 
 
-def event_document(envelope: Envelope) -> dict[str, Any] | None:
-    """The log document of a bus message, or None for messages that are not logged."""
-    if envelope.type is MessageType.FRAME_ACCEPTED:
-        # One inbound frame is logged once, however often it was published.
-        doc_id, direction = f"in:{envelope.participant}:{envelope.seq}", "in"
-    elif envelope.type is MessageType.BROADCAST:
-        doc_id, direction = envelope.id, "out"
-    else:
-        return None
+def event_document(record: LogRecord) -> dict[str, Any]:
+    """The MongoDB document of a log record; its `_id` makes a re-sent record a duplicate."""
     return {
-        "_id": doc_id,
-        "ts": envelope.ts,
-        "session": envelope.session,
-        "group": envelope.group,
-        "participant": envelope.participant,
-        "direction": direction,
-        "channel": envelope.channel,
-        "seq": envelope.seq,
+        "_id": record.id,
+        "ts": record.ts,
+        "session": record.session,
+        "group": record.group,
+        "participant": record.participant,
+        "direction": record.direction,
+        "channel": record.channel,
+        "seq": record.seq,
         # JSON text: participants' keys may hold "$" or "." that a document field may not.
-        "value": orjson.dumps(envelope.payload).decode(),
+        "value": orjson.dumps(record.value).decode(),
     }
 
 

@@ -1,7 +1,8 @@
 """The store's bus handler: write every logged event to MongoDB in batches.
 
-Messages are buffered as they arrive and written with one unordered `insert_many` when the batch
-is full or `store_batch_seconds` have passed. The broker is acknowledged only after MongoDB took
+Each message is a `LogBatch` from decisions. Messages are buffered as they arrive and their
+records written with one unordered `insert_many` when `store_batch_size` records are waiting
+or `store_batch_seconds` have passed. The broker is acknowledged only after MongoDB took
 the batch; on a failure the whole batch is requeued, and the unique `_id` of each event makes
 the retry harmless.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from services.common.messages import Channel, Envelope, MessageType
+from services.common.messages import Channel, LogBatch, LogRecord
 from services.store.domain import event_document
 from services.store.metrics import StoreMetrics
 from services.store.repository import Repository
@@ -24,19 +25,19 @@ from services.store.repository import Repository
 log = logging.getLogger(__name__)
 
 
-def status_update(envelope: Envelope) -> tuple[str, str, dict[str, Any]] | None:
+def status_update(record: LogRecord) -> tuple[str, str, dict[str, Any]] | None:
     """The live status (for the monitor) that a logged broadcast changes, or None."""
-    if envelope.type is not MessageType.BROADCAST or not isinstance(envelope.payload, dict):
+    if record.direction != "out" or not isinstance(record.value, dict):
         return None
-    payload = envelope.payload
-    if envelope.channel == Channel.PRESENCE:
-        return "participants", str(payload["participant"]), {"connected": payload["connected"]}
-    if envelope.channel == Channel.PERIOD_START:
-        period = {"number": payload["period"], "state": "running", "ends_at": payload["ends_at"]}
-        return "groups", envelope.group, {"period": period}
-    if envelope.channel == Channel.PERIOD_END:
-        period = {"number": payload["period"], "state": "ended", "ends_at": None}
-        return "groups", envelope.group, {"period": period}
+    value = record.value
+    if record.channel == Channel.PRESENCE:
+        return "participants", str(value["participant"]), {"connected": value["connected"]}
+    if record.channel == Channel.PERIOD_START:
+        period = {"number": value["period"], "state": "running", "ends_at": value["ends_at"]}
+        return "groups", record.group, {"period": period}
+    if record.channel == Channel.PERIOD_END:
+        period = {"number": value["period"], "state": "ended", "ends_at": None}
+        return "groups", record.group, {"period": period}
     return None
 
 
@@ -53,21 +54,23 @@ class EventWriter:
         self._metrics = metrics
         self._batch_size = batch_size
         self._batch_seconds = batch_seconds
-        self._buffer: list[tuple[AbstractIncomingMessage, Envelope]] = []
+        self._buffer: list[tuple[AbstractIncomingMessage, LogBatch]] = []
+        self._waiting = 0  # records in the buffer
         self._full = asyncio.Event()
         self.written_batches = 0
         self._failures = 0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = Envelope.decode(message.body)
+            batch = LogBatch.decode(message.body)
         except ValueError as exc:
             log.error("malformed message on the store queue rejected: %s", exc)
             self._metrics.rejected.inc()
             await message.reject(requeue=False)
             return
-        self._buffer.append((message, envelope))
-        if len(self._buffer) >= self._batch_size:
+        self._buffer.append((message, batch))
+        self._waiting += len(batch.records)
+        if self._waiting >= self._batch_size:
             self._full.set()
 
     async def run(self, queue: AbstractQueue) -> None:
@@ -77,17 +80,18 @@ class EventWriter:
                 await asyncio.wait_for(self._full.wait(), timeout=self._batch_seconds)
             self._full.clear()
             if self._buffer:
-                batch, self._buffer = self._buffer, []
+                batch, self._buffer, self._waiting = self._buffer, [], 0
                 await self._write(batch)
 
-    async def _write(self, batch: list[tuple[AbstractIncomingMessage, Envelope]]) -> None:
-        documents = [d for _, e in batch if (d := event_document(e)) is not None]
+    async def _write(self, batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
+        records = [r for _, b in batch for r in b.records]
+        documents = [event_document(r) for r in records]
         last = max((m for m, _ in batch), key=lambda m: m.delivery_tag or 0)
         started = time.perf_counter()
         try:
             inserted = await self._repository.insert_events(documents)
             await self._repository.apply_status(
-                u for _, e in batch if (u := status_update(e)) is not None
+                u for r in records if (u := status_update(r)) is not None
             )
         except Exception:
             log.exception("writing a batch of %d events failed; requeued", len(documents))

@@ -17,6 +17,8 @@ from aio_pika.exceptions import PublishError
 from services.common.bus import (
     DEAD,
     INPUTS,
+    LOG,
+    LOG_KEY,
     OUTPUTS,
     STORE_QUEUE,
     Bus,
@@ -27,7 +29,7 @@ from services.common.bus import (
     shard_of,
     shard_queue,
 )
-from services.common.messages import Envelope, MessageType
+from services.common.messages import Envelope, LogBatch, MessageType, inbound_record
 
 pytestmark = [pytest.mark.integration]
 
@@ -63,7 +65,7 @@ def frame(group: str, seq: int) -> Envelope:
     )
 
 
-async def test_topology_is_idempotent_and_routes_inputs_to_shard_and_store(bus: Bus) -> None:
+async def test_topology_routes_inputs_to_shards_and_log_batches_to_the_store(bus: Bus) -> None:
     await bus.topology.declare(await bus.channel(prefetch=1))  # a second declaration agrees
     channel = await bus.channel(prefetch=100)
     group = "g1"
@@ -77,13 +79,14 @@ async def test_topology_is_idempotent_and_routes_inputs_to_shard_and_store(bus: 
         payload={"connected": True},
     )
     await bus.publish(INPUTS, input_key(group, SHARDS, "presence"), presence)
+    await bus.publish(LOG, LOG_KEY, LogBatch(records=[inbound_record(frame(group, 1))]))
     shard = await channel.declare_queue(shard_queue(shard_of(group, SHARDS)), passive=True)
     store = await channel.declare_queue(STORE_QUEUE, passive=True)
     assert shard.declaration_result.message_count == 2
-    assert store.declaration_result.message_count == 1  # only frames are logged from inputs
+    assert store.declaration_result.message_count == 1  # the log batch, nothing else
 
 
-async def test_unroutable_publish_raises(bus: Bus) -> None:
+async def test_unroutable_mandatory_publish_raises(bus: Bus) -> None:
     control = Envelope(
         type=MessageType.CONTROL,
         session="s",
@@ -95,8 +98,8 @@ async def test_unroutable_publish_raises(bus: Bus) -> None:
     )
     with pytest.raises(PublishError):
         await bus.publish(OUTPUTS, output_key("nobody-here", logged=False), control)
-    # A logged broadcast always reaches at least the store's queue.
-    await bus.publish(OUTPUTS, output_key("nobody-here", logged=True), control)
+    # Frames out are published without `mandatory`: no gateway may hold the group.
+    await bus.publish(OUTPUTS, output_key("nobody-here", logged=True), control, mandatory=False)
 
 
 async def test_consume_in_order_retries_failures_and_dead_letters_garbage(bus: Bus) -> None:

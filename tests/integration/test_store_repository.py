@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.common.messages import Envelope, MessageType
+from services.common.messages import Envelope, MessageType, inbound_record
 from services.store.domain import CreateSession, event_document, layout_session
 from services.store.repository import Repository
 
@@ -43,15 +43,17 @@ async def test_session_layout_round_trip(repository: Repository) -> None:
 async def test_batches_are_idempotent_and_export_is_ordered(repository: Repository) -> None:
     def doc(seq: int, ts: float, participant: str = "p") -> dict[str, Any]:
         document = event_document(
-            Envelope(
-                type=MessageType.FRAME_ACCEPTED,
-                session="s",
-                group="g",
-                participant=participant,
-                seq=seq,
-                channel="decisions",
-                payload={"v": seq, "$odd.key": True},
-                ts=ts,
+            inbound_record(
+                Envelope(
+                    type=MessageType.FRAME_ACCEPTED,
+                    session="s",
+                    group="g",
+                    participant=participant,
+                    seq=seq,
+                    channel="decisions",
+                    payload={"v": seq, "$odd.key": True},
+                    ts=ts,
+                )
             )
         )
         assert document is not None

@@ -6,7 +6,13 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.errors import ErrorCode, ProtocolError
-from services.common.messages import Envelope, MessageType
+from services.common.messages import (
+    Envelope,
+    LogBatch,
+    MessageType,
+    inbound_record,
+    outbound_record,
+)
 from services.common.settings import CommonSettings
 from services.gateway.domain import TokenBucket, parse_frame
 from services.store.domain import CreateSession, event_document, iso_ts
@@ -61,7 +67,7 @@ def test_token_bucket_passes_bursts_and_sustained_rate() -> None:
     assert all(bucket.take(1.0 + i / 50) for i in range(500))
 
 
-def test_event_documents_and_iso_timestamps() -> None:
+def test_log_records_and_documents() -> None:
     frame = Envelope(
         type=MessageType.FRAME_ACCEPTED,
         session="s",
@@ -72,12 +78,17 @@ def test_event_documents_and_iso_timestamps() -> None:
         payload={"$set": 1},
         ts=0.5,
     )
-    doc = event_document(frame)
-    assert doc is not None
+    doc = event_document(inbound_record(frame))
     assert doc["_id"] == "in:p:3"
+    assert doc["direction"] == "in"
     assert doc["value"] == '{"$set":1}'
-    control = Envelope(type=MessageType.CONTROL, session="s", group="g", channel="hello")
-    assert event_document(control) is None
+    broadcast = Envelope(
+        type=MessageType.BROADCAST, session="s", group="g", channel="presence", payload={}
+    )
+    out = event_document(outbound_record(broadcast))
+    assert (out["_id"], out["direction"], out["participant"]) == (broadcast.id, "out", None)
+    batch = LogBatch(records=[inbound_record(frame), outbound_record(broadcast)])
+    assert LogBatch.decode(batch.encode()) == batch
     assert iso_ts(0.5) == "1970-01-01T00:00:00.500000Z"
 
 
