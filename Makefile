@@ -10,15 +10,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.canopy-installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
-LINTED := services devstack tests
+LINTED := services devstack bench tests
 
-.PHONY: help install system-packages stop-system-rabbitmq run test lint clean
+.PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
 	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
 	@echo "make lint     ruff check, ruff format --check, mypy"
+	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
+	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
+	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
 	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
 
 # Quiet and fast when everything is there: two file tests and a timestamp comparison.
@@ -77,7 +80,15 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(VENV)/bin/mypy -p services -p devstack
+	$(VENV)/bin/mypy -p services -p devstack -p bench
+
+# Load generator (bench/, docs/performance.md). `make bench --matrix` cannot work (make rejects
+# unknown options itself): use `make bench ARGS=--matrix` or `make bench-matrix`.
+bench: install
+	@exec $(PY) -m bench $(ARGS)
+
+bench-matrix: install
+	@exec $(PY) -m bench --matrix $(ARGS)
 
 # Stops nothing: refuses while a `make run` or a test session still holds its folder.
 clean:

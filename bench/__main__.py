@@ -1,0 +1,225 @@
+"""`python -m bench`: Canopy's load generator, the target matrix, and the micro-benchmarks.
+
+    python -m bench [run] --groups G --size P --rate R --duration D [--warmup S] [--jitter J]
+                    [--queue-type quorum|classic] [--store disk|memory]
+                    [--url GATEWAY --store-url URL --token T [--amqp-url URL]]
+    python -m bench --matrix [--duration D] [...]
+    python -m bench micro
+
+Without `--url` it starts its own stack (RabbitMQ, nx-27017, the four services: the same code
+as `make run`) on free loopback ports, and stops it at the end, also on Ctrl-C. Each run prints
+a table and appends one JSON line to `bench/results/<UTC date>.jsonl`. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import uvloop
+
+from bench.loadgen import LoadParams, QueueProbe, StackTarget, run_load
+from bench.report import (
+    RESULTS_DIR,
+    ProgressBar,
+    append_result,
+    format_matrix,
+    format_micro,
+    format_run,
+)
+
+T = TypeVar("T")
+
+# The issue's targets: (groups, group size, rate Hz, p99 target ms); loss must be 0.
+MATRIX: tuple[tuple[int, int, float, float], ...] = (
+    (5, 4, 2.0, 10.0),
+    (25, 4, 2.0, 15.0),
+    (100, 4, 2.0, 20.0),
+    (250, 4, 2.0, 25.0),
+    (50, 4, 10.0, 25.0),
+)
+RUN_DURATION = 15.0
+MATRIX_DURATION = 20.0
+SETTLE_TIMEOUT = 30.0  # between matrix rows: wait (bounded) for the store queue to empty
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Canopy load generator (see docs/performance.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("command", nargs="?", choices=("run", "micro"), default="run")
+    parser.add_argument("--matrix", action="store_true", help="run the issue's target table")
+    load = parser.add_argument_group("load")
+    load.add_argument("--groups", "-G", type=int, default=5, help="groups (default 5)")
+    load.add_argument("--size", "-P", type=int, default=4, help="participants per group (4)")
+    load.add_argument("--rate", "-R", type=float, default=2.0, help="decisions/s each (2)")
+    load.add_argument(
+        "--duration",
+        "-D",
+        type=float,
+        default=None,
+        help=f"measured seconds (default {RUN_DURATION:g}; {MATRIX_DURATION:g} per matrix row)",
+    )
+    load.add_argument("--warmup", type=float, default=2.0, help="seconds not measured (2)")
+    load.add_argument("--jitter", type=float, default=0.5, help="send interval ±fraction (0.5)")
+    load.add_argument("--drain", type=float, default=5.0, help="max s to wait for stragglers")
+    own = parser.add_argument_group("own stack (when --url is not given)")
+    own.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
+    own.add_argument(
+        "--store",
+        choices=("disk", "memory"),
+        default="disk",
+        help="nx-27017 on SQLite files like `make run` (disk, default) or in memory",
+    )
+    ext = parser.add_argument_group("a running stack")
+    ext.add_argument("--url", help="gateway URL, e.g. http://127.0.0.1:8000")
+    ext.add_argument("--store-url", help="store URL, e.g. http://127.0.0.1:8001")
+    ext.add_argument("--token", help="admin token")
+    ext.add_argument("--amqp-url", help="broker URL, to report queue depths (optional)")
+    ext.add_argument("--shards", type=int, default=8, help="CANOPY_SHARDS of that stack (8)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--results", type=Path, default=RESULTS_DIR, help="JSON lines folder")
+    out.add_argument("--no-save", action="store_true", help="do not append to the results")
+    micro = parser.add_argument_group("micro")
+    micro.add_argument("--quick", action="store_true", help="micro: 10x fewer iterations")
+    args = parser.parse_args(argv)
+    if args.url and not (args.store_url and args.token):
+        parser.error("--url needs --store-url and --token")
+    if args.command == "micro" and args.matrix:
+        parser.error("micro and --matrix do not combine")
+    return args
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def _params(args: argparse.Namespace, groups: int, size: int, rate: float) -> LoadParams:
+    duration = args.duration or (MATRIX_DURATION if args.matrix else RUN_DURATION)
+    return LoadParams(
+        groups=groups,
+        size=size,
+        rate=rate,
+        duration=duration,
+        warmup=args.warmup,
+        jitter=args.jitter,
+        drain=args.drain,
+    )
+
+
+async def _settle(target: StackTarget) -> None:
+    """Before the next matrix row: the store queue back to empty (bounded)."""
+    if not target.amqp_url:
+        return
+    async with QueueProbe(target.amqp_url, 0) as probe:
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while time.monotonic() < deadline:
+            store, _ = await probe.depths()
+            if not store:
+                return
+            await asyncio.sleep(0.2)
+
+
+def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
+    rows = MATRIX if args.matrix else ((args.groups, args.size, args.rate, None),)
+    results: list[dict[str, Any]] = []
+    for number, (groups, size, rate, goal) in enumerate(rows, start=1):
+        params = _params(args, groups, size, rate)
+        prefix = f"[{number}/{len(rows)}] " if args.matrix else ""
+        print(
+            f"{prefix}{params.participants} participants ({groups}x{size}) at {rate:g} Hz "
+            f"for {params.duration:g} s ...",
+            file=sys.stderr,
+        )
+        progress = ProgressBar(prefix=prefix)
+        try:
+            result = run_async(functools.partial(run_load, target, params, progress))
+        finally:
+            progress.done()
+        if goal is not None:
+            result["target_p99_ms"] = goal
+            p99 = result["latency_ms"]["p99"]
+            result["pass"] = bool(result["ok"] and p99 is not None and p99 <= goal)
+        results.append(result)
+        if not args.no_save:
+            path = append_result(result, args.results)
+        print(format_run(result))
+        if not args.no_save:
+            print(f"(appended to {path})")
+        print()
+        if args.matrix and number < len(rows):
+            run_async(lambda: _settle(target))
+    if args.matrix:
+        print(format_matrix(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command == "micro":
+            from bench.micro import run_micro
+
+            result = run_micro(quick=args.quick)
+            if not args.no_save:
+                append_result(result, args.results)
+            print(format_micro(result))
+            return 0
+        if args.url:
+            from bench.procstats import discover
+
+            port = urlsplit(args.url).port or 80
+            processes, warnings = discover(port)
+            for warning in warnings:
+                print(f"note: {warning}", file=sys.stderr)
+            target = StackTarget(
+                gateway_url=args.url.rstrip("/"),
+                store_url=args.store_url.rstrip("/"),
+                token=args.token,
+                amqp_url=args.amqp_url,
+                processes=processes,
+                shards=args.shards,
+                info={"own_stack": False},
+            )
+            results = run_rows(args, target)
+        else:
+            from bench.ownstack import own_stack
+
+            with own_stack(queue_type=args.queue_type, store=args.store) as own:
+                target = StackTarget(
+                    gateway_url=own.stack.urls.gateway_url,
+                    store_url=own.stack.urls.store_url,
+                    token=own.stack.urls.admin_token,
+                    amqp_url=own.infra.amqp_url,
+                    processes=own.processes(),
+                    shards=int(own.stack.env.get("CANOPY_SHARDS", "8")),
+                    info={"own_stack": True, "queue_type": own.queue_type, "store": own.store},
+                )
+                results = run_rows(args, target)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the stack was stopped", file=sys.stderr)
+        return 130
+    # Missed timing targets are reported, not failures; lost or refused frames are.
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
