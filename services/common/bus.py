@@ -254,7 +254,11 @@ class Bus:
         return missing
 
 
-Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[None]]
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+async def completed() -> None:
+    """An awaitable with nothing to wait for (a pipelined handler's 'no outputs')."""
 
 
 async def consume_in_order(
@@ -269,25 +273,12 @@ async def consume_in_order(
     dead-letter queue (it can never succeed); the handler raises → nack and requeue, so the
     message is retried rather than lost (the handler must be idempotent, which ours are).
     """
-    async with queue.iterator() as messages:
-        async for message in messages:
-            try:
-                envelope = Envelope.decode(message.body)
-            except ValueError as exc:
-                log.error("malformed message on %s rejected: %s", queue.name, exc)
-                if on_malformed is not None:
-                    on_malformed(message, exc)
-                await message.reject(requeue=False)
-                continue
-            try:
-                await handler(envelope, message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("handler failed on %s; message requeued", queue.name)
-                await message.nack(requeue=True)
-                continue
-            await message.ack()
+
+    async def inline(envelope: Envelope) -> Awaitable[None]:
+        await handler(envelope)
+        return completed()
+
+    await consume_pipelined(queue, inline, on_malformed=on_malformed)
 
 
 Pipelined = Callable[[Envelope], Awaitable[Awaitable[Any]]]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from services.common import experiments
-from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, output_key
+from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, completed, output_key
 from services.common.directory import Directory, NotFound
 from services.common.messages import (
     Envelope,
@@ -38,10 +38,6 @@ from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 
 log = logging.getLogger(__name__)
-
-
-async def _nothing() -> None:
-    return None
 
 
 class DecisionsWorker:
@@ -67,7 +63,7 @@ class DecisionsWorker:
         state = await self._state(envelope.group)
         if state is None:
             log.warning("input for unknown group %s dropped", envelope.group)
-            return _nothing()
+            return completed()
         records: list[LogRecord] = []
         if envelope.type is MessageType.FRAME_ACCEPTED and not state.seen(
             envelope.participant or "", envelope.seq or 0

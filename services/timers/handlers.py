@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from services.common.bus import INPUTS, Bus, input_key
 from services.common.messages import Envelope, MessageType, now
 from services.timers.domain import Tick, schedule
@@ -26,7 +24,7 @@ class TimersWorker:
         self._metrics = metrics
         self._periods: dict[tuple[str, int], asyncio.Task[None]] = {}
 
-    async def handle(self, envelope: Envelope, message: AbstractIncomingMessage | None) -> None:
+    async def handle(self, envelope: Envelope) -> None:
         if envelope.type is not MessageType.START_PERIOD:
             log.error("unexpected %s on the timers queue: %s", envelope.type, envelope.id)
             return

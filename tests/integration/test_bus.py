@@ -108,7 +108,7 @@ async def test_consume_in_order_retries_failures_and_dead_letters_garbage(bus: B
     failed_once = asyncio.Event()
     done = asyncio.Event()
 
-    async def handler(envelope: Envelope, message: AbstractIncomingMessage) -> None:
+    async def handler(envelope: Envelope) -> None:
         assert envelope.seq is not None
         if envelope.seq == 5 and not failed_once.is_set():
             failed_once.set()
