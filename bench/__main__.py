@@ -49,6 +49,9 @@ MATRIX: tuple[tuple[int, int, float, float], ...] = (
 )
 RUN_DURATION = 15.0
 MATRIX_DURATION = 20.0
+# A p99 needs enough samples to mean anything: a matrix row runs at least long enough for this
+# many measured decisions (20 participants at 2 Hz: 50 s instead of 20 s, p99 = 20th-worst).
+MATRIX_MIN_SAMPLES = 2000
 SETTLE_TIMEOUT = 30.0  # between matrix rows: wait (bounded) for the store queue to empty
 
 
@@ -113,6 +116,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def _params(args: argparse.Namespace, groups: int, size: int, rate: float) -> LoadParams:
     duration = args.duration or (MATRIX_DURATION if args.matrix else RUN_DURATION)
+    if args.matrix:
+        duration = max(duration, MATRIX_MIN_SAMPLES / (groups * size * rate))
     return LoadParams(
         groups=groups,
         size=size,
