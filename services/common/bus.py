@@ -2,10 +2,11 @@
 
 Topology (declared in one place, `Topology.declare`, idempotently by every service):
 
-    canopy.inputs   topic   shard.<i>.frame | shard.<i>.presence | shard.<i>.timer
+    canopy.inputs   topic   shard.<i>.batch (gateways) | shard.<i>.timer (timers)
         └─▶ canopy.decisions.shard.<i>   (single active consumer: one owner per group)
-    canopy.outputs  topic   group.<group>.event | group.<group>.control
-        └─▶ canopy.gateway.<instance>    (exclusive; bound per group while a member is here)
+    (default)       direct  canopy.gateway.<instance>
+        └─▶ canopy.gateway.<instance>    (exclusive; decisions addresses the gateways that hold
+                                          a group's members, learnt from their inputs)
     canopy.log      direct  log
         └─▶ canopy.store.events          (LogBatch messages from decisions: the event log)
     canopy.commands direct  timers
@@ -15,14 +16,24 @@ Topology (declared in one place, `Topology.declare`, idempotently by every servi
 All inputs of one group share one shard queue, so the group's state machine sees one total order.
 Publishing uses publisher confirms and `mandatory`, so a message is either in a queue or the
 publisher gets an exception; nothing vanishes silently.
+
+Batches: gateways (inputs) and decisions (broadcasts) send envelopes through a `Batcher`, a group
+commit per destination: the first envelope goes out at once, and envelopes that arrive while a
+batch is with the broker leave together in the next one. An idle stack therefore adds no latency,
+and a busy one sends fewer, larger messages, because the broker's and aio-pika's cost is per
+message, not per envelope. A batch is an AMQP message of type `canopy.batch` whose body is a JSON
+array of envelopes; consumers accept batches and single envelopes alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,13 +48,14 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
+from pydantic import TypeAdapter
 
 from services.common.messages import Envelope, LogBatch
 
 log = logging.getLogger(__name__)
 
 INPUTS = "canopy.inputs"
-OUTPUTS = "canopy.outputs"
+DEFAULT = ""  # the default exchange: routing key = queue name
 COMMANDS = "canopy.commands"
 LOG = "canopy.log"
 LOG_KEY = "log"
@@ -51,8 +63,21 @@ DEAD = "canopy.dead"
 STORE_QUEUE = "canopy.store.events"
 TIMERS_QUEUE = "canopy.timers"
 TIMERS_KEY = "timers"
+BATCH_TYPE = "canopy.batch"
 
-InputKind = Literal["frame", "presence", "timer"]
+InputKind = Literal["frame", "presence", "timer", "batch"]
+_ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
+
+
+def encode_batch(envelopes: Sequence[Envelope]) -> bytes:
+    return b"[" + b",".join(envelope.encode() for envelope in envelopes) + b"]"
+
+
+def decode_message(message: AbstractIncomingMessage) -> list[Envelope]:
+    """The envelopes of a bus message: a batch or one envelope. Raises ValueError if malformed."""
+    if message.type == BATCH_TYPE:
+        return _ENVELOPES.validate_json(message.body)
+    return [Envelope.decode(message.body)]
 
 
 def shard_of(group: str, shards: int) -> int:
@@ -66,14 +91,6 @@ def shard_queue(index: int) -> str:
 
 def input_key(group: str, shards: int, kind: InputKind) -> str:
     return f"shard.{shard_of(group, shards)}.{kind}"
-
-
-def output_key(group: str, *, logged: bool) -> str:
-    return f"group.{group}.{'event' if logged else 'control'}"
-
-
-def group_binding(group: str) -> str:
-    return f"group.{group}.*"
 
 
 def gateway_queue(instance: str) -> str:
@@ -96,8 +113,8 @@ class Topology:
 
     async def declare(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
         exchanges = {
+            DEFAULT: channel.default_exchange,
             INPUTS: await channel.declare_exchange(INPUTS, "topic", durable=True),
-            OUTPUTS: await channel.declare_exchange(OUTPUTS, "topic", durable=True),
             COMMANDS: await channel.declare_exchange(COMMANDS, "direct", durable=True),
             LOG: await channel.declare_exchange(LOG, "direct", durable=True),
             DEAD: await channel.declare_exchange(DEAD, "fanout", durable=True),
@@ -118,7 +135,6 @@ class Topology:
         # Before log batches, the store read frames and broadcasts straight off these
         # exchanges; a broker kept from then (make run's) must stop copying them to it.
         await store.unbind(exchanges[INPUTS], routing_key="shard.*.frame")
-        await store.unbind(exchanges[OUTPUTS], routing_key="group.*.event")
         timers = await channel.declare_queue(
             TIMERS_QUEUE, durable=True, arguments=self._durable_args()
         )
@@ -189,14 +205,38 @@ class Bus:
         body: bytes,
         message_id: str,
         mandatory: bool = True,
+        message_type: str | None = None,
     ) -> None:
         message = aio_pika.Message(
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
+            type=message_type,
         )
         await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
+
+    async def publish_batch(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelopes: Sequence[Envelope],
+        *,
+        mandatory: bool = True,
+        reliable: bool = False,
+    ) -> None:
+        """Publish envelopes as one message (see `Batcher`); `reliable` as in `publish_reliably`."""
+        body = encode_batch(envelopes)
+        message_id = new_message_id()
+        if not reliable:
+            await self.publish_raw(exchange, routing_key, body, message_id, mandatory, BATCH_TYPE)
+            return
+        await self._retrying(
+            lambda: self.publish_raw(
+                exchange, routing_key, body, message_id, mandatory, BATCH_TYPE
+            ),
+            f"a batch of {len(envelopes)}",
+        )
 
     async def publish_reliably(
         self,
@@ -213,17 +253,22 @@ class Bus:
         backoff while the robust connection restores itself.
         """
         body = envelope.encode()
+        await self._retrying(
+            lambda: self.publish_raw(exchange, routing_key, body, envelope.id, mandatory),
+            str(envelope.type),
+        )
+
+    @staticmethod
+    async def _retrying(publish: Callable[[], Awaitable[None]], what: str) -> None:
         delay = 0.05
         while True:
             try:
-                await self.publish_raw(exchange, routing_key, body, envelope.id, mandatory)
+                await publish()
                 return
             except PublishError:
                 raise
             except (AMQPError, ConnectionError, ChannelInvalidStateError, TimeoutError) as exc:
-                log.warning(
-                    "publishing %s failed (%r); retrying in %.2fs", envelope.type, exc, delay
-                )
+                log.warning("publishing %s failed (%r); retrying in %.2fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
@@ -252,6 +297,142 @@ class Bus:
             if not result.consumer_count:
                 missing.append(name)
         return missing
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Batcher:
+    """Group commit of envelopes to one destination (exchange + routing key).
+
+    `add` queues an envelope and returns a future that completes when the broker confirmed the
+    batch holding it (or fails with that batch's error). Batches leave in order. With nothing
+    in flight, an envelope leaves at the end of the current event-loop iteration (so envelopes
+    added by one burst of work share a message) and waits for nobody; while a batch is with the
+    broker, whatever is added waits and leaves together with the rest once it is confirmed.
+
+    `patience`: a batch whose confirm takes longer than this (a broker disk sync) no longer
+    holds up the next one; up to `max_in_flight` batches are then out at once, one per
+    `patience`. Without it, `max_in_flight` batches go out without waiting for each other.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        exchange: str,
+        routing_key: str,
+        *,
+        mandatory: bool,
+        reliable: bool,
+        max_in_flight: int = 1,
+        patience: float | None = None,
+        max_items: int = 500,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._bus = bus
+        self._exchange = exchange
+        self._routing_key = routing_key
+        self._mandatory = mandatory
+        self._reliable = reliable
+        self._max_in_flight = max_in_flight
+        self._patience = patience
+        self._max_items = max_items
+        self._on_batch = on_batch
+        self._chunks: deque[tuple[list[Envelope], asyncio.Future[None]]] = deque()
+        self._in_flight = 0
+        self._last_sent = float("-inf")
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def idle(self) -> bool:
+        return not self._chunks and not self._in_flight
+
+    def add(self, envelope: Envelope) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        if not self._chunks or len(self._chunks[-1][0]) >= self._max_items:
+            self._chunks.append(([], loop.create_future()))
+        envelopes, confirmed = self._chunks[-1]
+        envelopes.append(envelope)
+        if not self._scheduled and self._timer is None:
+            self._schedule(loop)
+        return confirmed
+
+    def _next_send_at(self) -> float | None:
+        """When the next batch may leave (loop time), or None until a confirm arrives."""
+        if self._in_flight == 0:
+            return float("-inf")
+        if self._in_flight >= self._max_in_flight:
+            return None
+        if self._patience is None:
+            return float("-inf")
+        return self._last_sent + self._patience
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        at = self._next_send_at()
+        if at is None:
+            return
+        if at <= loop.time():
+            self._scheduled = True
+            loop.call_soon(self._send)
+        else:
+            self._timer = loop.call_at(at, self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+        while self._chunks:
+            at = self._next_send_at()
+            if at is None or at > loop.time():
+                break
+            envelopes, confirmed = self._chunks.popleft()
+            self._in_flight += 1
+            self._last_sent = loop.time()
+            if self._on_batch is not None:
+                self._on_batch(len(envelopes))
+            task = loop.create_task(self._publish(envelopes, confirmed))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._chunks:
+            self._schedule(loop)
+
+    async def _publish(self, envelopes: list[Envelope], confirmed: asyncio.Future[None]) -> None:
+        try:
+            await self._bus.publish_batch(
+                self._exchange,
+                self._routing_key,
+                envelopes,
+                mandatory=self._mandatory,
+                reliable=self._reliable,
+            )
+        except asyncio.CancelledError:
+            self._in_flight -= 1
+            confirmed.cancel()
+            raise
+        except Exception as exc:
+            if not confirmed.done():
+                confirmed.set_exception(exc)
+                confirmed.exception()  # retrieved: a batch nobody waits for any more is fine
+        else:
+            if not confirmed.done():
+                confirmed.set_result(None)
+        self._in_flight -= 1
+        self._send()
+
+    async def close(self) -> None:
+        """Wait for what was added to be published (or to fail)."""
+        while self._tasks or self._chunks:
+            if not self._tasks:
+                self._send()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
@@ -297,15 +478,17 @@ async def consume_pipelined(
     awaitable that completes once the message's outputs are confirmed; the message is acked
     then, in the background. The broker's prefetch bounds how many are in flight.
     """
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
 
-    async def ack_when_done(message: AbstractIncomingMessage, done: Awaitable[Any]) -> None:
+    async def ack_when_done(message: AbstractIncomingMessage, dones: list[Awaitable[Any]]) -> None:
         try:
-            await done
+            for done in dones:  # already under way: awaiting them in turn waits for the slowest
+                await done
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("outputs of a message on %s failed; message requeued", queue.name)
+            _discard(dones)
             await message.nack(requeue=True)
             return
         await message.ack()
@@ -314,27 +497,43 @@ async def consume_pipelined(
         async with queue.iterator() as messages:
             async for message in messages:
                 try:
-                    envelope = Envelope.decode(message.body)
+                    envelopes = decode_message(message)
                 except ValueError as exc:
                     log.error("malformed message on %s rejected: %s", queue.name, exc)
                     if on_malformed is not None:
                         on_malformed(message, exc)
                     await message.reject(requeue=False)
                     continue
+                dones: list[Awaitable[Any]] = []
                 try:
-                    done = await handler(envelope)
+                    for envelope in envelopes:
+                        dones.append(await handler(envelope))
                 except asyncio.CancelledError:
+                    _discard(dones)
                     raise
                 except Exception:
+                    # Redelivered whole: the envelopes handled already are handled idempotently.
                     log.exception("handler failed on %s; message requeued", queue.name)
+                    _discard(dones)
                     await message.nack(requeue=True)
                     continue
-                task = asyncio.create_task(ack_when_done(message, done))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                task = asyncio.create_task(ack_when_done(message, dones))
+                in_flight[task] = dones
+                task.add_done_callback(in_flight.pop)
     finally:
-        for task in in_flight:
+        for task, dones in list(in_flight.items()):
             task.cancel()
+            _discard(dones)
+
+
+def _discard(awaitables: list[Awaitable[Any]]) -> None:
+    """Close coroutines that will never be awaited now (no 'never awaited' warnings)."""
+    for awaitable in awaitables:
+        if (
+            inspect.iscoroutine(awaitable)
+            and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED
+        ):
+            awaitable.close()
 
 
 @asynccontextmanager

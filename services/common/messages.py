@@ -9,9 +9,12 @@ events (past tense):
     FrameAccepted     gateway → decisions + store: a participant frame the broker confirmed
     PresenceChanged   gateway → decisions: a participant connection opened or closed
     TimerFired        timers → decisions: a period started / a sub-period tick / a period ended
-    Broadcast         decisions → gateways + store: a server frame for a group (or one member)
+    Broadcast         decisions → gateways: a server frame for a group (or one member)
     Control           decisions → gateways: a frame for one connection that is not logged
                       (`hello` snapshots, `replaced` notices)
+
+Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP message holding a
+JSON array of envelopes.
 
 log batches (decisions → store):
     LogBatch          the log records (in and out) decisions produced in a few milliseconds;
@@ -79,8 +82,11 @@ class Envelope(BaseModel):
     # The participant's frame seq (FrameAccepted) or the seq an error answers (Broadcast).
     seq: int | None = None
     channel: str | None = None
-    # The gateway connection a message belongs to (presence, hello, replaced).
+    # The gateway connection a message belongs to (frames, presence, hello, replaced).
     connection: str | None = None
+    # The queue of the gateway holding that connection (frames, presence): where decisions
+    # sends the group's broadcasts.
+    gateway: str | None = None
     # When the message entered the bus (epoch seconds), set by its publisher.
     ts: float = Field(default_factory=now)
     payload: Any = None

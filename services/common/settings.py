@@ -26,7 +26,10 @@ class CommonSettings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     admin_token: SecretStr = SecretStr("")
     # Number of shard queues that carry the per-group input streams. Every service must agree.
-    shards: int = Field(default=8, ge=1, le=1024)
+    # A shard is the unit of decisions scale-out (one active consumer each): use at least as
+    # many as decisions replicas. One decisions process (make run) is fastest with 1: inputs
+    # are batched per shard, so fewer shards make fuller batches (docs/performance.md).
+    shards: int = Field(default=1, ge=1, le=1024)
     # quorum: replicated and durable (production); classic: faster single-node queues.
     queue_type: Literal["quorum", "classic"] = "quorum"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -45,7 +45,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
             )
         async with running(tasks):
             yield
-        worker.close()
+        await worker.close()
         await log_writer.close()
         await directory.close()
         await bus.close()

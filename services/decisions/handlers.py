@@ -3,6 +3,10 @@
 One consumer per shard queue handles messages one at a time, so a group's inputs are applied in
 the one order the broker holds them in. Effects are published (with confirms) before the input
 is acknowledged, so a crash between the two replays the input instead of losing its output.
+
+Broadcasts go straight to the queues of the gateways that hold the group's members: every frame
+and presence input names its connection and gateway (`Routes`), and one `Batcher` per gateway
+sends what the inputs of one moment produced for it as one message.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any
 
 import httpx
 
 from services.common import experiments
-from services.common.bus import COMMANDS, OUTPUTS, TIMERS_KEY, Bus, completed, output_key
+from services.common.bus import COMMANDS, DEFAULT, TIMERS_KEY, Batcher, Bus, completed
 from services.common.directory import Directory, NotFound
 from services.common.messages import (
     Envelope,
@@ -39,6 +44,57 @@ from services.decisions.metrics import DecisionsMetrics
 
 log = logging.getLogger(__name__)
 
+RETIRED_CONNECTIONS = 10_000
+
+
+class Routes:
+    """Which gateway holds which member's connection, learnt from the inputs themselves.
+
+    A `PresenceChanged` (connected) names the member's newest connection; a frame fills in a
+    member not known yet (e.g. after this worker restarted). A replaced connection's gateway is
+    remembered a while longer, for the `replaced` notice that closes it.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, dict[str, tuple[str, str]]] = {}  # group → code → (conn, gw)
+        self._retired: OrderedDict[str, str] = OrderedDict()  # connection → gateway
+
+    def learn(self, envelope: Envelope) -> None:
+        participant, connection, gateway = (
+            envelope.participant,
+            envelope.connection,
+            envelope.gateway,
+        )
+        if participant is None or connection is None or gateway is None:
+            return
+        members = self._members.setdefault(envelope.group, {})
+        current = members.get(participant)
+        if envelope.type is MessageType.PRESENCE_CHANGED:
+            if envelope.payload.get("connected"):
+                if current is not None and current[0] != connection:
+                    self._retire(*current)
+                members[participant] = (connection, gateway)
+            elif current is not None and current[0] == connection:
+                del members[participant]
+            else:  # a replaced connection closed
+                self._retired.pop(connection, None)
+        elif current is None:
+            members[participant] = (connection, gateway)
+
+    def group(self, group: str) -> set[str]:
+        return {gateway for _, gateway in self._members.get(group, {}).values()}
+
+    def member(self, group: str, participant: str, connection: str | None = None) -> str | None:
+        current = self._members.get(group, {}).get(participant)
+        if current is not None and (connection is None or current[0] == connection):
+            return current[1]
+        return self._retired.get(connection) if connection is not None else None
+
+    def _retire(self, connection: str, gateway: str) -> None:
+        self._retired[connection] = gateway
+        if len(self._retired) > RETIRED_CONNECTIONS:
+            self._retired.popitem(last=False)
+
 
 class DecisionsWorker:
     def __init__(
@@ -49,6 +105,8 @@ class DecisionsWorker:
         self._metrics = metrics
         self._log = log_writer
         self.groups: dict[str, GroupState] = {}
+        self.routes = Routes()
+        self._outputs: dict[str, Batcher] = {}  # gateway queue → its batcher
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -69,6 +127,7 @@ class DecisionsWorker:
             envelope.participant or "", envelope.seq or 0
         ):
             records.append(inbound_record(envelope))
+        self.routes.learn(envelope)
         effects = self._apply_input(state, envelope)
         publishes = self._carry_out(state, effects, records)
         self._metrics.inputs.labels(envelope.type.value).inc()
@@ -77,7 +136,7 @@ class DecisionsWorker:
 
     async def _confirmed(
         self,
-        publishes: list[asyncio.Task[None]],
+        publishes: list[asyncio.Future[None]],
         written: asyncio.Future[None] | None,
         started: float,
     ) -> None:
@@ -137,15 +196,14 @@ class DecisionsWorker:
 
     def _carry_out(
         self, state: GroupState, effects: list[Effect], records: list[LogRecord]
-    ) -> list[asyncio.Task[None]]:
-        """Start one publish task per effect, in effect order.
+    ) -> list[asyncio.Future[None]]:
+        """Hand every effect to its publisher, in effect order; futures of their confirms.
 
-        Tasks start in creation order and aiormq serialises publishes on a channel behind a
-        FIFO lock, so the broker receives a group's outputs in the order they were produced,
-        while their confirms are awaited concurrently.
+        A gateway's batcher keeps the order it was given, so each gateway receives a group's
+        frames in the order they were produced.
         """
         config = state.config
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Future[None]] = []
         for effect in effects:
             if isinstance(effect, Broadcast | Control):
                 logged = isinstance(effect, Broadcast)
@@ -159,13 +217,7 @@ class DecisionsWorker:
                     channel=effect.channel,
                     payload=effect.payload,
                 )
-                # Nobody may be connected to a group's gateways, so frames out are not
-                # mandatory; the log record of a broadcast goes into the log batch instead.
-                tasks.append(
-                    self._publish(
-                        OUTPUTS, output_key(config.group, logged=logged), envelope, mandatory=False
-                    )
-                )
+                tasks.extend(self._send(envelope))
                 if logged:
                     records.append(outbound_record(envelope))
                 self._metrics.outputs.labels(effect.channel).inc()
@@ -184,6 +236,32 @@ class DecisionsWorker:
             elif isinstance(effect, FlushAt):
                 self._schedule_flush(state, effect.at)
         return tasks
+
+    def _send(self, envelope: Envelope) -> list[asyncio.Future[None]]:
+        """Queue a frame out to the gateways that hold its addressees (none: nobody is here)."""
+        routes = self.routes
+        if envelope.participant is None:
+            gateways = routes.group(envelope.group)
+        else:
+            gateway = routes.member(envelope.group, envelope.participant, envelope.connection)
+            gateways = {gateway} if gateway is not None else set()
+        return [self._output(gateway).add(envelope) for gateway in gateways]
+
+    def _output(self, gateway: str) -> Batcher:
+        batcher = self._outputs.get(gateway)
+        if batcher is None:
+            # Not mandatory: a gateway that went away takes its queue with it, and its
+            # participants resynchronise from `hello` on the gateway they reconnect to.
+            batcher = Batcher(
+                self._bus,
+                DEFAULT,
+                gateway,
+                mandatory=False,
+                reliable=True,
+                on_batch=self._metrics.batch_items.observe,
+            )
+            self._outputs[gateway] = batcher
+        return batcher
 
     def _publish(
         self, exchange: str, key: str, envelope: Envelope, *, mandatory: bool
@@ -219,8 +297,13 @@ class DecisionsWorker:
             state.flush_pending = True
             self._schedule_flush(state, now() + 0.5)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for handle in self._flush_handles.values():
             handle.cancel()
         for task in self._tasks:
             task.cancel()
+        for batcher in self._outputs.values():
+            try:  # frames not sent by then are resent: their inputs were never acknowledged
+                await asyncio.wait_for(batcher.close(), 5.0)
+            except TimeoutError:
+                log.warning("frames to a gateway were still unconfirmed at shutdown")

@@ -27,6 +27,12 @@ class DecisionsMetrics:
             "Groups whose state this worker holds",
             registry=self.registry,
         )
+        self.batch_items = Histogram(
+            "canopy_decisions_batch_items",
+            "Frames per message published to a gateway",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
         self.handle_seconds = Histogram(
             "canopy_decisions_handle_seconds",
             "Time to handle one input, publishing included",

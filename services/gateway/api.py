@@ -2,7 +2,9 @@
 
 Per frame: flood limit → JSON → shape → channel → duplicate check → publish with confirm →
 `ack`. A rejected frame gets an `error` and the connection stays open; nothing is acknowledged
-before the broker confirmed it, so an acknowledged frame is never lost.
+before the broker confirmed it, so an acknowledged frame is never lost. Frames and presence go
+to their group's shard queue through one `Batcher` per shard (group commit, see
+`services.common.bus`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
 from services.common import experiments
-from services.common.bus import INPUTS, Bus, input_key
+from services.common.bus import INPUTS, Batcher, Bus, shard_of
 from services.common.directory import Directory, NotFound
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
 from services.common.messages import (
@@ -49,12 +51,34 @@ class Participants:
         directory: Directory,
         hub: Hub,
         metrics: GatewayMetrics,
+        *,
+        gateway: str,
     ) -> None:
         self._settings = settings
-        self._bus = bus
         self._directory = directory
         self._hub = hub
         self._metrics = metrics
+        self._gateway = gateway  # this gateway's queue, where decisions sends our groups' frames
+        self._inputs = [
+            Batcher(
+                bus,
+                INPUTS,
+                f"shard.{index}.batch",
+                mandatory=True,
+                reliable=False,  # a failed publish closes the connection; the browser resends
+                max_in_flight=settings.input_batches_in_flight,
+                patience=settings.input_batch_patience,
+                on_batch=metrics.batch_items.observe,
+            )
+            for index in range(settings.shards)
+        ]
+
+    async def close(self) -> None:
+        for batcher in self._inputs:
+            await batcher.close()
+
+    async def _publish_input(self, envelope: Envelope) -> None:
+        await self._inputs[shard_of(envelope.group, self._settings.shards)].add(envelope)
 
     async def serve(self, websocket: WebSocket, code: str) -> None:
         try:
@@ -76,7 +100,7 @@ class Participants:
         connection = Connection(websocket, info, self._settings.outbox_limit)
         writer = asyncio.create_task(connection.write_loop())
         try:
-            await self._hub.add(connection)
+            self._hub.add(connection)
             await self._presence(connection, connected=True)
             await self._read(connection)
         except WebSocketDisconnect:
@@ -87,7 +111,7 @@ class Participants:
             log.exception("connection of %s failed", code)
             connection.close(INTERNAL_ERROR, "server error; reconnect")
         finally:
-            await self._hub.remove(connection)
+            self._hub.remove(connection)
             if not connection.replaced:
                 try:
                     await self._presence(connection, connected=False)
@@ -104,11 +128,10 @@ class Participants:
             group=info.group,
             participant=info.participant,
             connection=connection.id,
+            gateway=self._gateway,
             payload={"connected": connected},
         )
-        await self._bus.publish(
-            INPUTS, input_key(info.group, self._settings.shards, "presence"), envelope
-        )
+        await self._publish_input(envelope)
 
     async def _read(self, connection: Connection) -> None:
         """Validate frames as they arrive; hand accepted ones to the connection's publisher.
@@ -178,12 +201,12 @@ class Participants:
             participant=info.participant,
             seq=seq,
             channel=frame.channel,
+            connection=connection.id,
+            gateway=self._gateway,
             payload=frame.payload,
         )
         started = time.perf_counter()
-        await self._bus.publish(
-            INPUTS, input_key(info.group, self._settings.shards, "frame"), envelope
-        )
+        await self._publish_input(envelope)
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.frames.labels("accepted").inc()
         connection.last_seq = seq

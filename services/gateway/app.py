@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from services.common.bus import Bus, Topology, running
+from services.common.bus import Bus, Topology, gateway_queue, running
 from services.common.directory import Directory
 from services.common.health import health_router
 from services.common.serve import instance_name
@@ -31,17 +31,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     hub = Hub(metrics)
-    participants = Participants(settings, bus, directory, hub, metrics)
+    participants = Participants(
+        settings, bus, directory, hub, metrics, gateway=gateway_queue(instance)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bus.connect()
         channel = await bus.channel(prefetch=0)
         queue = await bus.declare_gateway_queue(channel, instance)
-        hub.attach(queue)
         task = asyncio.create_task(hub.consume(queue))
         async with running([task]):
             yield
+        await participants.close()
         await directory.close()
         await bus.close()
 

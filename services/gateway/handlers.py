@@ -1,8 +1,8 @@
 """The gateway's connections and its bus handler: which sockets are here, and fan-out to them.
 
-`Hub` knows every open participant connection on this gateway, binds the gateway's queue to a
-group's broadcasts while at least one member is connected here, and forwards each message from
-the bus to the connections it is for. Every connection has an outbox drained by its own writer
+`Hub` knows every open participant connection on this gateway and forwards each message from
+the gateway's queue (decisions addresses it directly, see `services.common.bus`) to the
+connections it is for. Every connection has an outbox drained by its own writer
 task, so one slow browser never holds up the others.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from starlette.websockets import WebSocket, WebSocketState
 
-from services.common.bus import OUTPUTS, group_binding
+from services.common.bus import decode_message
 from services.common.directory import ParticipantInfo
 from services.common.errors import CloseCode
 from services.common.messages import Channel, Envelope, MessageType, new_id, server_frame
@@ -90,18 +90,12 @@ class Connection:
 class Hub:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
-        self._queue: AbstractQueue | None = None
         self.connections: dict[str, Connection] = {}
         self._members_here: dict[str, set[str]] = defaultdict(set)
-        self._bound: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-    def attach(self, queue: AbstractQueue) -> None:
-        self._queue = queue
 
     # -- connections -------------------------------------------------------------------------
 
-    async def add(self, connection: Connection) -> None:
+    def add(self, connection: Connection) -> None:
         """Register a connection, replacing (4409) an older one of the same participant."""
         older = self.connections.get(connection.participant)
         if older is not None:
@@ -109,34 +103,19 @@ class Hub:
             older.close(CloseCode.REPLACED, "replaced by a newer connection")
         self.connections[connection.participant] = connection
         self._metrics.connections.set(len(self.connections))
-        await self._bind(connection.group, connection.participant)
+        self._members_here[connection.group].add(connection.participant)
+        self._metrics.groups.set(len(self._members_here))
 
-    async def remove(self, connection: Connection) -> None:
-        if self.connections.get(connection.participant) is connection:
-            del self.connections[connection.participant]
-            self._metrics.connections.set(len(self.connections))
-            await self._unbind(connection.group, connection.participant)
-
-    async def _bind(self, group: str, participant: str) -> None:
-        async with self._locks[group]:
-            self._members_here[group].add(participant)
-            if group not in self._bound:
-                assert self._queue is not None
-                await self._queue.bind(OUTPUTS, routing_key=group_binding(group))
-                self._bound.add(group)
-                self._metrics.groups.set(len(self._bound))
-
-    async def _unbind(self, group: str, participant: str) -> None:
-        async with self._locks[group]:
-            self._members_here[group].discard(participant)
-            if not self._members_here[group] and group in self._bound:
-                del self._members_here[group]
-                assert self._queue is not None
-                try:
-                    await self._queue.unbind(OUTPUTS, routing_key=group_binding(group))
-                finally:
-                    self._bound.discard(group)
-                    self._metrics.groups.set(len(self._bound))
+    def remove(self, connection: Connection) -> None:
+        if self.connections.get(connection.participant) is not connection:
+            return  # replaced: the newer connection stays registered
+        del self.connections[connection.participant]
+        self._metrics.connections.set(len(self.connections))
+        members = self._members_here[connection.group]
+        members.discard(connection.participant)
+        if not members:
+            del self._members_here[connection.group]
+        self._metrics.groups.set(len(self._members_here))
 
     # -- from the bus ------------------------------------------------------------------------
 
@@ -147,14 +126,15 @@ class Hub:
 
     def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            envelope = Envelope.decode(message.body)
+            envelopes = decode_message(message)
         except ValueError as exc:
             log.error("malformed message on the gateway queue dropped: %s", exc)
             return
-        if envelope.type is MessageType.CONTROL:
-            self._control(envelope)
-        elif envelope.type is MessageType.BROADCAST:
-            self._broadcast(envelope)
+        for envelope in envelopes:
+            if envelope.type is MessageType.CONTROL:
+                self._control(envelope)
+            elif envelope.type is MessageType.BROADCAST:
+                self._broadcast(envelope)
 
     def _control(self, envelope: Envelope) -> None:
         connection = self.connections.get(envelope.participant or "")

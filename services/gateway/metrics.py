@@ -38,7 +38,15 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.groups = Gauge(
-            "canopy_gateway_groups", "Groups this gateway is bound to", registry=self.registry
+            "canopy_gateway_groups",
+            "Groups with at least one member connected here",
+            registry=self.registry,
+        )
+        self.batch_items = Histogram(
+            "canopy_gateway_batch_items",
+            "Inputs (frames, presence) per message published to a shard queue",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
         )
         self.slow_clients = Counter(
             "canopy_gateway_slow_clients",

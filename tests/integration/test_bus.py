@@ -1,6 +1,6 @@
-"""The bus against a real RabbitMQ node: topology, confirms + mandatory, ordered consumers,
-dead-lettering, single active consumer. Each test gets a vhost of its own, so the stack that
-other tests run on the same node never sees these messages."""
+"""The bus against a real RabbitMQ node: topology, confirms + mandatory, batches (group
+commit), ordered consumers, dead-lettering, single active consumer. Each test gets a vhost of its
+own, so the stack that other tests run on the same node never sees these messages."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ from aio_pika.exceptions import PublishError
 
 from services.common.bus import (
     DEAD,
+    DEFAULT,
     INPUTS,
     LOG,
     LOG_KEY,
-    OUTPUTS,
     STORE_QUEUE,
+    Batcher,
     Bus,
     Topology,
     consume_in_order,
+    consume_pipelined,
+    gateway_queue,
     input_key,
-    output_key,
     shard_of,
     shard_queue,
 )
@@ -97,9 +99,9 @@ async def test_unroutable_mandatory_publish_raises(bus: Bus) -> None:
         payload={},
     )
     with pytest.raises(PublishError):
-        await bus.publish(OUTPUTS, output_key("nobody-here", logged=False), control)
-    # Frames out are published without `mandatory`: no gateway may hold the group.
-    await bus.publish(OUTPUTS, output_key("nobody-here", logged=True), control, mandatory=False)
+        await bus.publish(DEFAULT, gateway_queue("gone"), control)
+    # Frames out are published without `mandatory`: the gateway may have gone away.
+    await bus.publish(DEFAULT, gateway_queue("gone"), control, mandatory=False)
 
 
 async def test_consume_in_order_retries_failures_and_dead_letters_garbage(bus: Bus) -> None:
@@ -175,3 +177,84 @@ async def test_single_active_consumer_owns_a_shard(bus: Bus, vhost_url: str) -> 
     assert received["second"] == []
     for connection in connections:
         await connection.close()
+
+
+async def test_batcher_groups_what_arrives_while_a_batch_is_in_flight(bus: Bus) -> None:
+    """The first envelope leaves alone; the ones added meanwhile share the next messages, in
+    order, and a consumer sees every envelope once, in the order they were added."""
+    group = "g4"
+    sizes: list[int] = []
+    batcher = Batcher(
+        bus,
+        INPUTS,
+        input_key(group, SHARDS, "batch"),
+        mandatory=True,
+        reliable=False,
+        max_items=40,
+        on_batch=sizes.append,
+    )
+    first = batcher.add(frame(group, 1))
+    await asyncio.sleep(0)  # the first batch is on its way
+    rest = [batcher.add(frame(group, seq)) for seq in range(2, 101)]
+    await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+    assert batcher.idle
+    assert sizes == [1, 40, 40, 19]  # max_items caps a message
+    # A single envelope published the plain way is consumed alike, after the batches.
+    await bus.publish(INPUTS, input_key(group, SHARDS, "timer"), frame(group, 101))
+
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(envelope: Envelope) -> Any:
+        seen.append(envelope.seq or 0)
+        if envelope.seq == 101:
+            done.set()
+        return asyncio.sleep(0)
+
+    channel = await bus.channel(prefetch=10)
+    queue = await channel.declare_queue(shard_queue(shard_of(group, SHARDS)), passive=True)
+    task = asyncio.create_task(consume_pipelined(queue, handler))
+    await asyncio.wait_for(done.wait(), 10)
+    assert seen == list(range(1, 102))
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_batcher_fails_the_whole_batch_and_goes_on(bus: Bus) -> None:
+    """An unroutable mandatory batch fails every envelope's future; later batches still go."""
+    lost = Batcher(bus, DEFAULT, gateway_queue("gone"), mandatory=True, reliable=False)
+    futures = [lost.add(frame("g5", seq)) for seq in (1, 2)]
+    for future in futures:
+        with pytest.raises(PublishError):
+            await asyncio.wait_for(future, 10)
+    assert lost.idle
+    ok = Batcher(bus, INPUTS, input_key("g5", SHARDS, "batch"), mandatory=True, reliable=True)
+    await asyncio.wait_for(ok.add(frame("g5", 3)), 10)
+    await ok.close()
+
+
+async def test_a_malformed_batch_is_dead_lettered_whole(bus: Bus) -> None:
+    group = "g6"
+    key = input_key(group, SHARDS, "batch")
+    body = b"[" + frame(group, 1).encode() + b', {"type": "nonsense"}]'
+    await bus.publish_raw(INPUTS, key, body, "bad-batch", message_type="canopy.batch")
+    ok = Batcher(bus, INPUTS, key, mandatory=True, reliable=False)
+    await asyncio.wait_for(ok.add(frame(group, 2)), 10)
+    seen: list[int] = []
+    malformed = asyncio.Event()
+    handled = asyncio.Event()
+
+    async def handler(envelope: Envelope) -> Any:
+        seen.append(envelope.seq or 0)
+        handled.set()
+        return asyncio.sleep(0)
+
+    channel = await bus.channel(prefetch=10)
+    queue = await channel.declare_queue(shard_queue(shard_of(group, SHARDS)), passive=True)
+    task = asyncio.create_task(
+        consume_pipelined(queue, handler, on_malformed=lambda m, e: malformed.set())
+    )
+    await asyncio.wait_for(asyncio.gather(malformed.wait(), handled.wait()), 10)
+    assert seen == [2]  # nothing of the malformed batch was applied
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
