@@ -3,13 +3,18 @@ and the event log. Only what real MongoDB does: nothing specific to the local nx
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, OperationFailure
+
+log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+# "Transaction numbers are only allowed on a replica set member or mongos": a standalone server.
+ILLEGAL_OPERATION = 20
 
 
 class Repository:
@@ -22,6 +27,7 @@ class Repository:
         self.groups = self._db["groups"]
         self.participants = self._db["participants"]
         self.events = self._db["events"]
+        self._transactions = True  # until the server says it has none (a standalone mongod)
 
     async def setup(self) -> None:
         await self.events.create_index([("session", ASCENDING), ("ts", ASCENDING)])
@@ -63,9 +69,36 @@ class Repository:
     # -- the event log -----------------------------------------------------------------------
 
     async def insert_events(self, documents: list[dict[str, Any]]) -> int:
-        """Insert a batch; documents already in the log are skipped. Returns how many were new."""
+        """Insert a batch; documents already in the log are skipped. Returns how many were new.
+
+        The batch is one transaction: all of it is written at once, and the server commits (and
+        syncs) once per batch instead of once per event; on the local SQLite-backed server that
+        cuts the bytes written per event about 13-fold (18.5 → 1.4 KB). A batch holding an event
+        that is already logged (a redelivery) aborts; it is then written without a transaction,
+        skipping the duplicates.
+        """
         if not documents:
             return 0
+        if self._transactions:
+            try:
+                async with (
+                    self._client.start_session() as session,
+                    await session.start_transaction(),
+                ):
+                    result = await self.events.insert_many(
+                        documents, ordered=False, session=session
+                    )
+                return len(result.inserted_ids)
+            except BulkWriteError:
+                pass  # a duplicate: the transaction was aborted, nothing of it was written
+            except OperationFailure as exc:
+                if exc.code != ILLEGAL_OPERATION:
+                    raise
+                log.warning("MongoDB has no transactions (%s); writing batches without", exc)
+                self._transactions = False
+        return await self._insert_skipping_duplicates(documents)
+
+    async def _insert_skipping_duplicates(self, documents: list[dict[str, Any]]) -> int:
         try:
             result = await self.events.insert_many(documents, ordered=False)
             return len(result.inserted_ids)

@@ -11,6 +11,8 @@ class StoreSettings(CommonSettings):
     store_port: int = Field(default=8001, ge=1, le=65535)
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_db: str = Field(default="canopy", min_length=1, max_length=63)
-    # Events are written in batches of at most this many, or after this many seconds.
-    store_batch_size: int = Field(default=500, ge=1, le=10000)
-    store_batch_seconds: float = Field(default=0.02, gt=0, le=5)
+    # Events are written in batches (one transaction each) of at most this many, or after this
+    # many seconds. Larger batches mean fewer commits and disk syncs; nothing waits for them but
+    # the export and the monitor.
+    store_batch_size: int = Field(default=2000, ge=1, le=10000)
+    store_batch_seconds: float = Field(default=0.1, gt=0, le=5)
