@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import uuid
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -50,7 +49,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 from pydantic import TypeAdapter
 
-from services.common.messages import Envelope, LogBatch
+from services.common.messages import Envelope, LogBatch, new_id
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ class Bus:
     ) -> None:
         """Publish envelopes as one message (see `Batcher`); `reliable` as in `publish_reliably`."""
         body = encode_batch(envelopes)
-        message_id = new_message_id()
+        message_id = new_id()
         if not reliable:
             await self.publish_raw(exchange, routing_key, body, message_id, mandatory, BATCH_TYPE)
             return
@@ -297,10 +296,6 @@ class Bus:
             if not result.consumer_count:
                 missing.append(name)
         return missing
-
-
-def new_message_id() -> str:
-    return uuid.uuid4().hex
 
 
 class Batcher:
