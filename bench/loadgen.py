@@ -96,6 +96,7 @@ class Stats:
     size: int
     measure_from: float = math.inf  # perf_counter(): sends from here on are measured
     latencies: list[float] = field(default_factory=list)
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (sent at, latency) > SLOW_S
     ack_latencies: list[float] = field(default_factory=list)
     send_lags: list[float] = field(default_factory=list)
     sent: int = 0
@@ -213,7 +214,10 @@ class Participant(WsClient):
                 if entry[1] <= 0:
                     del pending[seq]
                     if entry[0] >= measure_from:
-                        latencies.append(now - entry[0])
+                        latency = now - entry[0]
+                        latencies.append(latency)
+                        if latency > SLOW_S:
+                            self.stats.slow.append((entry[0], latency))
 
     def on_closed(self, expected: bool) -> None:
         if not expected:
@@ -225,6 +229,29 @@ class Participant(WsClient):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+SLOW_S = 0.05  # decisions slower than this are grouped into stalls
+STALL_GAP_S = 0.25  # slow decisions sent closer together than this belong to one stall
+
+
+def stalls(slow: list[tuple[float, float]], measure_from: float) -> list[dict[str, float]]:
+    """Slow decisions grouped by when they were sent: a handful of long stalls (one process or
+    the disk stopped for a moment) reads differently from a stack that is slow throughout."""
+    groups: list[list[tuple[float, float]]] = []
+    for sent_at, latency in sorted(slow):
+        if groups and sent_at - groups[-1][-1][0] <= STALL_GAP_S:
+            groups[-1].append((sent_at, latency))
+        else:
+            groups.append([(sent_at, latency)])
+    return [
+        {
+            "at_s": round(group[0][0] - measure_from, 2),
+            "decisions": len(group),
+            "worst_ms": round(1000 * max(latency for _, latency in group), 1),
+        }
+        for group in groups
+    ]
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | int | None]:
@@ -446,6 +473,7 @@ async def run_load(
         "session": session["session"],
         "latency_ms": percentiles(stats.latencies),
         "ack_ms": percentiles(stats.ack_latencies),
+        "stalls": stalls(stats.slow, stats.measure_from),
         "send_lag_ms": percentiles(stats.send_lags),
         "sent": stats.sent,
         "sent_measured": window["sent"],

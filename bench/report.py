@@ -248,6 +248,18 @@ def format_run(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    stall_list = result.get("stalls") or []
+    if stall_list:
+        slow = sum(s["decisions"] for s in stall_list)
+        worst = sorted(stall_list, key=lambda s: -s["decisions"])[:4]
+        lines += [
+            "",
+            f"decisions over 50 ms: {slow} ({100 * slow / max(1, measured_count(result)):.2f} %), "
+            f"in {len(stall_list)} stall(s); largest: "
+            + ", ".join(
+                f"at {s['at_s']} s: {s['decisions']} up to {s['worst_ms']:g} ms" for s in worst
+            ),
+        ]
     lines += [
         "",
         f"gateway memory per connected participant: "
@@ -257,6 +269,17 @@ def format_run(result: dict[str, Any]) -> str:
         f"result: {'OK' if result['ok'] else 'PROBLEMS (see above)'}",
     ]
     return "\n".join(lines)
+
+
+def _stall_summary(result: dict[str, Any]) -> str:
+    """'<stalls>: <slow decisions>' for the matrix, e.g. '2: 340'."""
+    stall_list = result.get("stalls") or []
+    return f"{len(stall_list)}: {sum(s['decisions'] for s in stall_list)}"
+
+
+def measured_count(result: dict[str, Any]) -> int:
+    """How many decisions were measured."""
+    return int(result["latency_ms"].get("count") or 0)
 
 
 def format_matrix(results: Sequence[dict[str, Any]]) -> str:
@@ -277,6 +300,7 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
                 target,
                 verdict,
                 r["latency_ms"]["max"],
+                _stall_summary(r),
                 r["lost"],
                 _errors(r),
                 r["duplicates"],
@@ -310,6 +334,7 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
             "target",
             "",
             "max",
+            "stalls >50ms",
             "lost",
             "errors",
             "dups",
