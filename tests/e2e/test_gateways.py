@@ -1,0 +1,103 @@
+"""Two gateways on one stack: a group's members on different gateways see each other, and a
+participant who moves to another gateway replaces the older connection there.
+
+Decisions addresses broadcasts to the gateways that hold a group's members (learnt from their
+inputs); these tests are what proves it beyond one gateway (horizontal scale-out)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from devstack.infra import free_port, spawn, stop_process
+from devstack.stack import PROJECT_ROOT, port_variable
+from tests.e2e.protocol import Participant, create_session
+
+READY_TIMEOUT = 30.0
+
+
+@pytest.fixture
+async def second_gateway(stack: Any) -> AsyncIterator[str]:
+    port = free_port()
+    env = dict(stack.env) | {port_variable("gateway"): str(port)}
+    log = stack.logs_dir / "gateway-2.log"
+    process = spawn(
+        [sys.executable, "-m", "services.gateway"],
+        env=env,
+        log=log,
+        cwd=PROJECT_ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                assert process.poll() is None, log.read_text()[-2000:]
+                try:
+                    if (await client.get(f"{url}/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "second gateway not ready"
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        stop_process(process, grace=5.0)
+
+
+async def test_members_on_different_gateways_see_each_other(
+    api: httpx.AsyncClient, gateway_url: str, second_gateway: str
+) -> None:
+    session = await create_session(api, num_participants=3, group_size=3)
+    codes = [p["code"] for p in session["participants"]]
+    a = await Participant.connect(gateway_url, codes[0])
+    b = await Participant.connect(second_gateway, codes[1])
+    c = await Participant.connect(second_gateway, codes[2])
+    for member in (a, b, c):
+        await member.expect("hello")
+        await member.expect("period_start")
+    await a.send(1.5, seq=1)
+    await a.ack(1)
+    await b.send(2.5, seq=1)
+    await b.ack(1)
+    for member in (a, b, c):
+        await member.expect("group_decisions", lambda d: d[codes[0]] == 1.5 and d[codes[1]] == 2.5)
+    await c.close()
+    presence = await a.expect("presence", lambda p: p["participant"] == codes[2])
+    assert presence["connected"] is False
+    await a.close()
+    await b.close()
+
+
+async def test_moving_to_another_gateway_replaces_the_older_connection(
+    api: httpx.AsyncClient, gateway_url: str, second_gateway: str
+) -> None:
+    session = await create_session(api)
+    codes = [p["code"] for p in session["participants"]]
+    a = await Participant.connect(gateway_url, codes[0])
+    b = await Participant.connect(gateway_url, codes[1])
+    for member in (a, b):
+        await member.expect("hello")
+        await member.expect("period_start")
+    moved = await Participant.connect(second_gateway, codes[0])
+    hello = await moved.expect("hello")
+    assert hello["period"]["state"] == "running"
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await a.next()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4409
+    await b.send(3.5, seq=1)
+    await b.ack(1)
+    await moved.expect("group_decisions", lambda d: d[codes[1]] == 3.5)
+    await moved.send(4.5, seq=1)
+    await moved.ack(1)
+    await b.expect("group_decisions", lambda d: d[codes[0]] == 4.5)
+    await moved.close()
+    await b.close()
