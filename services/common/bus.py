@@ -225,17 +225,15 @@ class Bus:
         reliable: bool = False,
     ) -> None:
         """Publish envelopes as one message (see `Batcher`); `reliable` as in `publish_reliably`."""
-        body = encode_batch(envelopes)
-        message_id = new_id()
-        if not reliable:
-            await self.publish_raw(exchange, routing_key, body, message_id, mandatory, BATCH_TYPE)
-            return
-        await self._retrying(
-            lambda: self.publish_raw(
-                exchange, routing_key, body, message_id, mandatory, BATCH_TYPE
-            ),
-            f"a batch of {len(envelopes)}",
-        )
+        body, message_id = encode_batch(envelopes), new_id()
+
+        def publish() -> Awaitable[None]:
+            return self.publish_raw(exchange, routing_key, body, message_id, mandatory, BATCH_TYPE)
+
+        if reliable:
+            await self._retrying(publish, f"a batch of {len(envelopes)}")
+        else:
+            await publish()
 
     async def publish_reliably(
         self,
