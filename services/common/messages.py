@@ -148,27 +148,21 @@ class LogBatch(BaseModel):
 
 def inbound_record(envelope: Envelope) -> LogRecord:
     """The log record of an accepted frame; its id makes a resent frame the same record."""
-    return LogRecord(
-        id=f"in:{envelope.participant}:{envelope.seq}",
-        ts=envelope.ts,
-        session=envelope.session,
-        group=envelope.group,
-        participant=envelope.participant,
-        direction="in",
-        channel=envelope.channel or "",
-        seq=envelope.seq,
-        value=envelope.payload,
-    )
+    return _record(envelope, f"in:{envelope.participant}:{envelope.seq}", "in")
 
 
 def outbound_record(envelope: Envelope) -> LogRecord:
+    return _record(envelope, envelope.id, "out")
+
+
+def _record(envelope: Envelope, record_id: str, direction: Literal["in", "out"]) -> LogRecord:
     return LogRecord(
-        id=envelope.id,
+        id=record_id,
         ts=envelope.ts,
         session=envelope.session,
         group=envelope.group,
         participant=envelope.participant,
-        direction="out",
+        direction=direction,
         channel=envelope.channel or "",
         seq=envelope.seq,
         value=envelope.payload,
