@@ -5,6 +5,16 @@ records written with one unordered `insert_many` when `store_batch_size` records
 or `store_batch_seconds` have passed. The broker is acknowledged only after MongoDB took
 the batch; on a failure the whole batch is requeued, and the unique `_id` of each event makes
 the retry harmless.
+
+When the broker connection drops, messages received on the old channel can no longer be
+acknowledged (the broker requeues them by itself); a batch may mix them with messages of the
+restored channel, whose delivery tags start again at 1. So each channel's messages are acked
+on that channel, and a failed ack never stops the writer: before this, one failed ack ended the
+writer's loop and every later message stayed unwritten (issue: ~1,000 acknowledged frames
+missing from the export after a broker restart).
+
+A `LogBatch` may carry a `barrier` (a decisions worker starting up): it is recorded after the
+batch holding it was written, so the worker knows that everything sent before it is in the log.
 """
 
 from __future__ import annotations
@@ -81,30 +91,57 @@ class EventWriter:
             self._full.clear()
             if self._buffer:
                 batch, self._buffer, self._waiting = self._buffer, [], 0
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # never stop writing: unacked messages come back anyway
+                    log.exception("writing a batch failed unexpectedly; its messages come back")
 
     async def _write(self, batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
         records = [r for _, b in batch for r in b.records]
         documents = [event_document(r) for r in records]
-        last = max((m for m, _ in batch), key=lambda m: m.delivery_tag or 0)
+        barriers = [b.barrier for _, b in batch if b.barrier is not None]
         started = time.perf_counter()
         try:
             inserted = await self._repository.insert_events(documents)
             await self._repository.apply_status(
                 u for r in records if (u := status_update(r)) is not None
             )
+            if barriers:
+                await self._repository.record_barriers(barriers)
         except Exception:
             log.exception("writing a batch of %d events failed; requeued", len(documents))
             self._metrics.failures.inc()
-            await last.nack(multiple=True, requeue=True)
+            await _settle(batch, ack=False)
             self._failures += 1
             await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))  # back off while MongoDB is down
             return
         self._failures = 0
-        await last.ack(multiple=True)
+        await _settle(batch, ack=True)
         self.written_batches += 1
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(documents))
         self._metrics.duplicates.inc(len(documents) - inserted)
         for document in documents:
             self._metrics.events.labels(document["direction"]).inc()
+
+
+async def _settle(batch: list[tuple[AbstractIncomingMessage, LogBatch]], *, ack: bool) -> None:
+    """Ack (or nack with requeue) a batch's messages: per channel, up to each one's last tag.
+
+    A message of a channel that closed meanwhile cannot be settled, and need not be: the broker
+    requeued it when the channel closed, and its events are written again as duplicates."""
+    last: dict[int, AbstractIncomingMessage] = {}
+    for message, _ in batch:
+        key = id(message.channel)
+        if key not in last or (message.delivery_tag or 0) > (last[key].delivery_tag or 0):
+            last[key] = message
+    for message in last.values():
+        try:
+            if ack:
+                await message.ack(multiple=True)
+            else:
+                await message.nack(multiple=True, requeue=True)
+        except Exception as exc:
+            log.warning("could not settle messages of a closed channel (%r): redelivered", exc)
