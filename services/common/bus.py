@@ -12,6 +12,9 @@ Topology (declared in one place, `Topology.declare`, idempotently by every servi
     canopy.commands direct  timers
         └─▶ canopy.timers
     canopy.dead     fanout  └─▶ canopy.dead   (messages a consumer rejected as malformed)
+    canopy.gateways fanout  └─▶ every canopy.gateway.<instance> (Resync requests)
+    canopy.liveness fanout  └─▶ canopy.liveness.<instance> of every decisions worker
+                                          (exclusive; GatewayAlive heartbeats)
 
 All inputs of one group share one shard queue, so the group's state machine sees one total order.
 Publishing uses publisher confirms and `mandatory`, so a message is either in a queue or the
@@ -59,10 +62,15 @@ COMMANDS = "canopy.commands"
 LOG = "canopy.log"
 LOG_KEY = "log"
 DEAD = "canopy.dead"
+GATEWAYS = "canopy.gateways"
+LIVENESS = "canopy.liveness"
 STORE_QUEUE = "canopy.store.events"
 TIMERS_QUEUE = "canopy.timers"
 TIMERS_KEY = "timers"
 BATCH_TYPE = "canopy.batch"
+# Gateways announce themselves this often on LIVENESS; decisions takes a gateway silent for a
+# few of these (its `gateway_liveness_timeout`) for dead.
+HEARTBEAT_INTERVAL = 1.0
 
 InputKind = Literal["frame", "presence", "timer", "batch"]
 _ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
@@ -117,6 +125,8 @@ class Topology:
             COMMANDS: await channel.declare_exchange(COMMANDS, "direct", durable=True),
             LOG: await channel.declare_exchange(LOG, "direct", durable=True),
             DEAD: await channel.declare_exchange(DEAD, "fanout", durable=True),
+            GATEWAYS: await channel.declare_exchange(GATEWAYS, "fanout", durable=True),
+            LIVENESS: await channel.declare_exchange(LIVENESS, "fanout", durable=True),
         }
         dead = await channel.declare_queue(
             DEAD, durable=True, arguments={"x-queue-type": self.queue_type}
@@ -182,6 +192,7 @@ class Bus:
         return (
             self._connection is not None
             and not self._connection.is_closed
+            and self._connection.connected.is_set()  # clear while the robust one reconnects
             and self._publish_channel is not None
             and not self._publish_channel.is_closed
         )
@@ -275,12 +286,27 @@ class Bus:
         return channel
 
     async def declare_gateway_queue(self, channel: AbstractChannel, instance: str) -> AbstractQueue:
-        return await channel.declare_queue(
+        queue = await channel.declare_queue(
             gateway_queue(instance),
             exclusive=True,
             auto_delete=True,
             arguments={"x-queue-type": "classic"},
         )
+        await queue.bind(GATEWAYS)
+        return queue
+
+    async def declare_liveness_queue(
+        self, channel: AbstractChannel, instance: str
+    ) -> AbstractQueue:
+        """A decisions worker's own queue of gateway heartbeats (gone with its connection)."""
+        queue = await channel.declare_queue(
+            f"{LIVENESS}.{instance}",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-queue-type": "classic", "x-message-ttl": 10_000},
+        )
+        await queue.bind(LIVENESS)
+        return queue
 
     async def missing_consumers(self) -> list[str]:
         """Queues among `topology.required_consumers()` that have no consumer right now."""

@@ -3,6 +3,9 @@
 The gateway asks "who is participant <code>?" when a WebSocket opens; decisions asks "how is
 group <id> configured?" before it handles the group's first message. Both answers never change
 once a session exists, so they are cached for the life of the process.
+
+Decisions also reads back the event log through it when it rebuilds a group (`group_log`,
+`barrier_passed`): never cached, since the log grows.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 
@@ -104,6 +108,20 @@ class Directory:
         config = GroupConfig.model_validate(await self._get(f"/internal/groups/{group}"))
         self._groups[group] = config
         return config
+
+    async def group_log(self, group: str) -> list[dict[str, Any]]:
+        """The group's event log in its order (see `services.store.recovery`)."""
+        response = await self._client.get(f"/internal/groups/{group}/log", timeout=60.0)
+        response.raise_for_status()
+        rows: list[dict[str, Any]] = orjson.loads(response.content)
+        return rows
+
+    async def barrier_passed(self, barrier: str) -> bool:
+        response = await self._client.get(f"/internal/barriers/{barrier}")
+        if response.status_code == 404:
+            return False
+        response.raise_for_status()
+        return True
 
     async def reachable(self) -> bool:
         try:

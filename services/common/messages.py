@@ -12,6 +12,10 @@ events (past tense):
     Broadcast         decisions → gateways: a server frame for a group (or one member)
     Control           decisions → gateways: a frame for one connection that is not logged
                       (`hello` snapshots, `replaced` notices)
+    GatewayAlive      gateway → every decisions worker, each second: this gateway (its queue)
+                      is alive; silence means its participants are gone (liveness)
+    Resync            decisions → every gateway: announce each open connection again (a
+                      `PresenceChanged` connected), after a worker rebuilt its groups' state
 
 Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP message holding a
 JSON array of envelopes.
@@ -46,6 +50,8 @@ class MessageType(StrEnum):
     TIMER_FIRED = "TimerFired"
     BROADCAST = "Broadcast"
     CONTROL = "Control"
+    GATEWAY_ALIVE = "GatewayAlive"
+    RESYNC = "Resync"
 
 
 class Channel(StrEnum):
@@ -137,6 +143,9 @@ class LogBatch(BaseModel):
     version: int = SCHEMA_VERSION
     ts: float = Field(default_factory=now)
     records: list[LogRecord]
+    # A marker the store records once everything before it in the log queue is written: a
+    # decisions worker that starts waits for its barrier before it rebuilds any group.
+    barrier: str | None = None
 
     def encode(self) -> bytes:
         return LogBatch.__pydantic_serializer__.to_json(self)
@@ -146,19 +155,24 @@ class LogBatch(BaseModel):
         return cls.model_validate_json(body)
 
 
-def inbound_record(envelope: Envelope) -> LogRecord:
-    """The log record of an accepted frame; its id makes a resent frame the same record."""
-    return _record(envelope, f"in:{envelope.participant}:{envelope.seq}", "in")
+def inbound_record(envelope: Envelope, ts: float | None = None) -> LogRecord:
+    """The log record of an accepted frame; its id makes a resent frame the same record.
+
+    `ts`: when the frame took its place in the group's order (decisions stamps it, PROTOCOL
+    v1.1 "Timestamps"); the envelope's own `ts` (when the gateway published it) otherwise."""
+    return _record(envelope, f"in:{envelope.participant}:{envelope.seq}", "in", ts)
 
 
 def outbound_record(envelope: Envelope) -> LogRecord:
-    return _record(envelope, envelope.id, "out")
+    return _record(envelope, envelope.id, "out", None)
 
 
-def _record(envelope: Envelope, record_id: str, direction: Literal["in", "out"]) -> LogRecord:
+def _record(
+    envelope: Envelope, record_id: str, direction: Literal["in", "out"], ts: float | None
+) -> LogRecord:
     return LogRecord(
         id=record_id,
-        ts=envelope.ts,
+        ts=envelope.ts if ts is None else ts,
         session=envelope.session,
         group=envelope.group,
         participant=envelope.participant,

@@ -1,9 +1,15 @@
 """Composition root of the decisions service: `create_app(settings)` wires bus, store look-ups,
-the worker and one ordered consumer per shard queue."""
+the worker and one ordered consumer per shard queue.
+
+Start-up order is what makes a restart safe: connect, wait until the log holds everything a
+previous worker sent (`wait_for_log`), then consume the shard queues (each group is rebuilt from
+its log before its first input), then ask the gateways to announce their connections again.
+Readiness is false until the shard queues are consumed."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +24,8 @@ from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 from services.decisions.settings import DecisionsSettings
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: DecisionsSettings) -> FastAPI:
     metrics = DecisionsMetrics()
@@ -27,13 +35,25 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     log_writer = LogWriter(
         bus, interval=settings.log_batch_seconds, max_records=settings.log_batch_records
     )
-    worker = DecisionsWorker(bus, directory, metrics, log_writer)
+    worker = DecisionsWorker(
+        bus,
+        directory,
+        metrics,
+        log_writer,
+        resync_window=settings.resync_window,
+        liveness_timeout=settings.gateway_liveness_timeout,
+    )
+    consuming = asyncio.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bus.connect()
+        waited = await worker.wait_for_log()
+        log.info("the log holds everything sent before this start (waited %.3f s)", waited)
         channel = await bus.channel(prefetch=settings.decisions_prefetch)
-        tasks = []
+        liveness = await bus.declare_liveness_queue(channel, instance_name(settings))
+        await liveness.consume(worker.on_heartbeat, no_ack=True)
+        tasks = [asyncio.create_task(worker.watch_gateways())]
         for index in range(settings.shards):
             queue = await channel.declare_queue(shard_queue(index), passive=True)
             tasks.append(
@@ -43,6 +63,8 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
                     )
                 )
             )
+        await worker.request_resync()
+        consuming.set()
         async with running(tasks):
             yield
         await worker.close()
@@ -51,7 +73,9 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         await bus.close()
 
     async def readiness() -> list[str]:
-        return [] if bus.is_connected else ["not connected to RabbitMQ"]
+        if not bus.is_connected:
+            return ["not connected to RabbitMQ"]
+        return [] if consuming.is_set() else ["waiting for the event log"]
 
     app = FastAPI(title="Canopy decisions", lifespan=lifespan)
     app.include_router(health_router(metrics.registry, readiness))

@@ -3,10 +3,18 @@
 `GroupState` receives the group's inputs in its one total order (frames, presence, timer ticks)
 and returns effects for the adapter to carry out (broadcasts, control frames, a StartPeriod
 command, a deferred flush). Time is passed in, so tests drive it without clocks or brokers.
+
+Crash safety: the event log is the state's durable form. `rebuild(config, experiment, rows)`
+folds a group's log rows (in its order) through the same methods that live inputs use, so a
+restarted worker, and a replay, arrive at the state the live one had. What the log does not
+hold is recovered otherwise: which connection a member is on (`UNKNOWN` until its gateway
+announces it again, see `Resync`), and whether a `StartPeriod` had gone out for a group that
+was complete (it is sent again; timers keeps one schedule per period, so that is harmless).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +24,12 @@ from services.common.experiments import Experiment
 from services.common.messages import Channel
 
 PeriodState = Literal["waiting", "starting", "running", "ended"]
+
+# A member the log says is connected, whose connection this worker has not been told yet.
+UNKNOWN = ""
+# Steps between the `ts` of one group's consecutive log rows: strictly increasing, so the log
+# sorted by `ts` is the group's order (and stays so at the export's µs resolution).
+TICK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class GroupState:
     subperiod: int = 0
     last_broadcast_at: float = float("-inf")
     flush_pending: bool = False
+    clock: float = float("-inf")  # the `ts` of the group's latest log row
 
     def __post_init__(self) -> None:
         for index, code in enumerate(self.config.members, start=1):
@@ -75,6 +90,13 @@ class GroupState:
                 code, self.experiment.initial_decision(index, self.config.params)
             )
             self.last_seq.setdefault(code, 0)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def stamp(self, now: float) -> float:
+        """The `ts` of the group's next log row: `now`, but always after the previous row's."""
+        self.clock = max(now, self.clock + TICK)
+        return self.clock
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -115,24 +137,43 @@ class GroupState:
             effects.append(Control(Channel.HELLO, self.hello(participant), participant, connection))
             if current is None:
                 effects.append(self._presence(participant, connected=True))
-            elif current != connection:
+            elif current not in (connection, UNKNOWN):
                 effects.append(Control(Channel.REPLACED, {}, participant, current))
             effects.extend(self._maybe_start())
-        elif current == connection:
+        elif current in (connection, UNKNOWN):
+            # UNKNOWN: the log said connected, and its gateway saw it go; it was this one.
             del self.connections[participant]
             effects.append(self._presence(participant, connected=False))
         # else: a replaced connection closed; the participant is still connected.
         return effects
 
-    def on_timer(self, event: str, period: int, index: int, ends_at: float | None) -> list[Effect]:
+    def expire_unknown(self) -> list[Effect]:
+        """Members still UNKNOWN after the gateways re-announced theirs are gone."""
+        effects: list[Effect] = []
+        for participant in [p for p, c in self.connections.items() if c == UNKNOWN]:
+            effects.extend(self.on_presence(participant, UNKNOWN, connected=False))
+        return effects
+
+    def disconnect(self, participant: str, connection: str) -> list[Effect]:
+        """The member's gateway died (liveness): as if its connection had closed."""
+        return self.on_presence(participant, connection, connected=False)
+
+    def on_timer(
+        self, event: str, period: int, index: int, ends_at: float | None, *, late: bool = False
+    ) -> list[Effect]:
+        """A tick. Idempotent: a tick applied already (timers re-sends those whose publish it
+        could not record before a crash) changes nothing. `late`: fired after its deadline
+        because timers was down; the broadcast says so (`"late": true`)."""
         if period != self.period:
             return []  # a tick of another period (e.g. redelivered after it ended)
+        mark = {"late": True} if late else {}
         if event == "period_start" and self.state in ("waiting", "starting"):
             self.state, self.ends_at, self.subperiod = "running", ends_at, 0
             length = self.config.period_length
             return [
                 Broadcast(
-                    Channel.PERIOD_START, {"period": period, "length": length, "ends_at": ends_at}
+                    Channel.PERIOD_START,
+                    {"period": period, "length": length, "ends_at": ends_at, **mark},
                 )
             ]
         if event == "subperiod" and self.state == "running" and index > self.subperiod:
@@ -145,6 +186,7 @@ class GroupState:
                         "index": index,
                         "group_decisions": dict(self.decisions),
                         "payoffs": self._payoffs(),
+                        **mark,
                     },
                 )
             ]
@@ -161,6 +203,7 @@ class GroupState:
                         "period": period,
                         "group_decisions": dict(self.decisions),
                         "payoffs": self._payoffs(),
+                        **mark,
                     },
                 )
             )
@@ -176,6 +219,33 @@ class GroupState:
         self.flush_pending = False
         self.last_broadcast_at = now
         return [Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions))]
+
+    # -- the log -----------------------------------------------------------------------------
+
+    def fold(self, row: Mapping[str, Any]) -> None:
+        """Apply one log row (`{"ts", "participant", "direction", "channel", "seq", "value"}`)
+        the way its input was applied live; the effects are already in the log."""
+        ts = float(row["ts"])
+        self.clock = max(self.clock, ts)
+        channel, value = row["channel"], row["value"]
+        if row["direction"] == "in":
+            self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
+        elif channel == Channel.GROUP_DECISIONS:
+            self.last_broadcast_at, self.flush_pending = ts, False
+        elif channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
+            self.on_timer(
+                channel,
+                int(value["period"]),
+                int(value.get("index", 0)),
+                value.get("ends_at"),
+            )
+        elif channel == Channel.PRESENCE:
+            participant = str(value["participant"])
+            if value["connected"]:
+                self.connections.setdefault(participant, UNKNOWN)
+            else:
+                self.connections.pop(participant, None)
+        # `error` rows follow from the frames they answer; other channels carry no state.
 
     # -- views -------------------------------------------------------------------------------
 
@@ -214,6 +284,8 @@ class GroupState:
     def _maybe_start(self) -> list[Effect]:
         if self.state != "waiting" or len(self.connections) < len(self.config.members):
             return []
+        if UNKNOWN in self.connections.values():
+            return []  # after a rebuild: wait until every member was announced again
         self.state = "starting"
         return [StartPeriod(self.period, self.config.period_length, self.config.num_subperiods)]
 
@@ -231,3 +303,18 @@ class GroupState:
     def _payoffs(self) -> dict[str, float]:
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}
         return self.experiment.payoffs(self.decisions, roles, self.config.params)
+
+
+def rebuild(
+    config: GroupConfig, experiment: Experiment, rows: Iterable[Mapping[str, Any]]
+) -> GroupState:
+    """A group's state from its log rows, in the group's order (the fold of `GroupState.fold`).
+
+    A group left `starting` (complete, `StartPeriod` maybe sent) goes back to `waiting`, so
+    the command is sent again once its members are announced."""
+    state = GroupState(config, experiment)
+    for row in rows:
+        state.fold(row)
+    if state.state == "starting":
+        state.state = "waiting"
+    return state

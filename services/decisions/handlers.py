@@ -7,6 +7,15 @@ is acknowledged, so a crash between the two replays the input instead of losing 
 Broadcasts go straight to the queues of the gateways that hold the group's members: every frame
 and presence input names its connection and gateway (`Routes`), and one `Batcher` per gateway
 sends what the inputs of one moment produced for it as one message.
+
+Crash safety (ARCHITECTURE "Crash-safe state"): a worker that starts first waits for its log
+barrier (`wait_for_log`): once the store wrote it, every record that a previous worker sent is
+in MongoDB. It then rebuilds each group from the group's log before handling the group's first
+input (`domain.rebuild`), so a redelivered input is recognised as applied (`seen`) and applied
+exactly once. It asks every gateway to announce its open connections again (`Resync`): members
+get a fresh `hello` and broadcasts reach them; a member nobody announces within
+`resync_window` is disconnected. Gateways send a heartbeat each second; the members of a
+gateway silent for `liveness_timeout` are disconnected (their presence turns false).
 """
 
 from __future__ import annotations
@@ -15,29 +24,44 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import httpx
+from aio_pika.abc import AbstractIncomingMessage
 
 from services.common import experiments
-from services.common.bus import COMMANDS, DEFAULT, TIMERS_KEY, Batcher, Bus, completed
-from services.common.directory import Directory, NotFound
+from services.common.bus import (
+    COMMANDS,
+    DEFAULT,
+    GATEWAYS,
+    LOG,
+    LOG_KEY,
+    TIMERS_KEY,
+    Batcher,
+    Bus,
+    completed,
+)
+from services.common.directory import Directory, GroupConfig, NotFound
 from services.common.messages import (
     Envelope,
+    LogBatch,
     LogRecord,
     MessageType,
     inbound_record,
+    new_id,
     now,
     outbound_record,
 )
 from services.decisions.domain import (
+    UNKNOWN,
     Broadcast,
     Control,
     Effect,
     FlushAt,
     GroupState,
     StartPeriod,
+    rebuild,
 )
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
@@ -81,6 +105,19 @@ class Routes:
         elif current is None:
             members[participant] = (connection, gateway)
 
+    def drop_gateway(self, gateway: str) -> list[tuple[str, str, str]]:
+        """Forget every member held by `gateway`; their (group, participant, connection)."""
+        gone = []
+        for group, members in self._members.items():
+            for participant, (connection, held_by) in list(members.items()):
+                if held_by == gateway:
+                    del members[participant]
+                    gone.append((group, participant, connection))
+        return gone
+
+    def gateways(self) -> set[str]:
+        return {gw for members in self._members.values() for _, gw in members.values()}
+
     def group(self, group: str) -> set[str]:
         return {gateway for _, gateway in self._members.get(group, {}).values()}
 
@@ -98,17 +135,86 @@ class Routes:
 
 class DecisionsWorker:
     def __init__(
-        self, bus: Bus, directory: Directory, metrics: DecisionsMetrics, log_writer: LogWriter
+        self,
+        bus: Bus,
+        directory: Directory,
+        metrics: DecisionsMetrics,
+        log_writer: LogWriter,
+        *,
+        resync_window: float = 5.0,
+        liveness_timeout: float = 3.0,
     ) -> None:
         self._bus = bus
         self._directory = directory
         self._metrics = metrics
         self._log = log_writer
+        self._resync_window = resync_window
+        self._liveness_timeout = liveness_timeout
         self.groups: dict[str, GroupState] = {}
         self.routes = Routes()
         self._outputs: dict[str, Batcher] = {}  # gateway queue → its batcher
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heard: dict[str, float] = {}  # gateway queue → loop time of its last heartbeat
+        self._started = 0.0
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def wait_for_log(self, *, poll: float = 0.02, resend_after: float = 10.0) -> float:
+        """Wait until the store wrote everything sent to the log before now; seconds waited.
+
+        A barrier goes through the log queue behind whatever a previous worker left there;
+        the store records it after the batch holding it was written."""
+        started = time.perf_counter()
+        while True:
+            barrier = new_id()
+            await self._bus.publish_reliably(LOG, LOG_KEY, LogBatch(records=[], barrier=barrier))
+            deadline = time.perf_counter() + resend_after
+            while time.perf_counter() < deadline:
+                try:
+                    if await self._directory.barrier_passed(barrier):
+                        return time.perf_counter() - started
+                except httpx.HTTPError as exc:
+                    log.warning("store unreachable while waiting for the log (%s)", exc)
+                await asyncio.sleep(poll)
+            log.warning("log barrier not written after %.0f s; sending another", resend_after)
+
+    async def request_resync(self) -> None:
+        """Ask every gateway to announce its open connections again (after a start)."""
+        self._started = asyncio.get_running_loop().time()
+        envelope = Envelope(type=MessageType.RESYNC, session="", group="")
+        await self._bus.publish_reliably(GATEWAYS, "", envelope, mandatory=False)
+
+    # -- gateway liveness --------------------------------------------------------------------
+
+    async def on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = Envelope.decode(message.body)
+        except ValueError:
+            return
+        if envelope.type is MessageType.GATEWAY_ALIVE and envelope.gateway is not None:
+            self._heard[envelope.gateway] = asyncio.get_running_loop().time()
+
+    async def watch_gateways(self, every: float = 0.5) -> None:
+        """Disconnect the members of gateways that stopped sending heartbeats."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            for gateway in self.routes.gateways():
+                last = self._heard.get(gateway, self._started)
+                if loop.time() - last > self._liveness_timeout:
+                    await self._gateway_gone(gateway)
+
+    async def _gateway_gone(self, gateway: str) -> None:
+        gone = self.routes.drop_gateway(gateway)
+        log.warning("gateway %s is silent: %d participants disconnected", gateway, len(gone))
+        self._metrics.gateways_lost.inc()
+        for group, participant, connection in gone:
+            state = self.groups.get(group)
+            if state is not None:
+                await self._apply_now(state, state.disconnect(participant, connection))
+
+    # -- inputs ------------------------------------------------------------------------------
 
     async def handle(self, envelope: Envelope) -> Awaitable[None]:
         """Apply one input and start publishing its effects and log records, in order.
@@ -122,13 +228,14 @@ class DecisionsWorker:
         if state is None:
             log.warning("input for unknown group %s dropped", envelope.group)
             return completed()
+        ts = state.stamp(now())  # its place in the group's order (PROTOCOL v1.1 Timestamps)
         records: list[LogRecord] = []
         if envelope.type is MessageType.FRAME_ACCEPTED and not state.seen(
             envelope.participant or "", envelope.seq or 0
         ):
-            records.append(inbound_record(envelope))
+            records.append(inbound_record(envelope, ts))
         self.routes.learn(envelope)
-        effects = self._apply_input(state, envelope)
+        effects = self._apply_input(state, envelope, ts)
         publishes = self._carry_out(state, effects, records)
         self._metrics.inputs.labels(envelope.type.value).inc()
         written = self._log.add(records) if records else None
@@ -146,15 +253,13 @@ class DecisionsWorker:
             await written
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
 
-    def _apply_input(self, state: GroupState, envelope: Envelope) -> list[Effect]:
+    def _apply_input(self, state: GroupState, envelope: Envelope, ts: float) -> list[Effect]:
         payload: Any = envelope.payload
         if envelope.type is MessageType.FRAME_ACCEPTED:
             if envelope.participant is None or envelope.seq is None or envelope.channel is None:
                 log.error("FrameAccepted without participant/seq/channel: %s", envelope.id)
                 return []
-            return state.on_frame(
-                envelope.participant, envelope.seq, envelope.channel, payload, now()
-            )
+            return state.on_frame(envelope.participant, envelope.seq, envelope.channel, payload, ts)
         if envelope.type is MessageType.PRESENCE_CHANGED:
             if envelope.participant is None or envelope.connection is None:
                 log.error("PresenceChanged without participant/connection: %s", envelope.id)
@@ -168,6 +273,7 @@ class DecisionsWorker:
                 int(payload["period"]),
                 int(payload.get("index", 0)),
                 payload.get("ends_at"),
+                late=bool(payload.get("late")),
             )
         log.error("unexpected %s on a shard queue: %s", envelope.type, envelope.id)
         return []
@@ -180,6 +286,8 @@ class DecisionsWorker:
         while True:  # the store is briefly unreachable: wait, keeping the group's order
             try:
                 config = await self._directory.group(group)
+                started = time.perf_counter()
+                rows = await self._directory.group_log(group)
                 break
             except NotFound:
                 return None
@@ -189,10 +297,47 @@ class DecisionsWorker:
                 delay = min(delay * 2, 5.0)
         state = self.groups.get(group)  # another shard consumer may have raced us here
         if state is None:
-            state = GroupState(config, experiments.get(config.experiment))
+            state = self._rebuilt(config, rows, started)
             self.groups[group] = state
             self._metrics.groups.set(len(self.groups))
         return state
+
+    def _rebuilt(
+        self, config: GroupConfig, rows: list[dict[str, Any]], started: float
+    ) -> GroupState:
+        state = rebuild(config, experiments.get(config.experiment), rows)
+        if rows:
+            seconds = time.perf_counter() - started
+            self._metrics.rebuilds.inc()
+            self._metrics.rebuild_seconds.observe(seconds)
+            log.info(
+                "group %s rebuilt from %d log rows in %.3f s", config.group, len(rows), seconds
+            )
+        if state.flush_pending:  # the rate limit's trailing edge had not gone out
+            self._schedule_flush(state, state.last_broadcast_at + config.rate_limit)
+        if UNKNOWN in state.connections.values():
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, self._started + self._resync_window - loop.time())
+            loop.call_later(wait, self._start_task, self._expire_unknown(state))
+        return state
+
+    async def _expire_unknown(self, state: GroupState) -> None:
+        await self._apply_now(state, state.expire_unknown())
+
+    async def _apply_now(self, state: GroupState, effects: list[Effect]) -> None:
+        """Carry out effects produced outside the shard queue's order (timers of our own)."""
+        if not effects:
+            return
+        records: list[LogRecord] = []
+        publishes = self._carry_out(state, effects, records)
+        await asyncio.gather(*publishes)
+        if records:
+            await self._log.add(records)
+
+    def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _carry_out(
         self, state: GroupState, effects: list[Effect], records: list[LogRecord]
@@ -215,6 +360,7 @@ class DecisionsWorker:
                     seq=effect.seq if isinstance(effect, Broadcast) else None,
                     connection=effect.connection if isinstance(effect, Control) else None,
                     channel=effect.channel,
+                    ts=state.stamp(now()) if logged else now(),
                     payload=effect.payload,
                 )
                 tasks.extend(self._send(envelope))
@@ -280,17 +426,11 @@ class DecisionsWorker:
 
     def _start_flush(self, state: GroupState) -> None:
         self._flush_handles.pop(state.config.group, None)
-        task = asyncio.get_running_loop().create_task(self._flush(state))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start_task(self._flush(state))
 
     async def _flush(self, state: GroupState) -> None:
         try:
-            records: list[LogRecord] = []
-            publishes = self._carry_out(state, state.flush(now()), records)
-            await asyncio.gather(*publishes)
-            if records:
-                await self._log.add(records)
+            await self._apply_now(state, state.flush(now()))
         except Exception:
             # The bus is reconnecting: keep the change pending and try again shortly.
             log.exception("rate-limited flush of group %s failed; retrying", state.config.group)

@@ -39,3 +39,19 @@ class DecisionsMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.rebuilds = Counter(
+            "canopy_decisions_rebuilds",
+            "Groups rebuilt from a non-empty event log (after a restart or a shard move)",
+            registry=self.registry,
+        )
+        self.rebuild_seconds = Histogram(
+            "canopy_decisions_rebuild_seconds",
+            "Time to read back and fold one group's log",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.gateways_lost = Counter(
+            "canopy_decisions_gateways_lost",
+            "Gateways whose heartbeats stopped (their participants were disconnected)",
+            registry=self.registry,
+        )

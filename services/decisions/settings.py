@@ -14,3 +14,8 @@ class DecisionsSettings(CommonSettings):
     # Log records are sent to the store in batches: at most this often, or this many at once.
     log_batch_seconds: float = Field(default=0.01, gt=0, le=5)
     log_batch_records: int = Field(default=1000, ge=1, le=100_000)
+    # After a start, members the log says are connected but no gateway announced again within
+    # this many seconds are disconnected.
+    resync_window: float = Field(default=5.0, gt=0, le=300)
+    # A gateway without a heartbeat for this long is taken for dead: its members disconnect.
+    gateway_liveness_timeout: float = Field(default=3.0, gt=0, le=300)

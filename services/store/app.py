@@ -14,6 +14,7 @@ from services.common.serve import instance_name
 from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
 from services.store.handlers import EventWriter
 from services.store.metrics import StoreMetrics
+from services.store.recovery import recovery_router
 from services.store.repository import Repository
 from services.store.settings import StoreSettings
 
@@ -64,6 +65,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
     app.include_router(health_router(metrics.registry, readiness))
     app.include_router(api_router(repository, metrics, settings.public_url, token))
     app.include_router(internal_router(repository, token))
+    app.include_router(recovery_router(repository, token))
 
     @app.get("/", include_in_schema=False)
     async def monitor() -> Response:

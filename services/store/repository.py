@@ -4,6 +4,7 @@ and the event log. Only what real MongoDB does: nothing specific to the local nx
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -27,10 +28,12 @@ class Repository:
         self.groups = self._db["groups"]
         self.participants = self._db["participants"]
         self.events = self._db["events"]
+        self.barriers = self._db["log_barriers"]
         self._transactions = True  # until the server says it has none (a standalone mongod)
 
     async def setup(self) -> None:
         await self.events.create_index([("session", ASCENDING), ("ts", ASCENDING)])
+        await self.events.create_index([("group", ASCENDING), ("ts", ASCENDING)])
         await self.participants.create_index([("session", ASCENDING)])
         await self.groups.create_index([("session", ASCENDING)])
 
@@ -113,6 +116,24 @@ class Repository:
         """Live status (presence, period) derived from logged events, in log order."""
         for collection, key, fields in updates:
             await self._db[collection].update_one({"_id": key}, {"$set": fields})
+
+    async def record_barriers(self, barriers: list[str]) -> None:
+        """Note log barriers as passed (idempotent: a redelivered barrier is no error)."""
+        for barrier in barriers:
+            await self.barriers.update_one(
+                {"_id": barrier}, {"$setOnInsert": {"at": time.time()}}, upsert=True
+            )
+
+    async def barrier_passed(self, barrier: str) -> bool:
+        return await self.barriers.find_one({"_id": barrier}) is not None
+
+    async def group_events(
+        self, group_id: str, *, batch_size: int = 2000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A group's log in its one order (decisions stamps strictly increasing `ts` per group)."""
+        cursor = self.events.find({"group": group_id}, batch_size=batch_size)
+        async for document in cursor.sort([("ts", ASCENDING)]):
+            yield document
 
     async def session_events(
         self, session_id: str, *, batch_size: int = 1000
