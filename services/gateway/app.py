@@ -1,8 +1,13 @@
-"""Composition root of the gateway: bus, store look-ups, the hub, the participants' routes."""
+"""Composition root of the gateway: bus, store look-ups, the hub, the participants' routes.
+
+Besides serving participants, a gateway sends a `GatewayAlive` heartbeat every
+`HEARTBEAT_INTERVAL` seconds (decisions disconnects the members of a silent gateway) and
+answers a `Resync` (a decisions worker restarted) by announcing every open connection again."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -11,14 +16,24 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from services.common.bus import Bus, Topology, gateway_queue, running
+from services.common.bus import (
+    HEARTBEAT_INTERVAL,
+    LIVENESS,
+    Bus,
+    Topology,
+    gateway_queue,
+    running,
+)
 from services.common.directory import Directory
 from services.common.health import health_router
+from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
 from services.gateway.api import Participants, participant_router
 from services.gateway.handlers import Hub
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -31,17 +46,34 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     hub = Hub(metrics)
-    participants = Participants(
-        settings, bus, directory, hub, metrics, gateway=gateway_queue(instance)
-    )
+    me = gateway_queue(instance)
+    participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
+
+    async def resync() -> None:
+        for connection in list(hub.connections.values()):
+            try:
+                await participants._presence(connection, connected=True)
+            except Exception:
+                log.exception("could not announce %s again", connection.participant)
+
+    hub.on_resync = resync
+
+    async def heartbeat() -> None:
+        alive = Envelope(type=MessageType.GATEWAY_ALIVE, session="", group="", gateway=me)
+        while True:
+            try:
+                await bus.publish(LIVENESS, "", alive, mandatory=False)
+            except Exception as exc:  # the broker is away: readiness says so meanwhile
+                log.warning("heartbeat not sent (%r)", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bus.connect()
         channel = await bus.channel(prefetch=0)
         queue = await bus.declare_gateway_queue(channel, instance)
-        task = asyncio.create_task(hub.consume(queue))
-        async with running([task]):
+        tasks = [asyncio.create_task(hub.consume(queue)), asyncio.create_task(heartbeat())]
+        async with running(tasks):
             yield
         await participants.close()
         await directory.close()

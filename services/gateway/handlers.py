@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -92,6 +93,9 @@ class Hub:
         self._metrics = metrics
         self.connections: dict[str, Connection] = {}
         self._members_here: dict[str, set[str]] = defaultdict(set)
+        # Announce every connection again (set by the composition root); see `Resync`.
+        self.on_resync: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -135,6 +139,10 @@ class Hub:
                 self._control(envelope)
             elif envelope.type is MessageType.BROADCAST:
                 self._broadcast(envelope)
+            elif envelope.type is MessageType.RESYNC and self.on_resync is not None:
+                task = asyncio.get_running_loop().create_task(self.on_resync())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def _control(self, envelope: Envelope) -> None:
         connection = self.connections.get(envelope.participant or "")
