@@ -1,4 +1,4 @@
-"""Composition root of the timers service."""
+"""Composition root of the timers service: bus, the schedules' repository, the worker."""
 
 from __future__ import annotations
 
@@ -8,36 +8,46 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.common.bus import TIMERS_QUEUE, Bus, Topology, consume_in_order, running
+from services.common.bus import Bus, Topology, running
 from services.common.health import health_router
 from services.common.serve import instance_name
 from services.timers.handlers import TimersWorker
 from services.timers.metrics import TimersMetrics
+from services.timers.repository import TimersRepository
 from services.timers.settings import TimersSettings
 
 
 def create_app(settings: TimersSettings) -> FastAPI:
     metrics = TimersMetrics()
     topology = Topology(settings.shards, settings.queue_type)
-    bus = Bus(settings.amqp_url, topology, name=f"timers {instance_name(settings)}")
-    worker = TimersWorker(bus, metrics)
+    instance = instance_name(settings)
+    bus = Bus(settings.amqp_url, topology, name=f"timers {instance}")
+    repository = TimersRepository(settings.mongo_url, settings.mongo_db)
+    worker = TimersWorker(
+        bus, repository, metrics, owner=instance, lease_seconds=settings.timers_lease_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await repository.setup()
         await bus.connect()
         channel = await bus.channel(prefetch=100)
-        queue = await channel.declare_queue(TIMERS_QUEUE, passive=True)
-        task = asyncio.create_task(
-            consume_in_order(queue, worker.handle, on_malformed=lambda m, e: metrics.rejected.inc())
-        )
+        task = asyncio.create_task(worker.run(channel))
         async with running([task]):
             yield
         await worker.close()
         await bus.close()
+        await repository.close()
 
     async def readiness() -> list[str]:
-        return [] if bus.is_connected else ["not connected to RabbitMQ"]
+        problems = [] if bus.is_connected else ["not connected to RabbitMQ"]
+        try:
+            await repository.ping()
+        except Exception as exc:
+            problems.append(f"MongoDB unreachable: {exc.__class__.__name__}")
+        return problems
 
     app = FastAPI(title="Canopy timers", lifespan=lifespan)
     app.include_router(health_router(metrics.registry, readiness))
+    app.state.worker = worker
     return app

@@ -1,83 +1,197 @@
-"""Bus handlers of the timers service: run periods' tick schedules.
+"""Bus handlers of the timers service: run periods' tick schedules, durably.
 
-A `StartPeriod` command publishes `period_start` at once (acknowledged only after the broker
-confirmed it) and schedules the rest of the period's ticks on absolute deadlines. Ticks go into
-the group's shard stream, so decisions sees them in one order with the group's frames.
+A `StartPeriod` command claims the period's schedule in MongoDB (`repository`) before it is
+acknowledged: from then on the schedule survives a crash. Each schedule runs as a task that
+sleeps until each tick's absolute deadline and publishes it into the group's shard stream, so
+decisions sees it in one order with the group's frames; once the broker confirmed a tick, the
+schedule records it.
+
+Only the holder of the timers lease runs schedules and consumes commands, so two replicas never
+tick one period. A worker that takes the lease (at start, or from a replica that died) resumes
+every unfinished schedule: ticks whose deadline passed meanwhile go out at once, marked
+`late`, then the original absolute schedule continues. A tick that was published but not yet
+recorded when a worker died goes out again; decisions applies each tick once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
-from services.common.bus import INPUTS, Bus, input_key
+from aio_pika.abc import AbstractChannel
+
+from services.common.bus import INPUTS, TIMERS_QUEUE, Bus, consume_in_order, input_key
 from services.common.messages import Envelope, MessageType, now
 from services.timers.domain import Tick, schedule
 from services.timers.metrics import TimersMetrics
+from services.timers.repository import TimersRepository
 
 log = logging.getLogger(__name__)
 
 
 class TimersWorker:
-    def __init__(self, bus: Bus, metrics: TimersMetrics) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        repository: TimersRepository,
+        metrics: TimersMetrics,
+        *,
+        owner: str,
+        lease_seconds: float = 3.0,
+    ) -> None:
         self._bus = bus
+        self._repository = repository
         self._metrics = metrics
-        self._periods: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._lease_until = float("-inf")
+        self._periods: dict[str, asyncio.Task[None]] = {}  # schedule id → its task
+        self._consumer: asyncio.Task[None] | None = None
+        self._led_since = float("inf")  # epoch time this worker took the lease
+        self.leading = asyncio.Event()
+
+    # -- the lease ---------------------------------------------------------------------------
+
+    async def run(self, channel: AbstractChannel) -> None:
+        """Hold the lease (renewing it) and lead while holding it; stand by otherwise."""
+        while True:
+            held = await self._renew()
+            if held and not self.leading.is_set():
+                await self._lead(channel)
+            elif not held and self.leading.is_set():
+                log.error("lost the timers lease; standing by")
+                await self._stand_by()
+            await asyncio.sleep(self._lease_seconds / 3)
+
+    async def _renew(self) -> bool:
+        at = now()
+        try:
+            if await self._repository.acquire_lease(self._owner, now=at, ttl=self._lease_seconds):
+                self._lease_until = at + self._lease_seconds
+                return True
+            return False
+        except Exception as exc:
+            log.warning("could not renew the timers lease (%r)", exc)
+            return now() < self._lease_until - self._lease_seconds / 3  # keep it while valid
+
+    async def _lead(self, channel: AbstractChannel) -> None:
+        self._led_since = now()
+        pending = await self._repository.pending()
+        for document in pending:
+            self._start(document)
+        if pending:
+            log.info("took the timers lease: resumed %d schedules", len(pending))
+        self._metrics.leader.set(1)
+        queue = await channel.declare_queue(TIMERS_QUEUE, passive=True)
+        self._consumer = asyncio.create_task(
+            consume_in_order(
+                queue, self.handle, on_malformed=lambda m, e: self._metrics.rejected.inc()
+            )
+        )
+        self.leading.set()
+
+    async def _stand_by(self) -> None:
+        self.leading.clear()
+        self._metrics.leader.set(0)
+        tasks = [t for t in (self._consumer, *self._periods.values()) if t is not None]
+        self._consumer = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- commands ----------------------------------------------------------------------------
 
     async def handle(self, envelope: Envelope) -> None:
         if envelope.type is not MessageType.START_PERIOD:
             log.error("unexpected %s on the timers queue: %s", envelope.type, envelope.id)
             return
         payload = envelope.payload
-        period = int(payload["period"])
-        key = (envelope.group, period)
-        if key in self._periods:
-            return  # a redelivered command for a period we already run
-        ticks = schedule(
-            period, now(), float(payload["period_length"]), int(payload.get("num_subperiods", 0))
+        document = await self._repository.claim(
+            session=envelope.session,
+            group=envelope.group,
+            period=int(payload["period"]),
+            length=float(payload["period_length"]),
+            num_subperiods=int(payload.get("num_subperiods", 0)),
+            now=now(),
         )
-        await self._fire(envelope, ticks[0])
-        task = asyncio.create_task(self._run(envelope, ticks[1:]))
+        if not document["done"]:
+            self._start(document)  # a repeated command for a running period changes nothing
+
+    def _start(self, document: dict[str, Any]) -> None:
+        key = str(document["_id"])
+        if key in self._periods:
+            return
+        task = asyncio.create_task(self._run(document))
         self._periods[key] = task
         self._metrics.running.set(len(self._periods))
         task.add_done_callback(lambda _: self._finished(key))
 
-    def _finished(self, key: tuple[str, int]) -> None:
+    def _finished(self, key: str) -> None:
         self._periods.pop(key, None)
         self._metrics.running.set(len(self._periods))
 
-    async def _run(self, command: Envelope, ticks: list[Tick]) -> None:
-        for tick in ticks:
+    async def _run(self, document: dict[str, Any]) -> None:
+        ticks = schedule(
+            int(document["period"]),
+            float(document["starts_at"]),
+            float(document["length"]),
+            int(document["num_subperiods"]),
+        )
+        for index in range(int(document["fired"]), len(ticks)):
+            tick = ticks[index]
             # Sleeping until an absolute deadline is the timer itself; no drift accumulates.
             await asyncio.sleep(max(0.0, tick.at - now()))
-            while True:
-                try:
-                    await self._fire(command, tick)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception(
-                        "publishing %s of group %s failed; retrying", tick.event, command.group
-                    )
-                    await asyncio.sleep(0.5)
+            # Late: its deadline passed before this worker could run it (timers was down).
+            late = tick.at < self._led_since
+            await self._retrying(partial(self._fire, document, tick, late=late), tick.event)
+            fired = index + 1
+            record = partial(
+                self._repository.record_fired, str(document["_id"]), fired, done=fired == len(ticks)
+            )
+            await self._retrying(record, f"recording {tick.event}")
 
-    async def _fire(self, command: Envelope, tick: Tick) -> None:
+    @staticmethod
+    async def _retrying(action: Callable[[], Awaitable[None]], what: str) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await action()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; retrying in %.1f s", what, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def _fire(self, document: dict[str, Any], tick: Tick, *, late: bool) -> None:
+        group = str(document["group"])
+        payload = tick.payload()
+        if late:
+            payload["late"] = True
         envelope = Envelope(
             type=MessageType.TIMER_FIRED,
-            session=command.session,
-            group=command.group,
+            session=str(document["session"]),
+            group=group,
             channel=tick.event,
-            payload=tick.payload(),
+            payload=payload,
         )
         await self._bus.publish(
-            INPUTS, input_key(command.group, self._bus.topology.shards, "timer"), envelope
+            INPUTS, input_key(group, self._bus.topology.shards, "timer"), envelope
         )
         self._metrics.ticks.labels(tick.event).inc()
         self._metrics.lateness.observe(max(0.0, now() - tick.at))
+        if late:
+            self._metrics.late.inc()
 
     async def close(self) -> None:
-        tasks = list(self._periods.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        was_leading = self.leading.is_set()
+        await self._stand_by()
+        if was_leading:
+            try:  # hand over at once instead of letting the lease expire
+                await self._repository.release_lease(self._owner)
+            except Exception as exc:
+                log.warning("could not release the timers lease (%r)", exc)

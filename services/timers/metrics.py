@@ -27,3 +27,13 @@ class TimersMetrics:
             "Malformed bus messages dead-lettered",
             registry=self.registry,
         )
+        self.late = Counter(
+            "canopy_timers_late_ticks",
+            "Ticks published after a restart whose deadline passed while timers was down",
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "canopy_timers_leader",
+            "1 while this worker holds the timers lease and runs the schedules",
+            registry=self.registry,
+        )

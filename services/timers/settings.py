@@ -9,3 +9,9 @@ from services.common.settings import CommonSettings
 
 class TimersSettings(CommonSettings):
     timers_port: int = Field(default=8003, ge=1, le=65535)
+    # The schedules live in the same database as the store's collections.
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    mongo_db: str = Field(default="canopy", min_length=1, max_length=63)
+    # The lease that makes one replica the one that ticks: a replica that dies is replaced by
+    # another (or by itself, restarted) at most this many seconds later.
+    timers_lease_seconds: float = Field(default=3.0, ge=0.3, le=300)

@@ -1,0 +1,102 @@
+"""The timers' durable state in MongoDB: one schedule per (group, period), and the lease.
+
+`timer_schedules`: `{_id: "<group>:<period>", session, group, period, starts_at, length,
+num_subperiods, fired, done}`. A period's ticks follow from `starts_at`, `length` and
+`num_subperiods` (`domain.schedule`); `fired` counts the ticks whose publish the broker
+confirmed, so a restarted worker resumes at the first tick it cannot prove was sent (that one
+may go out twice; decisions applies a tick once). The first `StartPeriod` for a period creates
+its schedule; a repeated one finds it.
+
+`timer_leases`: `{_id: "timers", owner, expires_at}`: only the owner runs schedules, so two
+replicas never tick the same period. MongoDB decides who holds it (a conditional update, and
+the unique `_id` when two try to create it at once); nothing of Canopy's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+LEASE = "timers"
+
+
+class TimersRepository:
+    def __init__(self, url: str, database: str) -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, serverSelectionTimeoutMS=5000
+        )
+        db = self._client[database]
+        self.schedules = db["timer_schedules"]
+        self.leases = db["timer_leases"]
+
+    async def setup(self) -> None:
+        await self.schedules.create_index("done")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ping(self) -> None:
+        await self._client.admin.command("ping")
+
+    async def claim(
+        self,
+        *,
+        session: str,
+        group: str,
+        period: int,
+        length: float,
+        num_subperiods: int,
+        now: float,
+    ) -> dict[str, Any]:
+        """The period's schedule: created now (starting `now`) or as created before.
+
+        Insert, and on a duplicate key read the existing one: an upsert with `$setOnInsert`
+        would do on MongoDB, but nx-27017 ignores `$setOnInsert` (README)."""
+        document = {
+            "_id": f"{group}:{period}",
+            "session": session,
+            "group": group,
+            "period": period,
+            "starts_at": now,
+            "length": length,
+            "num_subperiods": num_subperiods,
+            "fired": 0,
+            "done": False,
+        }
+        try:
+            await self.schedules.insert_one(document)
+        except DuplicateKeyError:
+            existing = await self.schedules.find_one({"_id": document["_id"]})
+            if existing is not None:
+                return existing
+            raise
+        return document
+
+    async def record_fired(self, schedule_id: str, fired: int, *, done: bool) -> None:
+        """`fired` ticks of the schedule are confirmed (never moves backwards)."""
+        await self.schedules.update_one(
+            {"_id": schedule_id, "fired": {"$lt": fired}},
+            {"$set": {"fired": fired, "done": done}},
+        )
+
+    async def pending(self) -> list[dict[str, Any]]:
+        return [d async for d in self.schedules.find({"done": False})]
+
+    async def acquire_lease(self, owner: str, *, now: float, ttl: float) -> bool:
+        """Take or renew the lease; False while another owner holds an unexpired one."""
+        result = await self.leases.update_one(
+            {"_id": LEASE, "$or": [{"owner": owner}, {"expires_at": {"$lt": now}}]},
+            {"$set": {"owner": owner, "expires_at": now + ttl}},
+        )
+        if result.matched_count:
+            return True
+        try:
+            await self.leases.insert_one({"_id": LEASE, "owner": owner, "expires_at": now + ttl})
+        except DuplicateKeyError:
+            return False  # held by another owner
+        return True
+
+    async def release_lease(self, owner: str) -> None:
+        await self.leases.delete_one({"_id": LEASE, "owner": owner})
