@@ -8,6 +8,9 @@
   SQLite files (what `make run` and `--store disk` use).
 - decisions handler: `GroupState.on_frame` for a group of 4 (pure), µs per call; and
   `Envelope.encode` / `Envelope.decode` (services/common/messages.py), µs per call.
+- group rebuild: a group of 4 with 10,000 logged events on SQLite files, read back as the
+  store's `/internal/groups/{id}/log` serves it and folded by `domain.rebuild` (what a
+  decisions worker does before a group's first input after a restart), ms per rebuild.
 
 It starts its own RabbitMQ and nx-27017 (no services needed) and stops them at the end.
 """
@@ -28,7 +31,7 @@ from bench.procstats import cpu_seconds
 from bench.report import machine_info, now_iso, repo_commit
 from services.common import experiments
 from services.common.directory import GroupConfig
-from services.common.messages import Envelope, MessageType
+from services.common.messages import Envelope, MessageType, outbound_record
 from services.decisions.domain import GroupState
 from services.store import domain as store_domain
 from services.store.repository import Repository
@@ -261,6 +264,75 @@ async def store_batches(
     return {f"store insert_events {batch_size} docs ({label})": per_batch}
 
 
+async def rebuild_benchmark(mongo_url: str, events: int, repeats: int) -> dict[str, Any]:
+    """Read back and fold one group's log of `events` rows, as a restarted worker does."""
+    import orjson
+
+    from services.decisions.domain import rebuild
+    from services.store.recovery import _log_chunks
+
+    state, codes = running_group()
+    config, experiment = state.config, state.experiment
+    repository = Repository(mongo_url, f"bench_rebuild_{secrets.token_hex(4)}")
+    try:
+        await repository.setup()
+        documents, t = [], 1_000.0
+        # The rows that brought the group to running: each member connected, period_start.
+        prelude = [("presence", {"participant": c, "connected": True}) for c in codes]
+        prelude.append(("period_start", {"period": 1, "length": 3600.0, "ends_at": 4600.0}))
+        for channel, payload in prelude:
+            out = Envelope(
+                type=MessageType.BROADCAST,
+                session=config.session,
+                group=config.group,
+                channel=channel,
+                payload=payload,
+                ts=state.stamp(t),
+            )
+            documents.append(store_domain.event_document(outbound_record(out)))
+        for i in range((events - len(prelude)) // 2):
+            code = codes[i % len(codes)]
+            frame = Envelope(
+                type=MessageType.FRAME_ACCEPTED,
+                session=config.session,
+                group=config.group,
+                participant=code,
+                seq=i // len(codes) + 1,
+                channel="decisions",
+                payload=round(i / events, 6),
+            )
+            t = state.stamp(t + 0.05)
+            documents.append({**log_document(frame), "ts": t})
+            state.on_frame(code, frame.seq or 0, "decisions", frame.payload, t)
+            out = Envelope(
+                type=MessageType.BROADCAST,
+                session=config.session,
+                group=config.group,
+                channel="group_decisions",
+                payload=dict(state.decisions),
+                ts=state.stamp(t),
+            )
+            documents.append(store_domain.event_document(outbound_record(out)))
+        for start in range(0, len(documents), 2000):
+            await repository.insert_events(documents[start : start + 2000])
+        times, read_times = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            body = b"".join([c async for c in _log_chunks(repository.group_events(config.group))])
+            rows = orjson.loads(body)
+            t1 = time.perf_counter()
+            rebuilt = rebuild(config, experiment, rows)
+            times.append(time.perf_counter() - t0)
+            read_times.append(t1 - t0)
+            if rebuilt.decisions != state.decisions or len(rows) != len(documents):
+                raise RuntimeError("the rebuilt group differs from the live one")
+    finally:
+        await repository.close()
+    result = _timing(times, 1e3, f"ms per rebuild of {len(documents)} events")
+    result["read_p50_ms"] = _timing(read_times, 1e3, "ms")["p50"]
+    return {f"group rebuild {len(documents)} events (SQLite files)": result}
+
+
 async def _io_benchmarks(
     amqp_url: str, memory_url: str, disk_url: str, scale: float, rabbit_pid: int
 ) -> dict[str, dict[str, Any]]:
@@ -271,6 +343,7 @@ async def _io_benchmarks(
         results |= await broker_round_trip(amqp_url, queue_type, n, rabbit_pid)
     results |= await store_batches(memory_url, "memory", batches, 500)
     results |= await store_batches(disk_url, "SQLite files", batches, 500)
+    results |= await rebuild_benchmark(disk_url, 10_000, max(3, int(10 * scale)))
     return results
 
 

@@ -200,6 +200,11 @@ class DecisionsWorker:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every)
+            if not self._bus.is_connected:
+                # No heartbeat can arrive while the broker is away: count from its return.
+                self._started = loop.time()
+                self._heard.clear()
+                continue
             for gateway in self.routes.gateways():
                 last = self._heard.get(gateway, self._started)
                 if loop.time() - last > self._liveness_timeout:
