@@ -71,6 +71,7 @@ BATCH_TYPE = "canopy.batch"
 # Gateways announce themselves this often on LIVENESS; decisions takes a gateway silent for a
 # few of these (its `gateway_liveness_timeout`) for dead.
 HEARTBEAT_INTERVAL = 1.0
+RECONNECT_INTERVAL = 0.5  # seconds between a robust connection's attempts to come back
 
 InputKind = Literal["frame", "presence", "timer", "batch"]
 _ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
@@ -175,7 +176,12 @@ class Bus:
 
     async def connect(self, *, timeout: float = 30.0) -> None:
         self._connection = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": self._name}, timeout=timeout
+            self._url,
+            client_properties={"connection_name": self._name},
+            timeout=timeout,
+            # aio-pika's default is 5 s between attempts: a restarted broker would be back
+            # seconds before the services noticed.
+            reconnect_interval=RECONNECT_INTERVAL,
         )
         self._publish_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
