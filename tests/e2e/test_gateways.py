@@ -1,5 +1,6 @@
-"""Two gateways on one stack: a group's members on different gateways see each other, and a
-participant who moves to another gateway replaces the older connection there.
+"""Two gateways on one stack: a group's members on different gateways see each other, a
+participant who moves to another gateway replaces the older connection there, and the members
+of a gateway that dies turn disconnected (heartbeats) and come back on the other one.
 
 Decisions addresses broadcasts to the gateways that hold a group's members (learnt from their
 inputs); these tests are what proves it beyond one gateway (horizontal scale-out)."""
@@ -10,21 +11,29 @@ import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from devstack.infra import free_port, spawn, stop_process
+from devstack.infra import Popen, free_port, spawn, stop_process
 from devstack.stack import PROJECT_ROOT, port_variable
 from tests.e2e.protocol import Participant, create_session
 
 READY_TIMEOUT = 30.0
 
 
+@dataclass
+class Gateway:
+    url: str
+    process: Popen
+
+
 @pytest.fixture
-async def second_gateway(stack: Any) -> AsyncIterator[str]:
+async def gateway_process(stack: Any) -> AsyncIterator[Gateway]:
+    """Another gateway process on the test stack (a test may kill it)."""
     port = free_port()
     env = dict(stack.env) | {port_variable("gateway"): str(port)}
     log = stack.logs_dir / "gateway-2.log"
@@ -47,9 +56,14 @@ async def second_gateway(stack: Any) -> AsyncIterator[str]:
                     pass
                 assert time.monotonic() < deadline, "second gateway not ready"
                 await asyncio.sleep(0.1)
-        yield url
+        yield Gateway(url, process)
     finally:
         stop_process(process, grace=5.0)
+
+
+@pytest.fixture
+def second_gateway(gateway_process: Gateway) -> str:
+    return gateway_process.url
 
 
 async def test_members_on_different_gateways_see_each_other(
@@ -100,4 +114,32 @@ async def test_moving_to_another_gateway_replaces_the_older_connection(
     await moved.ack(1)
     await b.expect("group_decisions", lambda d: d[codes[0]] == 4.5)
     await moved.close()
+    await b.close()
+
+
+async def test_members_of_a_dead_gateway_turn_disconnected_and_come_back(
+    api: httpx.AsyncClient, gateway_url: str, gateway_process: Gateway
+) -> None:
+    session = await create_session(api)
+    codes = [p["code"] for p in session["participants"]]
+    a = await Participant.connect(gateway_process.url, codes[0])
+    b = await Participant.connect(gateway_url, codes[1])
+    for member in (a, b):
+        await member.expect("hello")
+        await member.expect("period_start")
+    killed = time.monotonic()
+    gateway_process.process.kill()  # SIGKILL: nobody publishes a's disconnect
+    gateway_process.process.wait()
+    await b.expect("presence", lambda p: p == {"participant": codes[0], "connected": False})
+    noticed = time.monotonic() - killed
+    assert noticed < 10  # the liveness timeout (3 s) plus a heartbeat check
+    back = await Participant.connect(gateway_url, codes[0])
+    hello = await back.expect("hello")
+    assert hello["period"]["state"] == "running"
+    await b.expect("presence", lambda p: p == {"participant": codes[0], "connected": True})
+    await back.send(0.5, seq=1)
+    await back.ack(1)
+    await b.expect("group_decisions", lambda d: d[codes[0]] == 0.5)
+    print(f"\npresence turned false {noticed:.2f} s after the gateway was killed")
+    await back.close()
     await b.close()
