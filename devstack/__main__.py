@@ -1,9 +1,13 @@
 """`python -m devstack run` (what `make run` calls): the whole system on this machine.
 
-Owns the foreground life of a development stack: start the persistent infrastructure in
-`<project>/.run/`, the four services, a demo session; print the links; stay in the foreground
-until SIGINT / SIGTERM / SIGHUP (or until a process it started dies); then stop the services,
-then the infrastructure — also when anything fails on the way.
+Owns the foreground life of a development stack: start the persistent infrastructure in a run
+folder (`<project>/.run/`, or --run-dir), the four services, a demo session (unless
+--no-demo); print the links; then supervise what it started (`devstack.supervisor`: a process
+that exits is started again, the same way) until SIGINT / SIGTERM / SIGHUP; then stop the
+services, then the infrastructure — also when anything fails on the way.
+
+While it supervises, `<run folder>/devstack-state.json` says the PID of every process, its
+restarts, the URLs and the admin token; `<run folder>/logs/devstack.log` lists every restart.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import httpx
 
-from devstack.infra import InfraError, start_infra
+from devstack.infra import InfraError, InfraHandle, MongoStorage, start_infra
 from devstack.stack import PROJECT_ROOT, StackError, StackHandle, StackUrls, start_stack
+from devstack.supervisor import LOG_FILE, STATE_FILE, STOP_SIGNALS, Supervisor, children
 
 RUN_DIR = PROJECT_ROOT / ".run"
 DEMO_SESSION: dict[str, Any] = {
@@ -34,7 +39,6 @@ DEMO_SESSION: dict[str, Any] = {
     "params": {},
     "label": "demo",
 }
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stop(BaseException):
@@ -69,87 +73,100 @@ def create_demo_session(urls: StackUrls) -> dict[str, Any]:
 
 def print_banner(
     urls: StackUrls,
-    session: dict[str, Any],
+    session: dict[str, Any] | None,
     management_url: str | None,
     timings: dict[str, float],
+    run_dir: Path,
 ) -> None:
-    session_id = session["session"]
-    by_group: dict[Any, list[dict[str, Any]]] = {}
-    for participant in session["participants"]:
-        by_group.setdefault(participant["group"], []).append(participant)
     token = urls.admin_token
-    lines = ["", f"Canopy is running. Demo session {session_id} ({DEMO_SESSION['label']}):"]
-    for group, members in by_group.items():
-        lines.append(f"  group {group}:")
-        for p in sorted(members, key=lambda p: p["id_in_group"]):
-            lines.append(f"    participant {p['id_in_group']}: {p['url']}")
+    if session is not None:
+        session_id = session["session"]
+        by_group: dict[Any, list[dict[str, Any]]] = {}
+        for participant in session["participants"]:
+            by_group.setdefault(participant["group"], []).append(participant)
+        lines = ["", f"Canopy is running. Demo session {session_id} ({DEMO_SESSION['label']}):"]
+        for group, members in by_group.items():
+            lines.append(f"  group {group}:")
+            for p in sorted(members, key=lambda p: p["id_in_group"]):
+                lines.append(f"    participant {p['id_in_group']}: {p['url']}")
+    else:
+        lines = ["", "Canopy is running (no demo session: --no-demo)."]
     lines += [
         "",
         "Researchers:",
         f"  monitor:    {urls.store_url}/?token={token}",
-        f"  events CSV: curl -H 'Authorization: Bearer {token}' "
-        f"'{urls.store_url}/api/sessions/{session_id}/events?format=csv'",
-        f"  token:      {token}   (set CANOPY_ADMIN_TOKEN to choose it)",
     ]
+    if session is not None:
+        lines.append(
+            f"  events CSV: curl -H 'Authorization: Bearer {token}' "
+            f"'{urls.store_url}/api/sessions/{session['session']}/events?format=csv'"
+        )
+    lines.append(f"  token:      {token}   (set CANOPY_ADMIN_TOKEN to choose it)")
     if management_url:
         lines.append(f"  RabbitMQ:   {management_url} (guest / guest)")
     lines += [
-        f"  logs:       {RUN_DIR / 'logs'}/",
+        f"  logs:       {run_dir / 'logs'}/",
+        f"  processes:  {run_dir / STATE_FILE} (PIDs); a process that exits is restarted "
+        f"(logs/{LOG_FILE})",
         "",
         f"Started in {timings['total']:.1f} s (RabbitMQ + MongoDB {timings['infra']:.1f} s, "
-        f"services {timings['services']:.1f} s, demo session {timings['session']:.1f} s).",
+        f"services {timings['services']:.1f} s"
+        + (f", demo session {timings['session']:.1f} s)." if session is not None else ")."),
         "Press Ctrl-C to stop.",
     ]
     print("\n".join(lines), flush=True)
 
 
-def supervise(stack: StackHandle, infra_exited: Callable[[], list[str]]) -> str:
-    """Wait for a stop signal and return its name. Also wake when a child process exits
-    (SIGCHLD): a dead service or broker leaves a stack that only looks alive, so raise.
-
-    The signals are blocked and taken with sigwaitinfo, so one that arrives between the
-    check and the wait stays pending instead of being missed."""
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    watched = {signal.SIGCHLD, *STOP_SIGNALS}
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    try:
-        while True:
-            dead_services, dead_servers = stack.exited(), infra_exited()
-            if dead_services or dead_servers:
-                names = ", ".join(dead_services + dead_servers)
-                tails = "".join(f"\n--- {s} ---\n{stack.log_tail(s)}" for s in dead_services)
-                raise StackError(f"stopped on its own: {names} (logs: {RUN_DIR / 'logs'}){tails}")
-            info = signal.sigwaitinfo(watched)
-            if info.si_signo != signal.SIGCHLD:
-                return signal.Signals(info.si_signo).name
-    finally:
-        # Stopping takes a few seconds; a second Ctrl-C must not cut it short. Ignore first,
-        # then unblock (children started later must not inherit a blocked SIGTERM).
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
+def describe(infra_handle: InfraHandle, stack: StackHandle) -> dict[str, Any]:
+    """What the state file says besides the processes: where everything is reached."""
+    urls, infra = stack.urls, infra_handle.infra
+    return {
+        "urls": {
+            "gateway": urls.gateway_url,
+            "store": urls.store_url,
+            "decisions": urls.decisions_url,
+            "timers": urls.timers_url,
+        },
+        "admin_token": urls.admin_token,
+        "amqp_url": infra.amqp_url,
+        "mongo_url": infra.mongo_url,
+        "mongo_storage": infra_handle.mongo_storage,
+        "rabbit_node": infra.rabbit_node,
+        "epmd_port": infra_handle.epmd_port,
+        "logs": str(infra_handle.logs_dir),
+    }
 
 
-def run() -> int:
+def run(run_dir: Path, *, demo: bool = True, mongo_storage: MongoStorage = "file") -> int:
+    run_dir = run_dir.resolve()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
     t0 = time.monotonic()
+    supervisor: Supervisor | None = None
     try:
-        print(f"Starting RabbitMQ and MongoDB (nx-27017) in {RUN_DIR} ...", flush=True)
+        print(f"Starting RabbitMQ and MongoDB (nx-27017) in {run_dir} ...", flush=True)
         # The management UI makes a clean RabbitMQ stop 5 s slower; DEVSTACK_RABBITMQ_MANAGEMENT=0
         # turns it off.
         management = os.environ.get("DEVSTACK_RABBITMQ_MANAGEMENT", "1") != "0"
-        with start_infra(RUN_DIR, persistent=True, management=management) as infra_handle:
+        with start_infra(
+            run_dir, persistent=True, management=management, mongo_storage=mongo_storage
+        ) as infra_handle:
             t1 = time.monotonic()
             print("Starting store, gateway, decisions, timers ...", flush=True)
-            with start_stack(infra_handle.infra, RUN_DIR) as stack:
+            with start_stack(infra_handle.infra, run_dir) as stack:
                 t2 = time.monotonic()
-                session = create_demo_session(stack.urls)
+                session = create_demo_session(stack.urls) if demo else None
                 t3 = time.monotonic()
                 timings = {"infra": t1 - t0, "services": t2 - t1, "session": t3 - t2}
                 timings["total"] = t3 - t0
-                print_banner(stack.urls, session, infra_handle.infra.management_url, timings)
-                signame = supervise(stack, infra_handle.exited)
+                management_url = infra_handle.infra.management_url
+                print_banner(stack.urls, session, management_url, timings, run_dir)
+                supervisor = Supervisor(
+                    children(infra_handle, stack),
+                    run_dir,
+                    describe=lambda: describe(infra_handle, stack),
+                )
+                signame = supervisor.run()
                 print(f"\n{signame}: stopping the services ...", flush=True)
                 t_stop = time.monotonic()
             print("Stopping RabbitMQ and MongoDB ...", flush=True)
@@ -161,14 +178,45 @@ def run() -> int:
     except (InfraError, StackError, httpx.HTTPError) as e:
         print(f"\nmake run failed: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if supervisor is not None:
+            supervisor.remove_state()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="start everything and stay in the foreground (make run)")
-    parser.parse_args(argv)
-    return run()
+    run_parser = commands.add_parser(
+        "run", help="start everything and stay in the foreground, supervising (make run)"
+    )
+    run_parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=RUN_DIR,
+        help="folder of the RabbitMQ node, the database, the logs and the state file; kept "
+        "between runs (default: %(default)s)",
+    )
+    run_parser.add_argument("--no-demo", action="store_true", help="do not create the demo session")
+    storage = run_parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--mongo-file",
+        dest="mongo_storage",
+        action="store_const",
+        const="file",
+        help="nx-27017 keeps its data in SQLite files in <run-dir>/mongo/, also across its "
+        "restarts (the default)",
+    )
+    storage.add_argument(
+        "--mongo-memory",
+        dest="mongo_storage",
+        action="store_const",
+        const="memory",
+        help="nx-27017 keeps its data in memory: gone when it stops or is restarted",
+    )
+    run_parser.set_defaults(mongo_storage="file")
+    args = parser.parse_args(argv)
+    return run(args.run_dir, demo=not args.no_demo, mongo_storage=args.mongo_storage)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,31 @@
 MongoDB-wire server, both on free loopback ports, both child processes of the caller.
 
 Owns: the layout of an infra folder, the RabbitMQ and nx-27017 command lines and environment,
-readiness checks, stopping (and making sure nothing is left running), and the lock that keeps
-two owners off one folder. Used by `make run` (persistent=True) and by the test session
-(persistent=False). The measured facts behind it are in the design notes (LOCAL-INFRA.md).
+readiness checks, starting a server again the same way after it died (for the supervisor of
+`make run`, devstack.supervisor), stopping (and making sure nothing is left running), and the
+lock that keeps two owners off one folder. Used by `make run` (persistent=True) and by the
+test session (persistent=False). The measured facts behind it are in the design notes
+(LOCAL-INFRA.md).
 
 Layout of an infra folder (``Infra.run_dir``)::
 
     devstack.lock          flock held by the owner for its whole life; holds the owner's pid
+    devstack-state.json    pids, restarts and URLs, while `make run` supervises (supervisor)
     rabbitmq/              HOME of the node (Erlang cookie), rabbitmq.conf, enabled_plugins,
                            plugins/ (symlinks), mnesia/ (queues and messages: kept between runs
                            when persistent)
-    mongo/                 nx-27017 data, one SQLite file per database (persistent only)
+    mongo/                 nx-27017 data, one SQLite file per database (mongo_storage="file",
+                           the default when persistent)
     logs/                  epmd.log, rabbitmq.log (console), rabbitmq/<node>.log, mongo.log,
-                           and the services' <service>.log (devstack.stack)
+                           the services' <service>.log (devstack.stack), devstack.log
+                           (restarts, devstack.supervisor)
+
+A server started again (`InfraHandle.start_process`) gets the command line and environment of
+its first start, so the same ports, node name and folders: the URLs the services hold stay
+valid. A node killed by a signal leaves a pid file (removed before its restart) but no epmd
+registration (that lives as long as the node's connection to epmd). A restarted epmd knows no
+node: the running node registers only when it boots (RabbitMQ 3.10 re-checks every 60 s), so
+the handle registers it on its behalf (`process_ready`).
 
 Every process started here (and by `devstack.stack`) carries ``DEVSTACK_RUN_DIR=<run_dir>`` in
 its environment. Children of children inherit it (Erlang's erl_child_setup and inet_gethost,
@@ -39,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Literal, Self
 
 import pymongo
 
@@ -57,6 +69,8 @@ PERSISTENT_NODE = "canopy@localhost"
 RABBIT_BOOT_TIMEOUT = 40.0
 MONGO_BOOT_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
+PROBE_TIMEOUT = 0.5  # one readiness probe of a server (supervisor)
+LOCK_PATIENCE = 1.0  # how long a persistent owner retries a lock a sweeper holds
 LOG_TAIL_LINES = 40
 
 Popen = subprocess.Popen[bytes]
@@ -114,8 +128,9 @@ def wait_until(
     timeout: float,
     what: str,
     failed: Callable[[], str | None] = lambda: None,
+    poll: float = POLL_INTERVAL,
 ) -> None:
-    """Poll `ready()` every POLL_INTERVAL until it is true; raise InfraError after `timeout`
+    """Poll `ready()` every `poll` s until it is true; raise InfraError after `timeout`
     seconds or as soon as `failed()` returns a reason (e.g. the process exited)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -126,7 +141,7 @@ def wait_until(
             raise InfraError(f"{what}: {reason}")
         if time.monotonic() > deadline:
             raise InfraError(f"{what}: not ready after {timeout:.0f} s")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(poll)
 
 
 def owned_processes(run_dir: Path) -> list[int]:
@@ -175,6 +190,21 @@ def _is_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _try_flock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def child_env(run_dir: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -233,25 +263,53 @@ def stop_process(proc: Popen, *, grace: float) -> None:
 # --------------------------------------------------------------------------------------------
 # The handle
 
+# The servers of an infra folder, in the order they start (epmd before the node).
+INFRA_PROCESSES = ("epmd", "rabbitmq", "mongo")
+MongoStorage = Literal["file", "memory"]
+
+
+@dataclass(frozen=True)
+class _Command:
+    """How one server is started. Ports and folders are fixed at the first start, so a server
+    started again is reachable at the URLs the services already hold."""
+
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+
 
 class InfraHandle:
     """Running infrastructure: `.infra` says where it is; `.stop()` (or leaving the `with`
-    block) ends every process it started. Build it with `start_infra()`."""
+    block) ends every process it started. Build it with `start_infra()`.
 
-    def __init__(self, run_dir: Path, *, persistent: bool, management: bool) -> None:
+    For a supervisor (`devstack.supervisor`): `.processes` holds the current process of each
+    server (INFRA_PROCESSES); `.start_process(name)` starts one again after it exited, the
+    same way; `.probe(name)` says quickly whether it serves; `.waiting_for(name)`,
+    `.process_exited(name)` and `.process_ready(name)` keep epmd and the node in step."""
+
+    def __init__(
+        self, run_dir: Path, *, persistent: bool, management: bool, mongo_storage: MongoStorage
+    ) -> None:
         self.run_dir = run_dir.resolve()
         self.persistent = persistent
         self.management = management
+        self.mongo_storage: MongoStorage = mongo_storage
         self.rabbit_node = (
             PERSISTENT_NODE if persistent else f"canopy-{self.run_dir.name}@localhost"
         )
         self._lock: IO[str] | None = None
-        self._epmd: Popen | None = None
-        self._rabbit: Popen | None = None
-        self._mongo: Popen | None = None
+        self._procs: dict[str, Popen] = {}
+        self._commands: dict[str, _Command] = {}
         self._infra: Infra | None = None
         self._stopped = False
-        self._env: dict[str, str] = {}
+        self._env: dict[str, str] = {}  # the node's, epmd's and rabbitmqctl's
+        self.epmd_port = 0
+        self.amqp_port = 0
+        self.mongo_port = 0
+        # What the node registered with epmd (a PORT2_RESP body), once it was ready, and the
+        # connection that holds that registration on its behalf after epmd was restarted.
+        self._node_registration: bytes | None = None
+        self._stand_in: socket.socket | None = None
 
     @property
     def infra(self) -> Infra:
@@ -267,6 +325,21 @@ class InfraHandle:
     def rabbit_dir(self) -> Path:
         return self.run_dir / "rabbitmq"
 
+    @property
+    def rabbit_short_name(self) -> str:
+        return self.rabbit_node.split("@")[0]
+
+    @property
+    def processes(self) -> dict[str, Popen]:
+        """The current process of each server started so far, by name."""
+        return dict(self._procs)
+
+    def log_path(self, name: str) -> Path:
+        """The log a server writes itself (the node's own log for rabbitmq)."""
+        if name == "rabbitmq":
+            return self.logs_dir / "rabbitmq" / f"{self.rabbit_node}.log"
+        return self.logs_dir / f"{self._check_name(name)}.log"
+
     def __enter__(self) -> Self:
         return self
 
@@ -279,9 +352,8 @@ class InfraHandle:
         self.stop()
 
     def exited(self) -> list[str]:
-        """Names of servers that exited on their own (for a foreground supervisor)."""
-        procs = {"epmd": self._epmd, "rabbitmq": self._rabbit, "mongo": self._mongo}
-        return [name for name, p in procs.items() if p is not None and p.poll() is not None]
+        """Names of servers whose process has exited."""
+        return [name for name, p in self._procs.items() if p.poll() is not None]
 
     # -- start ---------------------------------------------------------------------------
 
@@ -291,12 +363,12 @@ class InfraHandle:
         terminate_owned(self.run_dir, grace=10 if self.persistent else 0)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         # Start nx-27017 first: it boots while RabbitMQ does (readiness checked after).
-        mongo_port = self._spawn_mongo()
-        amqp_port, management_port = self._start_rabbit()
-        self._await_mongo(mongo_port)
+        self._spawn_mongo()
+        management_port = self._start_rabbit()
+        self._await_mongo()
         self._infra = Infra(
-            amqp_url=f"amqp://guest:guest@127.0.0.1:{amqp_port}/",
-            mongo_url=f"mongodb://127.0.0.1:{mongo_port}/",
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/",
+            mongo_url=f"mongodb://127.0.0.1:{self.mongo_port}/",
             rabbit_node=self.rabbit_node,
             run_dir=self.run_dir,
             management_url=(
@@ -308,10 +380,13 @@ class InfraHandle:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = (self.run_dir / LOCK_NAME).open("a+")
         try:
-            # A test folder is new and ours; a sweeper may hold its lock for a moment: block.
-            flags = fcntl.LOCK_EX | (fcntl.LOCK_NB if self.persistent else 0)
-            fcntl.flock(lock, flags)
-        except BlockingIOError:
+            if self.persistent:
+                # Refuse a second owner, but not a sweeper (clear_stale_test_folders) that
+                # holds the lock of a folder it found for a moment.
+                wait_until(lambda: _try_flock(lock), timeout=LOCK_PATIENCE, what="lock", poll=0.02)
+            else:  # a test folder is new and ours: block
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except InfraError:
             lock.seek(0)
             owner = lock.read().strip() or "?"
             lock.close()
@@ -325,9 +400,9 @@ class InfraHandle:
         lock.flush()
         self._lock = lock
 
-    def _spawn_mongo(self) -> int:
-        port = free_port()
-        if self.persistent:
+    def _spawn_mongo(self) -> None:
+        self.mongo_port = free_port()
+        if self.mongo_storage == "file":
             # --data-dir: one SQLite file per database. A single --db file would share
             # collections between database names, which real MongoDB never does.
             data_dir = self.run_dir / "mongo"
@@ -339,14 +414,14 @@ class InfraHandle:
         nx = Path(sys.executable).parent / "nx-27017"
         if not nx.exists():
             nx = Path(shutil.which("nx-27017") or "nx-27017")
-        self._mongo = spawn(
-            [
+        self._commands["mongo"] = _Command(
+            args=[
                 str(nx),
                 *db_args,
                 "--host",
                 "127.0.0.1",
                 "-p",
-                str(port),
+                str(self.mongo_port),
                 "--log-file",
                 str(self.logs_dir / "mongo.log"),
                 "--pid-file",
@@ -355,51 +430,32 @@ class InfraHandle:
             env=child_env(self.run_dir, {}),
             log=self.logs_dir / "mongo-console.log",
         )
-        return port
+        self._spawn("mongo")
 
-    def _await_mongo(self, port: int) -> None:
+    def _await_mongo(self) -> None:
         """Ready when it accepts a TCP connection and answers PyMongo's `ping`."""
-        mongo = self._mongo
-        assert mongo is not None
-        url = f"mongodb://127.0.0.1:{port}/"
-
-        def ping() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            except OSError:
-                return False
-            client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
-                url, serverSelectionTimeoutMS=1000, connectTimeoutMS=1000
-            )
-            try:
-                client.admin.command("ping")
-            except pymongo.errors.PyMongoError:
-                return False
-            finally:
-                client.close()
-            return True
-
+        mongo = self._procs["mongo"]
         try:
             wait_until(
-                ping,
+                lambda: mongo_answers(self.mongo_port),
                 timeout=MONGO_BOOT_TIMEOUT,
-                what=f"nx-27017 on port {port}",
+                what=f"nx-27017 on port {self.mongo_port}",
                 failed=lambda: _exit_reason(mongo),
             )
         except InfraError as e:
             tails = log_tails(self.logs_dir / "mongo.log", self.logs_dir / "mongo-console.log")
             raise InfraError(f"{e}\n{tails}") from None
 
-    def _start_rabbit(self) -> tuple[int, int | None]:
-        """Start our own epmd and the node; return (AMQP port, management port or None)."""
+    def _start_rabbit(self) -> int | None:
+        """Start our own epmd and the node; return the management port (or None)."""
         if not (RABBITMQ_BIN / "rabbitmq-server").exists():
             raise InfraError(f"{RABBITMQ_BIN}/rabbitmq-server not found: run `make install`")
         rabbit_dir = self.rabbit_dir
         rabbit_dir.mkdir(exist_ok=True)
-        amqp_port, dist_port, epmd_port = free_port(), free_port(), free_port()
+        self.amqp_port, dist_port, self.epmd_port = free_port(), free_port(), free_port()
         management_port = free_port() if self.management else None
         conf = [
-            f"listeners.tcp.default = 127.0.0.1:{amqp_port}",
+            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
             "loopback_users = none",
         ]
         if management_port is not None:
@@ -416,10 +472,10 @@ class InfraHandle:
                 "HOME": str(rabbit_dir),
                 "RABBITMQ_NODENAME": self.rabbit_node,
                 "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                "RABBITMQ_NODE_PORT": str(amqp_port),
+                "RABBITMQ_NODE_PORT": str(self.amqp_port),
                 "RABBITMQ_DIST_PORT": str(dist_port),
                 "ERL_EPMD_ADDRESS": "127.0.0.1",
-                "ERL_EPMD_PORT": str(epmd_port),
+                "ERL_EPMD_PORT": str(self.epmd_port),
                 "RABBITMQ_MNESIA_BASE": str(rabbit_dir / "mnesia"),
                 "RABBITMQ_LOG_BASE": str(self.logs_dir / "rabbitmq"),
                 "RABBITMQ_PID_FILE": str(rabbit_dir / "rabbitmq.pid"),
@@ -440,30 +496,30 @@ class InfraHandle:
                 "RABBITMQ_SERVER_START_ARGS": "-noinput +B i",
             },
         )
-        self._epmd = spawn(
-            ["epmd", "-address", "127.0.0.1", "-port", str(epmd_port)],
+        self._commands["epmd"] = _Command(
+            args=["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
             env=self._env,
             log=self.logs_dir / "epmd.log",
         )
-        epmd = self._epmd
-        wait_until(
-            lambda: epmd_names(epmd_port) is not None,
-            timeout=10,
-            what=f"epmd on port {epmd_port}",
-            failed=lambda: _exit_reason(epmd, self.logs_dir / "epmd.log"),
-        )
-
-        self._rabbit = spawn(
-            [str(RABBITMQ_BIN / "rabbitmq-server")],
+        self._commands["rabbitmq"] = _Command(
+            args=[str(RABBITMQ_BIN / "rabbitmq-server")],
             env=self._env,
             log=self.logs_dir / "rabbitmq.log",
         )
-        rabbit = self._rabbit
-        short_name = self.rabbit_node.split("@")[0]
+        epmd = self._spawn("epmd")
+        wait_until(
+            lambda: epmd_names(self.epmd_port) is not None,
+            timeout=10,
+            what=f"epmd on port {self.epmd_port}",
+            failed=lambda: _exit_reason(epmd, self.logs_dir / "epmd.log"),
+        )
+
+        rabbit = self._spawn("rabbitmq")
+        short_name = self.rabbit_short_name
         try:
             # Cheap check first (no CLI VM per try): the node registered with our epmd.
             wait_until(
-                lambda: short_name in (epmd_names(epmd_port) or {}),
+                lambda: short_name in (epmd_names(self.epmd_port) or {}),
                 timeout=RABBIT_BOOT_TIMEOUT,
                 what=f"RabbitMQ node {self.rabbit_node}",
                 failed=lambda: _exit_reason(rabbit),
@@ -479,11 +535,17 @@ class InfraHandle:
                 )
         except (InfraError, subprocess.TimeoutExpired) as e:
             raise InfraError(f"{e}\n{self._rabbit_log_tails()}") from None
-        return amqp_port, management_port
+        self._node_registration = epmd_registration(self.epmd_port, short_name)
+        return management_port
+
+    def _spawn(self, name: str) -> Popen:
+        command = self._commands[name]
+        proc = spawn(command.args, env=command.env, log=command.log)
+        self._procs[name] = proc
+        return proc
 
     def _rabbit_log_tails(self) -> str:
-        node_log = self.logs_dir / "rabbitmq" / f"{self.rabbit_node}.log"
-        return log_tails(node_log, self.logs_dir / "rabbitmq.log")
+        return log_tails(self.log_path("rabbitmq"), self.logs_dir / "rabbitmq.log")
 
     def rabbitmqctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run `rabbitmqctl -n <node> ARGS` against this node (output in .stdout)."""
@@ -497,6 +559,94 @@ class InfraHandle:
             timeout=timeout,
             check=False,
         )
+
+    # -- start again (for a supervisor) ----------------------------------------------------
+
+    def start_process(self, name: str) -> Popen:
+        """Start one server again after its process exited, exactly as the first time: the
+        same command line and environment, hence the same ports, node name, mnesia and data
+        folders. Does not wait; `.probe(name)` tells when it serves again."""
+        self._check_name(name)
+        current = self._procs.get(name)
+        if current is not None and current.poll() is None:
+            raise InfraError(f"{name} is still running (pid {current.pid})")
+        if name == "rabbitmq":
+            # A node killed by a signal leaves its pid file; epmd forgot it by itself (the
+            # registration lives as long as the node's connection to epmd).
+            self._drop_stand_in()
+            with contextlib.suppress(FileNotFoundError):
+                (self.rabbit_dir / "rabbitmq.pid").unlink()
+        elif name == "epmd":
+            self._end_stray_epmds()
+        elif name == "mongo":
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / "mongo.pid").unlink()
+        return self._spawn(name)
+
+    def waiting_for(self, name: str) -> str | None:
+        """What `name` must wait for before it may start again, or None. The node waits for
+        epmd: started without one, it would start an epmd of its own on our port."""
+        if name == "rabbitmq" and epmd_names(self.epmd_port) is None:
+            return "epmd"
+        return None
+
+    def probe(self, name: str) -> bool:
+        """Whether a server serves now; answers within about a second. epmd: answers a NAMES
+        request. rabbitmq: answers the AMQP protocol header (its listener opens at the end
+        of its boot). mongo: answers `ping`."""
+        self._check_name(name)
+        if name == "epmd":
+            return epmd_names(self.epmd_port) is not None
+        if name == "rabbitmq":
+            return amqp_answers(self.amqp_port)
+        return mongo_answers(self.mongo_port)
+
+    def process_exited(self, name: str) -> None:
+        """A supervisor saw `name` exit."""
+        if name in ("rabbitmq", "epmd"):
+            self._drop_stand_in()
+        if name == "rabbitmq":
+            self._node_registration = None
+
+    def process_ready(self, name: str) -> str | None:
+        """A supervisor saw `name` serve again. Returns a note for its log, or None.
+
+        The node registers with epmd once, when it boots: after epmd was restarted it would
+        stay unknown to it (so to rabbitmqctl) until RabbitMQ's epmd monitor re-registers it,
+        60 s later in 3.10. So we register it on its behalf at once, with the very fields it
+        registered itself; the registration lasts as long as our connection to epmd, which we
+        close when the node exits (its next boot registers itself)."""
+        if name == "rabbitmq":
+            self._node_registration = epmd_registration(self.epmd_port, self.rabbit_short_name)
+        if name not in ("rabbitmq", "epmd") or self._node_registration is None:
+            return None
+        rabbit = self._procs.get("rabbitmq")
+        names = epmd_names(self.epmd_port)
+        if rabbit is None or rabbit.poll() is not None or names is None:
+            return None
+        if self.rabbit_short_name in names or self._stand_in is not None:
+            return None
+        self._stand_in = epmd_register(self.epmd_port, self._node_registration)
+        return f"registered {self.rabbit_node} with epmd on its behalf"
+
+    def _drop_stand_in(self) -> None:
+        if self._stand_in is not None:
+            self._stand_in.close()
+            self._stand_in = None
+
+    def _end_stray_epmds(self) -> None:
+        """While our epmd is down, the node itself may start one (RabbitMQ's epmd monitor
+        does, and so does any Erlang VM started with our environment): it carries our marker
+        and holds our port. End it, so that ours can bind again."""
+        strays = [pid for pid in owned_processes(self.run_dir) if _comm(pid) == "epmd"]
+        _signal_all(strays, signal.SIGKILL)
+        with contextlib.suppress(InfraError):
+            wait_until(lambda: not any(map(_is_alive, strays)), timeout=2, what="stray epmd")
+
+    def _check_name(self, name: str) -> str:
+        if name not in INFRA_PROCESSES:
+            raise ValueError(f"unknown server {name!r}; one of {', '.join(INFRA_PROCESSES)}")
+        return name
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -513,9 +663,10 @@ class InfraHandle:
 
     def _stop(self, grace: float) -> None:
         try:
-            for proc in (self._rabbit, self._mongo, self._epmd):
-                if proc is not None:
-                    stop_process(proc, grace=grace)
+            for name in ("rabbitmq", "mongo", "epmd"):
+                if name in self._procs:
+                    stop_process(self._procs[name], grace=grace)
+            self._drop_stand_in()
             if self._lock is not None:  # only the owner may sweep the folder
                 terminate_owned(self.run_dir, grace=0)
                 if not self.persistent and os.environ.get(KEEP_ENV) != "1":
@@ -572,11 +723,82 @@ def epmd_names(port: int) -> dict[str, int] | None:
     return names
 
 
+def epmd_registration(port: int, short_name: str) -> bytes | None:
+    """What a node registered with an epmd (PORT_PLEASE2_REQ): the body of the answer (dist
+    port, node type, protocol, versions, name, extra), the very fields of its ALIVE2_REQ; None
+    if epmd does not answer or does not know the node."""
+    name = short_name.encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(struct.pack(">HB", 1 + len(name), 122) + name)  # PORT_PLEASE2_REQ
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+    except OSError:
+        return None
+    if len(data) < 2 or data[0] != 119 or data[1] != 0:  # PORT2_RESP, result 0 = known
+        return None
+    return data[2:]
+
+
+def epmd_register(port: int, registration: bytes) -> socket.socket:
+    """Register a node with an epmd on its behalf (ALIVE2_REQ with `registration`, as read by
+    `epmd_registration`). The registration lasts as long as the returned socket is open."""
+    request = bytes([120]) + registration  # ALIVE2_REQ
+    sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+    try:
+        sock.sendall(struct.pack(">H", len(request)) + request)
+        answer = sock.recv(8)  # ALIVE2_RESP (121) or ALIVE2_X_RESP (118), result, creation
+    except OSError as e:
+        sock.close()
+        raise InfraError(f"epmd on port {port}: registering failed: {e}") from None
+    if len(answer) < 2 or answer[0] not in (118, 121) or answer[1] != 0:
+        sock.close()
+        raise InfraError(f"epmd on port {port} refused the registration: {answer!r}")
+    return sock
+
+
+def amqp_answers(port: int, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True if an AMQP 0-9-1 server on `port` answers the protocol header with a frame (its
+    Connection.Start); we close before logging in."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"  # a method frame
+    except OSError:
+        return False
+
+
+def mongo_answers(port: int, timeout: float = PROBE_TIMEOUT) -> bool:
+    """True if a MongoDB-wire server on `port` accepts a connection and answers `ping`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+    except OSError:
+        return False
+    ms = int(timeout * 1000)
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=ms, connectTimeoutMS=ms
+    )
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.PyMongoError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 
 
-def start_infra(run_dir: Path, *, persistent: bool, management: bool | None = None) -> InfraHandle:
+def start_infra(
+    run_dir: Path,
+    *,
+    persistent: bool,
+    management: bool | None = None,
+    mongo_storage: MongoStorage | None = None,
+) -> InfraHandle:
     """Start RabbitMQ and nx-27017 and wait until both answer.
 
     persistent=True (`make run`): everything lives in `run_dir` itself and survives a restart
@@ -585,10 +807,14 @@ def start_infra(run_dir: Path, *, persistent: bool, management: bool | None = No
     folder, in-memory MongoDB, deleted at stop; leftovers of crashed test runs are cleared.
     management: enable the RabbitMQ management UI (default: only when persistent, since it
     makes a clean stop 5 s slower and tests kill the node anyway).
+    mongo_storage: "file" (SQLite files in `<folder>/mongo/`: a restarted nx-27017 finds its
+    data again) or "memory"; default "file" when persistent, else "memory".
     """
     run_dir = run_dir.resolve()
     if management is None:
         management = persistent
+    if mongo_storage is None:
+        mongo_storage = "file" if persistent else "memory"
     if persistent:
         folder = run_dir
     else:
@@ -596,7 +822,9 @@ def start_infra(run_dir: Path, *, persistent: bool, management: bool | None = No
         clear_stale_test_folders(run_dir)
         folder = run_dir / f"test-{os.getpid()}-{secrets.token_hex(3)}"
         folder.mkdir()
-    handle = InfraHandle(folder, persistent=persistent, management=management)
+    handle = InfraHandle(
+        folder, persistent=persistent, management=management, mongo_storage=mongo_storage
+    )
     try:
         handle._start()
     except BaseException:
@@ -605,9 +833,10 @@ def start_infra(run_dir: Path, *, persistent: bool, management: bool | None = No
     return handle
 
 
-def clear_stale_test_folders(base: Path) -> None:
-    """Remove test folders whose owner is gone (their lock is free), with their processes."""
-    for folder in base.glob("test-*"):
+def clear_stale_test_folders(base: Path, pattern: str = "test-*") -> None:
+    """Remove test folders (`pattern` in `base`) whose owner is gone (their lock is free),
+    with their processes."""
+    for folder in base.glob(pattern):
         lock_path = folder / LOCK_NAME
         try:
             lock = lock_path.open("r+")

@@ -44,6 +44,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Store first: the others reach it over HTTP (CANOPY_STORE_URL). Order matters only for stop.
 SERVICES = ("store", "gateway", "decisions", "timers")
 DEFAULT_PORTS = {"gateway": 8000, "store": 8001, "decisions": 8002, "timers": 8003}
+PROBE_TIMEOUT = 0.5  # one readiness probe (supervisor)
 READY_TIMEOUT = 40.0  # below pytest's per-test timeout (60 s), which includes infra start
 STOP_GRACE = 10.0
 
@@ -79,7 +80,8 @@ def resolve_ports(ports: Mapping[str, int] | None = None) -> dict[str, int]:
 
 class StackHandle:
     """The running services. `.urls` to reach them, `.stop()` (or leaving the `with` block) to
-    end them; `.stop_service()` / `.start_service()` / `.restart()` for resilience tests."""
+    end them; `.stop_service()` / `.start_service()` / `.restart()` for resilience tests and
+    the supervisor, `.probe()` for a one-shot readiness check."""
 
     def __init__(
         self,
@@ -96,6 +98,7 @@ class StackHandle:
         self.ready_timeout = ready_timeout
         self.logs_dir = self.run_dir / "logs"
         self.processes: dict[str, Popen] = {}
+        self._probe_client: httpx.Client | None = None
         self.env = self._environment(dict(env_overrides or {}))
         self.urls = StackUrls(
             gateway_url=f"http://127.0.0.1:{self.ports['gateway']}",
@@ -182,6 +185,21 @@ class StackHandle:
         self.start_service(service)
         self.wait_ready([service])
 
+    def probe(self, service: str) -> bool:
+        """Whether `service` answers GET /readyz with 200 now (one try, PROBE_TIMEOUT at most)."""
+        self._check_name(service)
+        if self._probe_client is None:
+            # One client for every probe: building one costs 30 ms of CPU (its SSL context).
+            # No keep-alive: a restarted service is a new process behind the same port.
+            self._probe_client = httpx.Client(
+                timeout=PROBE_TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)
+            )
+        try:
+            response = self._probe_client.get(f"http://127.0.0.1:{self.ports[service]}/readyz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
     def exited(self) -> list[str]:
         """Services whose process has exited (for a foreground supervisor)."""
         return [name for name, p in self.processes.items() if p.poll() is not None]
@@ -226,6 +244,9 @@ class StackHandle:
 
     def stop(self) -> None:
         """SIGTERM every service, wait up to STOP_GRACE s, SIGKILL what is left. Idempotent."""
+        if self._probe_client is not None:
+            self._probe_client.close()
+            self._probe_client = None
         with deferred_signals():
             running = [p for p in self.processes.values() if p.poll() is None]
             for proc in running:

@@ -1,0 +1,1 @@
+"""Fault-injection tests against the real `make run` supervisor (harness: conftest.py)."""
