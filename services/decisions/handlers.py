@@ -173,6 +173,8 @@ class DecisionsWorker:
             while time.perf_counter() < deadline:
                 try:
                     if await self._directory.barrier_passed(barrier):
+                        # Resync window and heartbeat silence count from here.
+                        self._started = asyncio.get_running_loop().time()
                         return time.perf_counter() - started
                 except httpx.HTTPError as exc:
                     log.warning("store unreachable while waiting for the log (%s)", exc)
@@ -181,7 +183,6 @@ class DecisionsWorker:
 
     async def request_resync(self) -> None:
         """Ask every gateway to announce its open connections again (after a start)."""
-        self._started = asyncio.get_running_loop().time()
         envelope = Envelope(type=MessageType.RESYNC, session="", group="")
         await self._bus.publish_reliably(GATEWAYS, "", envelope, mandatory=False)
 
@@ -212,6 +213,7 @@ class DecisionsWorker:
 
     async def _gateway_gone(self, gateway: str) -> None:
         gone = self.routes.drop_gateway(gateway)
+        self._heard.pop(gateway, None)
         log.warning("gateway %s is silent: %d participants disconnected", gateway, len(gone))
         self._metrics.gateways_lost.inc()
         for group, participant, connection in gone:
@@ -323,11 +325,14 @@ class DecisionsWorker:
         if UNKNOWN in state.connections.values():
             loop = asyncio.get_running_loop()
             wait = max(0.0, self._started + self._resync_window - loop.time())
-            loop.call_later(wait, self._start_task, self._expire_unknown(state))
+            loop.call_later(wait, lambda: self._start_task(self._expire_unknown(state)))
         return state
 
     async def _expire_unknown(self, state: GroupState) -> None:
-        await self._apply_now(state, state.expire_unknown())
+        effects = state.expire_unknown()
+        if effects:
+            log.info("group %s: members not announced again are disconnected", state.config.group)
+        await self._apply_now(state, effects)
 
     async def _apply_now(self, state: GroupState, effects: list[Effect]) -> None:
         """Carry out effects produced outside the shard queue's order (timers of our own)."""

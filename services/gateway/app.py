@@ -50,6 +50,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
 
     async def resync() -> None:
+        log.info("a decisions worker restarted: announcing %d connections", len(hub.connections))
         for connection in list(hub.connections.values()):
             try:
                 await participants._presence(connection, connected=True)
