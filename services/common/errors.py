@@ -4,6 +4,10 @@
     ├── ProtocolError              a participant's frame is rejected (sent back as `error`)
     └── ApiError                   a researcher's HTTP call is rejected (4xx JSON body)
 
+HTTP error codes of the store (`{"error": {"code", "message"}}`): `ApiCode`. Anything that is
+not one of these (a bug, the database away) is logged and answered 500 `internal_error`, with
+a fixed message.
+
 Bus handlers use a separate, small set of control-flow outcomes (see `bus.py`).
 """
 
@@ -21,10 +25,22 @@ class ErrorCode(StrEnum):
     PERIOD_NOT_RUNNING = "period_not_running"
 
 
+class ApiCode(StrEnum):
+    UNAUTHORIZED = "unauthorized"  # 401
+    NOT_FOUND = "not_found"  # 404
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
+    INVALID_REQUEST = "invalid_request"  # 422
+    UNKNOWN_EXPERIMENT = "unknown_experiment"  # 422
+    TOO_MANY_REQUESTS = "too_many_requests"  # 429: CANOPY_MAX_SESSIONS_PER_MINUTE
+    INTERNAL_ERROR = "internal_error"  # 500
+
+
 class CloseCode:
     """WebSocket close codes of the contract."""
 
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011  # the server failed mid-frame (e.g. the broker): reconnect and resend
+    TRY_AGAIN_LATER = 1013  # too slow a reader (CANOPY_OUTBOX_LIMIT), or the store unreachable
     UNKNOWN_PARTICIPANT = 4403
     REPLACED = 4409
 
@@ -43,6 +59,11 @@ class ProtocolError(CanopyError):
 
 
 class ApiError(CanopyError):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    """`headers`: sent with the error (`WWW-Authenticate` on 401, `Retry-After` on 429)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(code, message)
         self.status = status
+        self.headers = headers

@@ -14,10 +14,51 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_TOKENS = frozenset(
     {"", "changeme", "change-me", "changethis", "secret", "token", "admin"}
 )
+MIN_TOKEN_LENGTH = 16
+
+
+def _placeholder(token: str) -> bool:
+    """A placeholder word, or one repeated to pass the length check ("changemechangeme")."""
+    token = token.lower()
+    return token in PLACEHOLDER_TOKENS or any(
+        word and len(token) % len(word) == 0 and token == word * (len(token) // len(word))
+        for word in PLACEHOLDER_TOKENS
+    )
+
+
+def token_problem(token: str, *, production: bool) -> str | None:
+    """Why `token` cannot be the admin token (None: it can).
+
+    Everywhere: empty, whitespace only, or with surrounding whitespace (HTTP strips it from
+    header values, so such a token could never match). In production also: a placeholder
+    (repeated or not), shorter than MIN_TOKEN_LENGTH, or anything but visible ASCII (which
+    is what an HTTP header carries as it is).
+    """
+    if not token:
+        return "CANOPY_ADMIN_TOKEN must be set"
+    if token != token.strip():
+        return "CANOPY_ADMIN_TOKEN must not start or end with whitespace"
+    if not production:
+        return None
+    if (
+        _placeholder(token)
+        or len(token) < MIN_TOKEN_LENGTH
+        or not all("!" <= c <= "~" for c in token)
+    ):
+        return (
+            f"CANOPY_ADMIN_TOKEN must be set to a random value of at least {MIN_TOKEN_LENGTH} "
+            "visible ASCII characters in production (e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
+        )
+    return None
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CANOPY_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused setting must not print the admin token (a model-level
+    # error would show the whole input, token included) into a log.
+    model_config = SettingsConfigDict(
+        env_prefix="CANOPY_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
@@ -37,12 +78,9 @@ class CommonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_token(self) -> CommonSettings:
-        token = self.admin_token.get_secret_value()
-        if self.env == "production" and (token.lower() in PLACEHOLDER_TOKENS or len(token) < 16):
-            raise ValueError(
-                "CANOPY_ADMIN_TOKEN must be set to a random value of at least 16 characters "
-                "in production"
-            )
-        if not token:
-            raise ValueError("CANOPY_ADMIN_TOKEN must be set")
+        problem = token_problem(
+            self.admin_token.get_secret_value(), production=self.env == "production"
+        )
+        if problem is not None:
+            raise ValueError(problem)  # the message never holds the token itself
         return self

@@ -1,10 +1,17 @@
 """The participants' side of the gateway: `GET /ws/{code}` (PROTOCOL.md) and the page + client.
 
-Per frame: flood limit → JSON → shape → channel → duplicate check → publish with confirm →
-`ack`. A rejected frame gets an `error` and the connection stays open; nothing is acknowledged
-before the broker confirmed it, so an acknowledged frame is never lost. Frames and presence go
-to their group's shard queue through one `Batcher` per shard (group commit, see
-`services.common.bus`).
+Per connection: the browser's `Origin` (CANOPY_ALLOWED_ORIGINS; a foreign one gets HTTP 403
+before the upgrade), then the code (unknown: close 4403). Per frame: JSON → shape → channel →
+flood limit → duplicate check → publish with confirm → `ack`. A rejected frame gets an `error`
+and the connection stays open; nothing is acknowledged before the broker confirmed it, so an
+acknowledged frame is never lost. The participant and group of every frame are the
+connection's (from the code in the URL), never the frame's. Frames and presence go to their
+group's shard queue through one `Batcher` per shard (group commit, see `services.common.bus`).
+
+Every frame to the browser goes through its bounded outbox: one that overflows (a browser that
+reads too slowly, or floods without reading its answers) closes the connection with 1013, and
+the gateway stops reading it at once; the closing socket has `close_grace` seconds to take its
+last frames and the close frame before the gateway lets go of it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.common import experiments
 from services.common.bus import INPUTS, Batcher, Bus, shard_of
-from services.common.directory import Directory, NotFound
+from services.common.directory import Directory, NotFound, ParticipantInfo
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
 from services.common.messages import (
     Channel,
@@ -30,15 +37,31 @@ from services.common.messages import (
     MessageType,
     server_frame,
 )
-from services.gateway.domain import TokenBucket, parse_frame
+from services.gateway.domain import TokenBucket, parse_frame, valid_participant_code
 from services.gateway.handlers import Connection, Hub
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-TRY_AGAIN_LATER = 1013
-INTERNAL_ERROR = 1011
+POLICY_VIOLATION = 1008  # sent before the upgrade, which the server turns into HTTP 403
+
+
+class _Connection(Connection):
+    """A `Connection` whose close request also wakes the task serving it.
+
+    The reader may be waiting on a socket that sends nothing and the writer on one that reads
+    nothing: neither would notice a close requested by the hub (too slow, replaced) on its own.
+    (Belongs in `Connection` itself; kept here until handlers.py takes it.)
+    """
+
+    def __init__(self, websocket: WebSocket, info: ParticipantInfo, outbox_limit: int) -> None:
+        super().__init__(websocket, info, outbox_limit)
+        self.close_requested = asyncio.Event()
+
+    def close(self, code: int, reason: str = "") -> None:
+        super().close(code, reason)
+        self.close_requested.set()
 
 
 class Participants:
@@ -59,6 +82,7 @@ class Participants:
         self._hub = hub
         self._metrics = metrics
         self._gateway = gateway  # this gateway's queue, where decisions sends our groups' frames
+        self._origins = settings.origin_policy()
         self._inputs = [
             Batcher(
                 bus,
@@ -81,7 +105,15 @@ class Participants:
         await self._inputs[shard_of(envelope.group, self._settings.shards)].add(envelope)
 
     async def serve(self, websocket: WebSocket, code: str) -> None:
+        if not self._origins.allows(websocket.headers.get("origin")):
+            # A page of another site using a participant's code: refused before the upgrade
+            # (HTTP 403) and before any look-up, so it cannot even learn whether the code exists.
+            self._metrics.connects.labels("foreign_origin").inc()
+            await websocket.close(code=POLICY_VIOLATION)
+            return
         try:
+            if not valid_participant_code(code):
+                raise NotFound(code)
             info = await self._directory.participant(code)
         except NotFound:
             self._metrics.connects.labels("unknown_participant").inc()
@@ -93,23 +125,23 @@ class Participants:
         except httpx.HTTPError:
             self._metrics.connects.labels("store_unreachable").inc()
             await websocket.accept()  # so the browser sees 1013 and retries
-            await websocket.close(code=TRY_AGAIN_LATER, reason="try again shortly")
+            await websocket.close(code=CloseCode.TRY_AGAIN_LATER, reason="try again shortly")
             return
         await websocket.accept()
         self._metrics.connects.labels("accepted").inc()
-        connection = Connection(websocket, info, self._settings.outbox_limit)
+        connection = _Connection(websocket, info, self._settings.outbox_limit)
         writer = asyncio.create_task(connection.write_loop())
         try:
             self._hub.add(connection)
             await self._presence(connection, connected=True)
-            await self._read(connection)
+            await self._read_until_closed(connection)
         except WebSocketDisconnect:
             pass
         except Exception:
             # Typically the broker connection dropped mid-publish: unacknowledged frames are
             # resent by the browser after it reconnects, so closing loses nothing.
             log.exception("connection of %s failed", code)
-            connection.close(INTERNAL_ERROR, "server error; reconnect")
+            connection.close(CloseCode.INTERNAL_ERROR, "server error; reconnect")
         finally:
             self._hub.remove(connection)
             if not connection.replaced:
@@ -118,7 +150,42 @@ class Participants:
                 except Exception:
                     log.exception("could not publish the disconnect of %s", code)
             connection.close(1000)
-            await writer
+            await self._let_go(connection, writer)
+
+    async def _read_until_closed(self, connection: _Connection) -> None:
+        """Read until the browser leaves or a close is requested (then stop reading at once)."""
+        reader = asyncio.create_task(self._read(connection))
+        closing = asyncio.create_task(connection.close_requested.wait())
+        try:
+            await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not reader.done():
+                reader.cancel()  # its own cleanup still publishes the frames it had read
+                await asyncio.wait({reader})
+        if not reader.cancelled():
+            reader.result()
+
+    async def _let_go(self, connection: Connection, writer: asyncio.Task[None]) -> None:
+        """Give the writer `close_grace` seconds to send what is queued and the close frame."""
+        done, _ = await asyncio.wait({writer}, timeout=self._settings.close_grace)
+        if not done:
+            log.info(
+                "connection of %s did not take its last frames in %ss; dropped",
+                connection.participant,
+                self._settings.close_grace,
+            )
+            writer.cancel()
+            await asyncio.wait({writer})
+        if not writer.cancelled():
+            writer.exception()  # the browser went away mid-send: nothing left to tell it
+
+    def _reply(self, connection: Connection, frame: bytes) -> None:
+        """Queue an answer (ack, error) for the browser; one too far behind is closed (1013)."""
+        if not connection.send(frame.decode()):
+            log.warning("participant %s is too far behind; disconnecting", connection.participant)
+            self._metrics.slow_clients.inc()
+            connection.close(CloseCode.TRY_AGAIN_LATER, "too far behind; reconnect")
 
     async def _presence(self, connection: Connection, *, connected: bool) -> None:
         info = connection.info
@@ -165,7 +232,7 @@ class Participants:
                 except ProtocolError as error:
                     self._metrics.frames.labels(error.code).inc()
                     payload = {"code": error.code, "message": error.message, "seq": error.seq}
-                    connection.send(server_frame(Channel.ERROR, payload).decode())
+                    self._reply(connection, server_frame(Channel.ERROR, payload))
         finally:
             # Frames already read are still published (and acknowledged if the socket is open).
             inbox.put_nowait(None)
@@ -191,7 +258,7 @@ class Participants:
         seq = frame.seq
         if seq <= connection.last_seq:
             self._metrics.frames.labels("duplicate").inc()
-            connection.send(server_frame(Channel.ACK, {"seq": seq}).decode())
+            self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
             return
         info = connection.info
         envelope = Envelope(
@@ -210,7 +277,7 @@ class Participants:
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
         self._metrics.frames.labels("accepted").inc()
         connection.last_seq = seq
-        connection.send(server_frame(Channel.ACK, {"seq": seq}).decode())
+        self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
 
 
 def participant_router(participants: Participants) -> APIRouter:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
+from services.gateway.domain import OriginPolicy
 
 
 class GatewaySettings(CommonSettings):
@@ -16,8 +17,24 @@ class GatewaySettings(CommonSettings):
     hello_timeout: float = Field(default=5.0, gt=0, le=60)
     # Server frames queued for one slow browser before it is disconnected to resynchronise.
     outbox_limit: int = Field(default=2_000, ge=10, le=1_000_000)
+    # A connection being closed (too slow, replaced) has this long to take its last frames and
+    # the close frame; after that the gateway lets go of it (a peer that reads nothing would
+    # otherwise hold it for ever).
+    close_grace: float = Field(default=5.0, gt=0, le=120)
+    # Browser origins (scheme://host[:port]) that may open participant sockets, comma-separated;
+    # `*`: any. Empty: the origin of `public_url`. Clients that send no Origin (scripts, bots)
+    # are always let in; a browser from any other origin is refused with HTTP 403.
+    allowed_origins: str = ""
     # Inputs go to a shard queue in batches (see bus.Batcher): the next batch waits for the
     # previous one's confirm, or for this many seconds when a confirm is slow (a disk sync),
     # with at most `input_batches_in_flight` batches unconfirmed.
     input_batch_patience: float = Field(default=0.005, gt=0, le=1)
     input_batches_in_flight: int = Field(default=16, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check_origins(self) -> GatewaySettings:
+        self.origin_policy()  # a malformed CANOPY_ALLOWED_ORIGINS stops the gateway at start
+        return self
+
+    def origin_policy(self) -> OriginPolicy:
+        return OriginPolicy.from_setting(self.allowed_origins, self.public_url)

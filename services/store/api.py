@@ -1,68 +1,251 @@
-"""The researchers' HTTP API (PROTOCOL.md) and the internal look-ups other services use."""
+"""The researchers' HTTP API (PROTOCOL.md) and the internal look-ups other services use.
+
+Access: every `/api/*` and `/internal/*` route needs `Authorization: Bearer <admin token>`,
+compared in constant time, and checked before the request body is even read (a stranger's
+body is never parsed). Errors: always `{"error": {"code", "message"}}` (422 adds `field`, the
+dotted name of the first offending field, when there is one), never a stack trace:
+
+    401 unauthorized         no or a wrong token (with `WWW-Authenticate: Bearer`)
+    404 not_found            no such session / route
+    405 method_not_allowed
+    422 invalid_request      a body or query that breaks PROTOCOL.md, or a body that is not
+                             JSON at all (not UTF-8, NaN in a number field, nested too deep);
+                             unknown_experiment for an unknown experiment
+    429 too_many_requests    more than CANOPY_MAX_SESSIONS_PER_MINUTE sessions created in the
+                             last 60 s (with `Retry-After`)
+    500 internal_error       anything else; logged with its traceback, answered with a fixed text
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import ApiError
+from services.common.errors import ApiCode, ApiError
 from services.store.domain import EXPORT_COLUMNS, CreateSession, iso_ts, layout_session
 from services.store.metrics import StoreMetrics
 from services.store.repository import Repository
 
+log = logging.getLogger(__name__)
+
 EXPORT_BATCH = 500
+INTERNAL_ERROR_BODY = orjson.dumps(
+    {"error": {"code": ApiCode.INTERNAL_ERROR, "message": "internal error"}}
+)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the store."""
+
+    error: ErrorDetail
+
+
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        401: "no or a wrong admin token",
+        404: "no such session",
+        422: "the request breaks the contract",
+        429: "too many sessions created in the last minute",
+    }
+    return {
+        status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses
+    }
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+class _InternalErrors:
+    """Outermost handler: an exception nobody answered becomes a logged 500 `internal_error`.
+
+    (Starlette's own last resort answers in plain text and re-raises into the server's log.)
+    A streamed response that fails after it started can only be cut short: logged, re-raised.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(INTERNAL_ERROR_BODY)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY})
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error is `{"error": {"code", "message"}}` with a 4xx status, never a stack trace."""
-
-    def body(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    """Every error is `{"error": {"code", "message"}}` (module docstring), never a stack trace."""
+    app.add_middleware(_InternalErrors)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return body(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, fields = [], []
         for error in exc.errors():
             if error.get("type") == "json_invalid":
                 parts.append("the body is not valid JSON")
                 continue
-            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+            loc = list(error.get("loc", ()))
+            if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+                loc = loc[1:]
+            where = ".".join(str(p) for p in loc)
             message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
             parts.append(f"{where}: {message}" if where else message)
+            if where:
+                fields.append(where)
         code = (
-            "unknown_experiment"
+            ApiCode.UNKNOWN_EXPERIMENT
             if any("unknown experiment" in p for p in parts)
-            else ("invalid_request")
+            else ApiCode.INVALID_REQUEST
         )
-        return body(422, code, "; ".join(parts) or "invalid request")
+        extra = {"field": fields[0]} if fields else {}
+        return _error(422, code, "; ".join(parts)[:2000] or "invalid request", **extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
-        return body(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode at all (not UTF-8, nested past the
+            # parser's recursion limit): to a client that is just JSON it cannot send, as is
+            # a syntax error (422).
+            return _error(422, ApiCode.INVALID_REQUEST, "the body is not valid JSON")
+        codes = {
+            401: ApiCode.UNAUTHORIZED,
+            404: ApiCode.NOT_FOUND,
+            405: ApiCode.METHOD_NOT_ALLOWED,
+        }
+        response = _error(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        )
+        response.headers.update(exc.headers or {})
+        return response
+
+
+# Declares the scheme in the OpenAPI schema; the check itself is `token_matches`.
+_BEARER = HTTPBearer(
+    auto_error=False, scheme_name="adminToken", description="the admin token (CANOPY_ADMIN_TOKEN)"
+)
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an `Authorization` header carries `Bearer <token>`, compared in constant time."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return bool(token) and secrets.compare_digest(
+        scheme.lower().encode() + b" " + credentials.strip().encode(),
+        b"bearer " + token.encode(),
+    )
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        ApiCode.UNAUTHORIZED,
+        "missing or wrong 'Authorization: Bearer <token>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def bearer_auth(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
+    """The token check as a router dependency (and the security scheme in the OpenAPI schema)."""
 
-    async def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if authorization is None or not secrets.compare_digest(authorization.encode(), expected):
-            raise ApiError(401, "unauthorized", "missing or wrong 'Authorization: Bearer <token>'")
+    async def check(
+        request: Request,
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+    ) -> None:
+        if not token_matches(request.headers.get("authorization"), token):
+            raise _unauthorized()
 
     return Depends(check)
+
+
+def token_first_route(token: str) -> type[APIRoute]:
+    """A route class that checks the token before FastAPI reads and parses the body: without
+    it, a stranger's malformed body would get a 422 (and be parsed) before the 401."""
+
+    class TokenFirstRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def checked(request: Request) -> Response:
+                if not token_matches(request.headers.get("authorization"), token):
+                    raise _unauthorized()
+                return await handler(request)
+
+            return checked
+
+    return TokenFirstRoute
+
+
+class CreationLimit:
+    """At most `per_minute` sessions created in any 60 s (a sliding window of their times)."""
+
+    WINDOW = 60.0
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def take(self) -> float | None:
+        """Count one creation now; or, if the limit is reached, seconds until the next may."""
+        now = self._clock()
+        while self._times and self._times[0] <= now - self.WINDOW:
+            self._times.popleft()
+        if len(self._times) >= self._per_minute:
+            return self._times[0] + self.WINDOW - now
+        self._times.append(now)
+        return None
 
 
 def session_summary(
@@ -98,18 +281,38 @@ def session_summary(
 
 
 def api_router(
-    repository: Repository, metrics: StoreMetrics, public_url: str, token: str
+    repository: Repository,
+    metrics: StoreMetrics,
+    public_url: str,
+    token: str,
+    *,
+    max_sessions_per_minute: int = 60,
 ) -> APIRouter:
-    router = APIRouter(prefix="/api", dependencies=[bearer_auth(token)])
+    router = APIRouter(
+        prefix="/api",
+        dependencies=[bearer_auth(token)],
+        route_class=token_first_route(token),
+        responses=_documented(401, 422),
+    )
+    creations = CreationLimit(max_sessions_per_minute)
 
     async def load(session_id: str) -> dict[str, Any]:
         session = await repository.session(session_id)
         if session is None:
-            raise ApiError(404, "not_found", f"no session {session_id!r}")
+            raise ApiError(404, ApiCode.NOT_FOUND, f"no session {session_id[:100]!r}")
         return session
 
-    @router.post("/sessions", status_code=201)
+    @router.post("/sessions", status_code=201, responses=_documented(429))
     async def create_session(request: CreateSession) -> dict[str, Any]:
+        wait = creations.take()
+        if wait is not None:
+            raise ApiError(
+                429,
+                ApiCode.TOO_MANY_REQUESTS,
+                f"more than {max_sessions_per_minute} sessions created in the last minute "
+                f"(CANOPY_MAX_SESSIONS_PER_MINUTE); retry in {math.ceil(wait)} s",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         layout = layout_session(request, public_url)
         await repository.create_session(layout)
         metrics.sessions.inc()
@@ -140,7 +343,7 @@ def api_router(
             )
         return {"sessions": sessions}
 
-    @router.get("/sessions/{session_id}")
+    @router.get("/sessions/{session_id}", responses=_documented(404))
     async def session_detail(session_id: str) -> dict[str, Any]:
         session = await load(session_id)
         return session_summary(
@@ -149,7 +352,20 @@ def api_router(
             await repository.session_participants(session_id),
         )
 
-    @router.get("/sessions/{session_id}/events")
+    @router.get(
+        "/sessions/{session_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "the session's events, sorted by ts",
+                "content": {
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                },
+            },
+            **_documented(404),
+        },
+    )
     async def export_events(
         session_id: str, format: Annotated[Literal["csv", "jsonl"], Query()] = "csv"
     ) -> StreamingResponse:
@@ -214,14 +430,17 @@ async def _jsonl_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[
 def internal_router(repository: Repository, token: str) -> APIRouter:
     """Look-ups for the gateway and decisions services (cached on their side)."""
     router = APIRouter(
-        prefix="/internal", dependencies=[bearer_auth(token)], include_in_schema=False
+        prefix="/internal",
+        dependencies=[bearer_auth(token)],
+        route_class=token_first_route(token),
+        include_in_schema=False,
     )
 
     @router.get("/participants/{code}")
     async def participant(code: str) -> dict[str, Any]:
         document = await repository.participant(code)
         if document is None:
-            raise ApiError(404, "not_found", "unknown participant")
+            raise ApiError(404, ApiCode.NOT_FOUND, "unknown participant")
         return {
             "participant": document["_id"],
             "session": document["session"],
@@ -235,7 +454,7 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         document = await repository.group(group_id)
         session = await repository.session(document["session"]) if document else None
         if document is None or session is None:
-            raise ApiError(404, "not_found", "unknown group")
+            raise ApiError(404, ApiCode.NOT_FOUND, "unknown group")
         return {
             "session": session["_id"],
             "group": group_id,

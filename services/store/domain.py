@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
 
 from services.common import experiments
 from services.common.messages import LogRecord
@@ -15,17 +24,69 @@ from services.common.messages import LogRecord
 EXPORT_COLUMNS = ("ts", "session", "group", "participant", "direction", "channel", "seq", "value")
 
 
+# Experiment params are stored as a MongoDB document and sent to every decisions worker:
+# plain JSON only, and shallow (MongoDB itself refuses documents nested 100 deep).
+MAX_PARAMS_DEPTH = 16
+
+
+def _params_problem(value: Any, where: str, depth: int = 0) -> str | None:
+    """Why `value` (part of `params`) cannot be stored and sent on, or None."""
+    if isinstance(value, dict):
+        if depth >= MAX_PARAMS_DEPTH:
+            return f"{where}: nested deeper than {MAX_PARAMS_DEPTH} levels"
+        for key, item in value.items():
+            if not key or key.startswith("$") or "." in key or "\x00" in key:
+                return f"{where}: {key!r} is not a valid key (empty, '$…', '.' or NUL)"
+            problem = _params_problem(item, f"{where}.{key}", depth + 1)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        if depth >= MAX_PARAMS_DEPTH:
+            return f"{where}: nested deeper than {MAX_PARAMS_DEPTH} levels"
+        for index, item in enumerate(value):
+            problem = _params_problem(item, f"{where}.{index}", depth + 1)
+            if problem is not None:
+                return problem
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: numbers must be finite (JSON has no NaN or Infinity)"
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return f"{where}: integers must fit in 64 bits"
+    return None
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type: 8.0 is the integer 8 (as in JSON Schema); 8.5, "8" and true
+    are not integers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
+def _experiment_names(schema: JsonDict) -> None:
+    """The schema of `experiment` lists the registered experiments (for API clients and
+    generated tests); the model validator is what refuses another one."""
+    schema["enum"] = [name for name in experiments.names()]
+
+
 class CreateSession(BaseModel):
-    """Body of `POST /api/sessions` (PROTOCOL.md)."""
+    """Body of `POST /api/sessions` (PROTOCOL.md).
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: a number where a number belongs (`"8"`, `true` or `8.5` for an integer → 422; `8.0`
+    is 8), no NaN / Infinity (the HTTP layer's JSON parser accepts them; JSON has none), no
+    unknown fields; `params` plain JSON (see `_params_problem`).
+    """
 
-    experiment: str
-    num_participants: int = Field(ge=1, le=10_000)
-    group_size: int = Field(ge=1, le=1_000)
-    num_periods: int = Field(default=1, ge=1, le=1_000)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    experiment: str = Field(json_schema_extra=_experiment_names)
+    num_participants: WholeNumber = Field(ge=1, le=10_000)
+    group_size: WholeNumber = Field(ge=1, le=1_000)
+    num_periods: WholeNumber = Field(default=1, ge=1, le=1_000)
     period_length: float = Field(gt=0, le=86_400)
-    num_subperiods: int = Field(default=0, ge=0, le=100_000)
+    num_subperiods: WholeNumber = Field(default=0, ge=0, le=100_000)
     rate_limit: float = Field(default=0.0, ge=0, le=3_600)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str = Field(default="", max_length=200)
@@ -39,6 +100,14 @@ class CreateSession(BaseModel):
         if self.num_participants % self.group_size:
             raise ValueError("num_participants must be a multiple of group_size")
         return self
+
+    @field_validator("params")
+    @classmethod
+    def _plain_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        problem = _params_problem(params, "params")
+        if problem is not None:
+            raise ValueError(problem)
+        return params
 
 
 def new_session_id() -> str:
