@@ -53,6 +53,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 from pydantic import TypeAdapter
 
 from services.common.messages import Envelope, LogBatch, new_id
+from services.common.retry import retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +275,12 @@ class Bus:
 
     @staticmethod
     async def _retrying(publish: Callable[[], Awaitable[None]], what: str) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await publish()
-                return
-            except PublishError:
-                raise
-            except (AMQPError, ConnectionError, ChannelInvalidStateError, TimeoutError) as exc:
-                log.warning("publishing %s failed (%r); retrying in %.2fs", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+        await retry_forever(
+            publish,
+            f"publishing {what}",
+            retry_on=(AMQPError, ConnectionError, ChannelInvalidStateError, TimeoutError),
+            give_up_on=(PublishError,),
+        )
 
     async def channel(self, *, prefetch: int) -> AbstractChannel:
         channel = await self.connection.channel()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -25,6 +24,7 @@ from aio_pika.abc import AbstractChannel
 
 from services.common.bus import INPUTS, TIMERS_QUEUE, Bus, consume_in_order, input_key
 from services.common.messages import Envelope, MessageType, now
+from services.common.retry import retry_forever
 from services.timers.domain import Tick, schedule
 from services.timers.metrics import TimersMetrics
 from services.timers.repository import TimersRepository
@@ -146,26 +146,12 @@ class TimersWorker:
             await asyncio.sleep(max(0.0, tick.at - now()))
             # Late: its deadline passed before this worker could run it (timers was down).
             late = tick.at < self._led_since
-            await self._retrying(partial(self._fire, document, tick, late=late), tick.event)
+            await retry_forever(partial(self._fire, document, tick, late=late), tick.event)
             fired = index + 1
             record = partial(
                 self._repository.record_fired, str(document["_id"]), fired, done=fired == len(ticks)
             )
-            await self._retrying(record, f"recording {tick.event}")
-
-    @staticmethod
-    async def _retrying(action: Callable[[], Awaitable[None]], what: str) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await action()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s failed; retrying in %.1f s", what, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+            await retry_forever(record, f"recording {tick.event}", first_delay=0.1)
 
     async def _fire(self, document: dict[str, Any], tick: Tick, *, late: bool) -> None:
         group = str(document["group"])
