@@ -118,6 +118,7 @@ class Supervised:
         self.admin_token: str = state["admin_token"]
         self.amqp_url: str = state["amqp_url"]
         self.mongo_url: str = state["mongo_url"]
+        self.launch_env: dict[str, str] = {}  # the supervisor's environment (see `relaunch`)
 
     # -- the state file ------------------------------------------------------------------
 
@@ -252,6 +253,17 @@ class Supervised:
                 f"{self.diagnostics()}"
             ) from None
 
+    def relaunch(self) -> float:
+        """Stop the supervisor (SIGTERM: as Ctrl-C on `make run`) and run it again on the same
+        folder, ports and admin token, as a person does who restarts `make run`; returns the
+        seconds the stack was down (from the signal until it serves again)."""
+        started = time.monotonic()
+        self.stop()
+        env = dict(self.launch_env) | {"CANOPY_ADMIN_TOKEN": self.admin_token}
+        self.supervisor = _launch(self.run_dir, env)
+        _await_boot(self.run_dir, self.supervisor)
+        return time.monotonic() - started
+
     # -- helpers -------------------------------------------------------------------------
 
     def _entry(self, name: str) -> dict[str, Any] | None:
@@ -303,25 +315,15 @@ def start_supervised(env: Mapping[str, str] | None = None) -> Iterator[Supervise
     child_env.update({port_variable(name): str(free_port()) for name in SERVICES})
     child_env["DEVSTACK_RABBITMQ_MANAGEMENT"] = "0"
     child_env.update(env or {})
-    command = [
-        sys.executable,
-        *("-m", "devstack", "run", "--run-dir", str(run_dir), "--no-demo", "--mongo-file"),
-    ]
+    supervisor = _launch(run_dir, child_env)
     handle: Supervised | None = None
-    with (run_dir / "supervisor.out").open("ab") as out:
-        supervisor = subprocess.Popen(
-            command,
-            cwd=PROJECT_ROOT,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
     try:
         handle = _await_boot(run_dir, supervisor)
+        handle.launch_env = child_env
         yield handle
     finally:
+        if handle is not None:
+            supervisor = handle.supervisor  # relaunch() may have replaced it
         try:
             if supervisor.poll() is None:
                 supervisor.send_signal(signal.SIGTERM)
@@ -335,6 +337,23 @@ def start_supervised(env: Mapping[str, str] | None = None) -> Iterator[Supervise
                 terminate_owned(run_dir, grace=0)
             if os.environ.get(KEEP_ENV) != "1":
                 shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _launch(run_dir: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        *("-m", "devstack", "run", "--run-dir", str(run_dir), "--no-demo", "--mongo-file"),
+    ]
+    with (run_dir / "supervisor.out").open("ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
 
 
 def _await_boot(run_dir: Path, supervisor: subprocess.Popen[bytes]) -> Supervised:
