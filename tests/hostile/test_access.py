@@ -197,3 +197,28 @@ def test_services_listen_on_the_configured_interface_only(stack: Any) -> None:
         assert (host, stack.ports[name]) in sockets, (name, sockets)
         for address, port in sockets:
             assert address == host, f"{name} listens on {address}:{port}"
+
+
+LOOPBACK = {"127.0.0.1", "0000:0000:0000:0000:0000:0000:0000:0001"}
+
+
+def test_the_broker_and_database_listen_on_loopback_only(stack: Any) -> None:
+    """RabbitMQ, its epmd and nx-27017 of the test stack: every process carrying the
+    devstack marker of this stack's infra folder (see devstack.infra)."""
+    marker = f"DEVSTACK_RUN_DIR={stack.infra.run_dir}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            sockets = listening_sockets(int(entry.name))
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if sockets:
+            found[f"{entry.name} {command}"] = sockets
+    assert len(found) >= 6, found  # four services, the broker, its epmd, the database
+    for process, sockets in found.items():
+        assert {address for address, _ in sockets} <= LOOPBACK, (process, sockets)
