@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -97,7 +98,9 @@ class Directory:
         cached = self._participants.get(code)
         if cached is not None:
             return cached
-        info = ParticipantInfo.model_validate(await self._get(f"/internal/participants/{code}"))
+        info = ParticipantInfo.model_validate(
+            await self._get(f"/internal/participants/{quote(code, safe='')}")
+        )
         self._participants[code] = info
         return info
 
@@ -105,19 +108,23 @@ class Directory:
         cached = self._groups.get(group)
         if cached is not None:
             return cached
-        config = GroupConfig.model_validate(await self._get(f"/internal/groups/{group}"))
+        config = GroupConfig.model_validate(
+            await self._get(f"/internal/groups/{quote(group, safe='')}")
+        )
         self._groups[group] = config
         return config
 
     async def group_log(self, group: str) -> list[dict[str, Any]]:
         """The group's event log in its order (see `services.store.recovery`)."""
-        response = await self._client.get(f"/internal/groups/{group}/log", timeout=60.0)
+        response = await self._client.get(
+            f"/internal/groups/{quote(group, safe='')}/log", timeout=60.0
+        )
         response.raise_for_status()
         rows: list[dict[str, Any]] = orjson.loads(response.content)
         return rows
 
     async def barrier_passed(self, barrier: str) -> bool:
-        response = await self._client.get(f"/internal/barriers/{barrier}")
+        response = await self._client.get(f"/internal/barriers/{quote(barrier, safe='')}")
         if response.status_code == 404:
             return False
         response.raise_for_status()

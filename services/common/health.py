@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 
@@ -23,8 +26,10 @@ def health_router(registry: CollectorRegistry, readiness: ReadinessCheck) -> API
     async def readyz() -> Response:
         try:
             problems = await readiness()
-        except Exception as exc:
-            problems = [f"readiness check failed: {exc.__class__.__name__}: {exc}"]
+        except Exception:
+            # Details (host names, exception text) go to the log, not to an unauthenticated body.
+            log.exception("readiness check failed")
+            problems = ["readiness check failed"]
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})

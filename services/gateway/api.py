@@ -28,7 +28,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.common import experiments
 from services.common.bus import INPUTS, Batcher, Bus, shard_of
-from services.common.directory import Directory, NotFound, ParticipantInfo
+from services.common.directory import Directory, NotFound
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
 from services.common.messages import (
     Channel,
@@ -47,23 +47,6 @@ log = logging.getLogger(__name__)
 POLICY_VIOLATION = 1008  # sent before the upgrade, which the server turns into HTTP 403
 
 
-class _Connection(Connection):
-    """A `Connection` whose close request also wakes the task serving it.
-
-    The reader may be waiting on a socket that sends nothing and the writer on one that reads
-    nothing: neither would notice a close requested by the hub (too slow, replaced) on its own.
-    (Belongs in `Connection` itself; kept here until handlers.py takes it.)
-    """
-
-    def __init__(self, websocket: WebSocket, info: ParticipantInfo, outbox_limit: int) -> None:
-        super().__init__(websocket, info, outbox_limit)
-        self.close_requested = asyncio.Event()
-
-    def close(self, code: int, reason: str = "") -> None:
-        super().close(code, reason)
-        self.close_requested.set()
-
-
 class Participants:
     """Serves one participant connection from accept to close."""
 
@@ -78,6 +61,7 @@ class Participants:
         gateway: str,
     ) -> None:
         self._settings = settings
+        self._bus = bus
         self._directory = directory
         self._hub = hub
         self._metrics = metrics
@@ -111,6 +95,13 @@ class Participants:
             self._metrics.connects.labels("foreign_origin").inc()
             await websocket.close(code=POLICY_VIOLATION)
             return
+        if not self._bus.is_connected:
+            # The broker is away (restarting): nothing could be acknowledged. Told to come back
+            # instead of accepted and dropped in a loop; /readyz says the same meanwhile.
+            self._metrics.connects.labels("broker_unavailable").inc()
+            await websocket.accept()
+            await websocket.close(code=CloseCode.TRY_AGAIN_LATER, reason="try again shortly")
+            return
         try:
             if not valid_participant_code(code):
                 raise NotFound(code)
@@ -129,7 +120,7 @@ class Participants:
             return
         await websocket.accept()
         self._metrics.connects.labels("accepted").inc()
-        connection = _Connection(websocket, info, self._settings.outbox_limit)
+        connection = Connection(websocket, info, self._settings.outbox_limit)
         writer = asyncio.create_task(connection.write_loop())
         try:
             self._hub.add(connection)
@@ -152,7 +143,7 @@ class Participants:
             connection.close(1000)
             await self._let_go(connection, writer)
 
-    async def _read_until_closed(self, connection: _Connection) -> None:
+    async def _read_until_closed(self, connection: Connection) -> None:
         """Read until the browser leaves or a close is requested (then stop reading at once)."""
         reader = asyncio.create_task(self._read(connection))
         closing = asyncio.create_task(connection.close_requested.wait())
@@ -186,6 +177,10 @@ class Participants:
             log.warning("participant %s is too far behind; disconnecting", connection.participant)
             self._metrics.slow_clients.inc()
             connection.close(CloseCode.TRY_AGAIN_LATER, "too far behind; reconnect")
+
+    async def announce(self, connection: Connection) -> None:
+        """Say again that this connection is open (a decisions worker asked: `Resync`)."""
+        await self._presence(connection, connected=True)
 
     async def _presence(self, connection: Connection, *, connected: bool) -> None:
         info = connection.info

@@ -53,7 +53,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         log.info("a decisions worker restarted: announcing %d connections", len(hub.connections))
         for connection in list(hub.connections.values()):
             try:
-                await participants._presence(connection, connected=True)
+                await participants.announce(connection)
             except Exception:
                 log.exception("could not announce %s again", connection.participant)
 

@@ -39,6 +39,9 @@ class Connection:
         self.last_seq = 0
         self.replaced = False
         self.closing = False
+        # Set by `close`: wakes the task serving the connection, whose reader may wait on a
+        # socket that sends nothing (and the writer on one that reads nothing).
+        self.close_requested = asyncio.Event()
         self._close: tuple[int, str] = (1000, "")
 
     @property
@@ -64,6 +67,7 @@ class Connection:
         if self.closing:
             return
         self.closing = True
+        self.close_requested.set()
         self._close = (code, reason)
         try:
             self.outbox.put_nowait(None)

@@ -286,7 +286,7 @@ def api_router(
     public_url: str,
     token: str,
     *,
-    max_sessions_per_minute: int = 300,  # StoreSettings.max_sessions_per_minute
+    max_sessions_per_minute: int,
 ) -> APIRouter:
     router = APIRouter(
         prefix="/api",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,8 @@ from services.store.metrics import StoreMetrics
 from services.store.recovery import recovery_router
 from services.store.repository import Repository
 from services.store.settings import StoreSettings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: StoreSettings) -> FastAPI:
@@ -48,8 +51,9 @@ def create_app(settings: StoreSettings) -> FastAPI:
         problems = []
         try:
             await repository.ping()
-        except Exception as exc:
-            problems.append(f"MongoDB unreachable: {exc}")
+        except Exception:
+            log.warning("MongoDB unreachable", exc_info=True)
+            problems.append("MongoDB unreachable")
         if not bus.is_connected:
             return [*problems, "not connected to RabbitMQ"]
         missing = await bus.missing_consumers()
@@ -63,7 +67,15 @@ def create_app(settings: StoreSettings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health_router(metrics.registry, readiness))
-    app.include_router(api_router(repository, metrics, settings.public_url, token))
+    app.include_router(
+        api_router(
+            repository,
+            metrics,
+            settings.public_url,
+            token,
+            max_sessions_per_minute=settings.max_sessions_per_minute,
+        )
+    )
     app.include_router(internal_router(repository, token))
     app.include_router(recovery_router(repository, token))
 

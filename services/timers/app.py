@@ -43,8 +43,8 @@ def create_app(settings: TimersSettings) -> FastAPI:
         problems = [] if bus.is_connected else ["not connected to RabbitMQ"]
         try:
             await repository.ping()
-        except Exception as exc:
-            problems.append(f"MongoDB unreachable: {exc.__class__.__name__}")
+        except Exception:
+            problems.append("MongoDB unreachable")
         return problems
 
     app = FastAPI(title="Canopy timers", lifespan=lifespan)

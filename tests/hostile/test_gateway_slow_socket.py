@@ -71,6 +71,8 @@ class StuckSocket:
 
 
 class FakeBus:
+    is_connected = True
+
     def __init__(self) -> None:
         self.presence: list[bool] = []
         self.changed = asyncio.Event()
@@ -180,3 +182,20 @@ async def test_answers_to_a_flood_it_does_not_read_close_it_with_1013(gateway: A
     # It stopped reading the flood at the overflow: most of it was never even parsed.
     assert len(socket._incoming) > 400
     assert CODE not in hub.connections
+
+
+async def test_while_the_broker_is_away_connections_are_told_to_come_back(gateway: Any) -> None:
+    """Nothing could be acknowledged: 1013 at once, instead of accepting the connection and
+    dropping it (1011) at its first frame, over and over while the broker restarts."""
+    participants, hub, bus, metrics = gateway
+    bus.is_connected = False
+    socket = StuckSocket(takes=10)
+    async with asyncio.timeout(3):
+        await participants.serve(socket, CODE)
+    assert socket.closed_with == 1013
+    assert bus.presence == []
+    assert CODE not in hub.connections
+    refused = metrics.registry.get_sample_value(
+        "canopy_gateway_connects_total", {"outcome": "broker_unavailable"}
+    )
+    assert refused == 1
