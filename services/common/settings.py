@@ -15,6 +15,7 @@ PLACEHOLDER_TOKENS = frozenset(
     {"", "changeme", "change-me", "changethis", "secret", "token", "admin"}
 )
 MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_DISTINCT = 8  # "x" * 32 is long, and guessable
 
 
 def _placeholder(token: str) -> bool:
@@ -31,8 +32,9 @@ def token_problem(token: str, *, production: bool) -> str | None:
 
     Everywhere: empty, whitespace only, or with surrounding whitespace (HTTP strips it from
     header values, so such a token could never match). In production also: a placeholder
-    (repeated or not), shorter than MIN_TOKEN_LENGTH, or anything but visible ASCII (which
-    is what an HTTP header carries as it is).
+    (repeated or not), shorter than MIN_TOKEN_LENGTH, made of fewer than MIN_TOKEN_DISTINCT
+    different characters, or anything but visible ASCII (which is what an HTTP header
+    carries as it is).
     """
     if not token:
         return "CANOPY_ADMIN_TOKEN must be set"
@@ -43,12 +45,13 @@ def token_problem(token: str, *, production: bool) -> str | None:
     if (
         _placeholder(token)
         or len(token) < MIN_TOKEN_LENGTH
+        or len(set(token)) < MIN_TOKEN_DISTINCT
         or not all("!" <= c <= "~" for c in token)
     ):
         return (
             f"CANOPY_ADMIN_TOKEN must be set to a random value of at least {MIN_TOKEN_LENGTH} "
-            "visible ASCII characters in production (e.g. python -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))')"
+            f"visible ASCII characters ({MIN_TOKEN_DISTINCT} different ones) in production "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from pydantic import ValidationError
 
@@ -112,4 +114,7 @@ def test_settings_refuse_placeholder_token_in_production(monkeypatch: pytest.Mon
     with pytest.raises(ValidationError, match="at least 16"):
         CommonSettings()
     monkeypatch.setenv("CANOPY_ADMIN_TOKEN", "x" * 32)
+    with pytest.raises(ValidationError, match="8 different"):
+        CommonSettings()
+    monkeypatch.setenv("CANOPY_ADMIN_TOKEN", secrets.token_urlsafe(32))
     assert CommonSettings().env == "production"
