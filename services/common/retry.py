@@ -21,6 +21,7 @@ async def retry_forever(
     give_up_on: tuple[type[Exception], ...] = (),
     first_delay: float = 0.05,
     max_delay: float = 2.0,
+    on_retry: Callable[[Exception], None] | None = None,
 ) -> None:
     """Await `action()` until it returns. Errors in `give_up_on` are raised at once (retrying
     cannot help); errors in `retry_on` are logged and retried after 0.05, 0.1 … `max_delay` s."""
@@ -33,5 +34,7 @@ async def retry_forever(
             raise
         except retry_on as exc:
             log.warning("%s failed (%r); retrying in %.2f s", what, exc, delay)
+            if on_retry is not None:
+                on_retry(exc)
             await asyncio.sleep(delay)
             delay = min(2 * delay, max_delay)

@@ -3,8 +3,8 @@
 Each message is a `LogBatch` from decisions. Messages are buffered as they arrive and their
 records written with one unordered `insert_many` when `store_batch_size` records are waiting
 or `store_batch_seconds` have passed. The broker is acknowledged only after MongoDB took
-the batch; on a failure the whole batch is requeued, and the unique `_id` of each event makes
-the retry harmless.
+the batch; while MongoDB fails the batch is held and written again until it succeeds, and the
+unique `_id` of each event makes a repeated write harmless.
 
 When the broker connection drops, messages received on the old channel can no longer be
 acknowledged (the broker requeues them by itself); a batch may mix them with messages of the
@@ -28,6 +28,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from services.common.messages import Channel, LogBatch, LogRecord
+from services.common.retry import retry_forever
 from services.store.domain import event_document
 from services.store.metrics import StoreMetrics
 from services.store.repository import Repository
@@ -68,7 +69,6 @@ class EventWriter:
         self._waiting = 0  # records in the buffer
         self._full = asyncio.Event()
         self.written_batches = 0
-        self._failures = 0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -103,22 +103,27 @@ class EventWriter:
         documents = [event_document(r) for r in records]
         barriers = [b.barrier for _, b in batch if b.barrier is not None]
         started = time.perf_counter()
-        try:
+        inserted = 0
+
+        async def write() -> None:
+            nonlocal inserted
             inserted = await self._repository.insert_events(documents)
             await self._repository.apply_status(
                 u for r in records if (u := status_update(r)) is not None
             )
             if barriers:
                 await self._repository.record_barriers(barriers)
-        except Exception:
-            log.exception("writing a batch of %d events failed; requeued", len(documents))
-            self._metrics.failures.inc()
-            await _settle(batch, ack=False)
-            self._failures += 1
-            await asyncio.sleep(min(0.1 * 2**self._failures, 5.0))  # back off while MongoDB is down
-            return
-        self._failures = 0
-        await _settle(batch, ack=True)
+
+        # Held (unacknowledged) and retried while MongoDB is away, however long: requeueing
+        # would count against the queue's delivery limit and dead-letter the log in the end.
+        await retry_forever(
+            write,
+            f"writing a batch of {len(documents)} events",
+            first_delay=0.1,
+            max_delay=5.0,
+            on_retry=lambda exc: self._metrics.failures.inc(),
+        )
+        await _ack(batch)
         self.written_batches += 1
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(documents))
@@ -127,10 +132,10 @@ class EventWriter:
             self._metrics.events.labels(document["direction"]).inc()
 
 
-async def _settle(batch: list[tuple[AbstractIncomingMessage, LogBatch]], *, ack: bool) -> None:
-    """Ack (or nack with requeue) a batch's messages: per channel, up to each one's last tag.
+async def _ack(batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
+    """Ack a written batch's messages: per channel, up to each one's last delivery tag.
 
-    A message of a channel that closed meanwhile cannot be settled, and need not be: the broker
+    A message of a channel that closed meanwhile cannot be acked, and need not be: the broker
     requeued it when the channel closed, and its events are written again as duplicates."""
     last: dict[int, AbstractIncomingMessage] = {}
     for message, _ in batch:
@@ -139,9 +144,6 @@ async def _settle(batch: list[tuple[AbstractIncomingMessage, LogBatch]], *, ack:
             last[key] = message
     for message in last.values():
         try:
-            if ack:
-                await message.ack(multiple=True)
-            else:
-                await message.nack(multiple=True, requeue=True)
+            await message.ack(multiple=True)
         except Exception as exc:
-            log.warning("could not settle messages of a closed channel (%r): redelivered", exc)
+            log.warning("could not ack messages of a closed channel (%r): redelivered", exc)

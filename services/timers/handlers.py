@@ -109,14 +109,24 @@ class TimersWorker:
             log.error("unexpected %s on the timers queue: %s", envelope.type, envelope.id)
             return
         payload = envelope.payload
-        document = await self._repository.claim(
-            session=envelope.session,
-            group=envelope.group,
-            period=int(payload["period"]),
-            length=float(payload["period_length"]),
-            num_subperiods=int(payload.get("num_subperiods", 0)),
-            now=now(),
-        )
+        claimed: dict[str, Any] = {}
+
+        async def claim() -> None:
+            claimed.update(
+                await self._repository.claim(
+                    session=envelope.session,
+                    group=envelope.group,
+                    period=int(payload["period"]),
+                    length=float(payload["period_length"]),
+                    num_subperiods=int(payload.get("num_subperiods", 0)),
+                    now=now(),  # the period starts when its schedule is durable
+                )
+            )
+
+        # Retried here while MongoDB is away, not requeued: a command requeued over and over
+        # would reach the queue's delivery limit and be dead-lettered, its period never run.
+        await retry_forever(claim, f"claiming period {payload['period']} of {envelope.group}")
+        document = claimed
         if not document["done"]:
             self._start(document)  # a repeated command for a running period changes nothing
 
