@@ -88,7 +88,7 @@ def running_group(size: int = 4) -> tuple[GroupState, list[str]]:
     state = GroupState(config, experiments.get("decisions"))
     for index, code in enumerate(members):
         state.on_presence(code, f"connection-{index}", True)
-    state.on_timer("period_start", 1, 0, time.time() + 3600)
+    state.on_timer("period_start", 1, 0, time.time() + 3600, now=time.time())
     if state.state != "running":
         raise RuntimeError(f"micro group did not start: {state.state}")
     return state, members

@@ -77,23 +77,36 @@ class Bimatrix:
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
     ) -> dict[str, float]:
+        """Expected flow payoffs. Two members: member 1 is the row player, member 2 the column
+        player (`matrix[r][c] = [row's, column's]`). More: each plays as the row player against
+        the mean mix of the others (the matrix is symmetric then)."""
         matrix = params.get("payoff_matrix", [[[3, 3], [0, 5]], [[5, 0], [1, 1]]])
+        if len(decisions) == 2 and sorted(roles.get(c, 0) for c in decisions) == [1, 2]:
+            row, column = sorted(decisions, key=lambda c: roles[c])
+            if not (_is_number(decisions[row]) and _is_number(decisions[column])):
+                return dict.fromkeys(decisions, 0.0)
+            p, q = float(decisions[row]), float(decisions[column])
+            return {row: _expected(matrix, p, q, 0), column: _expected(matrix, p, q, 1)}
         result: dict[str, float] = {}
         for me, mine in decisions.items():
             others = [v for code, v in decisions.items() if code != me and _is_number(v)]
             if not _is_number(mine) or not others:
                 result[me] = 0.0
                 continue
-            p = float(mine)
             q = sum(float(v) for v in others) / len(others)
-            result[me] = round(
-                p * q * matrix[0][0][0]
-                + p * (1 - q) * matrix[0][1][0]
-                + (1 - p) * q * matrix[1][0][0]
-                + (1 - p) * (1 - q) * matrix[1][1][0],
-                6,
-            )
+            result[me] = _expected(matrix, float(mine), q, 0)
         return result
+
+
+def _expected(matrix: Any, p: float, q: float, player: int) -> float:
+    """The expected payoff of `player` (0 row, 1 column) when the row player plays action 0
+    with probability p and the column player with probability q."""
+    return float(
+        p * q * matrix[0][0][player]
+        + p * (1 - q) * matrix[0][1][player]
+        + (1 - p) * q * matrix[1][0][player]
+        + (1 - p) * (1 - q) * matrix[1][1][player]
+    )
 
 
 _REGISTRY: dict[str, Experiment] = {}

@@ -34,12 +34,16 @@ TICK = 1e-6
 
 @dataclass(frozen=True)
 class Broadcast:
-    """A logged server frame for the whole group, or for one member when `participant` is set."""
+    """A logged server frame for the whole group, or for one member when `participant` is set.
+
+    `ts`: the row's timestamp when the state machine chose it (ticks, whose times payoffs are
+    integrated over); None: the adapter stamps it when it carries the broadcast out."""
 
     channel: str
     payload: Any
     participant: str | None = None
     seq: int | None = None
+    ts: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,14 @@ class GroupState:
     last_broadcast_at: float = float("-inf")
     flush_pending: bool = False
     clock: float = float("-inf")  # the `ts` of the group's latest log row
+    # Payoffs of the running period (PROTOCOL v1.1 "Payoffs"): ∫ u_i dt since its start,
+    # the flow payoffs u_i(d) of the current decisions and since when they hold, and (discrete
+    # mode) each sub-period's snapshot.
+    period_started_at: float = 0.0
+    flow: dict[str, float] = field(default_factory=dict)
+    flow_since: float = 0.0
+    area: dict[str, float] = field(default_factory=dict)
+    snapshots: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for index, code in enumerate(self.config.members, start=1):
@@ -124,7 +136,9 @@ class GroupState:
         problem = self.experiment.validate(payload, self.config.params)
         if problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, problem)]
+        self._accrue(now)  # the old decisions held until this frame's row
         self.decisions[participant] = payload
+        self.flow = self._payoffs()
         return self._decisions_changed(now)
 
     def on_presence(self, participant: str, connection: str, connected: bool) -> list[Effect]:
@@ -159,25 +173,40 @@ class GroupState:
         return self.on_presence(participant, connection, connected=False)
 
     def on_timer(
-        self, event: str, period: int, index: int, ends_at: float | None, *, late: bool = False
+        self,
+        event: str,
+        period: int,
+        index: int,
+        ends_at: float | None,
+        *,
+        now: float,
+        late: bool = False,
     ) -> list[Effect]:
-        """A tick. Idempotent: a tick applied already (timers re-sends those whose publish it
-        could not record before a crash) changes nothing. `late`: fired after its deadline
-        because timers was down; the broadcast says so (`"late": true`)."""
+        """A tick at `now`. Idempotent: a tick applied already (timers re-sends those whose
+        publish it could not record before a crash) changes nothing. `late`: fired after its
+        deadline because timers was down; the broadcast says so (`"late": true`).
+
+        Tick rows are stamped here, since the period's payoffs are integrated over their `ts`."""
         if period != self.period:
             return []  # a tick of another period (e.g. redelivered after it ended)
         mark = {"late": True} if late else {}
         if event == "period_start" and self.state in ("waiting", "starting"):
             self.state, self.ends_at, self.subperiod = "running", ends_at, 0
+            ts = self.stamp(now)
+            self.period_started_at = self.flow_since = ts
+            self.flow, self.area, self.snapshots = self._payoffs(), {}, []
             length = self.config.period_length
             return [
                 Broadcast(
                     Channel.PERIOD_START,
                     {"period": period, "length": length, "ends_at": ends_at, **mark},
+                    ts=ts,
                 )
             ]
         if event == "subperiod" and self.state == "running" and index > self.subperiod:
             self.subperiod = index
+            snapshot = self._payoffs()
+            self.snapshots.append(snapshot)
             return [
                 Broadcast(
                     Channel.SUBPERIOD,
@@ -185,16 +214,21 @@ class GroupState:
                         "period": period,
                         "index": index,
                         "group_decisions": dict(self.decisions),
-                        "payoffs": self._payoffs(),
+                        "payoffs": snapshot,
                         **mark,
                     },
+                    ts=self.stamp(now),
                 )
             ]
         if event == "period_end" and self.state == "running":
             effects: list[Effect] = []
             if self.flush_pending:  # the last change is never dropped
                 self.flush_pending = False
-                effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions)))
+                ts = self.stamp(now)
+                self.last_broadcast_at = ts
+                effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions), ts=ts))
+            ts = self.stamp(now)
+            payoffs = self._period_payoffs(ts)
             self.state = "ended"
             effects.append(
                 Broadcast(
@@ -202,9 +236,10 @@ class GroupState:
                     {
                         "period": period,
                         "group_decisions": dict(self.decisions),
-                        "payoffs": self._payoffs(),
+                        "payoffs": payoffs,
                         **mark,
                     },
+                    ts=ts,
                 )
             )
             if self.period < self.config.num_periods:
@@ -226,19 +261,23 @@ class GroupState:
         """Apply one log row (`{"ts", "participant", "direction", "channel", "seq", "value"}`)
         the way its input was applied live; the effects are already in the log."""
         ts = float(row["ts"])
-        self.clock = max(self.clock, ts)
         channel, value = row["channel"], row["value"]
-        if row["direction"] == "in":
-            self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
-        elif channel == Channel.GROUP_DECISIONS:
-            self.last_broadcast_at, self.flush_pending = ts, False
-        elif channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
+        if channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
+            # Stamps its row itself, as live: at `ts`, which lies after the previous row's.
             self.on_timer(
                 channel,
                 int(value["period"]),
                 int(value.get("index", 0)),
                 value.get("ends_at"),
+                now=ts,
             )
+        self.clock = max(self.clock, ts)
+        if channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
+            return
+        if row["direction"] == "in":
+            self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
+        elif channel == Channel.GROUP_DECISIONS:
+            self.last_broadcast_at, self.flush_pending = ts, False
         elif channel == Channel.PRESENCE:
             participant = str(value["participant"])
             if value["connected"]:
@@ -299,6 +338,31 @@ class GroupState:
             participant=participant,
             seq=seq,
         )
+
+    def _accrue(self, now: float) -> None:
+        """Add the current flow payoffs from `flow_since` until `now` to the period's area."""
+        if self.state != "running":
+            return
+        held = now - self.flow_since
+        for code, value in self.flow.items():
+            self.area[code] = self.area.get(code, 0.0) + value * held
+        self.flow_since = now
+
+    def _period_payoffs(self, ended_at: float) -> dict[str, float]:
+        """Continuous: the time average of u_i over the period; discrete: the mean over its
+        sub-periods' snapshots (0 before the first one)."""
+        self._accrue(ended_at)
+        codes = list(self.flow)
+        if self.config.num_subperiods > 0:
+            count = len(self.snapshots)
+            return {
+                c: sum(s.get(c, 0.0) for s in self.snapshots) / count if count else 0.0
+                for c in codes
+            }
+        duration = ended_at - self.period_started_at
+        if duration <= 0:
+            return dict(self.flow)
+        return {c: self.area.get(c, 0.0) / duration for c in codes}
 
     def _payoffs(self) -> dict[str, float]:
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}

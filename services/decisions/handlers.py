@@ -133,6 +133,11 @@ class Routes:
             self._retired.popitem(last=False)
 
 
+def _stamp(state: GroupState, broadcast: Broadcast) -> float:
+    """A broadcast's row `ts`: the state machine's (ticks), or the group's next one."""
+    return broadcast.ts if broadcast.ts is not None else state.stamp(now())
+
+
 class DecisionsWorker:
     def __init__(
         self,
@@ -235,12 +240,16 @@ class DecisionsWorker:
         if state is None:
             log.warning("input for unknown group %s dropped", envelope.group)
             return completed()
-        ts = state.stamp(now())  # its place in the group's order (PROTOCOL v1.1 Timestamps)
         records: list[LogRecord] = []
         if envelope.type is MessageType.FRAME_ACCEPTED and not state.seen(
             envelope.participant or "", envelope.seq or 0
         ):
+            # Its place in the group's order (PROTOCOL v1.1 Timestamps). The clock moves only
+            # for rows of the log, so that a rebuild's fold moves it the same way.
+            ts = state.stamp(now())
             records.append(inbound_record(envelope, ts))
+        else:
+            ts = now()
         self.routes.learn(envelope)
         effects = self._apply_input(state, envelope, ts)
         publishes = self._carry_out(state, effects, records)
@@ -280,6 +289,7 @@ class DecisionsWorker:
                 int(payload["period"]),
                 int(payload.get("index", 0)),
                 payload.get("ends_at"),
+                now=ts,
                 late=bool(payload.get("late")),
             )
         log.error("unexpected %s on a shard queue: %s", envelope.type, envelope.id)
@@ -370,7 +380,7 @@ class DecisionsWorker:
                     seq=effect.seq if isinstance(effect, Broadcast) else None,
                     connection=effect.connection if isinstance(effect, Control) else None,
                     channel=effect.channel,
-                    ts=state.stamp(now()) if logged else now(),
+                    ts=_stamp(state, effect) if isinstance(effect, Broadcast) else now(),
                     payload=effect.payload,
                 )
                 tasks.extend(self._send(envelope))

@@ -273,6 +273,9 @@ def session_summary(
                 "id_in_group": p["id_in_group"],
                 "url": p["url"],
                 "connected": bool(p.get("connected")),
+                # Ended periods' payoffs (PROTOCOL v1.1), keyed by the period's number.
+                "payoffs": dict(sorted(p.get("payoffs", {}).items(), key=lambda kv: int(kv[0]))),
+                "total_payoff": sum(p.get("payoffs", {}).values()),
             }
             for p in participants
         ],

@@ -36,20 +36,25 @@ from services.store.repository import Repository
 log = logging.getLogger(__name__)
 
 
-def status_update(record: LogRecord) -> tuple[str, str, dict[str, Any]] | None:
-    """The live status (for the monitor) that a logged broadcast changes, or None."""
+def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
+    """The live status (monitor, session detail) that a logged broadcast changes: presence,
+    each group's period, and at a period's end each member's payoff for it."""
     if record.direction != "out" or not isinstance(record.value, dict):
-        return None
+        return []
     value = record.value
     if record.channel == Channel.PRESENCE:
-        return "participants", str(value["participant"]), {"connected": value["connected"]}
+        return [("participants", str(value["participant"]), {"connected": value["connected"]})]
     if record.channel == Channel.PERIOD_START:
         period = {"number": value["period"], "state": "running", "ends_at": value["ends_at"]}
-        return "groups", record.group, {"period": period}
+        return [("groups", record.group, {"period": period})]
     if record.channel == Channel.PERIOD_END:
         period = {"number": value["period"], "state": "ended", "ends_at": None}
-        return "groups", record.group, {"period": period}
-    return None
+        payoffs = value.get("payoffs") or {}
+        return [("groups", record.group, {"period": period})] + [
+            ("participants", str(code), {f"payoffs.{value['period']}": payoff})
+            for code, payoff in payoffs.items()
+        ]
+    return []
 
 
 class EventWriter:
@@ -109,7 +114,7 @@ class EventWriter:
             nonlocal inserted
             inserted = await self._repository.insert_events(documents)
             await self._repository.apply_status(
-                u for r in records if (u := status_update(r)) is not None
+                update for record in records for update in status_updates(record)
             )
             if barriers:
                 await self._repository.record_barriers(barriers)

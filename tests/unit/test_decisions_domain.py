@@ -34,7 +34,7 @@ def running_state(**kwargs: object) -> GroupState:
     state = make_state(**kwargs)  # type: ignore[arg-type]
     for code in state.config.members:
         state.on_presence(code, f"c-{code}", connected=True)
-    state.on_timer("period_start", 1, 0, ends_at=110.0)
+    state.on_timer("period_start", 1, 0, ends_at=110.0, now=100.0)
     return state
 
 
@@ -119,7 +119,7 @@ def test_rate_limit_coalesces_and_never_drops_the_last_change() -> None:
     assert state.flush(now=11.1) == []
     # A pending change is flushed before period_end.
     state.on_frame("a", 3, "decisions", 0.4, now=11.5)
-    assert channels(state.on_timer("period_end", 1, 0, ends_at=None)) == [
+    assert channels(state.on_timer("period_end", 1, 0, ends_at=None, now=100.0)) == [
         "group_decisions",
         "period_end",
     ]
@@ -138,18 +138,18 @@ def test_replacement_is_no_presence_change_and_old_connection_is_told() -> None:
 
 def test_period_end_and_next_period() -> None:
     state = running_state(num_periods=2)
-    effects = state.on_timer("period_end", 1, 0, ends_at=None)
+    effects = state.on_timer("period_end", 1, 0, ends_at=None, now=100.0)
     assert channels(effects) == ["period_end"]
     assert StartPeriod(2, 10.0, 0) in effects
-    assert state.on_timer("period_end", 1, 0, ends_at=None) == []  # redelivered tick
-    state.on_timer("period_start", 2, 0, ends_at=200.0)
+    assert state.on_timer("period_end", 1, 0, ends_at=None, now=100.0) == []  # redelivered tick
+    state.on_timer("period_start", 2, 0, ends_at=200.0, now=100.0)
     assert state.hello("a")["period"] == {"number": 2, "state": "running", "ends_at": 200.0}
 
 
 def test_subperiod_snapshots() -> None:
     state = running_state(experiment="bimatrix")
-    (effect,) = state.on_timer("subperiod", 1, 1, ends_at=None)
+    (effect,) = state.on_timer("subperiod", 1, 1, ends_at=None, now=100.0)
     assert isinstance(effect, Broadcast)
     assert effect.payload["index"] == 1
     assert set(effect.payload["payoffs"]) == {"a", "b"}
-    assert state.on_timer("subperiod", 1, 1, ends_at=None) == []
+    assert state.on_timer("subperiod", 1, 1, ends_at=None, now=100.0) == []

@@ -53,9 +53,10 @@ class Recorder:
     def _log(self, effects: list[Effect]) -> list[Effect]:
         for effect in effects:
             if isinstance(effect, Broadcast):
+                ts = effect.ts if effect.ts is not None else self.state.stamp(self.now)
                 self.rows.append(
                     {
-                        "ts": self.state.stamp(self.now),
+                        "ts": ts,
                         "participant": effect.participant,
                         "direction": "out",
                         "channel": effect.channel,
@@ -68,8 +69,9 @@ class Recorder:
         return effects
 
     def frame(self, participant: str, seq: int, value: Any, channel: str = "decisions") -> None:
-        ts = self.state.stamp(self.now)
+        ts = self.now
         if not self.state.seen(participant, seq):
+            ts = self.state.stamp(self.now)
             self.rows.append(
                 {
                     "ts": ts,
@@ -83,14 +85,12 @@ class Recorder:
         self._log(self.state.on_frame(participant, seq, channel, value, ts))
 
     def presence(self, participant: str, connection: str, connected: bool) -> None:
-        self.state.stamp(self.now)
         self._log(self.state.on_presence(participant, connection, connected))
 
     def tick(self, event: str, index: int = 0) -> None:
-        self.state.stamp(self.now)
         period = self.state.period
         ends_at = self.now + self.state.config.period_length
-        self._log(self.state.on_timer(event, period, index, ends_at))
+        self._log(self.state.on_timer(event, period, index, ends_at, now=self.now))
 
     def flush(self) -> None:
         self._log(self.state.flush(self.now))
@@ -106,6 +106,10 @@ def comparable(state: GroupState) -> dict[str, Any]:
         "subperiod": state.subperiod,
         "connected": sorted(state.connections),
         "flush_pending": state.flush_pending,
+        "area": state.area,
+        "flow": state.flow,
+        "snapshots": state.snapshots,
+        "period_started_at": state.period_started_at,
     }
 
 
@@ -212,9 +216,9 @@ def test_late_ticks_say_so_and_ticks_apply_once() -> None:
     cfg = config(members=["a"], num_subperiods=2)
     state = GroupState(cfg, experiments.get(cfg.experiment))
     state.on_presence("a", "a0", connected=True)
-    (start,) = state.on_timer("period_start", 1, 0, 110.0, late=True)
+    (start,) = state.on_timer("period_start", 1, 0, 110.0, now=100.0, late=True)
     assert isinstance(start, Broadcast) and start.payload["late"] is True
-    (sub,) = state.on_timer("subperiod", 1, 1, None)
+    (sub,) = state.on_timer("subperiod", 1, 1, None, now=105.0)
     assert isinstance(sub, Broadcast) and "late" not in sub.payload
-    assert state.on_timer("subperiod", 1, 1, None, late=True) == []
-    assert state.on_timer("period_start", 1, 0, 110.0) == []
+    assert state.on_timer("subperiod", 1, 1, None, now=105.1, late=True) == []
+    assert state.on_timer("period_start", 1, 0, 110.0, now=105.2) == []

@@ -1,0 +1,73 @@
+"""Payoffs end to end: `period_end.payoffs` equals a recomputation from the export alone
+(PROTOCOL v1.1 "Payoffs"), and the session detail gives each participant's per-period payoffs
+and their total."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.protocol import connect_group, create_session, export_until
+from tests.unit.test_payoffs import recompute
+
+pytestmark = [pytest.mark.e2e]
+
+
+def rows_of(export: list[dict[str, str]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **r,
+            "ts": datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp(),
+            "seq": int(r["seq"]) if r["seq"] else None,
+            "value": json.loads(r["value"]),
+        }
+        for r in export
+    ]
+
+
+async def test_period_payoffs_equal_the_export_and_the_session_detail(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(api, experiment="bimatrix", period_length=2, num_periods=2)
+    codes = [p["code"] for p in session["participants"]]
+    row, col = await connect_group(gateway_url, codes)
+    for seq, (mine, theirs) in enumerate([(1.0, 0.0), (0.2, 0.9), (0.6, 0.6)], start=1):
+        await row.send(mine, seq=seq)
+        await row.ack(seq)
+        await col.send(theirs, seq=seq)
+        await col.ack(seq)
+        await asyncio.sleep(0.1)  # decisions that hold for a while, not a synchronisation
+    first = await row.expect("period_end", lambda p: p["period"] == 1)
+    second = await row.expect("period_end", lambda p: p["period"] == 2, timeout=15)
+    export = await export_until(
+        api,
+        session["session"],
+        lambda r: sum(1 for x in r if x["channel"] == "period_end") == 2,
+    )
+    rows = rows_of(export)
+    for end in (first, second):
+        again = recompute(rows, codes, end["period"])
+        assert end["payoffs"] == pytest.approx(again, rel=1e-5, abs=1e-6)
+    # Period 2 kept period 1's last decisions (carry-over): both held the whole period.
+    assert second["payoffs"][codes[0]] == pytest.approx(
+        0.6 * 0.6 * 3 + 0.6 * 0.4 * 0 + 0.4 * 0.6 * 5 + 0.4 * 0.4 * 1
+    )
+
+    async with asyncio.timeout(10):
+        while True:
+            detail = (await api.get(f"/api/sessions/{session['session']}")).json()
+            people = {p["code"]: p for p in detail["participants"]}
+            if all(len(p["payoffs"]) == 2 for p in people.values()):
+                break
+            await asyncio.sleep(0.05)
+    for code in codes:
+        expected = {"1": first["payoffs"][code], "2": second["payoffs"][code]}
+        assert people[code]["payoffs"] == pytest.approx(expected)
+        assert people[code]["total_payoff"] == pytest.approx(sum(expected.values()))
+    await row.close()
+    await col.close()
