@@ -109,6 +109,33 @@ def _expected(matrix: Any, p: float, q: float, player: int) -> float:
     )
 
 
+@dataclass(frozen=True)
+class PublicGoods:
+    """Continuous public goods game: a decision is a contribution in [0, endowment], initial 0;
+    `u_i = endowment − c_i + mpcr · Σ_j c_j` (`params.endowment` 20, `params.mpcr` 0.4)."""
+
+    name: str = "public_goods"
+    channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
+        return 0
+
+    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
+        endowment = float(params.get("endowment", 20))
+        if _is_number(decision) and 0 <= decision <= endowment:
+            return None
+        return f"a contribution must be a number in [0, {endowment:g}]"
+
+    def payoffs(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        endowment = float(params.get("endowment", 20))
+        mpcr = float(params.get("mpcr", 0.4))
+        given = {c: float(v) if _is_number(v) else 0.0 for c, v in decisions.items()}
+        pot = mpcr * sum(given.values())
+        return {code: endowment - c + pot for code, c in given.items()}
+
+
 _REGISTRY: dict[str, Experiment] = {}
 
 
@@ -126,3 +153,4 @@ def names() -> list[str]:
 
 register(PlainDecisions())
 register(Bimatrix())
+register(PublicGoods())

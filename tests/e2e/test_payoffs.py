@@ -71,3 +71,23 @@ async def test_period_payoffs_equal_the_export_and_the_session_detail(
         assert people[code]["total_payoff"] == pytest.approx(sum(expected.values()))
     await row.close()
     await col.close()
+
+
+async def test_public_goods_end_to_end(api: httpx.AsyncClient, gateway_url: str) -> None:
+    session = await create_session(
+        api, experiment="public_goods", period_length=1, params={"endowment": 10, "mpcr": 0.5}
+    )
+    codes = [p["code"] for p in session["participants"]]
+    a, b = await connect_group(gateway_url, codes)
+    hello = a.seen("hello")[0]
+    assert hello["group_decisions"] == dict.fromkeys(codes, 0)
+    await a.send(11, seq=1)  # more than the endowment
+    assert (await a.error(1))["code"] == "invalid_decision"
+    await a.send(10, seq=2)
+    await a.ack(2)
+    end = await b.expect("period_end")
+    # a gave 10 for (nearly) the whole period: a keeps 0 + 5, b keeps 10 + 5.
+    assert end["payoffs"][codes[0]] == pytest.approx(5.0, abs=0.5)
+    assert end["payoffs"][codes[1]] == pytest.approx(15.0, abs=0.5)
+    await a.close()
+    await b.close()

@@ -177,3 +177,21 @@ def test_decisions_has_no_payoffs() -> None:
     rec.frame("a", 1, 3.0)
     rec.tick("period_end")
     assert rec.rows[-1]["value"]["payoffs"] == {}
+
+
+def test_public_goods_pays_the_endowment_kept_plus_a_share_of_the_pot() -> None:
+    game = experiments.get("public_goods")
+    roles = {"a": 1, "b": 2, "c": 3}
+    assert game.initial_decision(1, {}) == 0
+    assert game.payoffs({"a": 20, "b": 0, "c": 10}, roles, {}) == pytest.approx(
+        {"a": 0 + 0.4 * 30, "b": 20 + 0.4 * 30, "c": 10 + 0.4 * 30}
+    )
+    params = {"endowment": 10, "mpcr": 0.5}
+    assert game.payoffs({"a": 10, "b": 10, "c": 0}, roles, params) == pytest.approx(
+        {"a": 10.0, "b": 10.0, "c": 20.0}
+    )
+    assert game.validate(20, {}) is None
+    assert game.validate(20.5, {}) is not None
+    assert game.validate(-1, {}) is not None
+    assert game.validate(11, params) is not None
+    assert game.validate(True, {}) is not None
