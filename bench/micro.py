@@ -31,8 +31,8 @@ from bench.procstats import cpu_seconds
 from bench.report import machine_info, now_iso, repo_commit
 from services.common import experiments
 from services.common.directory import GroupConfig
+from services.common.group import GroupState
 from services.common.messages import Envelope, MessageType, outbound_record
-from services.decisions.domain import GroupState
 from services.store import domain as store_domain
 from services.store.repository import Repository
 
@@ -268,7 +268,7 @@ async def rebuild_benchmark(mongo_url: str, events: int, repeats: int) -> dict[s
     """Read back and fold one group's log of `events` rows, as a restarted worker does."""
     import orjson
 
-    from services.decisions.domain import rebuild
+    from services.common.group import rebuild
     from services.store.recovery import _log_chunks
 
     state, codes = running_group()

@@ -43,6 +43,16 @@ from services.common.bus import (
     completed,
 )
 from services.common.directory import Directory, GroupConfig, NotFound
+from services.common.group import (
+    UNKNOWN,
+    Broadcast,
+    Control,
+    Effect,
+    FlushAt,
+    GroupState,
+    StartPeriod,
+    rebuild,
+)
 from services.common.messages import (
     Envelope,
     LogBatch,
@@ -52,16 +62,6 @@ from services.common.messages import (
     new_id,
     now,
     outbound_record,
-)
-from services.decisions.domain import (
-    UNKNOWN,
-    Broadcast,
-    Control,
-    Effect,
-    FlushAt,
-    GroupState,
-    StartPeriod,
-    rebuild,
 )
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics

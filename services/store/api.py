@@ -39,8 +39,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.errors import ApiCode, ApiError
-from services.store.domain import EXPORT_COLUMNS, CreateSession, iso_ts, layout_session
+from services.store.domain import (
+    EXPORT_COLUMNS,
+    CreateSession,
+    group_config,
+    iso_ts,
+    layout_session,
+)
 from services.store.metrics import StoreMetrics
+from services.store.replay import replay_session
 from services.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -346,6 +353,11 @@ def api_router(
             )
         return {"sessions": sessions}
 
+    @router.get("/sessions/{session_id}/replay", responses=_documented(404))
+    async def session_replay(session_id: str) -> dict[str, Any]:
+        """Every group's ended periods, rebuilt from the event log (PROTOCOL v1.1)."""
+        return await replay_session(repository, await load(session_id))
+
     @router.get("/sessions/{session_id}", responses=_documented(404))
     async def session_detail(session_id: str) -> dict[str, Any]:
         session = await load(session_id)
@@ -458,17 +470,7 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         session = await repository.session(document["session"]) if document else None
         if document is None or session is None:
             raise ApiError(404, ApiCode.NOT_FOUND, "unknown group")
-        return {
-            "session": session["_id"],
-            "group": group_id,
-            "experiment": session["experiment"],
-            "members": document["members"],
-            "num_periods": session["num_periods"],
-            "period_length": session["period_length"],
-            "num_subperiods": session["num_subperiods"],
-            "rate_limit": session["rate_limit"],
-            "params": session["params"],
-        }
+        return group_config(session, document).model_dump()
 
     return router
 

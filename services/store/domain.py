@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from services.common import experiments
+from services.common.directory import GroupConfig
 from services.common.messages import LogRecord
 
 EXPORT_COLUMNS = ("ts", "session", "group", "participant", "direction", "channel", "seq", "value")
@@ -178,3 +179,19 @@ def event_document(record: LogRecord) -> dict[str, Any]:
 
 def iso_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def group_config(session: dict[str, Any], group: dict[str, Any]) -> GroupConfig:
+    """A group's configuration from its session's and group's documents (what decisions asks
+    for over /internal, and what the replay folds the group's log with)."""
+    return GroupConfig(
+        session=session["_id"],
+        group=group["_id"],
+        experiment=session["experiment"],
+        members=group["members"],
+        num_periods=session["num_periods"],
+        period_length=session["period_length"],
+        num_subperiods=session["num_subperiods"],
+        rate_limit=session["rate_limit"],
+        params=session["params"],
+    )

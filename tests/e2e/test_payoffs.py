@@ -69,8 +69,55 @@ async def test_period_payoffs_equal_the_export_and_the_session_detail(
         expected = {"1": first["payoffs"][code], "2": second["payoffs"][code]}
         assert people[code]["payoffs"] == pytest.approx(expected)
         assert people[code]["total_payoff"] == pytest.approx(sum(expected.values()))
+
+    # The replay rebuilds both periods from the log: what was broadcast.
+    replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
+    (group,) = replay["groups"]
+    assert group["group"] == session["groups"][0]["group"]
+    assert group["periods"] == [
+        {
+            "period": end["period"],
+            "group_decisions": end["group_decisions"],
+            "payoffs": end["payoffs"],
+            "subperiods": [],
+        }
+        for end in (first, second)
+    ]
     await row.close()
     await col.close()
+
+
+async def test_replay_of_a_discrete_period_equals_its_broadcasts(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(api, experiment="bimatrix", period_length=1.5, num_subperiods=3)
+    codes = [p["code"] for p in session["participants"]]
+    a, b = await connect_group(gateway_url, codes)
+    await a.send(0.9, seq=1)
+    await a.ack(1)
+    await b.expect("subperiod", lambda p: p["index"] == 1)
+    await b.send(0.1, seq=1)
+    await b.ack(1)
+    end = await a.expect("period_end")
+    subperiods = a.seen("subperiod")
+    assert [s["index"] for s in subperiods] == [1, 2, 3]
+    mean = {c: sum(s["payoffs"][c] for s in subperiods) / 3 for c in codes}
+    assert end["payoffs"] == pytest.approx(mean)
+    async with asyncio.timeout(10):
+        while True:
+            replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
+            if replay["groups"][0]["periods"]:
+                break
+            await asyncio.sleep(0.05)
+    (period,) = replay["groups"][0]["periods"]
+    assert period["payoffs"] == end["payoffs"]
+    assert period["group_decisions"] == end["group_decisions"]
+    assert period["subperiods"] == [
+        {"index": s["index"], "group_decisions": s["group_decisions"], "payoffs": s["payoffs"]}
+        for s in subperiods
+    ]
+    await a.close()
+    await b.close()
 
 
 async def test_public_goods_end_to_end(api: httpx.AsyncClient, gateway_url: str) -> None:

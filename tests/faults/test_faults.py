@@ -28,7 +28,7 @@ import pytest
 
 from services.common import experiments
 from services.common.directory import GroupConfig
-from services.decisions.domain import rebuild
+from services.common.group import rebuild
 from tests.faults.bots import Bot
 
 pytestmark = [pytest.mark.e2e]

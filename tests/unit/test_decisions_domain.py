@@ -6,7 +6,7 @@ import pytest
 
 from services.common import experiments
 from services.common.directory import GroupConfig
-from services.decisions.domain import Broadcast, Control, FlushAt, GroupState, StartPeriod
+from services.common.group import Broadcast, Control, FlushAt, GroupState, StartPeriod
 
 
 def make_state(

@@ -15,7 +15,7 @@ import pytest
 
 from services.common import experiments
 from services.common.directory import GroupConfig
-from services.decisions.domain import (
+from services.common.group import (
     TICK,
     UNKNOWN,
     Broadcast,

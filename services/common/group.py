@@ -1,4 +1,7 @@
-"""A group's live state machine: decisions, presence, periods, rate limit. Pure: no I/O.
+"""A group's state machine: decisions, presence, periods, rate limit, payoffs. Pure: no I/O.
+
+Shared (services/common) because two services fold a group's log with it: decisions, live
+and when it rebuilds a group after a restart, and the store, for `/replay`.
 
 `GroupState` receives the group's inputs in its one total order (frames, presence, timer ticks)
 and returns effects for the adapter to carry out (broadcasts, control frames, a StartPeriod
@@ -95,6 +98,10 @@ class GroupState:
     flow_since: float = 0.0
     area: dict[str, float] = field(default_factory=dict)
     snapshots: list[dict[str, float]] = field(default_factory=list)
+    # Every ended period as the replay reports it: {"period", "group_decisions", "payoffs",
+    # "subperiods": [{"index", "group_decisions", "payoffs"}]}.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    subperiods: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for index, code in enumerate(self.config.members, start=1):
@@ -195,6 +202,7 @@ class GroupState:
             ts = self.stamp(now)
             self.period_started_at = self.flow_since = ts
             self.flow, self.area, self.snapshots = self._payoffs(), {}, []
+            self.subperiods = []
             length = self.config.period_length
             return [
                 Broadcast(
@@ -207,6 +215,9 @@ class GroupState:
             self.subperiod = index
             snapshot = self._payoffs()
             self.snapshots.append(snapshot)
+            self.subperiods.append(
+                {"index": index, "group_decisions": dict(self.decisions), "payoffs": snapshot}
+            )
             return [
                 Broadcast(
                     Channel.SUBPERIOD,
@@ -230,6 +241,15 @@ class GroupState:
             ts = self.stamp(now)
             payoffs = self._period_payoffs(ts)
             self.state = "ended"
+            self.history.append(
+                {
+                    "period": period,
+                    "group_decisions": dict(self.decisions),
+                    "payoffs": payoffs,
+                    "subperiods": self.subperiods,
+                }
+            )
+            self.subperiods = []
             effects.append(
                 Broadcast(
                     Channel.PERIOD_END,
