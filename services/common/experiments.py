@@ -1,8 +1,10 @@
 """Experiments: the per-experiment hooks the decisions service calls (pure functions, no I/O).
 
-An experiment says which inbound channels it accepts, a member's initial decision, whether a
-decision is valid, and the payoffs of a set of group decisions (oTree / otree_redwood's
-`initial_decision`, validation and payoff functions). Register new ones with `register()`.
+An experiment says which inbound channels it accepts, its `params` (a pydantic model: a session
+with bad params is refused with 422 when it is created), what a group must be like
+(`check_group`), a member's initial decision, whether a decision is valid, and the payoffs of a
+set of group decisions (oTree / otree_redwood's `initial_decision`, validation and payoff
+functions). Register new ones with `register()`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class Experiment(Protocol):
@@ -20,6 +24,13 @@ class Experiment(Protocol):
     @property
     def channels(self) -> frozenset[str]:
         """Inbound channels participants may send on."""
+
+    @property
+    def params_model(self) -> type[BaseModel]:
+        """The session's `params`: unknown keys and bad values are refused (422)."""
+
+    def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
+        """(field, message) if a group of `group_size` cannot play with these params."""
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any: ...
 
@@ -35,12 +46,85 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _number(value: Any) -> Any:
+    """A JSON number (int or float, finite); "3" and true are not numbers."""
+    if not _is_number(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+class NoParams(BaseModel):
+    """An experiment without params: any key is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+GAMES: dict[str, list[list[list[float]]]] = {
+    "prisoners_dilemma": [[[3, 3], [0, 5]], [[5, 0], [1, 1]]],
+    "stag_hunt": [[[4, 4], [0, 3]], [[3, 0], [3, 3]]],
+    "hawk_dove": [[[0, 0], [3, 1]], [[1, 3], [2, 2]]],
+    "matching_pennies": [[[1, -1], [-1, 1]], [[-1, 1], [1, -1]]],
+}
+
+
+class BimatrixParams(BaseModel):
+    """`payoff_matrix[r][c] = [row player's, column player's]`, or a named `game`; not both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    payoff_matrix: (
+        Annotated[
+            list[
+                Annotated[
+                    list[Annotated[list[Number], Field(min_length=2, max_length=2)]],
+                    Field(min_length=2, max_length=2),
+                ]
+            ],
+            Field(min_length=2, max_length=2),
+        ]
+        | None
+    ) = None
+    game: Literal["prisoners_dilemma", "stag_hunt", "hawk_dove", "matching_pennies"] | None = None
+    initial_decision: Annotated[Number, Field(ge=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _one_game(self) -> BimatrixParams:
+        if self.payoff_matrix is not None and self.game is not None:
+            raise ValueError("give either payoff_matrix or game, not both")
+        return self
+
+    def matrix(self) -> list[list[list[float]]]:
+        if self.payoff_matrix is not None:
+            return self.payoff_matrix
+        return GAMES[self.game or "prisoners_dilemma"]
+
+
+def _matrix(params: Mapping[str, Any]) -> Any:
+    if "payoff_matrix" in params:
+        return params["payoff_matrix"]
+    return GAMES[str(params.get("game", "prisoners_dilemma"))]
+
+
+class PublicGoodsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endowment: Annotated[Number, Field(gt=0, le=1e9)] = 20.0
+    mpcr: Annotated[Number, Field(ge=0, le=1e3)] = 0.4
+
+
 @dataclass(frozen=True)
 class PlainDecisions:
     """Relays numbers: every member's decision is any finite number; no payoffs."""
 
     name: str = "decisions"
     channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+    params_model: type[BaseModel] = NoParams
+
+    def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
+        return None
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
         return None
@@ -64,6 +148,23 @@ class Bimatrix:
 
     name: str = "bimatrix"
     channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+    params_model: type[BaseModel] = BimatrixParams
+
+    def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
+        assert isinstance(params, BimatrixParams)
+        if group_size < 2:
+            return "group_size", "bimatrix needs groups of at least 2"
+        if params.game == "matching_pennies" and group_size != 2:
+            return "params.game", "matching_pennies is for groups of 2 only"
+        matrix = params.matrix()
+        symmetric = all(matrix[r][c][0] == matrix[c][r][1] for r in range(2) for c in range(2))
+        if group_size > 2 and not symmetric:
+            field = "params.payoff_matrix" if params.payoff_matrix is not None else "params.game"
+            return field, (
+                "groups larger than 2 need a symmetric game "
+                "(payoff_matrix[r][c][0] == payoff_matrix[c][r][1])"
+            )
+        return None
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
         value = params.get("initial_decision", 0.5)
@@ -80,7 +181,7 @@ class Bimatrix:
         """Expected flow payoffs. Two members: member 1 is the row player, member 2 the column
         player (`matrix[r][c] = [row's, column's]`). More: each plays as the row player against
         the mean mix of the others (the matrix is symmetric then)."""
-        matrix = params.get("payoff_matrix", [[[3, 3], [0, 5]], [[5, 0], [1, 1]]])
+        matrix = _matrix(params)
         if len(decisions) == 2 and sorted(roles.get(c, 0) for c in decisions) == [1, 2]:
             row, column = sorted(decisions, key=lambda c: roles[c])
             if not (_is_number(decisions[row]) and _is_number(decisions[column])):
@@ -116,6 +217,10 @@ class PublicGoods:
 
     name: str = "public_goods"
     channels: frozenset[str] = field(default_factory=lambda: frozenset({"decisions"}))
+    params_model: type[BaseModel] = PublicGoodsParams
+
+    def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
+        return None
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
         return 0

@@ -13,10 +13,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.common import experiments
 from services.common.directory import GroupConfig
@@ -100,14 +103,35 @@ class CreateSession(BaseModel):
             )
         if self.num_participants % self.group_size:
             raise ValueError("num_participants must be a multiple of group_size")
+        experiment = experiments.get(self.experiment)
+        problem = experiment.check_group(
+            experiment.params_model.model_validate(self.params), self.group_size
+        )
+        if problem is not None:  # reported at the field it names ("params.game", "group_size")
+            where, message = problem
+            raise ValidationError.from_exception_data(
+                "CreateSession",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("invalid_group", message),
+                        loc=tuple(where.split(".")),
+                        input=self.params if where.startswith("params") else self.group_size,
+                    )
+                ],
+            )
         return self
 
     @field_validator("params")
     @classmethod
-    def _plain_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+    def _plain_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         problem = _params_problem(params, "params")
         if problem is not None:
             raise ValueError(problem)
+        name = info.data.get("experiment")
+        if name in experiments.names():
+            # The experiment's own params model: a ValidationError raised here is reported at
+            # params.<its field> (e.g. params.payoff_matrix.0.1).
+            experiments.get(name).params_model.model_validate(params)
         return params
 
 

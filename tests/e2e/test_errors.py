@@ -116,3 +116,23 @@ async def test_unknown_code_is_refused(gateway_url: str) -> None:
         await ws.recv()
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4403
+
+
+async def test_bad_experiment_params_are_refused_naming_the_field(api: httpx.AsyncClient) -> None:
+    body = {
+        "experiment": "bimatrix",
+        "num_participants": 4,
+        "group_size": 4,
+        "period_length": 10,
+        "params": {"payoff_matrix": [[[3, 1], [0, 5]], [[5, 0], [1, 1]]]},
+    }
+    response = await api.post("/api/sessions", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["field"] == "params.payoff_matrix"
+    assert "symmetric" in error["message"]
+    response = await api.post(
+        "/api/sessions", json=body | {"experiment": "decisions", "params": {"x": 1}}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "params.x"
