@@ -11,7 +11,7 @@ Decisions also reads back the event log through it when it rebuilds a group (`gr
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -41,6 +41,10 @@ class GroupConfig(BaseModel):
     num_subperiods: int
     rate_limit: float
     params: dict[str, Any]
+    # PROTOCOL v1.1 session settings (defaults: a session created before they existed).
+    on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
+    carry_decisions: bool = True
+    post_period_delay: float = 0.0
 
     def id_in_group(self, code: str) -> int:
         return self.members.index(code) + 1

@@ -64,6 +64,7 @@ class StartPeriod:
     period: int
     period_length: float
     num_subperiods: int
+    delay: float = 0.0  # start this many seconds from now (post_period_delay)
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,16 @@ class GroupState:
     subperiods: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for index, code in enumerate(self.config.members, start=1):
-            self.decisions.setdefault(
-                code, self.experiment.initial_decision(index, self.config.params)
-            )
+        for code, decision in self._initial_decisions().items():
+            self.decisions.setdefault(code, decision)
             self.last_seq.setdefault(code, 0)
+
+    def _initial_decisions(self) -> dict[str, Any]:
+        params = self.config.params
+        return {
+            code: self.experiment.initial_decision(index, params)
+            for index, code in enumerate(self.config.members, start=1)
+        }
 
     # -- time ------------------------------------------------------------------------------
 
@@ -148,7 +154,9 @@ class GroupState:
         self.flow = self._payoffs()
         return self._decisions_changed(now)
 
-    def on_presence(self, participant: str, connection: str, connected: bool) -> list[Effect]:
+    def on_presence(
+        self, participant: str, connection: str, connected: bool, *, now: float = 0.0
+    ) -> list[Effect]:
         if participant not in self.last_seq:
             return []
         effects: list[Effect] = []
@@ -157,27 +165,29 @@ class GroupState:
             self.connections[participant] = connection
             effects.append(Control(Channel.HELLO, self.hello(participant), participant, connection))
             if current is None:
-                effects.append(self._presence(participant, connected=True))
+                effects.append(self._presence(participant, connected=True, now=now))
             elif current not in (connection, UNKNOWN):
                 effects.append(Control(Channel.REPLACED, {}, participant, current))
             effects.extend(self._maybe_start())
         elif current in (connection, UNKNOWN):
             # UNKNOWN: the log said connected, and its gateway saw it go; it was this one.
             del self.connections[participant]
-            effects.append(self._presence(participant, connected=False))
+            effects.append(self._presence(participant, connected=False, now=now))
+            if self.state == "running" and self.config.on_disconnect == "end_period":
+                effects.extend(self._end_period(now, {}))  # the payoffs so far
         # else: a replaced connection closed; the participant is still connected.
         return effects
 
-    def expire_unknown(self) -> list[Effect]:
+    def expire_unknown(self, now: float = 0.0) -> list[Effect]:
         """Members still UNKNOWN after the gateways re-announced theirs are gone."""
         effects: list[Effect] = []
         for participant in [p for p, c in self.connections.items() if c == UNKNOWN]:
-            effects.extend(self.on_presence(participant, UNKNOWN, connected=False))
+            effects.extend(self.on_presence(participant, UNKNOWN, connected=False, now=now))
         return effects
 
-    def disconnect(self, participant: str, connection: str) -> list[Effect]:
+    def disconnect(self, participant: str, connection: str, *, now: float = 0.0) -> list[Effect]:
         """The member's gateway died (liveness): as if its connection had closed."""
-        return self.on_presence(participant, connection, connected=False)
+        return self.on_presence(participant, connection, connected=False, now=now)
 
     def on_timer(
         self,
@@ -200,17 +210,25 @@ class GroupState:
         if event == "period_start" and self.state in ("waiting", "starting"):
             self.state, self.ends_at, self.subperiod = "running", ends_at, 0
             ts = self.stamp(now)
+            reset = period > 1 and not self.config.carry_decisions
+            if reset:  # every period starts from the initial decisions
+                self.decisions = self._initial_decisions()
             self.period_started_at = self.flow_since = ts
             self.flow, self.area, self.snapshots = self._payoffs(), {}, []
             self.subperiods = []
             length = self.config.period_length
-            return [
+            effects: list[Effect] = [
                 Broadcast(
                     Channel.PERIOD_START,
                     {"period": period, "length": length, "ends_at": ends_at, **mark},
                     ts=ts,
                 )
             ]
+            if reset:  # announce the reset state
+                ts = self.stamp(now)
+                self.last_broadcast_at, self.flush_pending = ts, False
+                effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions), ts=ts))
+            return effects
         if event == "subperiod" and self.state == "running" and index > self.subperiod:
             self.subperiod = index
             snapshot = self._payoffs()
@@ -232,41 +250,47 @@ class GroupState:
                 )
             ]
         if event == "period_end" and self.state == "running":
-            effects: list[Effect] = []
-            if self.flush_pending:  # the last change is never dropped
-                self.flush_pending = False
-                ts = self.stamp(now)
-                self.last_broadcast_at = ts
-                effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions), ts=ts))
+            return self._end_period(now, mark)
+        return []
+
+    def _end_period(self, now: float, mark: dict[str, Any]) -> list[Effect]:
+        """End the running period at `now`: its last change, `period_end` with its payoffs,
+        and the next period (started when the group is complete)."""
+        period = self.period
+        effects: list[Effect] = []
+        if self.flush_pending:  # the last change is never dropped
+            self.flush_pending = False
             ts = self.stamp(now)
-            payoffs = self._period_payoffs(ts)
-            self.state = "ended"
-            self.history.append(
+            self.last_broadcast_at = ts
+            effects.append(Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions), ts=ts))
+        ts = self.stamp(now)
+        payoffs = self._period_payoffs(ts)
+        self.state = "ended"
+        self.history.append(
+            {
+                "period": period,
+                "group_decisions": dict(self.decisions),
+                "payoffs": payoffs,
+                "subperiods": self.subperiods,
+            }
+        )
+        self.subperiods = []
+        effects.append(
+            Broadcast(
+                Channel.PERIOD_END,
                 {
                     "period": period,
                     "group_decisions": dict(self.decisions),
                     "payoffs": payoffs,
-                    "subperiods": self.subperiods,
-                }
+                    **mark,
+                },
+                ts=ts,
             )
-            self.subperiods = []
-            effects.append(
-                Broadcast(
-                    Channel.PERIOD_END,
-                    {
-                        "period": period,
-                        "group_decisions": dict(self.decisions),
-                        "payoffs": payoffs,
-                        **mark,
-                    },
-                    ts=ts,
-                )
-            )
-            if self.period < self.config.num_periods:
-                self.period, self.state, self.ends_at = self.period + 1, "waiting", None
-                effects.extend(self._maybe_start())
-            return effects
-        return []
+        )
+        if self.period < self.config.num_periods:
+            self.period, self.state, self.ends_at = self.period + 1, "waiting", None
+            effects.extend(self._maybe_start())
+        return effects
 
     def flush(self, now: float) -> list[Effect]:
         if not self.flush_pending:
@@ -346,10 +370,13 @@ class GroupState:
         if UNKNOWN in self.connections.values():
             return []  # after a rebuild: wait until every member was announced again
         self.state = "starting"
-        return [StartPeriod(self.period, self.config.period_length, self.config.num_subperiods)]
+        config = self.config
+        delay = config.post_period_delay if self.period > 1 else 0.0
+        return [StartPeriod(self.period, config.period_length, config.num_subperiods, delay)]
 
-    def _presence(self, participant: str, *, connected: bool) -> Broadcast:
-        return Broadcast(Channel.PRESENCE, {"participant": participant, "connected": connected})
+    def _presence(self, participant: str, *, connected: bool, now: float) -> Broadcast:
+        payload = {"participant": participant, "connected": connected}
+        return Broadcast(Channel.PRESENCE, payload, ts=self.stamp(now))
 
     def _error(self, participant: str, seq: int, code: ErrorCode, message: str) -> Broadcast:
         return Broadcast(

@@ -224,7 +224,7 @@ class DecisionsWorker:
         for group, participant, connection in gone:
             state = self.groups.get(group)
             if state is not None:
-                await self._apply_now(state, state.disconnect(participant, connection))
+                await self._apply_now(state, state.disconnect(participant, connection, now=now()))
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class DecisionsWorker:
                 log.error("PresenceChanged without participant/connection: %s", envelope.id)
                 return []
             return state.on_presence(
-                envelope.participant, envelope.connection, bool(payload.get("connected"))
+                envelope.participant, envelope.connection, bool(payload.get("connected")), now=ts
             )
         if envelope.type is MessageType.TIMER_FIRED:
             return state.on_timer(
@@ -339,7 +339,7 @@ class DecisionsWorker:
         return state
 
     async def _expire_unknown(self, state: GroupState) -> None:
-        effects = state.expire_unknown()
+        effects = state.expire_unknown(now())
         if effects:
             log.info("group %s: members not announced again are disconnected", state.config.group)
         await self._apply_now(state, effects)
@@ -396,6 +396,7 @@ class DecisionsWorker:
                         "period": effect.period,
                         "period_length": effect.period_length,
                         "num_subperiods": effect.num_subperiods,
+                        "delay": effect.delay,
                     },
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))

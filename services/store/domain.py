@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -94,6 +94,17 @@ class CreateSession(BaseModel):
     rate_limit: float = Field(default=0.0, ge=0, le=3_600)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str = Field(default="", max_length=200)
+    # PROTOCOL v1.1 "Session settings".
+    on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
+    carry_decisions: bool = True
+    post_period_delay: float = Field(default=0.0, ge=0, le=86_400)
+
+    @field_validator("on_disconnect")
+    @classmethod
+    def _supported(cls, policy: str) -> str:
+        if policy == "pause":  # the timers cannot stop and shift a period's clock yet
+            raise ValueError("'pause' is not supported yet; use 'continue' or 'end_period'")
+        return policy
 
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
@@ -218,4 +229,7 @@ def group_config(session: dict[str, Any], group: dict[str, Any]) -> GroupConfig:
         num_subperiods=session["num_subperiods"],
         rate_limit=session["rate_limit"],
         params=session["params"],
+        on_disconnect=session.get("on_disconnect", "continue"),
+        carry_decisions=session.get("carry_decisions", True),
+        post_period_delay=session.get("post_period_delay", 0.0),
     )

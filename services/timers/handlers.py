@@ -119,7 +119,9 @@ class TimersWorker:
                     period=int(payload["period"]),
                     length=float(payload["period_length"]),
                     num_subperiods=int(payload.get("num_subperiods", 0)),
-                    now=now(),  # the period starts when its schedule is durable
+                    # The period starts when its schedule is durable, or `delay` seconds
+                    # later (post_period_delay); its first tick waits until then.
+                    now=now() + float(payload.get("delay", 0.0)),
                 )
             )
 

@@ -85,7 +85,7 @@ class Recorder:
         self._log(self.state.on_frame(participant, seq, channel, value, ts))
 
     def presence(self, participant: str, connection: str, connected: bool) -> None:
-        self._log(self.state.on_presence(participant, connection, connected))
+        self._log(self.state.on_presence(participant, connection, connected, now=self.now))
 
     def tick(self, event: str, index: int = 0) -> None:
         period = self.state.period
