@@ -26,13 +26,24 @@ from services.common.errors import ErrorCode
 from services.common.experiments import Experiment
 from services.common.messages import Channel
 
-PeriodState = Literal["waiting", "starting", "running", "ended"]
+PeriodState = Literal["waiting", "starting", "running", "paused", "ended"]
 
 # A member the log says is connected, whose connection this worker has not been told yet.
 UNKNOWN = ""
 # Steps between the `ts` of one group's consecutive log rows: strictly increasing, so the log
 # sorted by `ts` is the group's order (and stays so at the export's µs resolution).
 TICK = 1e-6
+# Rows about the period's clock: the state machine stamps them itself (payoffs are integrated
+# over their ts), and a fold re-applies them through the same methods.
+CLOCK_ROWS = frozenset(
+    {
+        Channel.PERIOD_START,
+        Channel.SUBPERIOD,
+        Channel.PERIOD_END,
+        Channel.PERIOD_PAUSED,
+        Channel.PERIOD_RESUMED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,31 @@ class StartPeriod:
 
 
 @dataclass(frozen=True)
+class PausePeriod:
+    """Timers: stop the period's clock (on_disconnect pause)."""
+
+    period: int
+
+
+@dataclass(frozen=True)
+class ResumePeriod:
+    """Timers: run the period's remaining ticks again, from tick `next_tick` of its schedule
+    (0 period_start, 1 … n sub-periods, n + 1 period_end), so that it ends at `ends_at`."""
+
+    period: int
+    ends_at: float
+    next_tick: int
+
+
+@dataclass(frozen=True)
 class FlushAt:
     """Call `GroupState.flush` at epoch time `at` (rate-limit trailing edge)."""
 
     at: float
 
 
-Effect = Broadcast | Control | StartPeriod | FlushAt
+TimersCommand = StartPeriod | PausePeriod | ResumePeriod
+Effect = Broadcast | Control | StartPeriod | PausePeriod | ResumePeriod | FlushAt
 
 
 @dataclass
@@ -99,6 +128,11 @@ class GroupState:
     flow_since: float = 0.0
     area: dict[str, float] = field(default_factory=dict)
     snapshots: list[dict[str, float]] = field(default_factory=list)
+    # on_disconnect pause: seconds left when the clock stopped, since when, and how long the
+    # period has been paused in all (not counted in its payoffs).
+    remaining: float | None = None
+    paused_at: float = 0.0
+    paused_total: float = 0.0
     # Every ended period as the replay reports it: {"period", "group_decisions", "payoffs",
     # "subperiods": [{"index", "group_decisions", "payoffs"}]}.
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -169,12 +203,16 @@ class GroupState:
             elif current not in (connection, UNKNOWN):
                 effects.append(Control(Channel.REPLACED, {}, participant, current))
             effects.extend(self._maybe_start())
+            if self.state == "paused" and self._complete():
+                effects.extend(self._resume(now))
         elif current in (connection, UNKNOWN):
             # UNKNOWN: the log said connected, and its gateway saw it go; it was this one.
             del self.connections[participant]
             effects.append(self._presence(participant, connected=False, now=now))
             if self.state == "running" and self.config.on_disconnect == "end_period":
                 effects.extend(self._end_period(now, {}))  # the payoffs so far
+            elif self.state == "running" and self.config.on_disconnect == "pause":
+                effects.extend(self._pause(now))
         # else: a replaced connection closed; the participant is still connected.
         return effects
 
@@ -215,6 +253,7 @@ class GroupState:
                 self.decisions = self._initial_decisions()
             self.period_started_at = self.flow_since = ts
             self.flow, self.area, self.snapshots = self._payoffs(), {}, []
+            self.paused_total, self.remaining = 0.0, None
             self.subperiods = []
             length = self.config.period_length
             effects: list[Effect] = [
@@ -306,18 +345,20 @@ class GroupState:
         the way its input was applied live; the effects are already in the log."""
         ts = float(row["ts"])
         channel, value = row["channel"], row["value"]
-        if channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
-            # Stamps its row itself, as live: at `ts`, which lies after the previous row's.
-            self.on_timer(
-                channel,
-                int(value["period"]),
-                int(value.get("index", 0)),
-                value.get("ends_at"),
-                now=ts,
-            )
-        self.clock = max(self.clock, ts)
-        if channel in (Channel.PERIOD_START, Channel.SUBPERIOD, Channel.PERIOD_END):
+        if row["direction"] == "out" and channel in CLOCK_ROWS:
+            # These stamp their row themselves, as live: at `ts`, after the previous row's.
+            if channel == Channel.PERIOD_PAUSED:
+                if self.state == "running":
+                    self._pause(ts)
+            elif channel == Channel.PERIOD_RESUMED:
+                if self.state == "paused":
+                    self._resume(ts)
+            else:
+                period, index = int(value["period"]), int(value.get("index", 0))
+                self.on_timer(channel, period, index, value.get("ends_at"), now=ts)
+            self.clock = max(self.clock, ts)
             return
+        self.clock = max(self.clock, ts)
         if row["direction"] == "in":
             self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
         elif channel == Channel.GROUP_DECISIONS:
@@ -343,6 +384,7 @@ class GroupState:
                 "number": self.period,
                 "state": self._public_state(),
                 "ends_at": self.ends_at,
+                **({"remaining": self.remaining} if self.state == "paused" else {}),
             },
             "last_seq": self.last_seq[participant],
             "presence": {code: code in self.connections for code in self.config.members},
@@ -363,6 +405,35 @@ class GroupState:
             return []  # the scheduled flush will carry this change too
         self.flush_pending = True
         return [FlushAt(self.last_broadcast_at + rate_limit)]
+
+    def _complete(self) -> bool:
+        """Every member connected (and known: after a rebuild, announced again)."""
+        return len(self.connections) == len(self.config.members) and (
+            UNKNOWN not in self.connections.values()
+        )
+
+    def _pause(self, now: float) -> list[Effect]:
+        """Stop the running period's clock (a member dropped under on_disconnect pause)."""
+        ts = self.stamp(now)
+        self._accrue(ts)
+        self.state, self.paused_at = "paused", ts
+        self.remaining = max(0.0, (self.ends_at or ts) - ts)
+        self.ends_at = None
+        payload = {"period": self.period, "remaining": self.remaining}
+        return [Broadcast(Channel.PERIOD_PAUSED, payload, ts=ts), PausePeriod(self.period)]
+
+    def _resume(self, now: float) -> list[Effect]:
+        """The whole group is back: the clock runs again, the end moves by the pause."""
+        ts = self.stamp(now)
+        self.paused_total += ts - self.paused_at
+        self.flow_since = ts
+        self.state, self.ends_at = "running", ts + (self.remaining or 0.0)
+        self.remaining = None
+        payload = {"period": self.period, "ends_at": self.ends_at}
+        return [
+            Broadcast(Channel.PERIOD_RESUMED, payload, ts=ts),
+            ResumePeriod(self.period, self.ends_at, 1 + self.subperiod),
+        ]
 
     def _maybe_start(self) -> list[Effect]:
         if self.state != "waiting" or len(self.connections) < len(self.config.members):
@@ -406,7 +477,7 @@ class GroupState:
                 c: sum(s.get(c, 0.0) for s in self.snapshots) / count if count else 0.0
                 for c in codes
             }
-        duration = ended_at - self.period_started_at
+        duration = ended_at - self.period_started_at - self.paused_total
         if duration <= 0:
             return dict(self.flow)
         return {c: self.area.get(c, 0.0) / duration for c in codes}

@@ -4,6 +4,8 @@ Every bus message is one `Envelope` (JSON). Its `type` says what it is:
 
 commands (imperative, one handler):
     StartPeriod       decisions → timers: run period `payload.period` of a group now
+    PausePeriod       decisions → timers: stop that period's clock (on_disconnect pause)
+    ResumePeriod      decisions → timers: run its remaining ticks so that it ends at `ends_at`
 
 events (past tense):
     FrameAccepted     gateway → decisions + store: a participant frame the broker confirmed
@@ -45,6 +47,8 @@ SCHEMA_VERSION = 1
 
 class MessageType(StrEnum):
     START_PERIOD = "StartPeriod"
+    PAUSE_PERIOD = "PausePeriod"
+    RESUME_PERIOD = "ResumePeriod"
     FRAME_ACCEPTED = "FrameAccepted"
     PRESENCE_CHANGED = "PresenceChanged"
     TIMER_FIRED = "TimerFired"
@@ -64,6 +68,8 @@ class Channel(StrEnum):
     PERIOD_START = "period_start"
     SUBPERIOD = "subperiod"
     PERIOD_END = "period_end"
+    PERIOD_PAUSED = "period_paused"
+    PERIOD_RESUMED = "period_resumed"
     PRESENCE = "presence"
     # Internal control channel: tells a gateway to close a connection that was replaced.
     REPLACED = "replaced"

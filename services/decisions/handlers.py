@@ -50,7 +50,10 @@ from services.common.group import (
     Effect,
     FlushAt,
     GroupState,
+    PausePeriod,
+    ResumePeriod,
     StartPeriod,
+    TimersCommand,
     rebuild,
 )
 from services.common.messages import (
@@ -131,6 +134,23 @@ class Routes:
         self._retired[connection] = gateway
         if len(self._retired) > RETIRED_CONNECTIONS:
             self._retired.popitem(last=False)
+
+
+def _timers_command(effect: TimersCommand) -> tuple[MessageType, dict[str, Any]]:
+    if isinstance(effect, StartPeriod):
+        return MessageType.START_PERIOD, {
+            "period": effect.period,
+            "period_length": effect.period_length,
+            "num_subperiods": effect.num_subperiods,
+            "delay": effect.delay,
+        }
+    if isinstance(effect, PausePeriod):
+        return MessageType.PAUSE_PERIOD, {"period": effect.period}
+    return MessageType.RESUME_PERIOD, {
+        "period": effect.period,
+        "ends_at": effect.ends_at,
+        "next_tick": effect.next_tick,
+    }
 
 
 def _stamp(state: GroupState, broadcast: Broadcast) -> float:
@@ -387,17 +407,10 @@ class DecisionsWorker:
                 if logged:
                     records.append(outbound_record(envelope))
                 self._metrics.outputs.labels(effect.channel).inc()
-            elif isinstance(effect, StartPeriod):
+            elif isinstance(effect, StartPeriod | PausePeriod | ResumePeriod):
+                kind, payload = _timers_command(effect)
                 envelope = Envelope(
-                    type=MessageType.START_PERIOD,
-                    session=config.session,
-                    group=config.group,
-                    payload={
-                        "period": effect.period,
-                        "period_length": effect.period_length,
-                        "num_subperiods": effect.num_subperiods,
-                        "delay": effect.delay,
-                    },
+                    type=kind, session=config.session, group=config.group, payload=payload
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
             elif isinstance(effect, FlushAt):

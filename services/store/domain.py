@@ -99,13 +99,6 @@ class CreateSession(BaseModel):
     carry_decisions: bool = True
     post_period_delay: float = Field(default=0.0, ge=0, le=86_400)
 
-    @field_validator("on_disconnect")
-    @classmethod
-    def _supported(cls, policy: str) -> str:
-        if policy == "pause":  # the timers cannot stop and shift a period's clock yet
-            raise ValueError("'pause' is not supported yet; use 'continue' or 'end_period'")
-        return policy
-
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
         if self.experiment not in experiments.names():

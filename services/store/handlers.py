@@ -47,6 +47,12 @@ def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
     if record.channel == Channel.PERIOD_START:
         period = {"number": value["period"], "state": "running", "ends_at": value["ends_at"]}
         return [("groups", record.group, {"period": period})]
+    if record.channel == Channel.PERIOD_PAUSED:
+        period = {"number": value["period"], "state": "paused", "ends_at": None}
+        return [("groups", record.group, {"period": period})]
+    if record.channel == Channel.PERIOD_RESUMED:
+        period = {"number": value["period"], "state": "running", "ends_at": value["ends_at"]}
+        return [("groups", record.group, {"period": period})]
     if record.channel == Channel.PERIOD_END:
         period = {"number": value["period"], "state": "ended", "ends_at": None}
         payoffs = value.get("payoffs") or {}

@@ -105,9 +105,51 @@ class TimersWorker:
     # -- commands ----------------------------------------------------------------------------
 
     async def handle(self, envelope: Envelope) -> None:
-        if envelope.type is not MessageType.START_PERIOD:
+        if envelope.type is MessageType.START_PERIOD:
+            await self._start_period(envelope)
+        elif envelope.type is MessageType.PAUSE_PERIOD:
+            await self._pause_period(envelope)
+        elif envelope.type is MessageType.RESUME_PERIOD:
+            await self._resume_period(envelope)
+        else:
             log.error("unexpected %s on the timers queue: %s", envelope.type, envelope.id)
+
+    async def _pause_period(self, envelope: Envelope) -> None:
+        """Stop the period's ticks; the schedule stays paused until it is resumed."""
+        key = f"{envelope.group}:{int(envelope.payload['period'])}"
+        task = self._periods.pop(key, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await retry_forever(partial(self._repository.pause, key), f"pausing {key}")
+
+    async def _resume_period(self, envelope: Envelope) -> None:
+        """Run the rest of the period so that it ends at `ends_at` (from decisions)."""
+        payload = envelope.payload
+        key = f"{envelope.group}:{int(payload['period'])}"
+        existing = await self._repository.schedules.find_one({"_id": key})
+        if existing is None:
+            log.error("resume of %s, which has no schedule", key)
             return
+        resumed: dict[str, Any] = {}
+
+        async def resume() -> None:
+            resumed.update(
+                await self._repository.resume(
+                    key,
+                    starts_at=float(payload["ends_at"]) - float(existing["length"]),
+                    fired=int(payload["next_tick"]),
+                )
+            )
+
+        await retry_forever(resume, f"resuming {key}")
+        task = self._periods.pop(key, None)
+        if task is not None:  # a stale run (a repeated command): the resumed one replaces it
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._start(resumed)
+
+    async def _start_period(self, envelope: Envelope) -> None:
         payload = envelope.payload
         claimed: dict[str, Any] = {}
 
@@ -129,7 +171,7 @@ class TimersWorker:
         # would reach the queue's delivery limit and be dead-lettered, its period never run.
         await retry_forever(claim, f"claiming period {payload['period']} of {envelope.group}")
         document = claimed
-        if not document["done"]:
+        if not document["done"] and not document.get("paused"):
             self._start(document)  # a repeated command for a running period changes nothing
 
     def _start(self, document: dict[str, Any]) -> None:

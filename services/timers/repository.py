@@ -1,11 +1,12 @@
 """The timers' durable state in MongoDB: one schedule per (group, period), and the lease.
 
 `timer_schedules`: `{_id: "<group>:<period>", session, group, period, starts_at, length,
-num_subperiods, fired, done}`. A period's ticks follow from `starts_at`, `length` and
+num_subperiods, fired, done, paused}`. A period's ticks follow from `starts_at`, `length` and
 `num_subperiods` (`domain.schedule`); `fired` counts the ticks whose publish the broker
 confirmed, so a restarted worker resumes at the first tick it cannot prove was sent (that one
 may go out twice; decisions applies a tick once). The first `StartPeriod` for a period creates
-its schedule; a repeated one finds it.
+its schedule; a repeated one finds it. A paused period (on_disconnect pause) is not run; its
+resumption moves `starts_at` by the pause, so the remaining ticks keep their spacing.
 
 `timer_leases`: `{_id: "timers", owner, expires_at}`: only the owner runs schedules, so two
 replicas never tick the same period. MongoDB decides who holds it (a conditional update, and
@@ -82,7 +83,22 @@ class TimersRepository:
         )
 
     async def pending(self) -> list[dict[str, Any]]:
-        return [d async for d in self.schedules.find({"done": False})]
+        """Schedules to run: not done, not paused."""
+        return [d async for d in self.schedules.find({"done": False}) if not d.get("paused")]
+
+    async def pause(self, schedule_id: str) -> None:
+        await self.schedules.update_one({"_id": schedule_id}, {"$set": {"paused": True}})
+
+    async def resume(self, schedule_id: str, *, starts_at: float, fired: int) -> dict[str, Any]:
+        """The rest of a paused period: its schedule moved to `starts_at`, from tick `fired`."""
+        await self.schedules.update_one(
+            {"_id": schedule_id},
+            {"$set": {"paused": False, "starts_at": starts_at, "fired": fired, "done": False}},
+        )
+        document = await self.schedules.find_one({"_id": schedule_id})
+        if document is None:
+            raise LookupError(schedule_id)
+        return document
 
     async def acquire_lease(self, owner: str, *, now: float, ttl: float) -> bool:
         """Take or renew the lease; False while another owner holds an unexpired one."""

@@ -3,6 +3,7 @@ carry_decisions false."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -49,14 +50,46 @@ async def test_a_drop_ends_the_period_and_the_next_starts_after_the_delay_afresh
     await b.close()
 
 
-async def test_pause_is_refused_until_it_is_supported(api: httpx.AsyncClient) -> None:
-    body = {
-        "experiment": "decisions",
-        "num_participants": 2,
-        "group_size": 2,
-        "period_length": 5,
-        "on_disconnect": "pause",
-    }
-    response = await api.post("/api/sessions", json=body)
-    assert response.status_code == 422
-    assert response.json()["error"]["field"] == "on_disconnect"
+async def test_pause_stops_the_clock_and_its_ticks_until_the_group_is_back(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(
+        api, experiment="bimatrix", period_length=3, num_subperiods=3, on_disconnect="pause"
+    )
+    codes = [p["code"] for p in session["participants"]]
+    a, b = await connect_group(gateway_url, codes)
+    await a.expect("subperiod", lambda p: p["index"] == 1)
+    await b.close()
+    paused = await a.expect("period_paused")
+    assert paused["period"] == 1 and 0 < paused["remaining"] <= 2.0
+    await a.send(0.3, seq=1)
+    assert (await a.error(1))["code"] == "period_not_running"
+    await asyncio.sleep(0.4)  # a pause that lasts a while (not a synchronisation)
+    b = await Participant.connect(gateway_url, codes[1])
+    hello = await b.expect("hello")
+    resumed = await a.expect("period_resumed")
+    assert hello["period"]["state"] in ("paused", "running")
+    end = await a.expect("period_end", timeout=10)
+    order = [f["channel"] for f in a.received if f["channel"] != "presence"]
+    after_pause = order[order.index("period_paused") :]
+    # No tick while paused: sub-periods 2 and 3 came after the resumption.
+    assert after_pause.index("period_resumed") < after_pause.index("subperiod")
+    assert [p["index"] for p in a.seen("subperiod")] == [1, 2, 3]
+    assert end["period"] == 1 and set(end["payoffs"]) == set(codes)
+    detail = (await api.get(f"/api/sessions/{session['session']}")).json()
+    assert detail["on_disconnect"] == "pause"
+    # The replay folds the pause the same way: the same payoffs.
+    async with asyncio.timeout(10):
+        while True:
+            replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
+            if replay["groups"][0]["periods"]:
+                break
+            await asyncio.sleep(0.05)
+    assert replay["groups"][0]["periods"][0]["payoffs"] == end["payoffs"]
+    # It ends `remaining` seconds after the resumption, not at its first ends_at.
+    resumed_ts = next(f["ts"] for f in a.received if f["channel"] == "period_resumed")
+    end_ts = next(f["ts"] for f in a.received if f["channel"] == "period_end")
+    assert resumed["ends_at"] == pytest.approx(resumed_ts + paused["remaining"], abs=1e-3)
+    assert end_ts >= resumed["ends_at"] - 1e-3
+    await a.close()
+    await b.close()

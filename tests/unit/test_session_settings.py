@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from services.common import experiments
 from services.common.directory import GroupConfig
-from services.common.group import Broadcast, StartPeriod, rebuild
+from services.common.group import Broadcast, PausePeriod, ResumePeriod, StartPeriod, rebuild
 from services.store.domain import CreateSession
 from tests.unit.test_decisions_rebuild import Recorder, comparable
 
@@ -120,7 +120,6 @@ def test_settings_are_validated() -> None:
     )
     for bad in (
         {"on_disconnect": "retry"},
-        {"on_disconnect": "pause"},  # not supported yet: refused, not ignored
         {"carry_decisions": "no"},
         {"post_period_delay": -1},
     ):
@@ -131,3 +130,56 @@ def test_settings_are_validated() -> None:
 
 def test_the_experiment_is_known() -> None:
     assert experiments.get("bimatrix")
+
+
+def test_pause_stops_the_clock_and_the_payoffs_until_the_group_is_back() -> None:
+    rec = Recorder(config(on_disconnect="pause"))
+    connect_and_start(rec)
+    start = rec.rows[-1]
+    ends_at = start["value"]["ends_at"]
+    rec.frame("a", 1, 1.0)
+    rec.frame("b", 1, 1.0)  # (C, C): 3 each, for 4 s
+    rec.now += 4
+    effects = rec.state.on_presence("b", "b0", False, now=rec.now)
+    rec._log(effects)
+    paused = rec.rows[-1]
+    assert paused["channel"] == "period_paused"
+    assert paused["value"]["remaining"] == pytest.approx(ends_at - paused["ts"])
+    assert PausePeriod(1) in effects
+    assert rec.state.hello("a")["period"] == {
+        "number": 1,
+        "state": "paused",
+        "ends_at": None,
+        "remaining": paused["value"]["remaining"],
+    }
+    rec.frame("a", 2, 0.0)  # refused while paused
+    assert rec.rows[-1]["value"]["code"] == "period_not_running"
+    assert rec.state.on_timer("period_end", 1, 0, None, now=rec.now) == []  # a stale tick
+    rec.now += 100  # paused for 100 s: not counted
+    effects = rec.state.on_presence("b", "b1", True, now=rec.now)
+    rec._log(effects)
+    resumed = rec.rows[-1]
+    assert resumed["channel"] == "period_resumed"
+    assert resumed["value"]["ends_at"] == pytest.approx(
+        resumed["ts"] + paused["value"]["remaining"]
+    )
+    assert ResumePeriod(1, resumed["value"]["ends_at"], 1) in effects
+    rec.now += 6
+    rec.tick("period_end")
+    payoffs = rec.rows[-1]["value"]["payoffs"]
+    assert payoffs == pytest.approx({"a": 3.0, "b": 3.0}, rel=1e-5)  # 10 s of (C, C)
+    assert comparable(rebuild(rec.state.config, rec.state.experiment, rec.rows)) == comparable(
+        rec.state
+    )
+
+
+def test_resume_says_which_tick_comes_next() -> None:
+    discrete = config(on_disconnect="pause").model_dump() | {"num_subperiods": 4}
+    rec = Recorder(GroupConfig(**discrete))
+    connect_and_start(rec)
+    rec.now += 2.5
+    rec.tick("subperiod", 1)
+    rec.state.on_presence("a", "a0", False, now=rec.now)
+    effects = rec.state.on_presence("a", "a1", True, now=rec.now + 5)
+    (resume,) = [e for e in effects if isinstance(e, ResumePeriod)]
+    assert resume.next_tick == 2  # period_start and sub-period 1 were applied
