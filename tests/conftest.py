@@ -22,6 +22,7 @@ from devstack.infra import Infra, InfraHandle, free_port, start_infra
 from devstack.stack import PROJECT_ROOT, SERVICES, StackHandle, start_stack
 
 RUN_DIR = PROJECT_ROOT / ".run"
+PLUGINS_SITE = PROJECT_ROOT / "tests" / "plugins" / "site"
 LOG_TAIL_LINES = 40
 
 
@@ -40,7 +41,12 @@ def infra(infra_handle: InfraHandle) -> Infra:
 @pytest.fixture(scope="session")
 def stack(infra: Infra) -> Iterator[StackHandle]:
     ports = {name: free_port() for name in SERVICES}
-    overrides = {"CANOPY_MONGO_DB": f"test_{secrets.token_hex(4)}"}
+    overrides = {
+        "CANOPY_MONGO_DB": f"test_{secrets.token_hex(4)}",
+        # An experiment plug-in "installed" for the services (tests/plugins/site is laid out
+        # as pip lays out a package): tests/e2e/test_plugins.py plays it.
+        "PYTHONPATH": str(PLUGINS_SITE),
+    }
     with start_stack(infra, infra.run_dir, env_overrides=overrides, ports=ports) as handle:
         yield handle
 

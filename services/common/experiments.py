@@ -9,9 +9,14 @@ functions). Register new ones with `register()`.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -242,20 +247,67 @@ class PublicGoods:
 
 
 _REGISTRY: dict[str, Experiment] = {}
+_plugins_loaded = False
+ENTRY_POINT_GROUP = "canopy.experiments"
+MODULES_ENV = "CANOPY_EXPERIMENT_MODULES"
+
+
+class PluginError(RuntimeError):
+    """A plug-in experiment could not be loaded (the message says which and why)."""
 
 
 def register(experiment: Experiment) -> None:
+    """Add an experiment. A name may be registered once: a plug-in cannot replace another."""
+    known = _REGISTRY.get(experiment.name)
+    if known is not None and type(known) is type(experiment):
+        return  # the same plug-in named twice (entry point and CANOPY_EXPERIMENT_MODULES)
+    if known is not None:
+        raise PluginError(f"an experiment named {experiment.name!r} is registered already")
     _REGISTRY[experiment.name] = experiment
 
 
 def get(name: str) -> Experiment:
+    _load_plugins()
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
-register(PlainDecisions())
-register(Bimatrix())
-register(PublicGoods())
+def _load_plugins() -> None:
+    """Plug-ins, once per process: every entry point of the `canopy.experiments` group (an
+    installed package's `[project.entry-points."canopy.experiments"]`, naming a class or an
+    instance), and each `module:attribute` (or a module that calls `register()` itself) of
+    CANOPY_EXPERIMENT_MODULES, comma-separated."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    targets = [(ep.value, ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for spec in filter(None, (s.strip() for s in os.environ.get(MODULES_ENV, "").split(","))):
+        targets.append((spec, partial(_import, spec)))
+    for spec, load in targets:
+        try:
+            found = load()
+        except Exception as exc:
+            raise PluginError(f"experiment plug-in {spec!r} failed to load: {exc!r}") from exc
+        if isinstance(found, types.ModuleType):
+            continue  # a module named without an attribute registers its experiments itself
+        experiment = found() if isinstance(found, type) else found
+        for attribute in ("name", "channels", "params_model", "payoffs", "validate"):
+            if not hasattr(experiment, attribute):
+                raise PluginError(f"experiment plug-in {spec!r} has no {attribute!r}")
+        register(experiment)
+
+
+def _import(spec: str) -> Any:
+    module, _, attribute = spec.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+# The built-ins use the plug-ins' surface, nothing more.
+for _experiment in (PlainDecisions(), Bimatrix(), PublicGoods()):
+    register(_experiment)
