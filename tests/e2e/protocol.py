@@ -163,3 +163,19 @@ def inbound(rows: list[dict[str, str]], participant: str | None = None) -> list[
         for r in rows
         if r["direction"] == "in" and (participant is None or r["participant"] == participant)
     ]
+
+
+async def replay_until(
+    api: httpx.AsyncClient, session: str, done: Callable[[dict[str, Any]], bool] | None = None
+) -> dict[str, Any]:
+    """`GET /api/sessions/{session}/replay`, polled (bounded) until `done` holds; by default
+    until the first group has an ended period (the store writes the log in batches)."""
+    done = done or (lambda replay: bool(replay["groups"][0]["periods"]))
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            response = await api.get(f"/api/sessions/{session}/replay")
+            assert response.status_code == 200, response.text
+            replay: dict[str, Any] = response.json()
+            if done(replay):
+                return replay
+            await asyncio.sleep(0.05)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.protocol import connect_group, create_session, export_until
+from tests.e2e.protocol import connect_group, create_session, export_until, replay_until
 from tests.unit.test_payoffs import recompute
 
 pytestmark = [pytest.mark.e2e]
@@ -103,12 +103,7 @@ async def test_replay_of_a_discrete_period_equals_its_broadcasts(
     assert [s["index"] for s in subperiods] == [1, 2, 3]
     mean = {c: sum(s["payoffs"][c] for s in subperiods) / 3 for c in codes}
     assert end["payoffs"] == pytest.approx(mean)
-    async with asyncio.timeout(10):
-        while True:
-            replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
-            if replay["groups"][0]["periods"]:
-                break
-            await asyncio.sleep(0.05)
+    replay = await replay_until(api, session["session"])
     (period,) = replay["groups"][0]["periods"]
     assert period["payoffs"] == end["payoffs"]
     assert period["group_decisions"] == end["group_decisions"]

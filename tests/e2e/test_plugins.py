@@ -4,12 +4,10 @@ services have on their path, as if pip had installed it."""
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
-from tests.e2e.protocol import connect_group, create_session
+from tests.e2e.protocol import connect_group, create_session, replay_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -46,12 +44,7 @@ async def test_a_plug_in_experiment_runs_a_session(
     end = await a.expect("period_end")
     # Both at 5 for most of the period: a·5 − b·5 + c = 11 per second at the end.
     assert 6.0 < end["payoffs"][codes[0]] <= 11.0
-    async with asyncio.timeout(10):
-        while True:
-            replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
-            if replay["groups"][0]["periods"]:
-                break
-            await asyncio.sleep(0.05)
+    replay = await replay_until(api, session["session"])
     assert replay["groups"][0]["periods"][0]["payoffs"] == end["payoffs"]
     await a.close()
     await b.close()

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.protocol import Participant, connect_group, create_session
+from tests.e2e.protocol import Participant, connect_group, create_session, replay_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -79,12 +79,7 @@ async def test_pause_stops_the_clock_and_its_ticks_until_the_group_is_back(
     detail = (await api.get(f"/api/sessions/{session['session']}")).json()
     assert detail["on_disconnect"] == "pause"
     # The replay folds the pause the same way: the same payoffs.
-    async with asyncio.timeout(10):
-        while True:
-            replay = (await api.get(f"/api/sessions/{session['session']}/replay")).json()
-            if replay["groups"][0]["periods"]:
-                break
-            await asyncio.sleep(0.05)
+    replay = await replay_until(api, session["session"])
     assert replay["groups"][0]["periods"][0]["payoffs"] == end["payoffs"]
     # It ends `remaining` seconds after the resumption, not at its first ends_at.
     resumed_ts = next(f["ts"] for f in a.received if f["channel"] == "period_resumed")
