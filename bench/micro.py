@@ -8,6 +8,8 @@
   SQLite files (what `make run` and `--store disk` use).
 - decisions handler: `GroupState.on_frame` for a group of 4 (pure), µs per call; and
   `Envelope.encode` / `Envelope.decode` (services/common/messages.py), µs per call.
+- double auction: orders through a group of 8 traders' state machine (matching, book,
+  trade payoffs), µs per order.
 - group rebuild: a group of 4 with 10,000 logged events on SQLite files, read back as the
   store's `/internal/groups/{id}/log` serves it and folded by `domain.rebuild` (what a
   decisions worker does before a group's first input after a restart), ms per rebuild.
@@ -92,6 +94,46 @@ def running_group(size: int = 4) -> tuple[GroupState, list[str]]:
     if state.state != "running":
         raise RuntimeError(f"micro group did not start: {state.state}")
     return state, members
+
+
+def auction_benchmark(n: int) -> dict[str, dict[str, Any]]:
+    """Orders through one group of 8 traders' state machine (the double auction's matching,
+    book and trade payoffs; decisions' share of an order's cost): random limit orders around
+    a price of 50 (bids a little higher than asks), most of which trade; the book still grows
+    to about a thousand resting orders over 20,000."""
+    import random
+
+    members = [f"trader-{i}" for i in range(8)]
+    config = GroupConfig(
+        session="micro",
+        group="auction",
+        experiment="double_auction",
+        members=members,
+        num_periods=1,
+        period_length=3600,
+        num_subperiods=0,
+        rate_limit=0,
+        params={},
+    )
+    state = GroupState(config, experiments.get("double_auction"))
+    for index, code in enumerate(members):
+        state.on_presence(code, f"connection-{index}", True, now=0.0)
+    state.on_timer("period_start", 1, 0, 3600.0, now=0.0)
+    rng = random.Random(7)
+    orders = []
+    for i in range(n):
+        code = members[i % 8]
+        side = "bid" if i % 2 == 0 else "ask"  # members 1, 3, … (odd ids) buy
+        price = round(rng.gauss(50 + (1 if side == "bid" else -1), 3), 1)
+        orders.append((code, i // 8 + 1, {"side": side, "price": max(price, 1.0), "quantity": 1}))
+
+    def on_order(i: int) -> object:
+        code, seq, payload = orders[i]
+        return state.on_frame(code, seq, "orders", payload, float(i))
+
+    result = _per_call(on_order, n)
+    result["book_at_end"] = len(state.market["bids"]) + len(state.market["asks"])
+    return {"double auction order (group of 8; matching + book + payoffs)": result}
 
 
 def pure_benchmarks(n: int) -> dict[str, dict[str, Any]]:
@@ -356,6 +398,7 @@ def run_micro(*, quick: bool = False) -> dict[str, Any]:
 
     scale = 0.1 if quick else 1.0
     results = pure_benchmarks(max(1000, int(100_000 * scale)))
+    results |= auction_benchmark(max(1000, int(20_000 * scale)))
     with start_infra(RUN_DIR, persistent=False) as handle, disk_mongo(handle.infra) as (disk, _):
         infra = handle.infra
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -246,6 +246,171 @@ class PublicGoods:
         return {code: endowment - c + pot for code, c in given.items()}
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What an experiment's own channel made of one input (`on_input`).
+
+    `state`: the experiment's state after it; `broadcasts`: (channel, payload) for the whole
+    group, in order; `problem`: the message of an `invalid_decision` (state unchanged);
+    `earned`: payoff events (code → amount) that this input caused."""
+
+    state: Any
+    broadcasts: list[tuple[str, Any]] = field(default_factory=list)
+    problem: str | None = None
+    earned: dict[str, float] = field(default_factory=dict)
+
+
+class DoubleAuctionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    buyer_value: Annotated[Number, Field(gt=0, le=1e9)] = 100.0
+    seller_cost: Annotated[Number, Field(ge=0, le=1e9)] = 0.0
+
+
+class Order(BaseModel):
+    """Channel `orders`: `{"side": "bid" | "ask", "price": number > 0, "quantity": int ≥ 1}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    side: Literal["bid", "ask"]
+    price: Annotated[Number, Field(gt=0, le=1e12)]
+    quantity: Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+class Cancel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    seq: Annotated[int, Field(ge=1)]
+
+
+@dataclass(frozen=True)
+class DoubleAuction:
+    """A continuous double auction (PROTOCOL v1.1): odd members buy, even members sell.
+
+    Price-time priority: an incoming order trades against the best resting orders that cross
+    it, at the resting order's price, with partial fills; what is left rests in the book. A
+    buyer earns `buyer_value − price` per unit, a seller `price − seller_cost`. The book is the
+    experiment's state (`{"bids", "asks"}`, best first, earlier first at equal prices); it is
+    emptied at each period's start and end. Pure: the same inputs give the same book, so a
+    rebuild and the replay agree with the live market.
+    """
+
+    name: str = "double_auction"
+    channels: frozenset[str] = field(default_factory=lambda: frozenset({"orders", "cancel"}))
+    params_model: type[BaseModel] = DoubleAuctionParams
+    event_payoffs: bool = True  # payoffs are the sums of trades' gains, not flow averages
+
+    def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
+        if group_size < 2:
+            return "group_size", "a market needs at least a buyer and a seller"
+        return None
+
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
+        return None
+
+    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
+        return "a double auction takes orders and cancels, not decisions"
+
+    def payoffs(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        return dict.fromkeys(decisions, 0.0)  # no flow payoffs: see `earned` in on_input
+
+    def initial_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"bids": [], "asks": []}
+
+    def hello(self, state: Any) -> dict[str, Any]:
+        return {"book": state if state is not None else self.initial_state({})}
+
+    def on_input(
+        self,
+        state: Any,
+        participant: str,
+        id_in_group: int,
+        seq: int,
+        channel: str,
+        payload: Any,
+        params: Mapping[str, Any],
+    ) -> Outcome:
+        book = state if state is not None else self.initial_state(params)
+        if channel == "cancel":
+            return self._cancel(book, participant, payload)
+        try:
+            order = Order.model_validate(payload)
+        except ValueError:
+            return Outcome(book, problem="an order is {side: bid|ask, price > 0, quantity ≥ 1}")
+        buyer = id_in_group % 2 == 1
+        if (order.side == "bid") != buyer:
+            return Outcome(
+                book, problem=f"{'buyers' if buyer else 'sellers'} only {'bid' if buyer else 'ask'}"
+            )
+        p = DoubleAuctionParams.model_validate(params)
+        bids, asks = list(book["bids"]), list(book["asks"])
+        resting, opposite = (bids, asks) if order.side == "bid" else (asks, bids)
+        left = order.quantity
+        trades: list[dict[str, Any]] = []
+        earned: dict[str, float] = {}
+        while left and opposite and _crosses(order.side, order.price, opposite[0]["price"]):
+            best = opposite[0]
+            fill = min(left, best["quantity"])
+            price = best["price"]
+            if order.side == "bid":
+                trade = {
+                    "buyer": participant,
+                    "seller": best["participant"],
+                    "bid_seq": seq,
+                    "ask_seq": best["seq"],
+                }
+            else:
+                trade = {
+                    "buyer": best["participant"],
+                    "seller": participant,
+                    "bid_seq": best["seq"],
+                    "ask_seq": seq,
+                }
+            trades.append({"price": price, "quantity": fill, **trade})
+            gain_buyer, gain_seller = (p.buyer_value - price) * fill, (price - p.seller_cost) * fill
+            earned[trade["buyer"]] = earned.get(trade["buyer"], 0.0) + gain_buyer
+            earned[trade["seller"]] = earned.get(trade["seller"], 0.0) + gain_seller
+            left -= fill
+            if fill == best["quantity"]:
+                opposite.pop(0)
+            else:
+                opposite[0] = {**best, "quantity": best["quantity"] - fill}
+        if left:
+            entry = {"participant": participant, "seq": seq, "price": order.price, "quantity": left}
+            # Best price first; at equal prices the earlier order first (it arrived first).
+            at = next(
+                (i for i, e in enumerate(resting) if _better(order.side, order.price, e["price"])),
+                len(resting),
+            )
+            resting.insert(at, entry)
+        new = {"bids": bids, "asks": asks}
+        broadcasts = [("trade", t) for t in trades] + [("book", new)]
+        return Outcome(new, broadcasts, earned=earned)
+
+    def _cancel(self, book: dict[str, Any], participant: str, payload: Any) -> Outcome:
+        try:
+            target = Cancel.model_validate(payload).seq
+        except ValueError:
+            return Outcome(book, problem="a cancel is {seq: the seq of one's own open order}")
+        for side in ("bids", "asks"):
+            for i, entry in enumerate(book[side]):
+                if entry["participant"] == participant and entry["seq"] == target:
+                    new = {**book, side: book[side][:i] + book[side][i + 1 :]}
+                    return Outcome(new, [("book", new)])
+        return Outcome(book, problem=f"no open order {target} of yours")
+
+
+def _crosses(side: str, price: float, resting_price: float) -> bool:
+    return resting_price <= price if side == "bid" else resting_price >= price
+
+
+def _better(side: str, price: float, other: float) -> bool:
+    """Strictly better than a resting order of the same side (time priority at equal prices)."""
+    return price > other if side == "bid" else price < other
+
+
 _REGISTRY: dict[str, Experiment] = {}
 _plugins_loaded = False
 ENTRY_POINT_GROUP = "canopy.experiments"
@@ -309,5 +474,5 @@ def _import(spec: str) -> Any:
 
 
 # The built-ins use the plug-ins' surface, nothing more.
-for _experiment in (PlainDecisions(), Bimatrix(), PublicGoods()):
+for _experiment in (PlainDecisions(), Bimatrix(), PublicGoods(), DoubleAuction()):
     register(_experiment)

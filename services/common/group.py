@@ -133,6 +133,10 @@ class GroupState:
     remaining: float | None = None
     paused_at: float = 0.0
     paused_total: float = 0.0
+    # An experiment with channels of its own (the double auction): its state in the running
+    # period (the book), and the payoff events of the period so far.
+    market: Any = None
+    earned: dict[str, float] = field(default_factory=dict)
     # Every ended period as the replay reports it: {"period", "group_decisions", "payoffs",
     # "subperiods": [{"index", "group_decisions", "payoffs"}]}.
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -170,6 +174,8 @@ class GroupState:
             return []  # not a member, or a duplicate already applied: idempotent on (p, seq)
         self.last_seq[participant] = seq
         if channel != "decisions":
+            if channel in self.experiment.channels and hasattr(self.experiment, "on_input"):
+                return self._on_own_channel(participant, seq, channel, payload)
             return []
         if self.state != "running":
             return [
@@ -187,6 +193,29 @@ class GroupState:
         self.decisions[participant] = payload
         self.flow = self._payoffs()
         return self._decisions_changed(now)
+
+    def _on_own_channel(
+        self, participant: str, seq: int, channel: str, payload: Any
+    ) -> list[Effect]:
+        """An input on one of the experiment's own channels (orders, cancels)."""
+        if self.state != "running":
+            message = f"period {self.period} is {self._public_state()}"
+            return [self._error(participant, seq, ErrorCode.PERIOD_NOT_RUNNING, message)]
+        outcome = self.experiment.on_input(  # type: ignore[attr-defined]
+            self.market,
+            participant,
+            self.config.id_in_group(participant),
+            seq,
+            channel,
+            payload,
+            self.config.params,
+        )
+        if outcome.problem is not None:
+            return [self._error(participant, seq, ErrorCode.INVALID_DECISION, outcome.problem)]
+        self.market = outcome.state
+        for code, amount in outcome.earned.items():
+            self.earned[code] = self.earned.get(code, 0.0) + amount
+        return [Broadcast(name, body) for name, body in outcome.broadcasts]
 
     def on_presence(
         self, participant: str, connection: str, connected: bool, *, now: float = 0.0
@@ -254,6 +283,9 @@ class GroupState:
             self.period_started_at = self.flow_since = ts
             self.flow, self.area, self.snapshots = self._payoffs(), {}, []
             self.paused_total, self.remaining = 0.0, None
+            self.earned = {}
+            if hasattr(self.experiment, "initial_state"):
+                self.market = self.experiment.initial_state(self.config.params)
             self.subperiods = []
             length = self.config.period_length
             effects: list[Effect] = [
@@ -270,7 +302,7 @@ class GroupState:
             return effects
         if event == "subperiod" and self.state == "running" and index > self.subperiod:
             self.subperiod = index
-            snapshot = self._payoffs()
+            snapshot = self._earned() if self._event_payoffs() else self._payoffs()
             self.snapshots.append(snapshot)
             self.subperiods.append(
                 {"index": index, "group_decisions": dict(self.decisions), "payoffs": snapshot}
@@ -305,6 +337,8 @@ class GroupState:
         ts = self.stamp(now)
         payoffs = self._period_payoffs(ts)
         self.state = "ended"
+        if self.market is not None:  # the book is emptied at period_end
+            self.market = self.experiment.initial_state(self.config.params)  # type: ignore[attr-defined]
         self.history.append(
             {
                 "period": period,
@@ -388,6 +422,7 @@ class GroupState:
             },
             "last_seq": self.last_seq[participant],
             "presence": {code: code in self.connections for code in self.config.members},
+            **(self.experiment.hello(self.market) if hasattr(self.experiment, "hello") else {}),
         }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -470,6 +505,8 @@ class GroupState:
         """Continuous: the time average of u_i over the period; discrete: the mean over its
         sub-periods' snapshots (0 before the first one)."""
         self._accrue(ended_at)
+        if self._event_payoffs():
+            return self._earned()  # the period's trades, in discrete mode too
         codes = list(self.flow)
         if self.config.num_subperiods > 0:
             count = len(self.snapshots)
@@ -481,6 +518,12 @@ class GroupState:
         if duration <= 0:
             return dict(self.flow)
         return {c: self.area.get(c, 0.0) / duration for c in codes}
+
+    def _event_payoffs(self) -> bool:
+        return bool(getattr(self.experiment, "event_payoffs", False))
+
+    def _earned(self) -> dict[str, float]:
+        return {code: self.earned.get(code, 0.0) for code in self.config.members}
 
     def _payoffs(self) -> dict[str, float]:
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}

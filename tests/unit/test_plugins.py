@@ -32,7 +32,13 @@ def test_an_installed_package_is_found_by_its_entry_point() -> None:
     result = probe({"PYTHONPATH": f"{PLUGINS_SITE}{os.pathsep}."})
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
-    assert found["names"] == ["bimatrix", "decisions", "min_effort", "public_goods"]
+    assert found["names"] == [
+        "bimatrix",
+        "decisions",
+        "double_auction",
+        "min_effort",
+        "public_goods",
+    ]
     assert found["payoffs"] == {"a": 2 * 3 - 3 + 6, "b": 2 * 3 - 5 + 6}
 
 
