@@ -1,7 +1,7 @@
 """`python -m devstack run` (what `make run` calls): the whole system on this machine.
 
 Owns the foreground life of a development stack: start the persistent infrastructure in a run
-folder (`<project>/.run/`, or --run-dir), the four services, a demo session (unless
+folder (`<project>/.run/`, or --run-dir), the four services, demo sessions (unless
 --no-demo); print the links; then supervise what it started (`devstack.supervisor`: a process
 that exits is started again, the same way) until SIGINT / SIGTERM / SIGHUP; then stop the
 services, then the infrastructure — also when anything fails on the way.
@@ -28,17 +28,36 @@ from devstack.stack import PROJECT_ROOT, StackError, StackHandle, StackUrls, sta
 from devstack.supervisor import LOG_FILE, STATE_FILE, STOP_SIGNALS, Supervisor, children
 
 RUN_DIR = PROJECT_ROOT / ".run"
-DEMO_SESSION: dict[str, Any] = {
-    "experiment": "decisions",
-    "num_participants": 4,
-    "group_size": 2,
+_DEMO_COMMON: dict[str, Any] = {
     "num_periods": 1,
     "period_length": 120,
     "num_subperiods": 0,
     "rate_limit": 0.0,
-    "params": {},
-    "label": "demo",
 }
+# One session of each built-in experiment (PROTOCOL v1.1), each with its own groups.
+DEMO_SESSIONS: list[dict[str, Any]] = [
+    {"experiment": "decisions", "num_participants": 4, "group_size": 2, "label": "demo"},
+    {
+        "experiment": "bimatrix",
+        "num_participants": 2,
+        "group_size": 2,
+        "label": "demo: prisoner's dilemma",
+        "params": {"game": "prisoners_dilemma"},
+    },
+    {
+        "experiment": "public_goods",
+        "num_participants": 4,
+        "group_size": 4,
+        "label": "demo: public goods",
+        "num_subperiods": 4,
+    },
+    {
+        "experiment": "double_auction",
+        "num_participants": 4,
+        "group_size": 4,
+        "label": "demo: double auction",
+    },
+]
 
 
 class Stop(BaseException):
@@ -55,51 +74,56 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise Stop(signum)
 
 
-def create_demo_session(urls: StackUrls) -> dict[str, Any]:
-    response = httpx.post(
-        f"{urls.store_url}/api/sessions",
-        json=DEMO_SESSION,
-        headers={"Authorization": f"Bearer {urls.admin_token}"},
-        timeout=30,
-    )
-    if response.status_code != 201:
-        raise StackError(
-            f"creating the demo session failed: POST /api/sessions -> "
-            f"{response.status_code} {response.text[:1000]}"
+def create_demo_sessions(urls: StackUrls) -> list[dict[str, Any]]:
+    """One session of each built-in experiment; their answers (with `label` added)."""
+    sessions = []
+    for demo in DEMO_SESSIONS:
+        body = _DEMO_COMMON | demo
+        response = httpx.post(
+            f"{urls.store_url}/api/sessions",
+            json=body,
+            headers={"Authorization": f"Bearer {urls.admin_token}"},
+            timeout=30,
         )
-    session: dict[str, Any] = response.json()
-    return session
+        if response.status_code != 201:
+            raise StackError(
+                f"creating the demo session {body['label']!r} failed: POST /api/sessions -> "
+                f"{response.status_code} {response.text[:1000]}"
+            )
+        sessions.append(response.json() | {"label": body["label"]})
+    return sessions
 
 
 def print_banner(
     urls: StackUrls,
-    session: dict[str, Any] | None,
+    sessions: list[dict[str, Any]],
     management_url: str | None,
     timings: dict[str, float],
     run_dir: Path,
 ) -> None:
     token = urls.admin_token
-    if session is not None:
-        session_id = session["session"]
+    if sessions:
+        lines = ["", "Canopy is running. Demo sessions, one of each built-in experiment:"]
+    else:
+        lines = ["", "Canopy is running (no demo session: --no-demo)."]
+    for session in sessions:
+        lines.append(f"  {session['label']} (session {session['session']}):")
         by_group: dict[Any, list[dict[str, Any]]] = {}
         for participant in session["participants"]:
             by_group.setdefault(participant["group"], []).append(participant)
-        lines = ["", f"Canopy is running. Demo session {session_id} ({DEMO_SESSION['label']}):"]
         for group, members in by_group.items():
-            lines.append(f"  group {group}:")
+            lines.append(f"    group {group}:")
             for p in sorted(members, key=lambda p: p["id_in_group"]):
-                lines.append(f"    participant {p['id_in_group']}: {p['url']}")
-    else:
-        lines = ["", "Canopy is running (no demo session: --no-demo)."]
+                lines.append(f"      participant {p['id_in_group']}: {p['url']}")
     lines += [
         "",
         "Researchers:",
         f"  monitor:    {urls.store_url}/?token={token}",
     ]
-    if session is not None:
+    if sessions:
         lines.append(
             f"  events CSV: curl -H 'Authorization: Bearer {token}' "
-            f"'{urls.store_url}/api/sessions/{session['session']}/events?format=csv'"
+            f"'{urls.store_url}/api/sessions/{sessions[0]['session']}/events?format=csv'"
         )
     lines.append(f"  token:      {token}   (set CANOPY_ADMIN_TOKEN to choose it)")
     if management_url:
@@ -111,7 +135,7 @@ def print_banner(
         "",
         f"Started in {timings['total']:.1f} s (RabbitMQ + MongoDB {timings['infra']:.1f} s, "
         f"services {timings['services']:.1f} s"
-        + (f", demo session {timings['session']:.1f} s)." if session is not None else ")."),
+        + (f", demo sessions {timings['session']:.1f} s)." if sessions else ")."),
         "Press Ctrl-C to stop.",
     ]
     print("\n".join(lines), flush=True)
@@ -155,12 +179,12 @@ def run(run_dir: Path, *, demo: bool = True, mongo_storage: MongoStorage = "file
             print("Starting store, gateway, decisions, timers ...", flush=True)
             with start_stack(infra_handle.infra, run_dir) as stack:
                 t2 = time.monotonic()
-                session = create_demo_session(stack.urls) if demo else None
+                sessions = create_demo_sessions(stack.urls) if demo else []
                 t3 = time.monotonic()
                 timings = {"infra": t1 - t0, "services": t2 - t1, "session": t3 - t2}
                 timings["total"] = t3 - t0
                 management_url = infra_handle.infra.management_url
-                print_banner(stack.urls, session, management_url, timings, run_dir)
+                print_banner(stack.urls, sessions, management_url, timings, run_dir)
                 supervisor = Supervisor(
                     children(infra_handle, stack),
                     run_dir,

@@ -20,18 +20,25 @@ async def test_a_market_trades_and_pays(api: httpx.AsyncClient, gateway_url: str
     assert buyer.seen("hello")[0]["book"] == {"bids": [], "asks": []}
     await buyer.send(0.5, seq=1)  # no decisions channel in a market
     assert (await buyer.error(1))["code"] == "unknown_channel"
+    # Custom-channel validation: the experiment's own rules answer invalid_decision.
+    await buyer.send({"side": "ask", "price": 40, "quantity": 1}, seq=3, channel="orders")
+    assert (await buyer.error(3))["code"] == "invalid_decision"  # buyers only bid
+    await buyer.send({"side": "bid", "price": 0, "quantity": 1}, seq=4, channel="orders")
+    assert (await buyer.error(4))["code"] == "invalid_decision"
+    await buyer.send({"seq": 99}, seq=5, channel="cancel")
+    assert (await buyer.error(5))["code"] == "invalid_decision"
     await seller.send({"side": "ask", "price": 40, "quantity": 2}, seq=1, channel="orders")
     await seller.ack(1)
     await buyer.expect("book", lambda b: len(b["asks"]) == 1)
-    await buyer.send({"side": "bid", "price": 45, "quantity": 1}, seq=2, channel="orders")
-    await buyer.ack(2)
+    await buyer.send({"side": "bid", "price": 45, "quantity": 1}, seq=6, channel="orders")
+    await buyer.ack(6)
     trade = await seller.expect("trade")
     assert trade == {
         "price": 40,
         "quantity": 1,
         "buyer": codes[0],
         "seller": codes[1],
-        "bid_seq": 2,
+        "bid_seq": 6,
         "ask_seq": 1,
     }
     book = await seller.expect("book")

@@ -88,3 +88,20 @@ async def test_pause_stops_the_clock_and_its_ticks_until_the_group_is_back(
     assert end_ts >= resumed["ends_at"] - 1e-3
     await a.close()
     await b.close()
+
+
+async def test_continue_runs_the_period_on_when_a_member_drops(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(api, experiment="bimatrix", period_length=2)
+    codes = [p["code"] for p in session["participants"]]
+    a, b = await connect_group(gateway_url, codes)
+    await b.close()
+    await a.expect("presence", lambda p: p == {"participant": codes[1], "connected": False})
+    await a.send(0.2, seq=1)  # still running: accepted and applied
+    await a.ack(1)
+    await a.expect("group_decisions", lambda d: d[codes[0]] == 0.2)
+    end = await a.expect("period_end")  # at its deadline, not before
+    assert end["period"] == 1 and end["group_decisions"][codes[0]] == 0.2
+    assert "period_paused" not in a.channels()
+    await a.close()
