@@ -144,8 +144,9 @@ class Bot:
             self._changed.set()
 
     async def _send_loop(self) -> None:
+        interval = 1.0 / self.rate  # the bot's pace, not a synchronisation
         while not self._ended.is_set():
-            await asyncio.sleep(1 / self.rate)
+            await asyncio.sleep(interval)
             if not self._running:
                 continue
             self._seq += 1
