@@ -11,7 +11,7 @@
 - double auction: orders through a group of 8 traders' state machine (matching, book,
   trade payoffs), µs per order.
 - group rebuild: a group of 4 with 10,000 logged events on SQLite files, read back as the
-  store's `/internal/groups/{id}/log` serves it and folded by `domain.rebuild` (what a
+  store's `/internal/groups/{id}/log` serves it and folded by `group.rebuild` (what a
   decisions worker does before a group's first input after a restart), ms per rebuild.
 
 It starts its own RabbitMQ and nx-27017 (no services needed) and stops them at the end.
@@ -74,12 +74,13 @@ def _per_call(fn: Callable[[int], object], n: int) -> dict[str, Any]:
 # -- pure ---------------------------------------------------------------------------------------
 
 
-def running_group(size: int = 4) -> tuple[GroupState, list[str]]:
+def running_group(size: int = 4, experiment: str = "decisions") -> tuple[GroupState, list[str]]:
+    """A group of `size` members of `experiment`, all connected, its period running."""
     members = [secrets.token_hex(10) for _ in range(size)]
     config = GroupConfig(
         session="micro",
         group="micro-group",
-        experiment="decisions",
+        experiment=experiment,
         members=members,
         num_periods=1,
         period_length=3600,
@@ -87,7 +88,7 @@ def running_group(size: int = 4) -> tuple[GroupState, list[str]]:
         rate_limit=0,
         params={},
     )
-    state = GroupState(config, experiments.get("decisions"))
+    state = GroupState(config, experiments.get(experiment))
     for index, code in enumerate(members):
         state.on_presence(code, f"connection-{index}", True)
     state.on_timer("period_start", 1, 0, time.time() + 3600, now=time.time())
@@ -103,22 +104,7 @@ def auction_benchmark(n: int) -> dict[str, dict[str, Any]]:
     to about a thousand resting orders over 20,000."""
     import random
 
-    members = [f"trader-{i}" for i in range(8)]
-    config = GroupConfig(
-        session="micro",
-        group="auction",
-        experiment="double_auction",
-        members=members,
-        num_periods=1,
-        period_length=3600,
-        num_subperiods=0,
-        rate_limit=0,
-        params={},
-    )
-    state = GroupState(config, experiments.get("double_auction"))
-    for index, code in enumerate(members):
-        state.on_presence(code, f"connection-{index}", True, now=0.0)
-    state.on_timer("period_start", 1, 0, 3600.0, now=0.0)
+    state, members = running_group(8, "double_auction")
     rng = random.Random(7)
     orders = []
     for i in range(n):

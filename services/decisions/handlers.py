@@ -11,7 +11,7 @@ sends what the inputs of one moment produced for it as one message.
 Crash safety (ARCHITECTURE "Crash-safe state"): a worker that starts first waits for its log
 barrier (`wait_for_log`): once the store wrote it, every record that a previous worker sent is
 in MongoDB. It then rebuilds each group from the group's log before handling the group's first
-input (`domain.rebuild`), so a redelivered input is recognised as applied (`seen`) and applied
+input (`group.rebuild`), so a redelivered input is recognised as applied (`seen`) and applied
 exactly once. It asks every gateway to announce its open connections again (`Resync`): members
 get a fresh `hello` and broadcasts reach them; a member nobody announces within
 `resync_window` is disconnected. Gateways send a heartbeat each second; the members of a

@@ -6,7 +6,7 @@ supervisor, which restarts what dies), kills one process mid-period, and then ch
 - every acknowledged frame is in the export exactly once, and no frame is logged twice;
 - every tick is in the log once: one period_start, each sub-period, one period_end;
 - the period ended on time, late by at most the time the fault took to mend;
-- the group's state equals the fold of its exported log (`domain.rebuild`, the code the live
+- the group's state equals the fold of its exported log (`group.rebuild`, the code the live
   worker uses), and a `hello` after the end says the same;
 - participants were resynchronised (a `hello`) where their connection or their group's
   worker was lost, and broadcasts resumed.
