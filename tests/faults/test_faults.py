@@ -60,6 +60,36 @@ async def export_with(
             await asyncio.sleep(0.1)
 
 
+def researcher(stack: Any) -> httpx.AsyncClient:
+    """The researchers' API of a supervised stack."""
+    return httpx.AsyncClient(
+        base_url=stack.urls["store"],
+        headers={"Authorization": f"Bearer {stack.admin_token}"},
+        timeout=10.0,
+    )
+
+
+async def fault_session(
+    api: httpx.AsyncClient, *, period_length: float, num_subperiods: int, label: str
+) -> dict[str, Any]:
+    """GROUPS groups of SIZE members of `decisions`, one period."""
+    response = await api.post(
+        "/api/sessions",
+        json={
+            "experiment": "decisions",
+            "num_participants": GROUPS * SIZE,
+            "group_size": SIZE,
+            "num_periods": 1,
+            "period_length": period_length,
+            "num_subperiods": num_subperiods,
+            "label": label,
+        },
+    )
+    assert response.status_code == 201, response.text
+    session: dict[str, Any] = response.json()
+    return session
+
+
 async def run_case(
     stack: Any,
     victim: str,
@@ -72,25 +102,13 @@ async def run_case(
     presence may change. Members get a new `hello` if they reconnect or their worker died."""
     hello_expected = drops or victim == "decisions"
     urls = stack.urls
-    async with httpx.AsyncClient(
-        base_url=urls["store"],
-        headers={"Authorization": f"Bearer {stack.admin_token}"},
-        timeout=10.0,
-    ) as api:
-        response = await api.post(
-            "/api/sessions",
-            json={
-                "experiment": "decisions",
-                "num_participants": GROUPS * SIZE,
-                "group_size": SIZE,
-                "num_periods": 1,
-                "period_length": period_length,
-                "num_subperiods": num_subperiods,
-                "label": f"fault {victim}",
-            },
+    async with researcher(stack) as api:
+        session = await fault_session(
+            api,
+            period_length=period_length,
+            num_subperiods=num_subperiods,
+            label=f"fault {victim}",
         )
-        assert response.status_code == 201, response.text
-        session = response.json()
         bots = [Bot(urls["gateway"], p["code"], rate=RATE) for p in session["participants"]]
         for bot in bots:
             bot.start()

@@ -12,11 +12,16 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.faults.bots import Bot
-from tests.faults.test_faults import check_log, check_state_equals_replay, export_with
+from tests.faults.test_faults import (
+    check_log,
+    check_state_equals_replay,
+    export_with,
+    fault_session,
+    researcher,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -25,24 +30,10 @@ pytestmark = [pytest.mark.e2e]
 async def test_make_run_stopped_and_started_again_mid_period(supervised: Any) -> None:
     length = 25.0
     urls = supervised.urls
-    async with httpx.AsyncClient(
-        base_url=urls["store"],
-        headers={"Authorization": f"Bearer {supervised.admin_token}"},
-        timeout=10.0,
-    ) as api:
-        response = await api.post(
-            "/api/sessions",
-            json={
-                "experiment": "decisions",
-                "num_participants": 4,
-                "group_size": 2,
-                "period_length": length,
-                "num_subperiods": 5,
-                "label": "make run restart",
-            },
+    async with researcher(supervised) as api:
+        session = await fault_session(
+            api, period_length=length, num_subperiods=5, label="make run restart"
         )
-        assert response.status_code == 201, response.text
-        session = response.json()
         bots = [Bot(urls["gateway"], p["code"], rate=5.0) for p in session["participants"]]
         for bot in bots:
             bot.start()
@@ -59,11 +50,7 @@ async def test_make_run_stopped_and_started_again_mid_period(supervised: Any) ->
         finally:
             for bot in bots:
                 await bot.stop()
-    async with httpx.AsyncClient(
-        base_url=urls["store"],
-        headers={"Authorization": f"Bearer {supervised.admin_token}"},
-        timeout=10.0,
-    ) as api:
+    async with researcher(supervised) as api:
         rows = await export_with(api, session["session"], bots, 60)
     check_log(session, rows, bots, length, 5, down)
     await check_state_equals_replay(session, rows, urls["gateway"])
