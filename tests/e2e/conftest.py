@@ -1,12 +1,57 @@
-"""Fixtures for end-to-end tests: the researchers' API client of the running stack."""
+"""Fixtures for end-to-end tests: the researchers' API client of the running stack, and
+`extra_gateway`, another gateway process on it."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+
+from devstack.infra import Popen, free_port, spawn, stop_process
+from devstack.stack import PROJECT_ROOT, port_variable
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: Popen
+
+
+@asynccontextmanager
+async def extra_gateway(
+    stack: Any, env_overrides: dict[str, str] | None = None
+) -> AsyncIterator[Gateway]:
+    """A gateway process of its own on the session's stack, ready (a test may kill it, or give
+    it settings the shared one does not have); stopped on exit."""
+    port = free_port()
+    env = dict(stack.env) | {port_variable("gateway"): str(port)} | (env_overrides or {})
+    log = stack.logs_dir / f"gateway-{port}.log"
+    process = spawn([sys.executable, "-m", "services.gateway"], env=env, log=log, cwd=PROJECT_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                assert process.poll() is None, log.read_text()[-2000:]
+                try:
+                    if (await client.get(f"{url}/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "extra gateway not ready"
+                await asyncio.sleep(0.1)  # a process starting: nothing to wait on but /readyz
+        yield Gateway(url, process)
+    finally:
+        stop_process(process, grace=5.0)
 
 
 @pytest.fixture

@@ -7,58 +7,23 @@ inputs); these tests are what proves it beyond one gateway (horizontal scale-out
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from devstack.infra import Popen, free_port, spawn, stop_process
-from devstack.stack import PROJECT_ROOT, port_variable
+from tests.e2e.conftest import Gateway, extra_gateway
 from tests.e2e.protocol import Participant, create_session
-
-READY_TIMEOUT = 30.0
-
-
-@dataclass
-class Gateway:
-    url: str
-    process: Popen
 
 
 @pytest.fixture
 async def gateway_process(stack: Any) -> AsyncIterator[Gateway]:
     """Another gateway process on the test stack (a test may kill it)."""
-    port = free_port()
-    env = dict(stack.env) | {port_variable("gateway"): str(port)}
-    log = stack.logs_dir / "gateway-2.log"
-    process = spawn(
-        [sys.executable, "-m", "services.gateway"],
-        env=env,
-        log=log,
-        cwd=PROJECT_ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                assert process.poll() is None, log.read_text()[-2000:]
-                try:
-                    if (await client.get(f"{url}/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "second gateway not ready"
-                await asyncio.sleep(0.1)
-        yield Gateway(url, process)
-    finally:
-        stop_process(process, grace=5.0)
+    async with extra_gateway(stack) as gateway:
+        yield gateway
 
 
 @pytest.fixture
