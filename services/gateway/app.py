@@ -28,6 +28,7 @@ from services.common.directory import Directory
 from services.common.health import health_router
 from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
+from services.common.vendor import mount_vendor
 from services.gateway.api import Participants, participant_router
 from services.gateway.handlers import Hub
 from services.gateway.metrics import GatewayMetrics
@@ -91,6 +92,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="Canopy gateway", lifespan=lifespan)
     app.include_router(health_router(metrics.registry, readiness))
     app.include_router(participant_router(participants))
+    mount_vendor(app)
     static_dir = Path(str(files("services.gateway").joinpath("static")))
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
     app.state.hub = hub

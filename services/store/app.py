@@ -12,6 +12,7 @@ from fastapi import FastAPI, Response
 from services.common.bus import STORE_QUEUE, Bus, Topology, running
 from services.common.health import health_router
 from services.common.serve import instance_name
+from services.common.vendor import mount_vendor
 from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
 from services.store.handlers import EventWriter
 from services.store.metrics import StoreMetrics
@@ -78,6 +79,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
     )
     app.include_router(internal_router(repository, token))
     app.include_router(recovery_router(repository, token))
+    mount_vendor(app)
 
     @app.get("/", include_in_schema=False)
     async def monitor() -> Response:
