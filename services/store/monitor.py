@@ -1,0 +1,452 @@
+"""The researcher console's live monitor: each watched session's groups, folded from the log
+stream as it flows and pushed to consoles over Server-Sent Events.
+
+Owns `LiveHub` (the live views and the stream that feeds them), the monitor tickets and the
+SSE route `GET /api/sessions/{session}/live?ticket=…` (docs/console.md).
+
+Where the events come from: while at least one console watches a session, this store process
+has a queue of its own (exclusive, auto-delete, classic) bound to the `canopy.log` direct
+exchange with the store queue's routing key (`log`). A direct exchange copies a message to
+every queue bound with its key, so every replica of the store sees the whole log, whichever
+replica writes it to MongoDB; MongoDB is read once per watched session, at subscribe time,
+never polled. When the last console leaves, the consumer is cancelled and the queue goes with
+it: a store nobody watches costs the broker nothing.
+
+Snapshot, then deltas, with no gap: the queue is bound first (records from then on are held
+for the session), then a log barrier is sent and awaited (as a decisions worker does at
+start-up: once the store wrote it, everything published to the log before the queue was bound
+is in MongoDB too), then each group's log is folded from MongoDB through the groups' own state
+machine (`services.common.group.GroupState.fold`, the same one decisions and the replay run:
+one implementation of each rule), and the held records are folded on top, those the snapshot
+already had skipped by their ids. After a broker reconnection (records may have been missed
+meanwhile) every view is rebuilt the same way.
+
+Time left is never sent as a number that goes stale: a view carries the period's `ends_at`
+(the server timestamp of its period_start plus its length) and every event carries the
+server's `now`, so the console counts down on the server's clock; a running period past its
+end is `overdue` (the console shows it as ending) until its `period_end` arrives.
+
+Auth: `EventSource` cannot send an `Authorization` header, and the admin token must not be in
+a URL. The console trades its token (`POST /api/monitor/tickets`, bearer) for a ticket valid
+60 s: the expiry signed with HMAC-SHA256 keyed by the admin token, so any replica checks it
+without shared state. A ticket opens streams until it expires; an open stream stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from fastapi import APIRouter, Depends, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from services.common import experiments
+from services.common.bus import LOG, LOG_KEY, Bus
+from services.common.errors import ApiCode, ApiError
+from services.common.group import GroupState
+from services.common.messages import LogBatch, new_id
+from services.store.domain import group_config
+from services.store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+TICKET_SECONDS = 60
+# Waiting for the barrier: the store writes a batch every CANOPY_STORE_BATCH_SECONDS (0.1 s).
+BARRIER_POLL = 0.02
+BARRIER_TIMEOUT = 5.0
+# Log batches held for this process beyond this are dropped oldest first (the live view only:
+# the store's own queue keeps everything). "drop-head", not "reject-publish": a full monitor
+# queue must never nack decisions' publishes.
+QUEUE_MAX_LENGTH = 20_000
+# Deltas of one session are coalesced over this long (a busy group changes every millisecond).
+FLUSH_INTERVAL = 0.05
+STATS_INTERVAL = 1.0
+RATE_WINDOW = 5  # seconds over which events per second are averaged
+# A console that falls this many events behind gets one fresh snapshot instead.
+WATCHER_BACKLOG = 200
+# Rows of the snapshot this recent are remembered by id, to skip them among the held records.
+DEDUPE_SECONDS = 120.0
+
+
+# -- tickets -------------------------------------------------------------------------------
+
+
+def _signature(token: str, expires: int) -> str:
+    message = f"canopy.monitor:{expires}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def issue_ticket(token: str, now: float | None = None) -> tuple[str, int]:
+    """A monitor ticket and its expiry (epoch seconds)."""
+    expires = int((time.time() if now is None else now) + TICKET_SECONDS)
+    return f"{expires}.{_signature(token, expires)}", expires
+
+
+def ticket_valid(token: str, ticket: str, now: float | None = None) -> bool:
+    expires_text, _, signature = ticket.partition(".")
+    if not (expires_text.isascii() and expires_text.isdigit()) or len(expires_text) > 12:
+        return False
+    expires = int(expires_text)
+    if expires < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(signature.encode(), _signature(token, expires).encode())
+
+
+# -- views ---------------------------------------------------------------------------------
+
+
+def group_view(state: GroupState, now: float) -> dict[str, Any]:
+    """What the console shows of one group, from its state machine's state."""
+    config = state.config
+    public = "waiting" if state.state == "starting" else state.state
+    payoffs: dict[str, float] = {}
+    for period in state.history:
+        for code, payoff in period["payoffs"].items():
+            payoffs[code] = payoffs.get(code, 0.0) + payoff
+    view: dict[str, Any] = {
+        "group": config.group,
+        "members": list(config.members),
+        "connected": [code for code in config.members if code in state.connections],
+        "period": {
+            "number": state.period,
+            "of": config.num_periods,
+            "state": public,
+            "ends_at": state.ends_at,
+            "length": config.period_length,
+            "remaining": state.remaining,
+            "subperiod": state.subperiod,
+            "num_subperiods": config.num_subperiods,
+            "overdue": public == "running" and state.ends_at is not None and state.ends_at <= now,
+        },
+        "decisions": dict(state.decisions),
+        "periods_ended": len(state.history),
+        "total_payoffs": payoffs,
+    }
+    if hasattr(state.experiment, "hello"):  # an experiment's own state (the auction's book)
+        view["market"] = state.experiment.hello(state.market)
+    return view
+
+
+class LiveSession:
+    """One watched session: its groups' states, its consoles, its recent event counts."""
+
+    def __init__(self, session_id: str) -> None:
+        self.id = session_id
+        self.watchers: set[asyncio.Queue[ServerSentEvent]] = set()
+        self.groups: dict[str, GroupState] = {}
+        self.participants: list[dict[str, Any]] = []
+        self.document: dict[str, Any] = {}
+        self.ready = False
+        self.held: list[dict[str, Any]] = []  # records that arrived before the snapshot
+        self.seen: set[str] = set()
+        self.dirty: set[str] = set()
+        self.counts: deque[list[int]] = deque()  # [second, records], oldest first
+        self.loading: asyncio.Task[None] | None = None
+
+    def count(self, records: int, now: float) -> None:
+        second = int(now)
+        if self.counts and self.counts[-1][0] == second:
+            self.counts[-1][1] += records
+        else:
+            self.counts.append([second, records])
+        while self.counts and self.counts[0][0] <= second - RATE_WINDOW:
+            self.counts.popleft()
+
+    def events_per_second(self, now: float) -> float:
+        second = int(now)
+        recent = sum(n for s, n in self.counts if s > second - RATE_WINDOW)
+        return round(recent / RATE_WINDOW, 2)
+
+    def fold(self, record: dict[str, Any]) -> bool:
+        """Apply one log record to its group; whether it changed anything we show."""
+        state = self.groups.get(str(record.get("group")))
+        if state is None:
+            return False
+        try:
+            state.fold(record)
+        except Exception:  # a record the state machine cannot take must not stop the view
+            log.exception("live view of session %s: record %s not folded", self.id, record["id"])
+            return False
+        self.dirty.add(state.config.group)
+        return True
+
+    def snapshot(self, now: float) -> ServerSentEvent:
+        document = self.document
+        data = {
+            "session": self.id,
+            "now": now,
+            "experiment": document.get("experiment"),
+            "label": document.get("label", ""),
+            "num_participants": document.get("num_participants"),
+            "groups": [group_view(state, now) for state in self.groups.values()],
+            "participants": self.participants,
+            "events_per_second": self.events_per_second(now),
+        }
+        return _event("snapshot", data)
+
+
+def _event(name: str, data: Any) -> ServerSentEvent:
+    return ServerSentEvent(event=name, raw_data=orjson.dumps(data).decode())
+
+
+def _push(live: LiveSession, event: ServerSentEvent) -> None:
+    for queue in list(live.watchers):
+        try:
+            queue.put_nowait(event)
+        except asyncio.QueueFull:  # a console that stopped reading: one snapshot catches it up
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(live.snapshot(time.time()))
+
+
+class LiveHub:
+    """The live views of the sessions consoles watch, and the log stream that feeds them."""
+
+    def __init__(self, bus: Bus, repository: Repository, *, instance: str) -> None:
+        self._bus = bus
+        self._repository = repository
+        self._instance = instance
+        self._sessions: dict[str, LiveSession] = {}
+        self._lock = asyncio.Lock()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._reconnect_hooked = False
+        self.batches_seen = 0
+
+    @property
+    def consuming(self) -> bool:
+        return self._queue is not None
+
+    @property
+    def watched(self) -> list[str]:
+        return sorted(self._sessions)
+
+    @asynccontextmanager
+    async def watch(self, session_id: str) -> AsyncIterator[asyncio.Queue[ServerSentEvent]]:
+        """Events for one console of one session: a snapshot, then deltas and stats."""
+        queue: asyncio.Queue[ServerSentEvent] = asyncio.Queue(maxsize=WATCHER_BACKLOG)
+        async with self._lock:
+            await self._start()
+            live = self._sessions.get(session_id)
+            if live is None:
+                live = self._sessions[session_id] = LiveSession(session_id)
+                live.loading = asyncio.create_task(self._load(live))
+            live.watchers.add(queue)
+            if live.ready:
+                queue.put_nowait(live.snapshot(time.time()))
+        try:
+            yield queue
+        finally:
+            live.watchers.discard(queue)
+            if not live.watchers and self._sessions.get(session_id) is live:
+                del self._sessions[session_id]
+                if live.loading is not None:
+                    live.loading.cancel()
+            if not self._sessions:
+                # Not awaited here: this runs while the stream's task is being cancelled.
+                task = asyncio.get_running_loop().create_task(self._stop_if_idle())
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
+
+    # -- the stream ------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self._queue is not None:
+            return
+        connection = self._bus.connection
+        if not self._reconnect_hooked:
+            connection.reconnect_callbacks.add(self._on_reconnect)
+            self._reconnect_hooked = True
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            f"canopy.monitor.{self._instance}.{new_id()[-8:]}",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-queue-type": "classic", "x-max-length": QUEUE_MAX_LENGTH},
+        )
+        await queue.bind(LOG, routing_key=LOG_KEY)
+        # no_ack: a live view; what it misses in a reconnection is rebuilt from MongoDB.
+        self._consumer_tag = await queue.consume(self._on_message, no_ack=True)
+        self._channel, self._queue = channel, queue
+        self._ticker = asyncio.create_task(self._tick())
+        log.info("live monitor: consuming the log on %s", queue.name)
+
+    async def _stop_if_idle(self) -> None:
+        async with self._lock:
+            if self._sessions or self._queue is None:
+                return
+            queue, channel, ticker = self._queue, self._channel, self._ticker
+            self._queue = self._channel = self._ticker = None
+            if ticker is not None:
+                ticker.cancel()
+            with contextlib.suppress(Exception):  # the channel may be gone with the broker
+                if self._consumer_tag is not None:
+                    await queue.cancel(self._consumer_tag)
+                if channel is not None:
+                    await channel.close()
+            log.info("live monitor: nobody watches; stopped consuming the log")
+
+    async def close(self) -> None:
+        self._sessions.clear()
+        await self._stop_if_idle()
+
+    async def _on_message(self, message: Any) -> None:
+        self.batches_seen += 1
+        if not self._sessions:
+            return
+        try:
+            batch = orjson.loads(message.body)
+            records = batch["records"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return  # the store's writer dead-letters malformed batches; nothing to show
+        now = time.time()
+        touched = set()
+        for record in records:
+            live = (
+                self._sessions.get(str(record.get("session"))) if isinstance(record, dict) else None
+            )
+            if live is None:
+                continue
+            live.count(1, now)
+            if not live.ready:
+                live.held.append(record)
+            elif record.get("id") not in live.seen and live.fold(record):
+                touched.add(live.id)
+        if touched:
+            self._wake.set()
+
+    def _on_reconnect(self, *_: Any) -> None:
+        """Records may have passed while the connection was down: rebuild every view."""
+        for live in self._sessions.values():
+            live.ready, live.held = False, []
+            if live.loading is not None:
+                live.loading.cancel()
+            live.loading = asyncio.get_running_loop().create_task(self._load(live))
+
+    async def _tick(self) -> None:
+        """Coalesced deltas (every FLUSH_INTERVAL at most) and stats every STATS_INTERVAL."""
+        last_stats = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=STATS_INTERVAL)
+            self._wake.clear()
+            now = time.time()
+            for live in list(self._sessions.values()):
+                if live.ready and live.dirty:
+                    groups = [group_view(live.groups[g], now) for g in sorted(live.dirty)]
+                    live.dirty.clear()
+                    _push(live, _event("groups", {"now": now, "groups": groups}))
+            if now - last_stats >= STATS_INTERVAL:
+                last_stats = now
+                for live in list(self._sessions.values()):
+                    if live.ready:
+                        stats = {"now": now, "events_per_second": live.events_per_second(now)}
+                        _push(live, _event("stats", stats))
+            await asyncio.sleep(FLUSH_INTERVAL)  # pacing: let a burst's changes pile up
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def _load(self, live: LiveSession) -> None:
+        try:
+            await self._wait_for_log()
+            document = await self._repository.session(live.id)
+            if document is None:
+                _push(live, _event("gone", {"session": live.id}))
+                return
+            groups = {g["_id"]: g for g in await self._repository.session_groups(live.id)}
+            states: dict[str, GroupState] = {}
+            seen: set[str] = set()
+            recent = time.time() - DEDUPE_SECONDS
+            for group_id in document["groups"]:
+                config = group_config(document, groups[group_id])
+                state = GroupState(config, experiments.get(config.experiment))
+                async for row in self._repository.group_events(group_id):
+                    state.fold({**row, "value": orjson.loads(row["value"])})
+                    if row["ts"] >= recent:
+                        seen.add(row["_id"])
+                states[group_id] = state
+            live.document, live.groups, live.seen = document, states, seen
+            live.participants = [
+                {
+                    "code": p["_id"],
+                    "group": p["group"],
+                    "id_in_group": p["id_in_group"],
+                    "url": p["url"],
+                }
+                for p in await self._repository.session_participants(live.id)
+            ]
+            held, live.held = live.held, []
+            for record in held:
+                if record.get("id") not in seen:
+                    live.fold(record)
+            live.dirty.clear()
+            live.ready = True
+            _push(live, live.snapshot(time.time()))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("live view of session %s could not be built", live.id)
+            _push(live, _event("failed", {"session": live.id, "message": "see the store's log"}))
+
+    async def _wait_for_log(self) -> None:
+        """Until everything published to the log before now is in MongoDB (a barrier)."""
+        barrier = new_id()
+        try:
+            await self._bus.publish(LOG, LOG_KEY, LogBatch(records=[], barrier=barrier))
+            async with asyncio.timeout(BARRIER_TIMEOUT):
+                while True:
+                    if await self._repository.barrier_passed(barrier):
+                        return
+                    await asyncio.sleep(BARRIER_POLL)  # MongoDB has no change stream here
+        except TimeoutError:
+            log.warning("log barrier not written in %.0f s; snapshot without it", BARRIER_TIMEOUT)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def live_router(hub: LiveHub, repository: Repository, token: str) -> APIRouter:
+    """`GET /api/sessions/{session}/live?ticket=…`: the session's live view as SSE.
+
+    Not in the OpenAPI schema (a stream that never ends; its auth is a ticket, not the
+    bearer token); documented in docs/console.md."""
+    router = APIRouter(prefix="/api", include_in_schema=False)
+
+    async def ticket_checked(ticket: Annotated[str | None, Query()] = None) -> None:
+        if ticket is None or not ticket_valid(token, ticket):
+            raise ApiError(
+                401,
+                ApiCode.UNAUTHORIZED,
+                "missing, wrong or expired ticket (POST /api/monitor/tickets gives one)",
+            )
+
+    async def existing(session_id: str) -> None:
+        if await repository.session(session_id) is None:
+            raise ApiError(404, ApiCode.NOT_FOUND, f"no session {session_id[:100]!r}")
+
+    @router.get(
+        "/sessions/{session_id}/live",
+        response_class=EventSourceResponse,
+        # In this order: a stranger learns nothing, not even whether a session exists.
+        dependencies=[Depends(ticket_checked), Depends(existing)],
+    )
+    async def live(session_id: str) -> AsyncIterable[ServerSentEvent]:
+        async with hub.watch(session_id) as events:
+            yield ServerSentEvent(comment="watching", retry=2000)
+            while True:
+                yield await events.get()
+
+    return router
