@@ -1,0 +1,302 @@
+"""A bot's connection: one participant's WebSocket kept as the JS client keeps it.
+
+Owns the client-side rules of PROTOCOL.md ("Participants' WebSocket") for scripted
+participants, the same rules as `services/gateway/static/canopy.js`:
+
+- every frame gets the participant's next `seq`, and stays in the outbox (`unacked`) until an
+  `ack` of that seq, a `hello` whose `last_seq` is at or above it, or an `error` naming it;
+- after every `hello` the outbox is sent again in seq order with the original seqs (before any
+  new frame: a seq at or below one the server already took counts as a duplicate), and the
+  counter moves up to `last_seq` if the server knows more than the bot;
+- frames made while the socket is down wait in the outbox (a browser's slider keeps moving);
+- the socket is opened again after any close, with exponential backoff and equal jitter,
+  except after 4403 (unknown participant) and 4409 (another connection took the code over:
+  a person opened that link), which end the bot's connection for good.
+
+`Bot` adds a player on top: while its period runs it asks its strategy what to send, at a
+steady pace (`rate` turns per second), until `num_periods` periods have ended. It keeps what
+it was told (with arrival times) and counts what it sent, had acknowledged and had refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from services.bots.strategies import Strategy, View
+
+CLOSE_REFUSED = 4403  # unknown participant
+CLOSE_REPLACED = 4409  # a newer connection with the same code
+OPEN_TIMEOUT = 5.0
+
+
+def ws_url(link: str) -> str:
+    """The WebSocket of a participant link: `http(s)://host[/prefix]/p/<code>` →
+    `ws(s)://host[/prefix]/ws/<code>`; a `ws(s)://…/ws/<code>` URL is kept as it is."""
+    parts = urlsplit(link)
+    if parts.scheme in ("ws", "wss") and "/ws/" in parts.path:
+        return link
+    prefix, sep, code = parts.path.rpartition("/p/")
+    if parts.scheme not in ("http", "https") or not sep or not code or "/" in code:
+        raise ValueError(f"not a participant link (http(s)://host/p/<code>): {link!r}")
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, f"{prefix}/ws/{code}", "", ""))
+
+
+def link_code(link: str) -> str:
+    """The participant code at the end of a participant link or WebSocket URL."""
+    return urlsplit(ws_url(link)).path.rsplit("/", 1)[1]
+
+
+@dataclass
+class Received:
+    at: float  # time.monotonic() on arrival
+    channel: str
+    payload: Any
+
+
+@dataclass
+class Bot:
+    """One scripted participant; `start()`, then `stop()`. See the module docstring.
+
+    `strategy` None: a bot that only holds its slot and answers as a client must (no frames
+    of its own unless `send()` is called)."""
+
+    url: str  # participant link or WebSocket URL
+    strategy: Strategy | None = None
+    rate: float = 1.0  # strategy turns per second while the period runs
+    num_periods: int | None = None  # stop playing after this period ended (None: never)
+    rng: random.Random = field(default_factory=random.Random)
+    min_delay: float = 0.25  # reconnect backoff: doubling from this ...
+    max_delay: float = 5.0  # ... up to this (canopy.js: 250 ms to 5 s)
+    code: str = ""
+    # What happened, for stats and tests.
+    sent: int = 0  # new frames (resends not counted)
+    acked: set[int] = field(default_factory=set)
+    unacked: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+    closes: list[int | None] = field(default_factory=list)
+    connects: int = 0
+    gave_up: str | None = None  # why the bot stopped reconnecting (refused / replaced)
+    # The latest view of the group.
+    id_in_group: int = 0
+    members: tuple[str, ...] = ()
+    decisions: dict[str, Any] = field(default_factory=dict)
+    book: dict[str, Any] | None = None
+    period: int = 0
+    running: bool = False
+    periods_ended: int = 0  # number of the last period whose period_end arrived
+    _ws: ClientConnection | None = None
+    _seq: int = 0
+    _synced: bool = False  # hello seen and the outbox resent on the current socket
+    _started: asyncio.Event = field(default_factory=asyncio.Event)
+    _finished: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.url = ws_url(self.url)
+        self.code = self.code or link_code(self.url)
+
+    # -- life ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._connect_loop(), name=f"bot {self.code} socket")]
+        if self.strategy is not None and self.rate > 0:
+            self._tasks.append(asyncio.create_task(self._play(), name=f"bot {self.code} play"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._synced
+
+    @property
+    def finished(self) -> bool:
+        """Done playing: its last period ended, or it cannot connect any more."""
+        return self._finished.is_set()
+
+    async def wait_for(self, what: str, check: Any, timeout: float) -> None:
+        """Until `check()` holds (`what` names it in the timeout's message); re-checked after
+        every frame this bot receives and every change of its connection."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not check():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"bot {self.code}: no {what} within {timeout:g} s") from None
+
+    async def wait_started(self, timeout: float) -> None:
+        """Until a period runs (or ran) for this bot."""
+        await asyncio.wait_for(self._started.wait(), timeout)
+
+    async def wait_ended(self, timeout: float | None) -> None:
+        """Until `period_end` of period `num_periods` arrived (or the bot gave up)."""
+        await asyncio.wait_for(self._finished.wait(), timeout)
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send(self, channel: str, payload: Any) -> int:
+        """Queue a frame with the next seq; sent now if the socket is synced, else after the
+        next hello. Returns its seq."""
+        self._seq += 1
+        seq = self._seq
+        self.unacked[seq] = (channel, payload)
+        self.sent += 1
+        ws = self._ws
+        if ws is not None and self._synced:
+            with contextlib.suppress(websockets.WebSocketException):
+                await ws.send(_frame(seq, channel, payload))
+        return seq
+
+    def view(self) -> View:
+        return View(
+            code=self.code,
+            id_in_group=self.id_in_group,
+            members=self.members,
+            decisions=dict(self.decisions),
+            book=self.book,
+        )
+
+    # -- views for tests -----------------------------------------------------------------
+
+    def payloads(self, channel: str, since: float = float("-inf")) -> list[Any]:
+        return [r.payload for r in self.received if r.channel == channel and r.at >= since]
+
+    def first(self, channel: str, since: float) -> float | None:
+        return next((r.at for r in self.received if r.channel == channel and r.at >= since), None)
+
+    # -- the socket ----------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with websockets.connect(
+                    self.url, open_timeout=OPEN_TIMEOUT, max_queue=None, max_size=None
+                ) as ws:
+                    self._ws = ws
+                    self.connects += 1
+                    attempt = 0
+                    await self._read(ws)
+                code = ws.close_code
+                self.closes.append(code)
+            except websockets.InvalidStatus as exc:
+                code = exc.response.status_code
+                self.closes.append(code)
+                if code == 403:  # an unknown code, refused before the upgrade
+                    code = CLOSE_REFUSED
+            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                code = getattr(getattr(exc, "rcvd", None), "code", None)
+                self.closes.append(code)
+            finally:
+                self._ws, self._synced = None, False
+                self._changed.set()
+            if code in (CLOSE_REFUSED, CLOSE_REPLACED):
+                self.gave_up = "refused" if code == CLOSE_REFUSED else "replaced"
+                self._finished.set()
+                self._changed.set()
+                return
+            # Equal jitter, as canopy.js: bots that lost the same gateway come back spread out.
+            nominal = min(self.max_delay, self.min_delay * 2**attempt)
+            attempt = min(attempt + 1, 30)
+            await asyncio.sleep(nominal / 2 + self.rng.random() * nominal / 2)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            channel, payload = frame["channel"], frame["payload"]
+            self.received.append(Received(time.monotonic(), channel, payload))
+            if channel == "hello":
+                await self._on_hello(ws, payload)
+            elif channel == "ack":
+                seq = int(payload["seq"])
+                self.acked.add(seq)
+                self.unacked.pop(seq, None)
+            elif channel == "error":
+                self.errors.append(payload)
+                seq = payload.get("seq")
+                if isinstance(seq, int):
+                    self.unacked.pop(seq, None)  # refused: resending would be refused again
+            else:
+                self._on_broadcast(channel, payload)
+            self._changed.set()
+
+    async def _on_hello(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
+        last_seq = int(payload["last_seq"])
+        for seq in [s for s in self.unacked if s <= last_seq]:
+            self.acked.add(seq)
+            del self.unacked[seq]
+        self._seq = max(self._seq, last_seq)
+        self.id_in_group = int(payload.get("id_in_group") or 0)
+        self.members = tuple(payload.get("members") or ())
+        self.decisions = dict(payload.get("group_decisions") or {})
+        if "book" in payload:
+            self.book = payload["book"]
+        period = payload["period"]
+        self.period = int(period.get("number") or 0)
+        self.running = period["state"] == "running"
+        if period["state"] == "ended":
+            self._period_ended(self.period)
+        if self.running:
+            self._started.set()
+        for seq, (channel, value) in sorted(self.unacked.items()):
+            await ws.send(_frame(seq, channel, value))
+        self._synced = True
+
+    def _on_broadcast(self, channel: str, payload: Any) -> None:
+        if channel == "group_decisions":
+            self.decisions.update(payload)
+        elif channel == "book":
+            self.book = payload
+        elif channel in ("period_start", "period_resumed"):
+            self.period = int(payload["period"])
+            self.running = True
+            self._started.set()
+        elif channel == "period_paused":
+            self.running = False
+        elif channel == "subperiod":
+            self.decisions.update(payload.get("group_decisions") or {})
+        elif channel == "period_end":
+            self.running = False
+            self.decisions.update(payload.get("group_decisions") or {})
+            self._period_ended(int(payload["period"]))
+
+    def _period_ended(self, number: int) -> None:
+        self.periods_ended = max(self.periods_ended, number)
+        if self.num_periods is not None and self.periods_ended >= self.num_periods:
+            self._finished.set()
+
+    async def _play(self) -> None:
+        assert self.strategy is not None
+        interval = 1.0 / self.rate  # the bot's pace, not a synchronisation
+        # A random phase: a fleet started at once does not send in lockstep.
+        await asyncio.sleep(self.rng.random() * interval)
+        while not self._finished.is_set():
+            if self.running:
+                for channel, payload in self.strategy.act(self.view(), self.rng):
+                    await self.send(channel, payload)
+            await asyncio.sleep(interval)
+
+
+def _frame(seq: int, channel: str, payload: Any) -> str:
+    return json.dumps({"channel": channel, "payload": payload, "seq": seq})
