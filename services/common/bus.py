@@ -46,12 +46,14 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractQueueIterator,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 from pydantic import TypeAdapter
 
+from services.common.failover import amqp_urls, failover_connection_class
 from services.common.messages import Envelope, LogBatch, new_id
 from services.common.retry import retry_forever
 
@@ -176,8 +178,10 @@ class Bus:
         return self._connection
 
     async def connect(self, *, timeout: float = 30.0) -> None:
+        urls = amqp_urls(self._url)
         self._connection = await aio_pika.connect_robust(
-            self._url,
+            urls[0],
+            connection_class=failover_connection_class(urls),
             client_properties={"connection_name": self._name},
             timeout=timeout,
             # aio-pika's default is 5 s between attempts: a restarted broker would be back
@@ -491,6 +495,7 @@ async def consume_pipelined(
     handler: Pipelined,
     *,
     on_malformed: Callable[[AbstractIncomingMessage, Exception], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Like `consume_in_order`, but without waiting for one message's outputs to be confirmed
     before handling the next.
@@ -498,6 +503,11 @@ async def consume_pipelined(
     `handler` does its ordered work (state changes, starting publishes in order) and returns an
     awaitable that completes once the message's outputs are confirmed; the message is acked
     then, in the background. The broker's prefetch bounds how many are in flight.
+
+    Setting `stop` hands the queue over gracefully: the consumer is cancelled, messages
+    delivered but not handled yet go back to the queue, and the function returns once every
+    handled message is acknowledged (a shard moving to another worker, a drain). Cancelling
+    the task instead abandons what is in flight (the broker redelivers it).
     """
     in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
 
@@ -514,8 +524,11 @@ async def consume_pipelined(
             return
         await message.ack()
 
+    stopper: asyncio.Task[None] | None = None
     try:
         async with queue.iterator() as messages:
+            if stop is not None:
+                stopper = asyncio.create_task(_close_when_set(stop, messages))
             async for message in messages:
                 try:
                     envelopes = decode_message(message)
@@ -541,10 +554,19 @@ async def consume_pipelined(
                 task = asyncio.create_task(ack_when_done(message, dones))
                 in_flight[task] = dones
                 task.add_done_callback(in_flight.pop)
+        if in_flight:  # stopped: finish and acknowledge what was handled
+            await asyncio.gather(*in_flight)
     finally:
+        if stopper is not None:
+            stopper.cancel()
         for task, dones in list(in_flight.items()):
             task.cancel()
             _discard(dones)
+
+
+async def _close_when_set(stop: asyncio.Event, messages: AbstractQueueIterator) -> None:
+    await stop.wait()
+    await messages.close()
 
 
 def _discard(awaitables: list[Awaitable[Any]]) -> None:

@@ -17,7 +17,9 @@ events (past tense):
     GatewayAlive      gateway → every decisions worker, each second: this gateway (its queue)
                       is alive; silence means its participants are gone (liveness)
     Resync            decisions → every gateway: announce each open connection again (a
-                      `PresenceChanged` connected), after a worker rebuilt its groups' state
+                      `PresenceChanged` connected), after a worker rebuilt its groups' state;
+                      payload `{"shards": [...]}` limits it to the groups of those shards
+                      (a worker took them over), no payload means every connection
 
 Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP message holding a
 JSON array of envelopes.

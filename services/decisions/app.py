@@ -1,10 +1,13 @@
 """Composition root of the decisions service: `create_app(settings)` wires bus, store look-ups,
 the worker and one ordered consumer per shard queue.
 
-Start-up order is what makes a restart safe: connect, wait until the log holds everything a
-previous worker sent (`wait_for_log`), then consume the shard queues (each group is rebuilt from
-its log before its first input), then ask the gateways to announce their connections again.
-Readiness is false until the shard queues are consumed."""
+A worker consumes the shard queues whose lease it holds (`ownership.ShardOwnership`: the shards
+spread over the live workers). Taking shards over is what makes a restart or a move safe: wait
+until the log holds everything a previous owner sent (`wait_for_log`), then consume (each group
+is rebuilt from its log before its first input), then ask the gateways to announce the
+connections of those shards' groups again. Handing a shard over (to balance, or at shutdown)
+stops its consumer, waits until what it handled is acknowledged, drops its groups' state and
+releases the lease. Readiness is false until the first lease step reached MongoDB."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aio_pika.abc import AbstractChannel
 from fastapi import FastAPI
 
 from services.common.bus import Bus, Topology, consume_pipelined, running, shard_queue
@@ -22,6 +26,8 @@ from services.common.serve import instance_name
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
+from services.decisions.ownership import ShardOwnership
+from services.decisions.repository import DecisionsRepository
 from services.decisions.settings import DecisionsSettings
 
 log = logging.getLogger(__name__)
@@ -43,39 +49,77 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         resync_window=settings.resync_window,
         liveness_timeout=settings.gateway_liveness_timeout,
     )
-    consuming = asyncio.Event()
+    repository = DecisionsRepository(settings.mongo_url, settings.mongo_db)
+    consumers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+    channels: list[AbstractChannel] = []
+
+    async def claim(shards: list[int]) -> None:
+        """Consume shards just taken over, once the log holds what their last owner sent."""
+        waited = await worker.wait_for_log()
+        log.info("shards %s: the log holds everything sent before (waited %.3f s)", shards, waited)
+        for index in shards:
+            queue = await channels[0].declare_queue(shard_queue(index), passive=True)
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                consume_pipelined(
+                    queue,
+                    worker.handle,
+                    on_malformed=lambda m, e: metrics.rejected.inc(),
+                    stop=stop,
+                )
+            )
+            consumers[index] = (task, stop)
+        await worker.request_resync(shards)
+
+    async def release(index: int) -> None:
+        """Stop consuming a shard: what was handled is acknowledged, the rest goes back."""
+        task, stop = consumers.pop(index)
+        stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), settings.shard_release_timeout)
+        except TimeoutError:
+            log.warning("shard %d: in-flight inputs not confirmed in time; abandoned", index)
+            task.cancel()
+        except Exception:
+            log.exception("shard %d's consumer failed while stopping", index)
+        dropped = worker.forget_shard(index, settings.shards)
+        log.info("shard %d handed over (%d groups dropped)", index, dropped)
+
+    ownership = ShardOwnership(
+        repository,
+        owner=instance_name(settings),
+        shards=settings.shards,
+        ttl=settings.shard_lease_seconds,
+        claim=claim,
+        release=release,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bus.connect()
-        waited = await worker.wait_for_log()
-        log.info("the log holds everything sent before this start (waited %.3f s)", waited)
         channel = await bus.channel(prefetch=settings.decisions_prefetch)
+        channels.append(channel)
         liveness = await bus.declare_liveness_queue(channel, instance_name(settings))
         await liveness.consume(worker.on_heartbeat, no_ack=True)
-        tasks = [asyncio.create_task(worker.watch_gateways())]
-        for index in range(settings.shards):
-            queue = await channel.declare_queue(shard_queue(index), passive=True)
-            tasks.append(
-                asyncio.create_task(
-                    consume_pipelined(
-                        queue, worker.handle, on_malformed=lambda m, e: metrics.rejected.inc()
-                    )
-                )
-            )
-        await worker.request_resync()
-        consuming.set()
-        async with running(tasks):
+        leasing = asyncio.create_task(ownership.run())
+        async with running([asyncio.create_task(worker.watch_gateways())]):
             yield
+            # Graceful stop: hand every shard over (finishing what is in flight) first.
+            leasing.cancel()
+            await asyncio.gather(leasing, return_exceptions=True)
+            await ownership.close()
+        for task, _ in consumers.values():
+            task.cancel()
         await worker.close()
         await log_writer.close()
         await directory.close()
+        await repository.close()
         await bus.close()
 
     async def readiness() -> list[str]:
         if not bus.is_connected:
             return ["not connected to RabbitMQ"]
-        return [] if consuming.is_set() else ["waiting for the event log"]
+        return [] if ownership.stepped.is_set() else ["waiting for shard leases and the log"]
 
     app = FastAPI(title="Canopy decisions", lifespan=lifespan)
     app.include_router(health_router(metrics.registry, readiness))

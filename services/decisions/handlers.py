@@ -41,6 +41,7 @@ from services.common.bus import (
     Batcher,
     Bus,
     completed,
+    shard_of,
 )
 from services.common.directory import Directory, GroupConfig, NotFound
 from services.common.group import (
@@ -117,6 +118,9 @@ class Routes:
                     del members[participant]
                     gone.append((group, participant, connection))
         return gone
+
+    def forget(self, group: str) -> None:
+        self._members.pop(group, None)
 
     def gateways(self) -> set[str]:
         return {gw for members in self._members.values() for _, gw in members.values()}
@@ -206,10 +210,27 @@ class DecisionsWorker:
                 await asyncio.sleep(poll)
             log.warning("log barrier not written after %.0f s; sending another", resend_after)
 
-    async def request_resync(self) -> None:
-        """Ask every gateway to announce its open connections again (after a start)."""
-        envelope = Envelope(type=MessageType.RESYNC, session="", group="")
+    async def request_resync(self, shards: list[int] | None = None) -> None:
+        """Ask every gateway to announce its open connections again (after taking shards
+        over): those of the groups in `shards`, or all."""
+        payload = {"shards": shards} if shards is not None else {}
+        envelope = Envelope(type=MessageType.RESYNC, session="", group="", payload=payload)
         await self._bus.publish_reliably(GATEWAYS, "", envelope, mandatory=False)
+
+    def forget_shard(self, index: int, shards: int) -> int:
+        """Drop the state of the groups of a shard handed to another worker; how many.
+
+        Called once the shard's consumer stopped and everything it handled is acknowledged;
+        if the shard comes back, its groups are rebuilt from the log like after a restart."""
+        gone = [group for group in self.groups if shard_of(group, shards) == index]
+        for group in gone:
+            del self.groups[group]
+            handle = self._flush_handles.pop(group, None)
+            if handle is not None:
+                handle.cancel()
+            self.routes.forget(group)
+        self._metrics.groups.set(len(self.groups))
+        return len(gone)
 
     # -- gateway liveness --------------------------------------------------------------------
 
@@ -366,8 +387,8 @@ class DecisionsWorker:
 
     async def _apply_now(self, state: GroupState, effects: list[Effect]) -> None:
         """Carry out effects produced outside the shard queue's order (timers of our own)."""
-        if not effects:
-            return
+        if not effects or self.groups.get(state.config.group) is not state:
+            return  # nothing to do, or the group moved to another worker meanwhile
         records: list[LogRecord] = []
         publishes = self._carry_out(state, effects, records)
         await asyncio.gather(*publishes)

@@ -19,3 +19,10 @@ class DecisionsSettings(CommonSettings):
     resync_window: float = Field(default=5.0, gt=0, le=300)
     # A gateway without a heartbeat for this long is taken for dead: its members disconnect.
     gateway_liveness_timeout: float = Field(default=3.0, gt=0, le=300)
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    mongo_db: str = Field(default="canopy", min_length=1, max_length=63)
+    # A worker holds each of its shards by a MongoDB lease this long, renewed every quarter of
+    # it: a dead worker's shards move to another within about this time.
+    shard_lease_seconds: float = Field(default=3.0, ge=0.5, le=300)
+    # Handing a shard over waits this long for the inputs in flight to be confirmed.
+    shard_release_timeout: float = Field(default=10.0, gt=0, le=300)

@@ -23,6 +23,7 @@ from services.common.bus import (
     Topology,
     gateway_queue,
     running,
+    shard_of,
 )
 from services.common.directory import Directory
 from services.common.health import health_router
@@ -50,9 +51,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     me = gateway_queue(instance)
     participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
 
-    async def resync() -> None:
-        log.info("a decisions worker restarted: announcing %d connections", len(hub.connections))
-        for connection in list(hub.connections.values()):
+    async def resync(shards: list[int] | None) -> None:
+        connections = [
+            connection
+            for connection in hub.connections.values()
+            if shards is None or shard_of(connection.group, settings.shards) in shards
+        ]
+        log.info(
+            "a decisions worker took over %s: announcing %d connections",
+            "every shard" if shards is None else f"shards {shards}",
+            len(connections),
+        )
+        for connection in connections:
             try:
                 await participants.announce(connection)
             except Exception:

@@ -97,8 +97,9 @@ class Hub:
         self._metrics = metrics
         self.connections: dict[str, Connection] = {}
         self._members_here: dict[str, set[str]] = defaultdict(set)
-        # Announce every connection again (set by the composition root); see `Resync`.
-        self.on_resync: Callable[[], Coroutine[Any, Any, None]] | None = None
+        # Announce connections again (set by the composition root); see `Resync`. The argument
+        # is the shards whose groups to announce (a worker took them over), None for all.
+        self.on_resync: Callable[[list[int] | None], Coroutine[Any, Any, None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- connections -------------------------------------------------------------------------
@@ -144,7 +145,8 @@ class Hub:
             elif envelope.type is MessageType.BROADCAST:
                 self._broadcast(envelope)
             elif envelope.type is MessageType.RESYNC and self.on_resync is not None:
-                task = asyncio.get_running_loop().create_task(self.on_resync())
+                shards = envelope.payload.get("shards") if envelope.payload else None
+                task = asyncio.get_running_loop().create_task(self.on_resync(shards))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 

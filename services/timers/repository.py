@@ -20,6 +20,8 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
+from services.common.leases import Leases
+
 LEASE = "timers"
 
 
@@ -30,7 +32,7 @@ class TimersRepository:
         )
         db = self._client[database]
         self.schedules = db["timer_schedules"]
-        self.leases = db["timer_leases"]
+        self._leases = Leases(db["timer_leases"])
 
     async def setup(self) -> None:
         await self.schedules.create_index("done")
@@ -102,17 +104,7 @@ class TimersRepository:
 
     async def acquire_lease(self, owner: str, *, now: float, ttl: float) -> bool:
         """Take or renew the lease; False while another owner holds an unexpired one."""
-        result = await self.leases.update_one(
-            {"_id": LEASE, "$or": [{"owner": owner}, {"expires_at": {"$lt": now}}]},
-            {"$set": {"owner": owner, "expires_at": now + ttl}},
-        )
-        if result.matched_count:
-            return True
-        try:
-            await self.leases.insert_one({"_id": LEASE, "owner": owner, "expires_at": now + ttl})
-        except DuplicateKeyError:
-            return False  # held by another owner
-        return True
+        return await self._leases.acquire(LEASE, owner, now=now, ttl=ttl)
 
     async def release_lease(self, owner: str) -> None:
-        await self.leases.delete_one({"_id": LEASE, "owner": owner})
+        await self._leases.release(LEASE, owner)

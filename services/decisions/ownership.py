@@ -1,0 +1,124 @@
+"""Which shards this decisions worker owns: the ones whose MongoDB lease it holds.
+
+Every worker renews a presence lease (`decisions_workers`) and the leases of its shards
+(`decisions_leases`) every quarter of `ttl`. From the number of live workers it knows its fair
+share, `ceil(shards / workers)`: with more it hands the surplus back (gracefully: its consumer
+stops, what it handled is acknowledged, then the lease is released), with fewer it takes free
+or expired leases. So the shards spread over the workers, and the shards of a worker that died
+are taken over once its leases expire (within `ttl` and a step). MongoDB's conditional updates
+and unique `_id` decide each race (services/common/leases.py); the shard queues stay
+single-active-consumer, so even a worker that lost its lease unknowingly never handles a
+message alongside the new owner.
+
+A worker that cannot renew (MongoDB unreachable) keeps its shards while its leases are surely
+still valid, and hands them all back before they can expire: nobody else can take them
+meanwhile, and nobody will take them from under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from pymongo.errors import PyMongoError
+
+from services.decisions.repository import DecisionsRepository
+
+log = logging.getLogger(__name__)
+
+
+def shard_key(index: int) -> str:
+    return f"shard.{index}"
+
+
+class ShardOwnership:
+    def __init__(
+        self,
+        repository: DecisionsRepository,
+        *,
+        owner: str,
+        shards: int,
+        ttl: float,
+        claim: Callable[[list[int]], Awaitable[None]],
+        release: Callable[[int], Awaitable[None]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._repository = repository
+        self._owner = owner
+        self._shards = shards
+        self._ttl = ttl
+        self._claim = claim
+        self._release = release
+        self._clock = clock
+        self.held: set[int] = set()
+        self._valid_until = float("-inf")  # our leases surely hold until then (wall time)
+        self.stepped = asyncio.Event()  # set after the first step that reached MongoDB
+
+    @property
+    def interval(self) -> float:
+        return self._ttl / 4
+
+    async def run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self.interval)
+
+    async def step(self) -> None:
+        at = self._clock()
+        try:
+            await self._step(at)
+        except PyMongoError as exc:
+            log.warning("could not renew the shard leases (%r)", exc)
+            if self.held and self._clock() > self._valid_until - self.interval:
+                log.error("shard leases about to expire unrenewed: handing back %s", self.held)
+                for index in sorted(self.held):
+                    await self._give_up(index, release_lease=False)
+            return
+        self.stepped.set()
+
+    async def _step(self, at: float) -> None:
+        leases = self._repository.shards
+        await self._repository.workers.acquire(self._owner, self._owner, now=at, ttl=self._ttl)
+        for index in sorted(self.held):
+            if not await leases.acquire(shard_key(index), self._owner, now=at, ttl=self._ttl):
+                log.error("lost the lease of shard %d to another worker", index)
+                await self._give_up(index, release_lease=False)
+        self._valid_until = at + self._ttl
+        workers = await self._repository.workers.live(now=at)
+        fair = math.ceil(self._shards / max(1, len(workers)))
+        if len(self.held) > fair:
+            surplus = sorted(self.held, reverse=True)[: len(self.held) - fair]
+            log.info("%d workers: handing shards %s over", len(workers), surplus)
+            for index in surplus:
+                await self._give_up(index, release_lease=True)
+        elif len(self.held) < fair:
+            holders = await leases.holders([shard_key(i) for i in range(self._shards)], now=at)
+            free = [i for i in range(self._shards) if shard_key(i) not in holders]
+            taken = []
+            for index in free[: fair - len(self.held)]:
+                if await leases.acquire(shard_key(index), self._owner, now=at, ttl=self._ttl):
+                    taken.append(index)
+            if taken:
+                self.held.update(taken)
+                log.info("took shards %s (%d workers)", taken, len(workers))
+                await self._claim(taken)
+
+    async def _give_up(self, index: int, *, release_lease: bool) -> None:
+        self.held.discard(index)
+        await self._release(index)
+        if release_lease:
+            await self._repository.shards.release(shard_key(index), self._owner)
+
+    async def close(self) -> None:
+        """Hand every shard over at once (a graceful stop), instead of letting leases expire."""
+        for index in sorted(self.held):
+            try:
+                await self._give_up(index, release_lease=True)
+            except PyMongoError as exc:
+                log.warning("shard %d not released (%r): its lease will expire", index, exc)
+        with contextlib.suppress(PyMongoError):  # then it expires
+            await self._repository.workers.release(self._owner, self._owner)
