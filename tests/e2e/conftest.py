@@ -1,5 +1,5 @@
 """Fixtures for end-to-end tests: the researchers' API client of the running stack, and
-`extra_gateway`, another gateway process on it."""
+`extra_gateway` / `extra_service`, another gateway (or other service) process on it."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ READY_TIMEOUT = 30.0
 
 
 @dataclass
-class Gateway:
+class ServiceProcess:
     url: str
     process: Popen
+
+
+Gateway = ServiceProcess
 
 
 @asynccontextmanager
@@ -32,10 +35,21 @@ async def extra_gateway(
 ) -> AsyncIterator[Gateway]:
     """A gateway process of its own on the session's stack, ready (a test may kill it, or give
     it settings the shared one does not have); stopped on exit."""
+    async with extra_service(stack, "gateway", env_overrides) as gateway:
+        yield gateway
+
+
+@asynccontextmanager
+async def extra_service(
+    stack: Any, service: str, env_overrides: dict[str, str] | None = None
+) -> AsyncIterator[ServiceProcess]:
+    """Another process of `service` on a running stack, on a port of its own, ready."""
     port = free_port()
-    env = dict(stack.env) | {port_variable("gateway"): str(port)} | (env_overrides or {})
-    log = stack.logs_dir / f"gateway-{port}.log"
-    process = spawn([sys.executable, "-m", "services.gateway"], env=env, log=log, cwd=PROJECT_ROOT)
+    env = dict(stack.env) | {port_variable(service): str(port)} | (env_overrides or {})
+    log = stack.logs_dir / f"{service}-{port}.log"
+    process = spawn(
+        [sys.executable, "-m", f"services.{service}"], env=env, log=log, cwd=PROJECT_ROOT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -47,9 +61,9 @@ async def extra_gateway(
                         break
                 except httpx.TransportError:
                     pass
-                assert time.monotonic() < deadline, "extra gateway not ready"
+                assert time.monotonic() < deadline, f"extra {service} not ready"
                 await asyncio.sleep(0.1)  # a process starting: nothing to wait on but /readyz
-        yield Gateway(url, process)
+        yield ServiceProcess(url, process)
     finally:
         stop_process(process, grace=5.0)
 
