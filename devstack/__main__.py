@@ -13,6 +13,7 @@ restarts, the URLs and the admin token; `<run folder>/logs/devstack.log` lists e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -24,8 +25,17 @@ from typing import Any
 import httpx
 
 from devstack.infra import InfraError, InfraHandle, MongoStorage, start_infra
+from devstack.monitoring import PrometheusHandle, start_prometheus
 from devstack.stack import PROJECT_ROOT, StackError, StackHandle, StackUrls, start_stack
-from devstack.supervisor import LOG_FILE, STATE_FILE, STOP_SIGNALS, Supervisor, children
+from devstack.supervisor import (
+    LOG_FILE,
+    STATE_FILE,
+    STOP_SIGNALS,
+    Child,
+    Supervisor,
+    adopt,
+    children,
+)
 
 RUN_DIR = PROJECT_ROOT / ".run"
 _DEMO_COMMON: dict[str, Any] = {
@@ -100,6 +110,7 @@ def print_banner(
     management_url: str | None,
     timings: dict[str, float],
     run_dir: Path,
+    prometheus_url: str | None = None,
 ) -> None:
     token = urls.admin_token
     if sessions:
@@ -128,6 +139,11 @@ def print_banner(
     lines.append(f"  token:      {token}   (set CANOPY_ADMIN_TOKEN to choose it)")
     if management_url:
         lines.append(f"  RabbitMQ:   {management_url} (guest / guest)")
+    if prometheus_url:
+        lines.append(
+            f"  Prometheus: {prometheus_url}/alerts  (dashboard for your Grafana: "
+            "deploy/monitoring/grafana/canopy.json, docs/monitoring.md)"
+        )
     lines += [
         f"  logs:       {run_dir / 'logs'}/",
         f"  processes:  {run_dir / STATE_FILE} (PIDs); a process that exits is restarted "
@@ -141,15 +157,19 @@ def print_banner(
     print("\n".join(lines), flush=True)
 
 
-def describe(infra_handle: InfraHandle, stack: StackHandle) -> dict[str, Any]:
+def describe(
+    infra_handle: InfraHandle, stack: StackHandle, prometheus: PrometheusHandle | None = None
+) -> dict[str, Any]:
     """What the state file says besides the processes: where everything is reached."""
     urls, infra = stack.urls, infra_handle.infra
+    monitoring = {"prometheus": prometheus.url} if prometheus is not None else {}
     return {
         "urls": {
             "gateway": urls.gateway_url,
             "store": urls.store_url,
             "decisions": urls.decisions_url,
             "timers": urls.timers_url,
+            **monitoring,
         },
         "admin_token": urls.admin_token,
         "amqp_url": infra.amqp_url,
@@ -161,7 +181,20 @@ def describe(infra_handle: InfraHandle, stack: StackHandle) -> dict[str, Any]:
     }
 
 
-def run(run_dir: Path, *, demo: bool = True, mongo_storage: MongoStorage = "file") -> int:
+def monitoring_ports(infra_handle: InfraHandle, stack: StackHandle) -> dict[str, int]:
+    """Where Prometheus scrapes, by job: the four services and the broker's plugin."""
+    if infra_handle.prometheus_port is None:
+        raise InfraError("the broker was started without rabbitmq_prometheus")
+    return {**stack.ports, "rabbitmq": infra_handle.prometheus_port}
+
+
+def run(
+    run_dir: Path,
+    *,
+    demo: bool = True,
+    mongo_storage: MongoStorage = "file",
+    monitoring: bool = False,
+) -> int:
     run_dir = run_dir.resolve()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
@@ -173,22 +206,44 @@ def run(run_dir: Path, *, demo: bool = True, mongo_storage: MongoStorage = "file
         # turns it off.
         management = os.environ.get("DEVSTACK_RABBITMQ_MANAGEMENT", "1") != "0"
         with start_infra(
-            run_dir, persistent=True, management=management, mongo_storage=mongo_storage
+            run_dir,
+            persistent=True,
+            management=management,
+            mongo_storage=mongo_storage,
+            prometheus=monitoring,
         ) as infra_handle:
             t1 = time.monotonic()
             print("Starting store, gateway, decisions, timers ...", flush=True)
-            with start_stack(infra_handle.infra, run_dir) as stack:
+            with start_stack(infra_handle.infra, run_dir) as stack, contextlib.ExitStack() as extra:
+                prometheus = None
+                if monitoring:
+                    print("Starting Prometheus ...", flush=True)
+                    ports = monitoring_ports(infra_handle, stack)
+                    prometheus = extra.enter_context(start_prometheus(run_dir, ports))
                 t2 = time.monotonic()
                 sessions = create_demo_sessions(stack.urls) if demo else []
                 t3 = time.monotonic()
                 timings = {"infra": t1 - t0, "services": t2 - t1, "session": t3 - t2}
                 timings["total"] = t3 - t0
                 management_url = infra_handle.infra.management_url
-                print_banner(stack.urls, sessions, management_url, timings, run_dir)
+                prometheus_url = prometheus.url if prometheus is not None else None
+                print_banner(stack.urls, sessions, management_url, timings, run_dir, prometheus_url)
+                supervised = children(infra_handle, stack)
+                if prometheus is not None:
+                    supervised.append(
+                        adopt(
+                            Child(
+                                "prometheus",
+                                prometheus.proc,
+                                prometheus.start_process,
+                                prometheus.probe,
+                            )
+                        )
+                    )
                 supervisor = Supervisor(
-                    children(infra_handle, stack),
+                    supervised,
                     run_dir,
-                    describe=lambda: describe(infra_handle, stack),
+                    describe=lambda: describe(infra_handle, stack, prometheus),
                 )
                 signame = supervisor.run()
                 print(f"\n{signame}: stopping the services ...", flush=True)
@@ -238,9 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         const="memory",
         help="nx-27017 keeps its data in memory: gone when it stops or is restarted",
     )
+    run_parser.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus (deploy/monitoring/prometheus.yml with this stack's ports, "
+        "the alert rules) and RabbitMQ's metrics; its UI link is printed (make run MONITORING=1)",
+    )
     run_parser.set_defaults(mongo_storage="file")
     args = parser.parse_args(argv)
-    return run(args.run_dir, demo=not args.no_demo, mongo_storage=args.mongo_storage)
+    return run(
+        args.run_dir,
+        demo=not args.no_demo,
+        mongo_storage=args.mongo_storage,
+        monitoring=args.monitoring,
+    )
 
 
 if __name__ == "__main__":

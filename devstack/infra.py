@@ -61,6 +61,7 @@ RABBITMQ_LIB = Path("/usr/lib/rabbitmq/lib")  # rabbitmq_server-<version>/plugin
 RABBITMQ_APPS = {
     "": ["rabbitmq_prelaunch"],
     "rabbitmq_management": ["rabbitmq_management_agent", "rabbitmq_web_dispatch"],
+    "rabbitmq_prometheus": ["rabbitmq_management_agent", "rabbitmq_web_dispatch"],
 }
 MARKER_ENV = "DEVSTACK_RUN_DIR"
 KEEP_ENV = "DEVSTACK_KEEP_RUN_DIR"  # set to 1 to keep a test infra folder (and its logs)
@@ -91,6 +92,8 @@ class Infra:
     rabbit_node: str
     run_dir: Path
     management_url: str | None = None  # RabbitMQ management UI, when enabled
+    # rabbitmq_prometheus's /metrics (per queue: depth, consumers), when enabled (monitoring)
+    prometheus_url: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,11 +291,19 @@ class InfraHandle:
     `.process_exited(name)` and `.process_ready(name)` keep epmd and the node in step."""
 
     def __init__(
-        self, run_dir: Path, *, persistent: bool, management: bool, mongo_storage: MongoStorage
+        self,
+        run_dir: Path,
+        *,
+        persistent: bool,
+        management: bool,
+        mongo_storage: MongoStorage,
+        prometheus: bool = False,
     ) -> None:
         self.run_dir = run_dir.resolve()
         self.persistent = persistent
         self.management = management
+        self.prometheus = prometheus
+        self.prometheus_port: int | None = None
         self.mongo_storage: MongoStorage = mongo_storage
         self.rabbit_node = (
             PERSISTENT_NODE if persistent else f"canopy-{self.run_dir.name}@localhost"
@@ -373,6 +384,11 @@ class InfraHandle:
             run_dir=self.run_dir,
             management_url=(
                 f"http://127.0.0.1:{management_port}/" if management_port is not None else None
+            ),
+            prometheus_url=(
+                f"http://127.0.0.1:{self.prometheus_port}/metrics"
+                if self.prometheus_port is not None
+                else None
             ),
         )
 
@@ -460,8 +476,19 @@ class InfraHandle:
         ]
         if management_port is not None:
             conf += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {management_port}"]
+        if self.prometheus:
+            self.prometheus_port = free_port()
+            conf += [
+                "prometheus.tcp.ip = 127.0.0.1",
+                f"prometheus.tcp.port = {self.prometheus_port}",
+                # Per-queue series (depth, consumers) on /metrics: the queue-without-consumer
+                # alert and the dashboard's queue depths need the queue label.
+                "prometheus.return_per_object_metrics = true",
+            ]
         (rabbit_dir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
         plugins = ["rabbitmq_management"] if self.management else []
+        if self.prometheus:
+            plugins.append("rabbitmq_prometheus")
         (rabbit_dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         plugins_dir = _slim_plugins_dir(rabbit_dir / "plugins", plugins)
         (rabbit_dir / "rabbitmq-env.conf").write_text("")  # so the system one is not read
@@ -798,6 +825,7 @@ def start_infra(
     persistent: bool,
     management: bool | None = None,
     mongo_storage: MongoStorage | None = None,
+    prometheus: bool = False,
 ) -> InfraHandle:
     """Start RabbitMQ and nx-27017 and wait until both answer.
 
@@ -809,6 +837,7 @@ def start_infra(
     makes a clean stop 5 s slower and tests kill the node anyway).
     mongo_storage: "file" (SQLite files in `<folder>/mongo/`: a restarted nx-27017 finds its
     data again) or "memory"; default "file" when persistent, else "memory".
+    prometheus: enable rabbitmq_prometheus (`Infra.prometheus_url`), for monitoring.
     """
     run_dir = run_dir.resolve()
     if management is None:
@@ -823,7 +852,11 @@ def start_infra(
         folder = run_dir / f"test-{os.getpid()}-{secrets.token_hex(3)}"
         folder.mkdir()
     handle = InfraHandle(
-        folder, persistent=persistent, management=management, mongo_storage=mongo_storage
+        folder,
+        persistent=persistent,
+        management=management,
+        mongo_storage=mongo_storage,
+        prometheus=prometheus,
     )
     try:
         handle._start()

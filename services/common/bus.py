@@ -162,10 +162,18 @@ class Topology:
 class Bus:
     """One robust connection, a confirming publish channel and consume channels."""
 
-    def __init__(self, url: str, topology: Topology, *, name: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        name: str,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self._url = url
         self.topology = topology
         self._name = name
+        self._on_reconnect = on_reconnect  # counts reconnects (canopy_<service>_bus_reconnects)
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -188,10 +196,16 @@ class Bus:
             # seconds before the services noticed.
             reconnect_interval=RECONNECT_INTERVAL,
         )
+        self._connection.reconnect_callbacks.add(self._reconnected)
         self._publish_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
         self._exchanges = await self.topology.declare(self._publish_channel)
+
+    def _reconnected(self, sender: AbstractRobustConnection | None, /) -> None:
+        log.warning("%s: connection to RabbitMQ restored", self._name)
+        if self._on_reconnect is not None:
+            self._on_reconnect()
 
     async def close(self) -> None:
         if self._connection is not None:

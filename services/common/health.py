@@ -7,15 +7,18 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 
 
-def health_router(registry: CollectorRegistry, readiness: ReadinessCheck) -> APIRouter:
-    """`readiness` returns the list of unmet conditions; empty means ready."""
+def health_router(
+    registry: CollectorRegistry, readiness: ReadinessCheck, ready: Gauge | None = None
+) -> APIRouter:
+    """`readiness` returns the list of unmet conditions; empty means ready. `ready` (the
+    service's `canopy_<service>_ready`) keeps the last answer, for Prometheus."""
     router = APIRouter()
 
     @router.get("/healthz", include_in_schema=False)
@@ -30,6 +33,8 @@ def health_router(registry: CollectorRegistry, readiness: ReadinessCheck) -> API
             # Details (host names, exception text) go to the log, not to an unauthenticated body.
             log.exception("readiness check failed")
             problems = ["readiness check failed"]
+        if ready is not None:
+            ready.set(0 if problems else 1)
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})

@@ -113,6 +113,9 @@ class Envelope(BaseModel):
     gateway: str | None = None
     # When the message entered the bus (epoch seconds), set by its publisher.
     ts: float = Field(default_factory=now)
+    # A broadcast caused by a participant's frame: when that frame reached its gateway (the
+    # FrameAccepted's `ts`), so that gateways measure delivery latency end to end.
+    origin: float | None = None
     payload: Any = None
 
     def encode(self) -> bytes:

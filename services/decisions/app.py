@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 def create_app(settings: DecisionsSettings) -> FastAPI:
     metrics = DecisionsMetrics()
     topology = Topology(settings.shards, settings.queue_type)
-    bus = Bus(settings.amqp_url, topology, name=f"decisions {instance_name(settings)}")
+    bus = Bus(
+        settings.amqp_url,
+        topology,
+        name=f"decisions {instance_name(settings)}",
+        on_reconnect=metrics.bus_reconnects.inc,
+    )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     log_writer = LogWriter(
         bus, interval=settings.log_batch_seconds, max_records=settings.log_batch_records
@@ -122,6 +127,6 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         return [] if ownership.stepped.is_set() else ["waiting for shard leases and the log"]
 
     app = FastAPI(title="Canopy decisions", lifespan=lifespan)
-    app.include_router(health_router(metrics.registry, readiness))
+    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.state.worker = worker
     return app

@@ -58,6 +58,7 @@ from services.common.group import (
     rebuild,
 )
 from services.common.messages import (
+    Channel,
     Envelope,
     LogBatch,
     LogRecord,
@@ -186,6 +187,8 @@ class DecisionsWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._heard: dict[str, float] = {}  # gateway queue → loop time of its last heartbeat
         self._started = 0.0
+        # group → receipt time of the oldest decision a pending rate-limited flush carries.
+        self._pending_origin: dict[str, float] = {}
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -282,6 +285,7 @@ class DecisionsWorker:
             log.warning("input for unknown group %s dropped", envelope.group)
             return completed()
         records: list[LogRecord] = []
+        origin: float | None = None  # a new frame: when its gateway received it
         if envelope.type is MessageType.FRAME_ACCEPTED and not state.seen(
             envelope.participant or "", envelope.seq or 0
         ):
@@ -289,12 +293,17 @@ class DecisionsWorker:
             # for rows of the log, so that a rebuild's fold moves it the same way.
             ts = state.stamp(now())
             records.append(inbound_record(envelope, ts))
+            origin = envelope.ts
         else:
             ts = now()
+            if envelope.type is MessageType.FRAME_ACCEPTED:
+                self._metrics.duplicate.inc()
         self.routes.learn(envelope)
         effects = self._apply_input(state, envelope, ts)
-        publishes = self._carry_out(state, effects, records)
-        self._metrics.inputs.labels(envelope.type.value).inc()
+        if origin is not None:
+            self._count_frame(state, envelope, effects, origin)
+        publishes = self._carry_out(state, effects, records, origin)
+        self._metrics.input[envelope.type].inc()
         written = self._log.add(records) if records else None
         return self._confirmed(publishes, written, started)
 
@@ -309,6 +318,19 @@ class DecisionsWorker:
         if written is not None:
             await written
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
+
+    def _count_frame(
+        self, state: GroupState, envelope: Envelope, effects: list[Effect], origin: float
+    ) -> None:
+        """Applied or rejected (by reason); coalesced when the rate limit holds it back."""
+        for effect in effects:
+            if isinstance(effect, Broadcast) and effect.channel == Channel.ERROR:
+                self._metrics.rejection(str(effect.payload["code"])).inc()
+                return
+        self._metrics.applied.inc()
+        if envelope.channel == "decisions" and state.flush_pending:
+            self._metrics.coalesced.inc()
+            self._pending_origin.setdefault(state.config.group, origin)
 
     def _apply_input(self, state: GroupState, envelope: Envelope, ts: float) -> list[Effect]:
         payload: Any = envelope.payload
@@ -385,12 +407,14 @@ class DecisionsWorker:
             log.info("group %s: members not announced again are disconnected", state.config.group)
         await self._apply_now(state, effects)
 
-    async def _apply_now(self, state: GroupState, effects: list[Effect]) -> None:
+    async def _apply_now(
+        self, state: GroupState, effects: list[Effect], origin: float | None = None
+    ) -> None:
         """Carry out effects produced outside the shard queue's order (timers of our own)."""
         if not effects or self.groups.get(state.config.group) is not state:
             return  # nothing to do, or the group moved to another worker meanwhile
         records: list[LogRecord] = []
-        publishes = self._carry_out(state, effects, records)
+        publishes = self._carry_out(state, effects, records, origin)
         await asyncio.gather(*publishes)
         if records:
             await self._log.add(records)
@@ -401,18 +425,24 @@ class DecisionsWorker:
         task.add_done_callback(self._tasks.discard)
 
     def _carry_out(
-        self, state: GroupState, effects: list[Effect], records: list[LogRecord]
+        self,
+        state: GroupState,
+        effects: list[Effect],
+        records: list[LogRecord],
+        origin: float | None = None,
     ) -> list[asyncio.Future[None]]:
         """Hand every effect to its publisher, in effect order; futures of their confirms.
 
         A gateway's batcher keeps the order it was given, so each gateway receives a group's
-        frames in the order they were produced.
+        frames in the order they were produced. `origin`: the receipt time of the frame that
+        caused these effects; its group broadcasts carry it and measure end-to-end latency.
         """
         config = state.config
         tasks: list[asyncio.Future[None]] = []
         for effect in effects:
             if isinstance(effect, Broadcast | Control):
                 logged = isinstance(effect, Broadcast)
+                to_group = logged and effect.participant is None and origin is not None
                 envelope = Envelope(
                     type=MessageType.BROADCAST if logged else MessageType.CONTROL,
                     session=config.session,
@@ -422,12 +452,15 @@ class DecisionsWorker:
                     connection=effect.connection if isinstance(effect, Control) else None,
                     channel=effect.channel,
                     ts=_stamp(state, effect) if isinstance(effect, Broadcast) else now(),
+                    origin=origin if to_group else None,
                     payload=effect.payload,
                 )
                 tasks.extend(self._send(envelope))
                 if logged:
                     records.append(outbound_record(envelope))
-                self._metrics.outputs.labels(effect.channel).inc()
+                if to_group and origin is not None:  # handed to the batchers: out right away
+                    self._metrics.end_to_end_seconds.observe(envelope.ts - origin)
+                self._metrics.broadcast(effect.channel).inc()
             elif isinstance(effect, StartPeriod | PausePeriod | ResumePeriod):
                 kind, payload = _timers_command(effect)
                 envelope = Envelope(
@@ -484,12 +517,15 @@ class DecisionsWorker:
         self._start_task(self._flush(state))
 
     async def _flush(self, state: GroupState) -> None:
+        origin = self._pending_origin.pop(state.config.group, None)
         try:
-            await self._apply_now(state, state.flush(now()))
+            await self._apply_now(state, state.flush(now()), origin)
         except Exception:
             # The bus is reconnecting: keep the change pending and try again shortly.
             log.exception("rate-limited flush of group %s failed; retrying", state.config.group)
             state.flush_pending = True
+            if origin is not None:
+                self._pending_origin.setdefault(state.config.group, origin)
             self._schedule_flush(state, now() + 0.5)
 
     async def close(self) -> None:

@@ -30,6 +30,7 @@ from services.common import experiments
 from services.common.bus import INPUTS, Batcher, Bus, shard_of
 from services.common.directory import Directory, NotFound
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
+from services.common.logs import context
 from services.common.messages import (
     Channel,
     Envelope,
@@ -39,7 +40,7 @@ from services.common.messages import (
 )
 from services.gateway.domain import TokenBucket, parse_frame, valid_participant_code
 from services.gateway.handlers import Connection, Hub
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import UNPARSED, GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Participants:
             return
         await websocket.accept()
         self._metrics.connects.labels("accepted").inc()
+        log.info("participant connected", extra=context(info.session, info.group, info.participant))
         connection = Connection(websocket, info, self._settings.outbox_limit)
         writer = asyncio.create_task(connection.write_loop())
         try:
@@ -135,6 +137,7 @@ class Participants:
             connection.close(CloseCode.INTERNAL_ERROR, "server error; reconnect")
         finally:
             self._hub.remove(connection)
+            self._metrics.disconnects.inc()  # with the connections gauge: one scrape sees both
             if not connection.replaced:
                 try:
                     await self._presence(connection, connected=False)
@@ -142,6 +145,10 @@ class Participants:
                     log.exception("could not publish the disconnect of %s", code)
             connection.close(1000)
             await self._let_go(connection, writer)
+            log.info(
+                "participant disconnected",
+                extra=context(info.session, info.group, info.participant),
+            )
 
     async def _read_until_closed(self, connection: Connection) -> None:
         """Read until the browser leaves or a close is requested (then stop reading at once)."""
@@ -225,7 +232,10 @@ class Participants:
                         )
                     inbox.put_nowait(frame)
                 except ProtocolError as error:
-                    self._metrics.frames.labels(error.code).inc()
+                    # Only a flood refusal comes after the frame (and its channel) was parsed.
+                    known = error.code == ErrorCode.TOO_MANY_MESSAGES
+                    channel = frame.channel if known else UNPARSED
+                    self._metrics.frame_outcome(channel, error.code).inc()
                     payload = {"code": error.code, "message": error.message, "seq": error.seq}
                     self._reply(connection, server_frame(Channel.ERROR, payload))
         finally:
@@ -252,7 +262,8 @@ class Participants:
                 )
         seq = frame.seq
         if seq <= connection.last_seq:
-            self._metrics.frames.labels("duplicate").inc()
+            self._metrics.frame_outcome(frame.channel, "duplicate").inc()
+            self._metrics.acks.inc()
             self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
             return
         info = connection.info
@@ -270,7 +281,8 @@ class Participants:
         started = time.perf_counter()
         await self._publish_input(envelope)
         self._metrics.confirm_seconds.observe(time.perf_counter() - started)
-        self._metrics.frames.labels("accepted").inc()
+        self._metrics.frame_outcome(frame.channel, "accepted").inc()
+        self._metrics.acks.inc()
         connection.last_seq = seq
         self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
 

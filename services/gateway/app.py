@@ -45,6 +45,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         settings.amqp_url,
         Topology(settings.shards, settings.queue_type),
         name=f"gateway {instance}",
+        on_reconnect=metrics.bus_reconnects.inc,
     )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     hub = Hub(metrics)
@@ -100,7 +101,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return problems
 
     app = FastAPI(title="Canopy gateway", lifespan=lifespan)
-    app.include_router(health_router(metrics.registry, readiness))
+    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.include_router(participant_router(participants))
     mount_vendor(app)
     static_dir = Path(str(files("services.gateway").joinpath("static")))

@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from services.common.bus import decode_message
 from services.common.directory import ParticipantInfo
 from services.common.errors import CloseCode
-from services.common.messages import Channel, Envelope, MessageType, new_id, server_frame
+from services.common.messages import Channel, Envelope, MessageType, new_id, now, server_frame
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,12 @@ class Connection:
         self.id = new_id()
         self.websocket = websocket
         self.info = info
-        self.outbox: asyncio.Queue[str | None] = asyncio.Queue(maxsize=outbox_limit)
+        # Each frame with the time its cause reached a gateway (`Envelope.origin`), if any.
+        self.outbox: asyncio.Queue[tuple[str, float | None] | None] = asyncio.Queue(
+            maxsize=outbox_limit
+        )
+        # Observes delivery latency (set by the `Hub`): receipt of the cause → socket write.
+        self.on_delivered: Callable[[float], None] | None = None
         self.hello = asyncio.Event()
         self.last_seq = 0
         self.replaced = False
@@ -52,12 +57,12 @@ class Connection:
     def group(self) -> str:
         return self.info.group
 
-    def send(self, frame: str) -> bool:
+    def send(self, frame: str, origin: float | None = None) -> bool:
         """Queue a frame for this browser; False if it is too far behind."""
         if self.closing:
             return True
         try:
-            self.outbox.put_nowait(frame)
+            self.outbox.put_nowait((frame, origin))
         except asyncio.QueueFull:
             return False
         return True
@@ -79,17 +84,20 @@ class Connection:
         """Send queued frames in order; ends when closed or the browser went away."""
         ws = self.websocket
         while True:
-            frame = await self.outbox.get()
-            if frame is None:
+            item = await self.outbox.get()
+            if item is None:
                 code, reason = self._close
                 if ws.application_state == WebSocketState.CONNECTED:
                     with contextlib.suppress(RuntimeError):
                         await ws.close(code=code, reason=reason)
                 return
+            frame, origin = item
             try:
                 await ws.send_text(frame)
             except Exception:
                 return  # the reader notices the disconnect and cleans up
+            if origin is not None and self.on_delivered is not None:
+                self.on_delivered(now() - origin)
 
 
 class Hub:
@@ -101,6 +109,13 @@ class Hub:
         # is the shards whose groups to announce (a worker took them over), None for all.
         self.on_resync: Callable[[list[int] | None], Coroutine[Any, Any, None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Computed when Prometheus scrapes, not on every frame.
+        metrics.outbox_frames.set_function(
+            lambda: sum(c.outbox.qsize() for c in self.connections.values())
+        )
+        metrics.outbox_frames_max.set_function(
+            lambda: max((c.outbox.qsize() for c in self.connections.values()), default=0)
+        )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -110,6 +125,8 @@ class Hub:
         if older is not None:
             older.replaced = True
             older.close(CloseCode.REPLACED, "replaced by a newer connection")
+            self._metrics.replacements.inc()
+        connection.on_delivered = self._metrics.delivery_seconds.observe
         self.connections[connection.participant] = connection
         self._metrics.connections.set(len(self.connections))
         self._members_here[connection.group].add(connection.participant)
@@ -160,6 +177,7 @@ class Hub:
             self._deliver(connection, server_frame(Channel.HELLO, payload, envelope.ts))
             connection.hello.set()
         elif envelope.channel == Channel.REPLACED:
+            self._metrics.replacements.inc()
             connection.replaced = True
             connection.close(CloseCode.REPLACED, "replaced by a newer connection")
 
@@ -170,7 +188,7 @@ class Hub:
             connection = self.connections.get(envelope.participant)
             if connection is not None:
                 frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
-                self._deliver(connection, frame)
+                self._deliver(connection, frame, envelope.origin)
             return
         for participant in self._members_here.get(envelope.group, ()):
             connection = self.connections.get(participant)
@@ -178,11 +196,13 @@ class Hub:
                 continue
             if frame is None:  # encode once per broadcast, not once per member
                 frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
-            self._deliver(connection, frame)
+            self._deliver(connection, frame, envelope.origin)
 
-    def _deliver(self, connection: Connection, frame: str | bytes) -> None:
+    def _deliver(
+        self, connection: Connection, frame: str | bytes, origin: float | None = None
+    ) -> None:
         text = frame if isinstance(frame, str) else frame.decode()
-        if connection.send(text):
+        if connection.send(text, origin):
             self._metrics.frames_out.inc()
         else:
             log.warning("participant %s is too far behind; disconnecting", connection.participant)

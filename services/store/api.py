@@ -385,6 +385,7 @@ def api_router(
         session_id: str, format: Annotated[Literal["csv", "jsonl"], Query()] = "csv"
     ) -> StreamingResponse:
         await load(session_id)
+        metrics.exports.labels(format).inc()
         if format == "csv":
             media, filename = "text/csv; charset=utf-8", f"canopy-{session_id}-events.csv"
             chunks = _csv_chunks(repository.session_events(session_id))

@@ -28,7 +28,12 @@ def create_app(settings: StoreSettings) -> FastAPI:
     token = settings.admin_token.get_secret_value()
     repository = Repository(settings.mongo_url, settings.mongo_db)
     topology = Topology(settings.shards, settings.queue_type)
-    bus = Bus(settings.amqp_url, topology, name=f"store {instance_name(settings)}")
+    bus = Bus(
+        settings.amqp_url,
+        topology,
+        name=f"store {instance_name(settings)}",
+        on_reconnect=metrics.bus_reconnects.inc,
+    )
     writer = EventWriter(
         repository,
         metrics,
@@ -67,7 +72,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         description="Researchers' API: sessions, live status, event export.",
     )
     install_error_handlers(app)
-    app.include_router(health_router(metrics.registry, readiness))
+    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.include_router(
         api_router(
             repository,

@@ -27,7 +27,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from services.common.messages import Channel, LogBatch, LogRecord
+from services.common.messages import Channel, LogBatch, LogRecord, now
 from services.common.retry import retry_forever
 from services.store.domain import event_document
 from services.store.metrics import StoreMetrics
@@ -80,6 +80,14 @@ class EventWriter:
         self._waiting = 0  # records in the buffer
         self._full = asyncio.Event()
         self.written_batches = 0
+        # LogBatch ts of the batches being written now (taken out of the buffer), oldest first.
+        self._writing: list[float] = []
+        metrics.lag_seconds.set_function(self.lag)
+
+    def lag(self) -> float:
+        """Age of the oldest event received and not written yet; 0 when all are written."""
+        pending = self._writing[:1] + [batch.ts for _, batch in self._buffer[:1]]
+        return max(0.0, now() - min(pending)) if pending else 0.0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -102,12 +110,15 @@ class EventWriter:
             self._full.clear()
             if self._buffer:
                 batch, self._buffer, self._waiting = self._buffer, [], 0
+                self._writing = [b.ts for _, b in batch[:1]]
                 try:
                     await self._write(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # never stop writing: unacked messages come back anyway
                     log.exception("writing a batch failed unexpectedly; its messages come back")
+                finally:
+                    self._writing = []
 
     async def _write(self, batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
         records = [r for _, b in batch for r in b.records]
@@ -139,8 +150,9 @@ class EventWriter:
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(documents))
         self._metrics.duplicates.inc(len(documents) - inserted)
-        for document in documents:
-            self._metrics.events.labels(document["direction"]).inc()
+        inbound = sum(1 for record in records if record.direction == "in")
+        self._metrics.events_in.inc(inbound)
+        self._metrics.events_out.inc(len(records) - inbound)
 
 
 async def _ack(batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:

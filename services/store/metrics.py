@@ -1,46 +1,64 @@
-"""Prometheus metrics of the store service."""
+"""Prometheus metrics of the store service (names and label rules: `services.common.metrics`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import ServiceMetrics
 
 
-class StoreMetrics:
+class StoreMetrics(ServiceMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__("store")
+        registry = self.registry
         self.events = Counter(
             "canopy_store_events",
             "Events written to the log, by direction",
             ["direction"],
-            registry=self.registry,
+            registry=registry,
         )
         self.duplicates = Counter(
             "canopy_store_duplicates",
             "Events already in the log, dropped",
-            registry=self.registry,
+            registry=registry,
         )
         self.batch_size = Histogram(
             "canopy_store_batch_size",
             "Events per batch write",
             buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
-            registry=self.registry,
+            registry=registry,
         )
         self.batch_seconds = Histogram(
             "canopy_store_batch_seconds",
             "Time to write one batch to MongoDB",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-            registry=self.registry,
+            registry=registry,
+        )
+        self.lag_seconds = Gauge(
+            "canopy_store_lag_seconds",
+            "Age of the oldest event received but not written yet (0: all written)",
+            registry=registry,
         )
         self.failures = Counter(
             "canopy_store_batch_failures",
             "Batches MongoDB refused (requeued)",
-            registry=self.registry,
+            registry=registry,
         )
         self.rejected = Counter(
             "canopy_store_malformed",
             "Malformed bus messages dead-lettered",
-            registry=self.registry,
+            registry=registry,
         )
         self.sessions = Counter(
-            "canopy_store_sessions_created", "Sessions created", registry=self.registry
+            "canopy_store_sessions_created", "Sessions created", registry=registry
         )
+        self.exports = Counter(
+            "canopy_store_exports",
+            "Event exports served, by format",
+            ["format"],
+            registry=registry,
+        )
+        for export_format in ("csv", "jsonl"):
+            self.exports.labels(export_format)
+        self.events_in = self.events.labels("in")
+        self.events_out = self.events.labels("out")

@@ -21,7 +21,12 @@ def create_app(settings: TimersSettings) -> FastAPI:
     metrics = TimersMetrics()
     topology = Topology(settings.shards, settings.queue_type)
     instance = instance_name(settings)
-    bus = Bus(settings.amqp_url, topology, name=f"timers {instance}")
+    bus = Bus(
+        settings.amqp_url,
+        topology,
+        name=f"timers {instance}",
+        on_reconnect=metrics.bus_reconnects.inc,
+    )
     repository = TimersRepository(settings.mongo_url, settings.mongo_db)
     worker = TimersWorker(
         bus, repository, metrics, owner=instance, lease_seconds=settings.timers_lease_seconds
@@ -48,6 +53,6 @@ def create_app(settings: TimersSettings) -> FastAPI:
         return problems
 
     app = FastAPI(title="Canopy timers", lifespan=lifespan)
-    app.include_router(health_router(metrics.registry, readiness))
+    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.state.worker = worker
     return app

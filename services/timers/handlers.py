@@ -223,9 +223,10 @@ class TimersWorker:
             INPUTS, input_key(group, self._bus.topology.shards, "timer"), envelope
         )
         self._metrics.ticks.labels(tick.event).inc()
-        self._metrics.lateness.observe(max(0.0, now() - tick.at))
         if late:
             self._metrics.late.inc()
+        else:  # the envelope's ts: when it was published (the clock read once)
+            self._metrics.drift.observe(max(0.0, envelope.ts - tick.at))
 
     async def close(self) -> None:
         was_leading = self.leading.is_set()
