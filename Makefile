@@ -12,13 +12,15 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 LINTED := services devstack bench tests
 
-.PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix
+.PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
+	k8s-check k8s-tools
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
 	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
 	@echo "make lint     ruff check, ruff format --check, mypy"
+	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
@@ -73,7 +75,7 @@ $(STAMP): pyproject.toml | $(PY)
 run: install
 	@exec $(PY) -m devstack run
 
-test: install
+test: install k8s-check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest
 
@@ -81,6 +83,24 @@ lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench
+
+# deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
+k8s-check: install k8s-tools
+	@$(PY) -m tests.deploy.k8s check
+
+# Debian has no kubectl package; the project's machines get it from the Google Cloud SDK apt
+# repository (package kubectl). Elsewhere any configured apt source that has it will do.
+k8s-tools:
+	@if ! command -v kubectl >/dev/null; then \
+		echo "apt-get install kubectl"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) kubectl >/dev/null 2>&1; \
+		command -v kubectl >/dev/null || { \
+			echo "kubectl is missing and no apt source offers it: add the Kubernetes apt" \
+				"repository (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)," \
+				"then make again"; \
+			exit 1; \
+		}; \
+	fi
 
 # Load generator (bench/, docs/performance.md). `make bench --matrix` cannot work (make rejects
 # unknown options itself): use `make bench ARGS=--matrix` or `make bench-matrix`.

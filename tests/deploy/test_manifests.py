@@ -1,0 +1,424 @@
+"""deploy/k8s against itself, the Dockerfile and the services: every overlay renders and
+validates; every workload is hardened and probed; images, ports, commands and env names agree
+with what the services really read and serve."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import secrets
+import tomllib
+from typing import Any
+
+import pytest
+import yaml
+from starlette.routing import Match
+
+from services.decisions.settings import DecisionsSettings
+from services.gateway.settings import GatewaySettings
+from services.store.settings import StoreSettings
+from services.timers.settings import TimersSettings
+from tests.deploy import k8s
+from tests.deploy.dockerfile import Dockerfile
+
+SETTINGS = {
+    "gateway": GatewaySettings,
+    "store": StoreSettings,
+    "decisions": DecisionsSettings,
+    "timers": TimersSettings,
+}
+SERVICES = tuple(SETTINGS)
+PYPROJECT = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+SECRET_KEYS = [
+    line.split("=", 1)[0]
+    for line in (k8s.K8S / "base" / "secret.env.example").read_text().splitlines()
+    if line and not line.startswith("#")
+]
+LABELS = ("name", "component", "part-of", "version", "managed-by")
+# The setting that bounds each service's own wait when it drains: sockets closing, shards
+# handed over once their inputs in flight are confirmed, the last log batch written.
+DRAIN_WAIT = {
+    "gateway": "close_grace",
+    "decisions": "shard_release_timeout",
+    "store": "store_batch_seconds",
+}
+# What a drain may take beyond preStop and that wait: the last publishes' confirms, acks.
+DRAIN_MARGIN = 10
+
+
+def of_kind(resources: list[k8s.Resource], kind: str) -> dict[str, k8s.Resource]:
+    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
+
+
+def config_map(resources: list[k8s.Resource]) -> dict[str, str]:
+    (cm,) = [r for r in resources if r["kind"] == "ConfigMap"]
+    data: dict[str, str] = cm["data"]
+    return data
+
+
+def setting_names(cls: type[Any]) -> set[str]:
+    return {f"CANOPY_{name.upper()}" for name in cls.model_fields}
+
+
+def setting(service: str, field: str, config: dict[str, str]) -> Any:
+    """A service's setting as the ConfigMap makes it: its value there, else the default."""
+    value = config.get(f"CANOPY_{field.upper()}")
+    return value if value is not None else SETTINGS[service].model_fields[field].default
+
+
+def port_of(service: str, config: dict[str, str]) -> int:
+    return int(setting(service, f"{service}_port", config))
+
+
+def container(deployment: k8s.Resource) -> dict[str, Any]:
+    (one,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(one)
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_overlay_validates(rendered: dict[str, list[k8s.Resource]], overlay: str) -> None:
+    problems = [p for r in rendered[overlay] for p in k8s.validate(r)]
+    assert problems == []
+
+
+def test_validation_refuses_what_the_api_server_would_drop(
+    rendered: dict[str, list[k8s.Resource]],
+) -> None:
+    """A misspelt field, in a built-in kind and in each operator kind, is a problem."""
+    kinds = {(r["apiVersion"], r["kind"]): r for r in rendered["prod"]}
+    assert set(k8s.SCHEMAS) <= set(kinds)  # every CRD kind is used, so every schema is exercised
+    for key in [*k8s.SCHEMAS, ("apps/v1", "Deployment")]:
+        broken = copy.deepcopy(kinds[key])
+        broken["spec"]["replicaz"] = 3
+        assert k8s.validate(broken), key
+    unknown = {"apiVersion": "example.org/v1", "kind": "Gadget", "metadata": {"name": "x"}}
+    assert k8s.validate(unknown) == [
+        "Gadget/x: no schema for example.org/v1 Gadget in Kubernetes 1.32.0 nor in "
+        "tests/deploy/crds.py"
+    ]
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_every_service_has_a_hardened_probed_deployment(
+    rendered: dict[str, list[k8s.Resource]], overlay: str
+) -> None:
+    resources = rendered[overlay]
+    deployments = of_kind(resources, "Deployment")
+    assert sorted(deployments) == sorted(SERVICES)
+    config = config_map(resources)
+    dockerfile = Dockerfile.read()
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]
+        for labels in (deployment["metadata"]["labels"], pod["metadata"]["labels"]):
+            assert {f"app.kubernetes.io/{key}" for key in LABELS} <= set(labels), name
+            assert labels["app.kubernetes.io/name"] == name
+            assert labels["app.kubernetes.io/part-of"] == "canopy"
+            assert labels["app.kubernetes.io/version"] == VERSION
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        spec = pod["spec"]
+        security = spec["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["runAsUser"] == dockerfile.user_id != 0
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        box = container(deployment)
+        assert box["name"] == name
+        assert box["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        # Writable paths are emptyDirs (the root filesystem is read-only).
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for mount in box.get("volumeMounts", []):
+            assert "emptyDir" in volumes[mount["name"]], (name, mount)
+        requests, limits = box["resources"]["requests"], box["resources"]["limits"]
+        assert {"cpu", "memory"} <= set(requests) and "memory" in limits, name
+        for probe, path in [
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/healthz"),
+        ]:
+            assert box[probe]["httpGet"] == {"path": path, "port": "http"}, (name, probe)
+        # Longer than the drain: preStop, then the service's own wait, then the margin.
+        pre_stop = box["lifecycle"]["preStop"]["sleep"]["seconds"]
+        wait = DRAIN_WAIT.get(name)
+        waited = float(setting(name, wait, config)) if wait else 0.0
+        assert spec["terminationGracePeriodSeconds"] > pre_stop + waited + DRAIN_MARGIN, name
+
+
+def test_probe_paths_are_the_services_health_routes() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.common.health import health_router
+
+    async def ready() -> list[str]:
+        return []
+
+    paths = {getattr(r, "path", None) for r in health_router(CollectorRegistry(), ready).routes}
+    assert {"/healthz", "/readyz", "/metrics"} <= paths
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_config_comes_from_one_config_map_and_one_secret_of_real_settings(
+    rendered: dict[str, list[k8s.Resource]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resources = rendered[overlay]
+    config = config_map(resources)
+    (cm_name,) = [r["metadata"]["name"] for r in resources if r["kind"] == "ConfigMap"]
+    known = set().union(*(setting_names(cls) for cls in SETTINGS.values()))
+    assert set(config) - known == set(), "ConfigMap keys the services do not read"
+    assert set(SECRET_KEYS) - known == set(), "secret.env.example keys the services do not read"
+    assert set(config) & set(SECRET_KEYS) == set()
+    for name, deployment in of_kind(resources, "Deployment").items():
+        box = container(deployment)
+        assert "env" not in box, name
+        assert box["envFrom"] == [
+            {"configMapRef": {"name": cm_name}},
+            {"secretRef": {"name": "canopy"}},
+        ]
+    # Each service starts with exactly this configuration (a production-grade token in the
+    # Secret): nothing mistyped, and what each service must be told is there.
+    for variable in [v for v in __import__("os").environ if v.startswith("CANOPY_")]:
+        monkeypatch.delenv(variable)
+    secret = {
+        "CANOPY_ADMIN_TOKEN": secrets.token_urlsafe(32),
+        "CANOPY_AMQP_URL": "amqp://canopy:pw@rabbitmq:5672/",
+        "CANOPY_MONGO_URL": "mongodb://canopy:pw@mongodb-svc:27017/?replicaSet=mongodb",
+    }
+    assert sorted(secret) == sorted(SECRET_KEYS)
+    for key, value in {**config, **secret}.items():
+        monkeypatch.setenv(key, value)
+    for name, cls in SETTINGS.items():
+        settings = cls()
+        assert settings.host == "0.0.0.0", name
+        assert settings.store_url == f"http://store:{port_of('store', config)}"
+        assert settings.queue_type == "quorum"
+        for field in ("amqp_url", "mongo_url", "admin_token", "public_url"):
+            if field in cls.model_fields:
+                assert f"CANOPY_{field.upper()}" in {**config, **secret}, (name, field)
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_ports_agree_between_settings_manifests_and_dockerfile(
+    rendered: dict[str, list[k8s.Resource]], overlay: str
+) -> None:
+    resources = rendered[overlay]
+    config = config_map(resources)
+    services = of_kind(resources, "Service")
+    ports = {name: port_of(name, config) for name in SERVICES}
+    assert Dockerfile.read().exposed == set(ports.values())
+    for name, deployment in of_kind(resources, "Deployment").items():
+        assert container(deployment)["ports"] == [
+            {"name": "http", "containerPort": ports[name], "protocol": "TCP"}
+        ]
+        service = services[name]
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert service["spec"]["ports"] == [
+            {"name": "http", "port": ports[name], "targetPort": "http", "protocol": "TCP"}
+        ]
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_one_image_and_each_service_its_real_entry_command(
+    rendered: dict[str, list[k8s.Resource]], overlay: str
+) -> None:
+    for name, deployment in of_kind(rendered[overlay], "Deployment").items():
+        box = container(deployment)
+        assert box["image"] == f"canopy:{VERSION}"
+        assert box["command"] == ["python", "-m", f"services.{name}"]
+        assert importlib.util.find_spec(f"services.{name}.__main__") is not None
+    # A service process (its __main__ serves HTTP) without a Deployment would be forgotten.
+    servers = {
+        path.parent.name
+        for path in (k8s.ROOT / "services").glob("*/__main__.py")
+        if "serve(" in path.read_text()
+    }
+    assert servers == set(SERVICES)
+    dockerfile = Dockerfile.read()
+    assert dockerfile.label("org.opencontainers.image.title") == "canopy"
+    assert dockerfile.label("org.opencontainers.image.version") == VERSION
+
+
+def test_dev_runs_one_of_everything_and_prod_survives_losing_one(
+    rendered: dict[str, list[k8s.Resource]],
+) -> None:
+    dev, prod = rendered["dev"], rendered["prod"]
+    assert {d["spec"]["replicas"] for d in of_kind(dev, "Deployment").values()} == {1}
+    assert of_kind(dev, "RabbitmqCluster")["rabbitmq"]["spec"]["replicas"] == 1
+    assert of_kind(dev, "MongoDBCommunity")["mongodb"]["spec"]["members"] == 1
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"):
+        assert of_kind(dev, kind) == {}, kind
+
+    deployments = of_kind(prod, "Deployment")
+    budgets = of_kind(prod, "PodDisruptionBudget")
+    autoscalers = of_kind(prod, "HorizontalPodAutoscaler")
+    assert sorted(autoscalers) == ["decisions", "gateway"]
+    for name, deployment in deployments.items():
+        assert deployment["spec"]["replicas"] >= 2, name
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert budgets[name]["spec"]["maxUnavailable"] == 1
+        assert budgets[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+        }
+        for constraint in spread:
+            assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+            assert "app.kubernetes.io/name" in constraint["matchLabelKeys"]
+    for name, hpa in autoscalers.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name)
+        assert hpa["spec"]["minReplicas"] == deployments[name]["spec"]["replicas"]
+    # A shard has one active consumer: decisions replicas beyond CANOPY_SHARDS would idle.
+    shards = int(config_map(prod)["CANOPY_SHARDS"])
+    assert shards >= autoscalers["decisions"]["spec"]["maxReplicas"]
+    assert shards >= deployments["decisions"]["spec"]["replicas"]
+    assert int(config_map(dev)["CANOPY_SHARDS"]) >= 1
+
+    # The broker and the database lose one member of three at a time in a drain.
+    assert budgets["rabbitmq"]["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "rabbitmq"}},
+    }
+    assert budgets["mongodb"]["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app": "mongodb-svc"}},
+    }
+    rabbitmq = of_kind(prod, "RabbitmqCluster")["rabbitmq"]["spec"]
+    assert rabbitmq["replicas"] == 3
+    assert "rabbitmq_prometheus" in rabbitmq["rabbitmq"]["additionalPlugins"]
+    assert config_map(prod)["CANOPY_QUEUE_TYPE"] == "quorum"
+    mongodb = of_kind(prod, "MongoDBCommunity")["mongodb"]["spec"]
+    assert (mongodb["members"], mongodb["type"]) == (3, "ReplicaSet")
+
+
+def _route_matches(app: Any, path: str, kind: str) -> bool:
+    scope = {"type": kind, "path": path, "method": "GET", "root_path": "", "headers": []}
+    return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_ingress_sends_each_path_to_the_service_that_serves_it(
+    rendered: dict[str, list[k8s.Resource]], overlay: str
+) -> None:
+    from services.gateway.app import create_app as gateway_app
+    from services.store.app import create_app as store_app
+
+    apps = {  # built, not started: routing needs no broker
+        "gateway": gateway_app(GatewaySettings(admin_token="ingress-test")),
+        "store": store_app(StoreSettings(admin_token="ingress-test")),
+    }
+    (ingress,) = of_kind(rendered[overlay], "Ingress").values()
+    annotations = ingress["metadata"]["annotations"]
+    for direction in ("read", "send"):  # a WebSocket idles between decisions
+        assert int(annotations[f"nginx.ingress.kubernetes.io/proxy-{direction}-timeout"]) >= 3600
+    routes = {
+        p["path"]: (p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"])
+        for rule in ingress["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    }
+    assert {path: backend for path, (_, backend, _) in routes.items()} == {
+        "/ws": "gateway",
+        "/p": "gateway",
+        "/static": "gateway",
+        "/api": "store",
+        "/": "store",
+    }
+    samples = {"/ws": "/ws/abc", "/p": "/p/abc", "/static": "/static/canopy.js"}
+    samples |= {"/api": "/api/sessions", "/": "/"}
+    for path, (path_type, backend, port) in routes.items():
+        assert port == {"name": "http"}
+        kind = "websocket" if path == "/ws" else "http"
+        assert _route_matches(apps[backend], samples[path], kind), path
+        # Exact "/" for the console: /internal, /metrics, /docs of the store stay inside.
+        assert path_type == ("Exact" if path == "/" else "Prefix")
+    assert not _route_matches(apps["gateway"], "/ws/abc", "http")  # the upgrade is the route
+
+
+def test_network_policies_open_only_the_real_flows(
+    rendered: dict[str, list[k8s.Resource]],
+) -> None:
+    policies = of_kind(rendered["prod"], "NetworkPolicy")
+    deny = policies["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    assert policies["allow-dns"]["spec"]["podSelector"] == {}
+
+    def egress_to(name: str) -> set[str]:
+        targets = set()
+        for rule in policies[name]["spec"]["egress"]:
+            for peer in rule["to"]:
+                labels = peer.get("podSelector", {}).get("matchLabels", {})
+                targets.add(labels.get("app.kubernetes.io/name") or labels.get("app", ""))
+        return targets
+
+    for name, cls in SETTINGS.items():
+        uses_store = "Directory(" in (k8s.ROOT / "services" / name / "app.py").read_text()
+        expected = {"rabbitmq"}
+        expected |= {"mongodb-svc"} if "mongo_url" in cls.model_fields else set()
+        expected |= {"store"} if uses_store else set()
+        assert egress_to(name) == expected, name
+        assert policies[name]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    store_from = policies["store"]["spec"]["ingress"][0]["from"]
+    clients = {
+        value
+        for peer in store_from
+        for expression in peer.get("podSelector", {}).get("matchExpressions", [])
+        for value in expression["values"]
+    }
+    assert clients == {
+        name
+        for name in SERVICES
+        if "Directory(" in (k8s.ROOT / f"services/{name}/app.py").read_text()
+    }
+    mongo_from = policies["mongodb"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert set(mongo_from["matchExpressions"][0]["values"]) == {
+        name for name, cls in SETTINGS.items() if "mongo_url" in cls.model_fields
+    }
+
+
+def test_service_monitors_scrape_every_service_port(
+    rendered: dict[str, list[k8s.Resource]],
+) -> None:
+    prod = rendered["prod"]
+    monitors = of_kind(prod, "ServiceMonitor")
+    selected = monitors["canopy"]["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert sorted(selected) == sorted(SERVICES)
+    assert monitors["canopy"]["spec"]["endpoints"][0]["port"] == "http"
+    assert monitors["canopy"]["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitors["rabbitmq"]["spec"]["endpoints"][0]["port"] == "prometheus"
+
+
+def test_prometheus_rule_is_the_monitoring_rules_files(
+    rendered: dict[str, list[k8s.Resource]],
+) -> None:
+    if not k8s.rules_files():
+        pytest.skip("deploy/monitoring/rules/*.yml not there yet")
+    (rule,) = of_kind(rendered["prod"], "PrometheusRule").values()
+    groups = [
+        group
+        for path in k8s.rules_files()
+        for group in (yaml.safe_load(path.read_text()) or {}).get("groups", [])
+    ]
+    assert groups, "the rules files hold no group"
+    assert rule["spec"]["groups"] == groups
+    assert k8s.rules_problems() == []
+
+
+def test_operations_doc_tells_what_to_do_for_every_alert() -> None:
+    alerts = [
+        rule["alert"]
+        for group in k8s.rule_groups()
+        for rule in group.get("rules", [])
+        if "alert" in rule
+    ]
+    if not alerts:
+        pytest.skip("deploy/monitoring/rules/*.yml not there yet")
+    text = (k8s.ROOT / "docs" / "operations.md").read_text()
+    missing = [alert for alert in alerts if not re.search(rf"\b{alert}\b", text)]
+    assert missing == []
