@@ -13,21 +13,22 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
-	k8s-check k8s-tools
+	monitoring-check monitoring-tools stop-system-prometheus run-monitoring
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
+	@echo "              MONITORING=1 (or make run-monitoring): also Prometheus, with the alert rules"
 	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
 	@echo "make lint     ruff check, ruff format --check, mypy"
-	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
+	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
 	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
 
 # Quiet and fast when everything is there: two file tests and a timestamp comparison.
-install: system-packages $(STAMP)
+install: system-packages monitoring-tools $(STAMP)
 
 system-packages:
 	@missing=""; \
@@ -73,9 +74,12 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $@
 
 run: install
-	@exec $(PY) -m devstack run
+	@exec $(PY) -m devstack run $(if $(filter 1 yes true,$(MONITORING)),--monitoring)
 
-test: install k8s-check
+run-monitoring: install
+	@exec $(PY) -m devstack run --monitoring
+
+test: install monitoring-check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest
 
@@ -84,23 +88,42 @@ lint: install
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench
 
-# deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
-k8s-check: install k8s-tools
-	@$(PY) -m tests.deploy.k8s check
-
-# Debian has no kubectl package; the project's machines get it from the Google Cloud SDK apt
-# repository (package kubectl). Elsewhere any configured apt source that has it will do.
-k8s-tools:
-	@if ! command -v kubectl >/dev/null; then \
-		echo "apt-get install kubectl"; \
-		$(SUDO) apt-get update -qq && $(APT_INSTALL) kubectl >/dev/null 2>&1; \
-		command -v kubectl >/dev/null || { \
-			echo "kubectl is missing and no apt source offers it: add the Kubernetes apt" \
-				"repository (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)," \
-				"then make again"; \
-			exit 1; \
-		}; \
+# Debian's prometheus brings promtool and Prometheus (make run MONITORING=1, the monitoring
+# tests). Without its recommends: prometheus-node-exporter would be one more system service.
+monitoring-tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+		echo "apt-get install prometheus"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) --no-install-recommends prometheus >/dev/null \
+			|| exit 1; \
+		$(MAKE) --no-print-directory stop-system-prometheus; \
 	fi
+
+# As for RabbitMQ: the package may start (and enable) a system Prometheus on :9090. Ours runs
+# in .run/ on its own port; stop and disable the system one.
+stop-system-prometheus:
+	@if pgrep -u prometheus -x prometheus >/dev/null; then \
+		echo "Stopping and disabling the system Prometheus started by the package"; \
+		if [ -d /run/systemd/system ]; then \
+			$(SUDO) systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+		elif command -v service >/dev/null; then \
+			$(SUDO) service prometheus stop >/dev/null 2>&1 || true; \
+		fi; \
+	fi; \
+	if [ ! -d /run/systemd/system ] && command -v update-rc.d >/dev/null; then \
+		$(SUDO) update-rc.d prometheus disable >/dev/null 2>&1 || true; \
+	elif [ -d /run/systemd/system ]; then \
+		$(SUDO) systemctl disable prometheus >/dev/null 2>&1 || true; \
+	fi
+
+# deploy/monitoring checked offline: the scrape config, the rules and their unit tests, and
+# every dashboard query parsed by promtool (tests/monitoring/dashboard.py).
+monitoring-check: install
+	@for check in "check config deploy/monitoring/prometheus.yml" \
+		"check rules deploy/monitoring/rules/canopy.rules.yml" \
+		"test rules deploy/monitoring/rules/canopy.rules.test.yml"; do \
+		out=$$(promtool $$check 2>&1) || { echo "promtool $$check"; echo "$$out"; exit 1; }; \
+	done
+	@$(PY) -m tests.monitoring.dashboard
 
 # Load generator (bench/, docs/performance.md). `make bench --matrix` cannot work (make rejects
 # unknown options itself): use `make bench ARGS=--matrix` or `make bench-matrix`.
