@@ -13,7 +13,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
-	monitoring-check monitoring-tools stop-system-prometheus run-monitoring
+	k8s-check k8s-tools monitoring-check monitoring-tools stop-system-prometheus run-monitoring
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
@@ -22,6 +22,7 @@ help:
 	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
 	@echo "make lint     ruff check, ruff format --check, mypy"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
+	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
@@ -79,7 +80,7 @@ run: install
 run-monitoring: install
 	@exec $(PY) -m devstack run --monitoring
 
-test: install monitoring-check
+test: install k8s-check monitoring-check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(PY) -m pytest
 
@@ -87,6 +88,24 @@ lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench
+
+# deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
+k8s-check: install k8s-tools
+	@$(PY) -m tests.deploy.k8s check
+
+# Debian has no kubectl package; the project's machines get it from the Google Cloud SDK apt
+# repository (package kubectl). Elsewhere any configured apt source that has it will do.
+k8s-tools:
+	@if ! command -v kubectl >/dev/null; then \
+		echo "apt-get install kubectl"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) kubectl >/dev/null 2>&1; \
+		command -v kubectl >/dev/null || { \
+			echo "kubectl is missing and no apt source offers it: add the Kubernetes apt" \
+				"repository (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)," \
+				"then make again"; \
+			exit 1; \
+		}; \
+	fi
 
 # Debian's prometheus brings promtool and Prometheus (make run MONITORING=1, the monitoring
 # tests). Without its recommends: prometheus-node-exporter would be one more system service.
