@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from importlib.resources import files
 
 import httpx
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
 from services.common import experiments
@@ -41,6 +40,7 @@ from services.common.messages import (
 from services.gateway.domain import TokenBucket, parse_frame, valid_participant_code
 from services.gateway.handlers import Connection, Hub
 from services.gateway.metrics import UNPARSED, GatewayMetrics
+from services.gateway.pages import page_router
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -289,15 +289,12 @@ class Participants:
 
 def participant_router(participants: Participants) -> APIRouter:
     router = APIRouter()
-    static = files("services.gateway").joinpath("static")
 
     @router.websocket("/ws/{code}")
     async def websocket_endpoint(websocket: WebSocket, code: str) -> None:
         await participants.serve(websocket, code)
 
-    @router.get("/p/{code}", response_class=HTMLResponse, include_in_schema=False)
-    async def participant_page(code: str) -> HTMLResponse:
-        return HTMLResponse(static.joinpath("participant.html").read_text())
+    router.include_router(page_router(participants._directory))
 
     @router.get("/", response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:

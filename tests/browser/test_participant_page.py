@@ -17,16 +17,24 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
-import httpx
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
-CHROMIUM = "/usr/bin/chromium"
+# CHROMIUM and CHROMIUM_ARGS stay importable from here (tests/browser/test_console.py).
+from tests.browser.conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    SOON_MS,
+    NewContext,
+    Session,
+    create_session,
+    open_page,
+    screenshot,
+)
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.e2e,
@@ -34,107 +42,13 @@ pytestmark = [
         not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
     ),
 ]
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-SCREENSHOT = Path("/tmp/canopy-participant.png")
-SESSION_CONFIG: dict[str, Any] = {
-    "experiment": "decisions",
-    "num_participants": 2,
-    "group_size": 2,
-    "num_periods": 1,
-    "period_length": 30,
-    "num_subperiods": 0,
-    "rate_limit": 0.0,
-    "params": {},
-    "label": "browser test",
-}
-SOON_MS = 5_000  # how long a change may take to show up on another page
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS"]
 RECONNECT_MS = 10_000  # backoff is at most 5 s, plus the new connection's hello
-
-
-def _url(urls: Any, name: str) -> str:
-    value = urls[name] if isinstance(urls, dict) else getattr(urls, name)
-    return str(value)
-
-
-class Session:
-    """One session created through the researchers' API, and the pages of its participants."""
-
-    def __init__(self, stack: Any, created: dict[str, Any]) -> None:
-        self.id: str = created["session"]
-        self.store_url = _url(stack.urls, "store_url")
-        self.admin_token = _url(stack.urls, "admin_token")
-        gateway = _url(stack.urls, "gateway_url").rstrip("/") + "/"
-        parts = sorted(created["participants"], key=lambda p: (p["group"], p["id_in_group"]))
-        self.codes: list[str] = [p["code"] for p in parts]
-        # `url` may be absolute or a path on the gateway: urljoin serves both.
-        self.urls: list[str] = [urljoin(gateway, p["url"]) for p in parts]
-
-    async def events(self) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.get(
-                f"{self.store_url}/api/sessions/{self.id}/events",
-                params={"format": "jsonl"},
-                headers={"Authorization": f"Bearer {self.admin_token}"},
-            )
-        assert response.status_code == 200, response.text
-        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
 
 
 @pytest.fixture
 async def session(stack: Any) -> Session:
-    async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(
-            f"{_url(stack.urls, 'store_url')}/api/sessions",
-            headers={"Authorization": f"Bearer {_url(stack.urls, 'admin_token')}"},
-            json=SESSION_CONFIG,
-        )
-    assert response.status_code == 201, response.text
-    return Session(stack, response.json())
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
-
-
-NewContext = Callable[[], Awaitable[BrowserContext]]
-
-
-@pytest.fixture
-async def new_context(browser: Browser) -> AsyncIterator[NewContext]:
-    """Fresh browser contexts (separate storage, like separate lab machines), closed after the
-    test, which fails if any page threw an uncaught exception."""
-    contexts: list[BrowserContext] = []
-    page_errors: list[str] = []
-
-    async def make() -> BrowserContext:
-        context = await browser.new_context(viewport={"width": 1000, "height": 640})
-        context.on("page", lambda page: page.on("pageerror", lambda e: page_errors.append(str(e))))
-        contexts.append(context)
-        return context
-
-    yield make
-    for context in contexts:
-        await context.close()
-    assert not page_errors, page_errors
-
-
-async def open_page(context: BrowserContext, url: str) -> Page:
-    page = await context.new_page()
-    await page.goto(url)
-    return page
+    return await create_session(stack, experiment="decisions", period_length=30)
 
 
 def row(page: Page, code: str) -> Any:
@@ -181,7 +95,8 @@ async def test_decision_reaches_the_other_member(session: Session, new_context: 
     await page_a.wait_for_function("() => window.canopyClient.state.pending.length === 0")
     await expect(page_a.locator("#errors")).to_be_hidden()
 
-    await page_b.screenshot(path=str(SCREENSHOT), full_page=True)
+    await expect(page_b.locator("#chart canvas")).to_have_count(1)
+    await screenshot(page_b, "decisions")
 
 
 async def test_offline_changes_arrive_once_after_reconnect(

@@ -51,10 +51,11 @@ window.start = (options) => {
   }, Object.assign({WebSocket: FakeWebSocket, random: () => 0.5}, options || {}));
   return window.client.state.status;
 };
-window.hello = (lastSeq, extra) => ws().receive("hello", Object.assign({
+window.helloPayload = (lastSeq, extra) => Object.assign({
   participant: "p1", group: "g1", id_in_group: 1, members: ["p1", "p2"],
   group_decisions: {p1: null, p2: null},
-  period: {number: 1, state: "waiting", ends_at: null}, last_seq: lastSeq}, extra || {}));
+  period: {number: 1, state: "waiting", ends_at: null}, last_seq: lastSeq}, extra || {});
+window.hello = (lastSeq, extra) => ws().receive("hello", helloPayload(lastSeq, extra));
 """
 
 
@@ -76,10 +77,15 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
 
-    async def blank(route: Route) -> None:
-        await route.fulfill(status=200, content_type="text/html", body="<!doctype html><p>t</p>")
+    async def serve(route: Route) -> None:
+        if route.request.url == f"{ORIGIN}/static/canopy.js":
+            await route.fulfill(status=200, content_type="text/javascript", path=CANOPY_JS)
+        else:
+            await route.fulfill(
+                status=200, content_type="text/html", body="<!doctype html><p>t</p>"
+            )
 
-    await page.route(f"{ORIGIN}/**", blank)
+    await page.route(f"{ORIGIN}/**", serve)
     await page.clock.install()
     await page.goto(f"{ORIGIN}/p/{CODE}")
     await load_client(page)
@@ -89,7 +95,8 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
 
 
 async def load_client(page: Page) -> None:
-    await page.add_script_tag(path=str(CANOPY_JS))
+    # canopy.js is an ES module: imported as the pages import it, then exposed to the tests.
+    await page.evaluate("async () => { window.Canopy = await import('/static/canopy.js'); }")
     await page.add_script_tag(content=FAKE_WEBSOCKET)
 
 
@@ -269,6 +276,7 @@ async def test_a_silent_connection_is_replaced(page: Page) -> None:
 
 
 async def test_a_long_queue_goes_out_under_the_flood_limit(page: Page) -> None:
+    await freeze_clock(page)  # the token bucket counts time: only run_for may move it
     await js(page, "start(); ws().open(); hello(0); ws().serverClose(1006)")
     await js(page, "for (let i = 0; i < 200; i++) client.send('decisions', i / 200)")
     await page.clock.run_for(300)
@@ -278,3 +286,123 @@ async def test_a_long_queue_goes_out_under_the_flood_limit(page: Page) -> None:
     assert 85 <= len(await sent_seqs(page)) <= 91  # plus 40 a second
     await page.clock.run_for(5000)
     assert await sent_seqs(page) == list(range(1, 201))
+
+
+async def test_on_send_and_decide(page: Page) -> None:
+    await js(
+        page,
+        """start(); window.seen = [];
+        const stop = client.on('group_decisions', (p, ts) => seen.push(['gd', p, ts]));
+        client.on('status', (s) => seen.push(['status', s]));
+        client.on('message', (channel) => seen.push(['message', channel]));
+        client.on('hello', (p) => seen.push(['hello', p.last_seq]));
+        client.on('ack', (seq) => seen.push(['ack', seq]));
+        window.stop = stop;
+        ws().open(); hello(0)""",
+    )
+    assert await js(page, "return client.decide(0.3)") == 1
+    assert await js(page, "return client.send('orders', {side: 'bid', price: 5, quantity: 1})") == 2
+    assert await js(page, "return ws().sent") == [
+        {"channel": "decisions", "payload": 0.3, "seq": 1},
+        {"channel": "orders", "payload": {"side": "bid", "price": 5, "quantity": 1}, "seq": 2},
+    ]
+    await js(page, "ws().receive('ack', {seq: 1}); ws().receive('group_decisions', {p1: 0.3}, 9)")
+    await js(page, "stop(); ws().receive('group_decisions', {p1: 0.4}, 10)")
+    assert await js(page, "return seen") == [
+        ["status", "connected"],
+        ["hello", 0],
+        ["ack", 1],
+        ["message", "group_decisions"],
+        ["gd", {"p1": 0.3}, 9],
+        ["message", "group_decisions"],
+    ]
+    # A listener that throws is reported, and the others still run.
+    await js(
+        page,
+        """console.error = () => {}; client.on('book', () => { throw new Error('x'); });
+        client.on('book', (p) => seen.push(['book', p])); ws().receive('book', {bids: []})""",
+    )
+    assert await js(page, "return seen.at(-1)") == ["book", {"bids": []}]
+    assert await js(page, "return client.state.pending.map(f => f.seq)") == [2]
+
+
+async def test_pause_and_resume_move_the_period(page: Page) -> None:
+    await js(page, "start(); ws().open(); hello(0)")
+    await receive(page, "period_start", {"period": 1, "length": 30, "ends_at": 1000})
+    await receive(page, "period_paused", {"period": 1, "remaining": 12.5})
+    period = await js(page, "return client.state.period")
+    assert (period["state"], period["remaining"], period["ends_at"]) == ("paused", 12.5, None)
+    await receive(page, "period_resumed", {"period": 1, "ends_at": 2000})
+    period = await js(page, "return client.state.period")
+    assert (period["state"], period["ends_at"], period["length"]) == ("running", 2000, 30)
+    await receive(page, "period_end", {"period": 1, "group_decisions": {}, "payoffs": {"p1": 2}})
+    assert await js(page, "return client.state.period.state") == "ended"
+
+
+# Server clock 50 s ahead of this browser's: frames are stamped with local + 50 + a delay.
+OFFSET = 50.0
+MS = 0.001  # the fake clock keeps time to about a millisecond
+
+
+async def freeze_clock(page: Page) -> None:
+    """Stop the fake clock's natural flow: only run_for moves it, so delays are exact."""
+    await page.clock.pause_at(await js(page, "return Date.now() / 1000 + 1"))  # seconds
+
+
+async def test_clock_offset_from_the_least_delayed_round_trips(page: Page) -> None:
+    await freeze_clock(page)
+    await js(page, "window.t0 = Date.now(); start(); ws().open()")
+    await page.clock.run_for(100)
+    # The hello was stamped 40 ms after the connect and arrived 60 ms later:
+    # offset in [50 - 0.06, 50 + 0.04].
+    await js(page, f"ws().receive('hello', helloPayload(0), (t0 + 40) / 1000 + {OFFSET})")
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(
+        OFFSET - 0.01, abs=MS
+    )
+    assert await js(page, "return client.state.clockError") == pytest.approx(0.05, abs=MS)
+
+    # A quick round trip (10 ms, stamped after 6): the bounds shrink to [-4 ms, +6 ms].
+    await js(page, "window.t1 = Date.now(); client.decide(0.5)")
+    await page.clock.run_for(10)
+    await js(page, f"ws().receive('ack', {{seq: 1}}, (t1 + 6) / 1000 + {OFFSET})")
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(
+        OFFSET + 0.001, abs=MS
+    )
+    assert await js(page, "return client.state.clockError") == pytest.approx(0.005, abs=MS)
+
+    # A slow round trip (800 ms) and a late broadcast add nothing: the estimate stays.
+    await js(page, "window.t2 = Date.now(); client.decide(0.6)")
+    await page.clock.run_for(800)
+    await js(page, f"ws().receive('ack', {{seq: 2}}, (t2 + 100) / 1000 + {OFFSET})")
+    await js(
+        page, f"ws().receive('group_decisions', {{p1: 0.6}}, (Date.now() - 300) / 1000 + {OFFSET})"
+    )
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(
+        OFFSET + 0.001, abs=MS
+    )
+    assert await js(page, "return client.state.clockError") == pytest.approx(0.005, abs=MS)
+
+    # So the countdown is the server's: 20 s before ends_at on the server's clock.
+    ends_at = await js(page, f"return Date.now() / 1000 + {OFFSET} + 20")
+    left = await js(page, f"return {ends_at} - client.serverNow()")
+    assert left == pytest.approx(20, abs=0.002)
+
+
+async def test_clock_offset_restarts_when_the_local_clock_is_set(page: Page) -> None:
+    await freeze_clock(page)
+    await js(page, "window.t0 = Date.now(); start(); ws().open()")
+    await page.clock.run_for(20)
+    await js(page, f"ws().receive('hello', helloPayload(0), (t0 + 10) / 1000 + {OFFSET})")
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(OFFSET, abs=MS)
+    assert await js(page, "return client.state.clockError") == pytest.approx(0.01, abs=MS)
+    # The local clock is set 30 s ahead (the OS synchronised it): the server is now only 20 s
+    # ahead. A late broadcast says nothing new (a lower bound below the old one), but the next
+    # round trip's upper bound is below the old lower one: the bounds start again from it.
+    await page.clock.set_system_time(await js(page, "return Date.now() / 1000 + 30"))
+    await js(page, "ws().receive('group_decisions', {p1: 1}, Date.now() / 1000 + 19.9)")
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(OFFSET, abs=MS)
+    await js(page, "window.t1 = Date.now(); client.decide(1)")
+    await page.clock.run_for(10)
+    await js(page, "ws().receive('ack', {seq: 1}, (t1 + 5) / 1000 + 20)")
+    assert await js(page, "return client.state.serverOffset") == pytest.approx(20, abs=MS)
+    assert await js(page, "return client.state.clockError") == pytest.approx(0.005, abs=MS)

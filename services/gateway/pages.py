@@ -1,0 +1,113 @@
+"""The participant pages: `GET /p/{code}` serves the page of the participant's experiment.
+
+One HTML shell (static/participant.html) for every experiment; what differs is the module it
+loads (static/<experiment>.js, built on static/page.js and static/canopy.js) and the page's
+configuration, embedded in the HTML as JSON: the participant, the experiment, its params with
+their defaults filled in (the bimatrix's payoff matrix resolved from `game`), the members and
+the period settings, all from the store's internal look-ups (cached, see
+services.common.directory). An experiment without a page of its own (a plug-in) gets the
+generic page. An unknown or impossible code still gets the generic page, whose WebSocket is
+then refused (4403) and which says so; if the store cannot be reached the answer is a 503 page
+that reloads itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.resources import files
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from services.common import experiments
+from services.common.directory import Directory, NotFound
+from services.common.experiments import BimatrixParams
+from services.gateway.domain import valid_participant_code
+
+log = logging.getLogger(__name__)
+
+# Built-in experiments with a page of their own: experiment name -> module in static/.
+PAGES = {
+    "decisions": "decisions.js",
+    "bimatrix": "bimatrix.js",
+    "public_goods": "public_goods.js",
+    "double_auction": "double_auction.js",
+}
+GENERIC_PAGE = "generic.js"
+CONFIG_SLOT = "<!--canopy:config-->"
+MODULE_SLOT = "<!--canopy:module-->"
+RETRY_PAGE = (
+    '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+    '<meta http-equiv="refresh" content="3"><title>Canopy</title></head>'
+    "<body><p>The experiment server is busy. This page tries again in a few seconds.</p>"
+    "</body></html>"
+)
+
+
+def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The session's params with the experiment's defaults filled in, as the page shows them."""
+    try:
+        model = experiments.get(experiment).params_model.model_validate(params)
+    except (KeyError, ValueError):
+        return dict(params)  # validated when the session was created; shown as given
+    shown: dict[str, Any] = model.model_dump(mode="json")
+    if isinstance(model, BimatrixParams):
+        shown["payoff_matrix"] = model.matrix()  # one place knows the named games
+    return shown
+
+
+async def page_config(directory: Directory, code: str) -> dict[str, Any]:
+    """What the page needs to know before its WebSocket opens; raises httpx.HTTPError."""
+    config: dict[str, Any] = {"participant": code, "experiment": None}
+    if not valid_participant_code(code):
+        return config
+    try:
+        info = await directory.participant(code)
+        group = await directory.group(info.group)
+    except NotFound:
+        return config
+    config.update(
+        experiment=group.experiment,
+        id_in_group=info.id_in_group,
+        members=group.members,
+        num_periods=group.num_periods,
+        period_length=group.period_length,
+        num_subperiods=group.num_subperiods,
+        on_disconnect=group.on_disconnect,
+        params=page_params(group.experiment, group.params),
+    )
+    return config
+
+
+def render_page(shell: str, config: dict[str, Any]) -> str:
+    module = PAGES.get(str(config.get("experiment")), GENERIC_PAGE)
+    # Inside <script>, "</" and "<!--" must not appear: escape "<" (and & > for good measure).
+    data = (
+        orjson.dumps(config)
+        .decode()
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
+    return shell.replace(
+        CONFIG_SLOT, f'<script type="application/json" id="canopy-config">{data}</script>'
+    ).replace(MODULE_SLOT, f'<script type="module" src="/static/{module}"></script>')
+
+
+def page_router(directory: Directory) -> APIRouter:
+    router = APIRouter()
+    shell = files("services.gateway").joinpath("static", "participant.html").read_text()
+
+    @router.get("/p/{code}", response_class=HTMLResponse, include_in_schema=False)
+    async def participant_page(code: str) -> HTMLResponse:
+        try:
+            config = await page_config(directory, code)
+        except httpx.HTTPError as exc:
+            log.warning("participant page: store unreachable (%r)", exc)
+            return HTMLResponse(RETRY_PAGE, status_code=503, headers={"Retry-After": "3"})
+        return HTMLResponse(render_page(shell, config), headers={"Cache-Control": "no-store"})
+
+    return router

@@ -1,0 +1,666 @@
+/*
+ * The participant page's shell, shared by every experiment's page (decisions.js, bimatrix.js,
+ * public_goods.js, double_auction.js, generic.js): the connection badge and notices, the
+ * period with its countdown on the server's clock and sub-period progress, the waiting screen
+ * until the group is complete, the paused banner (on_disconnect "pause"), the group's members,
+ * the payoffs at period end, the errors, and a live uPlot chart of the period.
+ *
+ * An experiment's module calls startPage(spec) once; the shell owns the client (canopy.js) and
+ * calls the spec back:
+ *   spec.title                      shown in the top bar
+ *   spec.mount(page)                build the controls inside page.el.experiment (once)
+ *   spec.render(page)               bring them up to date (after every change)
+ *   spec.formatDecision(value, member, page)   a member's decision in the group list
+ *   spec.barWidth(value, page)      0..1, the bar behind it (null: no bar)
+ *   spec.chart = {caption, yLabel, range: [min, max] | (page) -> [min, max] | null,
+ *                 series(page) -> [{label, color, points?}],
+ *                 sample(page) -> [y per series]}  (what the chart records on a change)
+ * `page` (also window.canopyPage) has: client, config (from the gateway: experiment, params,
+ * members, period_length, num_subperiods, …), me(), members(), el, chart (record(values),
+ * reset()), running(), elapsed(ts), slider(options), showError(error).
+ */
+import { connect, pageCode, socketUrl } from "./canopy.js";
+import uPlot from "./vendor/uplot/uPlot.esm.js";
+
+var MAX_ERRORS_SHOWN = 5;
+var SEND_INTERVAL_MS = 33; // at most ~30 decisions per second while a slider is dragged
+var TICK_MS = 250;
+var COLORS = ["#0f766e", "#1d4ed8", "#b45309", "#9333ea", "#be123c", "#4d7c0f", "#0369a1",
+  "#a16207"];
+var STATUS_TEXT = {
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  replaced: "Opened elsewhere",
+  refused: "Link not valid",
+  closed: "Closed",
+};
+
+export function readConfig() {
+  var node = document.getElementById("canopy-config");
+  var config = {};
+  if (node) {
+    try {
+      config = JSON.parse(node.textContent) || {};
+    } catch (e) {
+      config = {};
+    }
+  }
+  if (!config.participant) config.participant = pageCode();
+  if (!config.params) config.params = {};
+  return config;
+}
+
+export function formatNumber(value, digits) {
+  if (typeof value !== "number" || !isFinite(value)) return "–";
+  return value.toFixed(digits === undefined ? 2 : digits);
+}
+
+export function formatSeconds(s) {
+  s = Math.max(0, Math.ceil(s));
+  var m = Math.floor(s / 60);
+  var r = s % 60;
+  return m + ":" + (r < 10 ? "0" : "") + r;
+}
+
+/** A new element: h("span", {class: "x", text: "…", "aria-label": "…"}, child, …). */
+export function h(tag, attrs) {
+  var node = document.createElement(tag);
+  Object.keys(attrs || {}).forEach(function (key) {
+    var value = attrs[key];
+    if (value === undefined || value === null || value === false) return;
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else if (key.slice(0, 2) === "on") node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  });
+  for (var i = 2; i < arguments.length; i++) if (arguments[i]) node.append(arguments[i]);
+  return node;
+}
+
+function byId(id) {
+  return document.getElementById(id);
+}
+
+export function startPage(spec) {
+  var config = readConfig();
+  var code = config.participant;
+  var el = {
+    title: byId("experiment-title"),
+    status: byId("status"),
+    notice: byId("notice"),
+    noticeText: byId("notice-text"),
+    noticeButton: byId("notice-button"),
+    paused: byId("paused"),
+    pausedText: byId("paused-text"),
+    period: byId("period"),
+    subperiod: byId("subperiod"),
+    countdown: byId("countdown"),
+    progress: byId("progress"),
+    waiting: byId("waiting"),
+    waitingText: byId("waiting-text"),
+    result: byId("result"),
+    resultText: byId("result-text"),
+    resultBody: byId("result-table").querySelector("tbody"),
+    experiment: byId("experiment"),
+    chart: byId("chart"),
+    chartCaption: byId("chart-caption"),
+    members: byId("members"),
+    errors: byId("errors"),
+  };
+  var client = connect(socketUrl(code), code);
+  var periodPayoffs = {}; // period number -> {code: payoff}, as announced by period_end
+
+  var page = {
+    client: client,
+    config: config,
+    el: el,
+    spec: spec,
+    periodPayoffs: periodPayoffs,
+    me: function () {
+      var hello = client.state.hello;
+      return hello && hello.participant ? hello.participant : code;
+    },
+    members: function () {
+      var hello = client.state.hello;
+      if (hello && Array.isArray(hello.members) && hello.members.length) return hello.members;
+      if (Array.isArray(config.members) && config.members.length) return config.members;
+      return Object.keys(client.state.groupDecisions);
+    },
+    idInGroup: function (member) {
+      return page.members().indexOf(member) + 1;
+    },
+    playerName: function (member) {
+      var i = page.idInGroup(member);
+      return (i > 0 ? "Player " + i : member) + (member === page.me() ? " (you)" : "");
+    },
+    color: function (member) {
+      var i = page.idInGroup(member);
+      return COLORS[(Math.max(1, i) - 1) % COLORS.length];
+    },
+    running: function () {
+      var p = client.state.period;
+      return !!p && p.state === "running";
+    },
+    periodLength: function () {
+      var p = client.state.period;
+      return (p && p.length) || config.period_length || 60;
+    },
+    /** Running time into the period (pauses left out) at server time `ts`. */
+    elapsed: function (ts) {
+      var p = client.state.period;
+      var length = page.periodLength();
+      if (!p || p.state === "waiting") return 0;
+      if (p.state === "ended") return length;
+      if (p.state === "paused") return Math.max(0, length - (p.remaining || 0));
+      if (typeof p.ends_at !== "number") return 0;
+      var t = typeof ts === "number" ? ts : client.serverNow();
+      return Math.min(length, Math.max(0, length - (p.ends_at - t)));
+    },
+    showError: showError,
+    render: function () {
+      renderAll();
+    },
+    /** A range input that sends its value (coalesced while dragged) and follows the server's. */
+    slider: function (options) {
+      return makeSlider(page, options);
+    },
+  };
+  window.canopyClient = client; // for tests and for poking at it from the console
+  window.canopyPage = page;
+
+  el.title.textContent = spec.title || "";
+  if (spec.title) document.title = spec.title + " · Canopy";
+
+  // ---- status and notices ----------------------------------------------------------
+
+  function renderStatus() {
+    var status = client.state.status;
+    el.status.dataset.status = status;
+    var text = STATUS_TEXT[status] || status;
+    if ((status === "connecting" || status === "reconnecting") && client.state.failedAttempts >= 3) {
+      text += " (attempt " + (client.state.failedAttempts + 1) + ")";
+    }
+    el.status.textContent = text;
+    if (status === "replaced") {
+      showNotice("This experiment was opened in another tab or window, so this page " +
+        "stopped. Close it, or continue here instead.", true);
+    } else if (status === "refused") {
+      showNotice("This participant link is not valid. Check the address, or ask the " +
+        "experimenter for your link.", false);
+    } else {
+      el.notice.hidden = true;
+    }
+  }
+
+  function showNotice(text, offerReconnect) {
+    el.noticeText.textContent = text;
+    el.noticeButton.hidden = !offerReconnect;
+    el.notice.hidden = false;
+  }
+
+  el.noticeButton.addEventListener("click", function () {
+    client.reconnect();
+  });
+
+  // ---- period, countdown, waiting, paused ----------------------------------------
+
+  function presentCount() {
+    var presence = client.state.presence;
+    var members = page.members();
+    return members.filter(function (m) {
+      return presence[m] === true;
+    }).length;
+  }
+
+  function renderPeriod() {
+    var st = client.state;
+    var p = st.period;
+    var state = p ? p.state : "unknown";
+    var n = p && p.number ? p.number : 1;
+    var of = config.num_periods > 1 ? " of " + config.num_periods : "";
+    var text;
+    if (!p) {
+      text = st.status === "refused" || st.status === "replaced" ? "Not connected." :
+        st.hello ? "Waiting for the experiment to start." : "Connecting to the experiment…";
+    } else if (state === "waiting") {
+      text = "Period " + n + of + ": waiting for everyone in your group to join.";
+    } else if (state === "running") {
+      text = "Period " + n + of + " is running.";
+    } else if (state === "paused") {
+      text = "Period " + n + of + " is paused.";
+    } else if (state === "ended") {
+      text = "Period " + n + of + " has ended.";
+      var mine = p.payoffs ? p.payoffs[page.me()] : undefined;
+      if (typeof mine === "number") text += " Your payoff: " + mine.toFixed(2) + ".";
+    } else {
+      text = "Period " + n + ": " + state + ".";
+    }
+    el.period.dataset.state = state;
+    el.period.textContent = text;
+
+    var members = page.members().length;
+    var here = presentCount();
+    var waiting = state === "waiting" || (!p && !!st.hello);
+    el.waiting.hidden = !waiting;
+    if (waiting) {
+      el.waitingText.textContent = here < members ?
+        "Waiting for everyone in your group to join: " + here + " of " + members + " here." :
+        "Everyone is here: period " + n + " starts in a moment.";
+    }
+    document.body.dataset.phase = !p ? "connecting" :
+      state === "waiting" && n === 1 ? "waiting" : state;
+
+    el.paused.hidden = state !== "paused";
+    if (state === "paused") {
+      var left = typeof p.remaining === "number" ? " " + formatSeconds(p.remaining) + " left." : "";
+      el.pausedText.textContent = "Someone in your group lost their connection; the period " +
+        "goes on when everyone is back." + left;
+    }
+
+    var sub = st.subperiod;
+    var subs = config.num_subperiods || 0;
+    el.subperiod.hidden = !(subs > 0 && p);
+    if (subs > 0) {
+      var done = sub && p && sub.period === p.number ? sub.index : 0;
+      if (p && state === "ended") done = subs;
+      el.subperiod.textContent = "Sub-period " + Math.min(subs, done + 1) + " of " + subs +
+        (done ? " (" + done + " done)" : "");
+      el.subperiod.dataset.done = String(done);
+    }
+    renderCountdown();
+    renderResult();
+  }
+
+  function renderCountdown() {
+    var p = client.state.period;
+    if (p && p.state === "running" && typeof p.ends_at === "number") {
+      var left = p.ends_at - client.serverNow();
+      el.countdown.textContent = formatSeconds(left);
+      el.countdown.dataset.remaining = String(Math.max(0, Math.round(left)));
+    } else if (p && p.state === "paused" && typeof p.remaining === "number") {
+      el.countdown.textContent = formatSeconds(p.remaining);
+      el.countdown.dataset.remaining = String(Math.round(p.remaining));
+    } else if (p && p.state === "ended") {
+      el.countdown.textContent = "0:00";
+      el.countdown.dataset.remaining = "0";
+    } else {
+      el.countdown.textContent = "–:––";
+      el.countdown.dataset.remaining = "";
+    }
+    el.progress.value = page.elapsed() / page.periodLength();
+  }
+
+  function renderResult() {
+    var p = client.state.period;
+    if (p && p.state === "ended" && p.payoffs) periodPayoffs[p.number] = p.payoffs;
+    var numbers = Object.keys(periodPayoffs);
+    var last = p && p.state === "ended" ? periodPayoffs[p.number] : null;
+    el.result.hidden = numbers.length === 0 || !last || Object.keys(last).length === 0;
+    if (el.result.hidden) return;
+    var mine = last[page.me()];
+    el.resultText.textContent = "Period " + p.number + " has ended. Your payoff: " +
+      formatNumber(mine) + ".";
+    el.resultText.dataset.payoff = typeof mine === "number" ? String(mine) : "";
+    var rows = page.members().map(function (member) {
+      var total = numbers.reduce(function (sum, n) {
+        var v = periodPayoffs[n][member];
+        return sum + (typeof v === "number" ? v : 0);
+      }, 0);
+      return h("tr", { "data-participant": member, class: member === page.me() ? "you" : "" },
+        h("th", { scope: "row", text: page.playerName(member) }),
+        h("td", { class: "payoff", text: formatNumber(last[member]) }),
+        h("td", { class: "total", text: formatNumber(total) }));
+    });
+    el.resultBody.replaceChildren.apply(el.resultBody, rows);
+  }
+
+  // ---- members -------------------------------------------------------------------
+
+  function formatDecision(value, member) {
+    if (spec.formatDecision) return spec.formatDecision(value, member, page);
+    if (value === null || value === undefined) return "–";
+    if (typeof value === "number") return value.toFixed(2);
+    var text = JSON.stringify(value);
+    return text.length > 24 ? text.slice(0, 23) + "…" : text;
+  }
+
+  function memberRow(member) {
+    var row = el.members.querySelector('[data-participant="' + CSS.escape(member) + '"]');
+    if (row) return row;
+    var you = member === page.me();
+    row = h("li", { class: "member" + (you ? " you" : ""), "data-participant": member },
+      h("span", { class: "name", text: page.playerName(member) }),
+      h("span", { class: "presence" }),
+      h("span", { class: "decision" }),
+      h("span", { class: "bar", "aria-hidden": "true" },
+        h("span", { class: "fill", style: "background:" + page.color(member) })),
+      h("span", { class: "payoff" }));
+    return row;
+  }
+
+  function renderMembers() {
+    var decisions = client.state.groupDecisions;
+    var presence = client.state.presence;
+    var period = client.state.period;
+    var payoffs = period && period.state === "ended" && period.payoffs ? period.payoffs : {};
+    var rows = page.members().map(function (member) {
+      var row = memberRow(member);
+      var value = decisions[member];
+      row.querySelector(".decision").textContent = formatDecision(value, member);
+      row.dataset.decision = value === undefined || value === null ? "" : JSON.stringify(value);
+      var width = spec.barWidth ? spec.barWidth(value, page) :
+        typeof value === "number" ? Math.min(1, Math.max(0, value)) : null;
+      var bar = row.querySelector(".bar");
+      bar.hidden = width === null;
+      row.querySelector(".fill").style.width = (width || 0) * 100 + "%";
+
+      var here = presence[member];
+      var presenceText = here === true ? "connected" : here === false ? "away" : "unknown";
+      var presenceEl = row.querySelector(".presence");
+      presenceEl.textContent = presenceText;
+      presenceEl.dataset.presence = presenceText;
+      row.dataset.presence = presenceText;
+
+      var pay = payoffs[member];
+      row.querySelector(".payoff").textContent =
+        typeof pay === "number" ? "payoff " + pay.toFixed(2) : "";
+      return row;
+    });
+    // Keep id_in_group order; drop rows of codes no longer in the group.
+    el.members.replaceChildren.apply(el.members, rows);
+  }
+
+  // ---- errors --------------------------------------------------------------------
+
+  function showError(err) {
+    var item = h("div", { class: "error", "data-code": err.code || "" },
+      h("strong", { class: "error-code", text: err.code || "error" }),
+      h("span", { class: "error-message", text: err.message || "" }));
+    var close = h("button", { type: "button", class: "dismiss",
+      "aria-label": "Dismiss this message", text: "×" });
+    close.addEventListener("click", function () {
+      item.remove();
+      el.errors.hidden = el.errors.children.length === 0;
+    });
+    item.append(close);
+    el.errors.appendChild(item);
+    while (el.errors.children.length > MAX_ERRORS_SHOWN) el.errors.firstElementChild.remove();
+    el.errors.hidden = false;
+  }
+
+  // ---- the chart -----------------------------------------------------------------
+
+  var chartSpec = spec.chart || decisionsChart();
+  page.chart = makeChart(page, chartSpec);
+  if (chartSpec.caption) el.chartCaption.textContent = chartSpec.caption;
+
+  // ---- wiring --------------------------------------------------------------------
+
+  function renderAll() {
+    renderStatus();
+    renderPeriod();
+    renderMembers();
+    if (spec.render) spec.render(page);
+  }
+
+  // One render per burst of frames, after every listener (an experiment's own included) ran.
+  var renderQueued = false;
+  function scheduleRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    queueMicrotask(function () {
+      renderQueued = false;
+      renderAll();
+    });
+  }
+
+  if (spec.mount) spec.mount(page);
+  var chartPeriod = null;
+
+  client.on("status", scheduleRender);
+  client.on("hello", function () {
+    var p = client.state.period;
+    if (!p || p.number !== chartPeriod) page.chart.reset(p ? p.number : null);
+    chartPeriod = p ? p.number : null;
+    page.chart.record();
+    scheduleRender();
+  });
+  client.on("message", function (channel, payload, ts) {
+    if (channel === "period_start") {
+      chartPeriod = client.state.period.number;
+      page.chart.reset(chartPeriod);
+      page.chart.record(ts);
+    } else if (channel === "group_decisions" || channel === "subperiod" ||
+      channel === "period_end") {
+      page.chart.record(ts);
+    }
+    scheduleRender();
+  });
+  client.on("error", function (err) {
+    showError(err);
+    scheduleRender();
+  });
+
+  renderAll();
+  setInterval(function () {
+    renderCountdown();
+    page.chart.draw();
+  }, TICK_MS);
+  return page;
+}
+
+/** The default chart: every member's decision over the period, stepped. */
+export function decisionsChart(options) {
+  options = options || {};
+  return {
+    caption: options.caption || "Your group's decisions over the period",
+    yLabel: options.yLabel || "decision",
+    range: options.range || null,
+    series: function (page) {
+      return page.members().map(function (member) {
+        return { label: page.playerName(member), color: page.color(member) };
+      });
+    },
+    sample: function (page) {
+      var decisions = page.client.state.groupDecisions;
+      return page.members().map(function (member) {
+        var v = decisions[member];
+        return typeof v === "number" && isFinite(v) ? v : null;
+      });
+    },
+  };
+}
+
+function makeChart(page, chartSpec) {
+  var xs = [];
+  var ys = []; // one array per series
+  var plot = null;
+  var seriesKey = "";
+
+  function build() {
+    var series = chartSpec.series(page);
+    var key = JSON.stringify(series);
+    if (plot && key === seriesKey) return;
+    seriesKey = key;
+    if (plot) plot.destroy();
+    while (ys.length < series.length) ys.push(xs.map(function () { return null; }));
+    ys.length = series.length;
+    var width = Math.max(240, page.el.chart.clientWidth || 320);
+    var range = typeof chartSpec.range === "function" ? chartSpec.range(page) : chartSpec.range;
+    plot = new uPlot({
+      width: width,
+      height: 200,
+      legend: { show: true, live: false },
+      cursor: { show: false },
+      scales: {
+        x: { time: false, range: function () { return [0, page.periodLength()]; } },
+        y: range ? { range: range } : { auto: true },
+      },
+      axes: [
+        { label: "seconds into the period", size: 40, labelSize: 18 },
+        { label: chartSpec.yLabel, size: 50, labelSize: 18 },
+      ],
+      series: [{ label: "seconds" }].concat(series.map(function (s) {
+        return s.points ? {
+          label: s.label,
+          stroke: s.color,
+          paths: function () { return null; },
+          points: { show: true, size: 8, fill: s.color, stroke: s.color },
+        } : {
+          label: s.label,
+          stroke: s.color,
+          width: 2,
+          spanGaps: true,
+          paths: uPlot.paths.stepped({ align: 1 }),
+          points: { show: false },
+        };
+      })),
+    }, data(), page.el.chart);
+  }
+
+  function data() {
+    // The last values hold until now: one extra point at the current running time.
+    var x = xs.slice();
+    var out = ys.map(function (column) { return column.slice(); });
+    if (xs.length && page.running()) {
+      x.push(Math.max(xs[xs.length - 1], page.elapsed()));
+      var series = chartSpec.series(page);
+      out.forEach(function (column, i) {
+        column.push(series[i] && series[i].points ? null : column[column.length - 1]);
+      });
+    }
+    return [x].concat(out);
+  }
+
+  var chart = {
+    /** Forget the points of the last period. */
+    reset: function () {
+      xs.length = 0;
+      ys.forEach(function (column) { column.length = 0; });
+      chart.draw();
+    },
+    /** Record the current values (chartSpec.sample, or `values`) at server time `ts`. */
+    record: function (ts, values) {
+      var p = page.client.state.period;
+      if (!p || p.state === "waiting") return;
+      build();
+      var row = values || chartSpec.sample(page);
+      var x = page.elapsed(ts);
+      if (xs.length && x < xs[xs.length - 1]) x = xs[xs.length - 1];
+      xs.push(x);
+      for (var i = 0; i < ys.length; i++) ys[i].push(row[i] === undefined ? null : row[i]);
+      chart.draw();
+    },
+    draw: function () {
+      build();
+      plot.setData(data());
+    },
+    points: function () {
+      return xs.length;
+    },
+  };
+  var resize = new ResizeObserver(function () {
+    if (!plot) return;
+    var width = Math.max(240, page.el.chart.clientWidth);
+    if (width !== plot.width) plot.setSize({ width: width, height: 200 });
+  });
+  resize.observe(page.el.chart);
+  return chart;
+}
+
+function makeSlider(page, options) {
+  var client = page.client;
+  var min = options.min;
+  var max = options.max;
+  var step = options.step;
+  var digits = Math.max(0, Math.ceil(-Math.log10(step) - 1e-9));
+  var format = options.format || function (v) { return v.toFixed(digits); };
+  var lastSent = null;
+  var sendTimer = null;
+  var lastSendAt = 0;
+  var dragging = false;
+  var touched = false;
+
+  var input = h("input", { type: "range", id: "slider", min: String(min), max: String(max),
+    step: String(step), value: String(options.initial === undefined ? min : options.initial),
+    disabled: true, "aria-describedby": "slider-help" });
+  var output = h("output", { id: "slider-value", for: "slider", class: "slider-value", text: "–" });
+  var row = h("div", { class: "slider-row" },
+    h("label", { for: "slider", class: "visually-hidden", text: options.label }),
+    h("span", { class: "slider-end", "aria-hidden": "true", text: options.minLabel || format(min) }),
+    input,
+    h("span", { class: "slider-end", "aria-hidden": "true", text: options.maxLabel || format(max) }),
+    output);
+  var help = h("p", { id: "slider-help", class: "help", text: options.help });
+
+  function value() {
+    var v = Math.round(parseFloat(input.value) / step) * step;
+    return Math.min(max, Math.max(min, parseFloat(v.toFixed(digits))));
+  }
+
+  function send() {
+    if (sendTimer !== null) {
+      clearTimeout(sendTimer);
+      sendTimer = null;
+    }
+    var v = value();
+    if (v === lastSent) return;
+    lastSent = v;
+    lastSendAt = Date.now();
+    client.decide(v);
+    if (options.onChange) options.onChange(v);
+  }
+
+  input.addEventListener("input", function () {
+    dragging = true;
+    touched = true;
+    output.textContent = format(value());
+    if (options.onInput) options.onInput(value());
+    if (sendTimer !== null) return; // coalesced into the frame already scheduled
+    var wait = Math.max(0, SEND_INTERVAL_MS - (Date.now() - lastSendAt));
+    sendTimer = setTimeout(function () {
+      sendTimer = null;
+      requestAnimationFrame(send);
+    }, wait);
+  });
+  input.addEventListener("change", function () {
+    dragging = false;
+    touched = true;
+    output.textContent = format(value());
+    send(); // the final value always goes out, right away
+  });
+
+  function syncFromServer() {
+    // Only when the participant is not moving it and nothing of theirs is still in flight:
+    // otherwise their own newer value wins.
+    if (dragging) return;
+    var pending = client.state.pending.filter(function (f) {
+      return f.channel === "decisions";
+    });
+    var v = pending.length ? pending[pending.length - 1].payload :
+      client.state.groupDecisions[page.me()];
+    if (typeof v !== "number") return;
+    if (pending.length === 0 && touched && lastSent !== null && v !== lastSent) return;
+    input.value = String(v);
+    output.textContent = format(v);
+    lastSent = v;
+  }
+
+  client.on("hello", syncFromServer);
+  client.on("period_start", function () {
+    // carry_decisions false: a new period starts from the initial decisions.
+    touched = false;
+    syncFromServer();
+  });
+
+  return {
+    nodes: [row, help],
+    input: input,
+    value: value,
+    render: function () {
+      input.disabled = !page.running();
+      if (!touched) syncFromServer();
+    },
+  };
+}

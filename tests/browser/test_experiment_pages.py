@@ -1,0 +1,295 @@
+"""The built-in experiments' pages (GET /p/{code}) in headless Chromium against the whole stack.
+
+Each test plays one short period (3–4 s) of a session created through the researchers' API
+and saves a screenshot of a page mid-period to docs/screenshots/<experiment>.png: two bimatrix
+pages end the period showing the same decisions and payoffs as the API; a public-goods page
+shows the group total of its own and a WebSocket member's contributions; a double-auction
+page places an ask that a zero-intelligence bot (services.bots) fills; a plug-in experiment
+gets the generic page; and the page's config and escaping come from the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Page, expect
+
+from services.bots.runner import start_bots
+from tests.browser.conftest import (
+    CHROMIUM,
+    SOON_MS,
+    NewContext,
+    create_session,
+    open_page,
+    screenshot,
+)
+from tests.e2e.protocol import Participant
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
+    ),
+]
+PERIOD_MS = 10_000  # a short period ends well within this, even on a loaded machine
+
+
+def row(page: Page, code: str) -> Any:
+    return page.locator(f'#members [data-participant="{code}"]')
+
+
+async def expect_running(page: Page) -> None:
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-status", "connected", timeout=SOON_MS
+    )
+    await expect(page.locator("#period")).to_have_attribute(
+        "data-state", "running", timeout=SOON_MS
+    )
+
+
+async def expect_ended(page: Page) -> None:
+    await expect(page.locator("#period")).to_have_attribute(
+        "data-state", "ended", timeout=PERIOD_MS
+    )
+
+
+async def set_slider(page: Page, value: float) -> None:
+    # fill() on a range input sets the value and fires `input` and `change`, like a drag ending.
+    await page.locator("#slider").fill(f"{value:g}")
+
+
+async def page_config(page: Page) -> dict[str, Any]:
+    config: dict[str, Any] = await page.evaluate("() => window.canopyPage.config")
+    return config
+
+
+async def api_payoffs(session: Any) -> dict[str, float]:
+    detail = await session.detail()
+    return {p["code"]: p["payoffs"].get("1") for p in detail["participants"]}
+
+
+async def test_two_bimatrix_pages_end_the_period_agreeing(
+    stack: Any, new_context: NewContext
+) -> None:
+    session = await create_session(
+        stack, experiment="bimatrix", period_length=3, params={"game": "stag_hunt"}
+    )
+    a, b = session.codes
+    page_a = await open_page(await new_context(), session.urls[0])
+    # The waiting screen until the group is complete; the game is not shown yet.
+    await expect(page_a.locator("#waiting-text")).to_have_text(
+        "Waiting for everyone in your group to join: 1 of 2 here.", timeout=SOON_MS
+    )
+    await expect(page_a.locator("#experiment")).to_be_hidden()
+    page_b = await open_page(await new_context(), session.urls[1])
+    for page in (page_a, page_b):
+        await expect_running(page)
+        await expect(page.locator("#experiment-title")).to_have_text("Bimatrix game")
+    await expect(page_a.locator("#waiting")).to_be_hidden()
+    config = await page_config(page_a)
+    assert config["experiment"] == "bimatrix"
+    assert config["params"]["payoff_matrix"] == [[[4, 4], [0, 3]], [[3, 0], [3, 3]]]
+
+    await set_slider(page_a, 0.2)  # A plays Stag 20 %
+    await set_slider(page_b, 0.9)  # B plays Stag 90 %
+    for page in (page_a, page_b):
+        await expect(row(page, a).locator(".decision")).to_have_text("20%", timeout=SOON_MS)
+        await expect(row(page, b).locator(".decision")).to_have_text("90%", timeout=SOON_MS)
+    # A is the row player: the likeliest outcome is A Hare, B Stag (0.8 × 0.9), A gets 3.
+    current = page_a.locator("#matrix td.current")
+    await expect(current).to_have_attribute("data-cell", "10")
+    await expect(current).to_have_attribute("aria-current", "true")
+    # A's expected flow payoff: 0.2·0.9·4 + 0.8·0.9·3 + 0.8·0.1·3 = 3.12 (0.2·0.1·0 aside).
+    await expect(page_a.locator("#expected-payoff")).to_have_text("3.12")
+    # B is the column player and sees the matrix from its side: B Stag, A Hare, B gets 0.
+    await expect(page_b.locator("#matrix td.current")).to_have_attribute("data-cell", "01")
+    await expect(page_a.locator("#chart canvas")).to_have_count(1)
+    await screenshot(page_a, "bimatrix")
+
+    for page in (page_a, page_b):
+        await expect_ended(page)
+    # Both pages show the same payoffs (each with its own "(you)").
+    tables = [
+        [
+            [await cell.inner_text() for cell in await tr.locator("td").all()]
+            for tr in await p.locator("#result-table tbody tr").all()
+        ]
+        for p in (page_a, page_b)
+    ]
+    assert tables[0] == tables[1], tables
+    decisions = [
+        await p.evaluate("() => window.canopyClient.state.groupDecisions")
+        for p in (
+            page_a,
+            page_b,
+        )
+    ]
+    assert decisions[0] == decisions[1] == {a: 0.2, b: 0.9}
+    shown = {
+        code: float(
+            await page_a.locator(
+                f'#result-table tr[data-participant="{code}"] .payoff'
+            ).inner_text()
+        )
+        for code in (a, b)
+    }
+    payoffs = await page_a.evaluate("() => window.canopyClient.state.period.payoffs")
+    assert shown == pytest.approx({code: round(v, 2) for code, v in payoffs.items()}, abs=0.006)
+    api = await api_payoffs(session)
+    assert api == pytest.approx(payoffs)
+    mine = await page_b.locator("#result-text").get_attribute("data-payoff")
+    assert float(mine or "nan") == pytest.approx(payoffs[b])
+
+
+async def test_public_goods_page_shows_the_group_total(stack: Any, new_context: NewContext) -> None:
+    session = await create_session(
+        stack,
+        experiment="public_goods",
+        period_length=3,
+        params={"endowment": 20, "mpcr": 0.5},
+    )
+    a, b = session.codes
+    other = await Participant.connect(session.gateway_url, b)  # member 2: a plain WebSocket
+    try:
+        await other.expect("hello")
+        page = await open_page(await new_context(), session.urls[0])
+        await expect_running(page)
+        await other.expect("period_start")
+        await other.send(5)
+        await set_slider(page, 8)
+        await expect(page.locator("#group-total")).to_have_text("13.00 of 40", timeout=SOON_MS)
+        await expect(page.locator("#group-total")).to_have_attribute("data-total", "13")
+        await expect(page.locator("#kept")).to_have_text("12.00")
+        await expect(page.locator("#flow-payoff")).to_have_text("18.50")  # 20 − 8 + 0.5 · 13
+        await expect(row(page, b).locator(".decision")).to_have_text("5.00")
+        await expect(page.locator("#slider")).to_have_attribute("max", "20")
+        await screenshot(page, "public_goods")
+        await expect_ended(page)
+        payoffs = await page.evaluate("() => window.canopyClient.state.period.payoffs")
+        await expect(page.locator("#result-text")).to_contain_text(f"{payoffs[a]:.2f}")
+    finally:
+        await other.close()
+
+
+async def test_double_auction_order_filled_by_a_bot(stack: Any, new_context: NewContext) -> None:
+    session = await create_session(
+        stack, experiment="double_auction", period_length=4, params={"buyer_value": 60}
+    )
+    buyer, seller = session.codes
+    page = await open_page(await new_context(), session.urls[1])  # member 2 sells
+    await expect(page.locator("#order-submit")).to_have_text("Place ask")
+    await expect(page.locator("#role")).to_contain_text("seller")
+    fleet = await start_bots(
+        [session.urls[0]], experiment="double_auction", params={"buyer_value": 60}, rate=5.0
+    )
+    try:
+        await expect_running(page)
+        await page.locator("#order-price").fill("10")
+        await page.locator("#order-quantity").fill("1")
+        await page.locator("#order-price").press("Enter")  # the keyboard submits the form
+        # The bot bids within [0.01, 60] until one crosses; the ask (or its bid) trades.
+        trade = page.locator("#tape li.mine").first
+        await expect(trade).to_contain_text("you sold", timeout=PERIOD_MS)
+        price = float(await trade.get_attribute("data-price") or "nan")
+        assert 0 < price <= 60
+        await expect(page.locator("#position-units")).to_have_text("1")
+        await expect(page.locator("#position-profit")).to_have_text(f"{price:.2f}")
+        await expect(page.locator("#chart canvas")).to_have_count(1)
+        await screenshot(page, "double_auction")
+        await expect_ended(page)
+        payoffs = await page.evaluate("() => window.canopyClient.state.period.payoffs")
+        # Later trades (the page's next asks are none, but the bot may rest more bids) do
+        # not change the seller's sum: one unit sold.
+        assert payoffs[seller] == pytest.approx(price)
+        assert payoffs[buyer] == pytest.approx(60 - price)
+    finally:
+        await fleet.stop()
+    events = await session.events()
+    orders = [e for e in events if e["direction"] == "in" and e["participant"] == seller]
+    assert [e["channel"] for e in orders] == ["orders"]
+    value = orders[0]["value"]
+    assert (json.loads(value) if isinstance(value, str) else value) == {
+        "side": "ask",
+        "price": 10,
+        "quantity": 1,
+    }
+
+
+async def test_cancel_takes_the_order_out_of_the_book(stack: Any, new_context: NewContext) -> None:
+    session = await create_session(stack, experiment="double_auction", period_length=30)
+    seller = session.codes[1]
+    other = await Participant.connect(session.gateway_url, seller)
+    try:
+        page = await open_page(await new_context(), session.urls[0])  # member 1 buys
+        await expect_running(page)
+        await page.locator("#order-price").fill("42.5")
+        await page.locator("#order-quantity").fill("3")
+        await page.locator("#order-submit").click()
+        mine = page.locator("#bids-body tr.mine")
+        await expect(mine).to_have_count(1, timeout=SOON_MS)
+        await expect(mine).to_contain_text("42.50")
+        await expect(page.locator("#spread")).to_have_text("42.50 / –")
+        cancel = page.get_by_role("button", name=re.compile(r"^Cancel your order \d+: 3 at 42.50"))
+        await cancel.click()
+        await expect(mine).to_have_count(0, timeout=SOON_MS)
+        # A bad price never leaves the page: the form says why.
+        await page.locator("#order-price").fill("0")
+        await page.locator("#order-submit").click()
+        await expect(page.locator("#order-note")).to_have_text("Enter a price above 0.")
+        assert await page.evaluate("() => window.canopyClient.state.pending.length") == 0
+    finally:
+        await other.close()
+
+
+async def test_a_plugin_experiment_gets_the_generic_page(
+    stack: Any, new_context: NewContext
+) -> None:
+    session = await create_session(
+        stack, experiment="min_effort", period_length=30, params={"max_effort": 5}
+    )
+    a, b = session.codes
+    page = await open_page(await new_context(), session.urls[0])
+    other = await Participant.connect(session.gateway_url, b)
+    try:
+        await expect_running(page)
+        await expect(page.locator("#experiment-title")).to_have_text("min_effort")
+        await page.get_by_role("textbox", name="Your decision").fill("4")
+        await page.get_by_role("textbox", name="Your decision").press("Enter")
+        await expect(row(page, a).locator(".decision")).to_have_text("4.00", timeout=SOON_MS)
+        await page.get_by_role("textbox", name="Your decision").fill("9")
+        await page.get_by_role("button", name="Send").click()
+        await expect(page.locator('#errors [data-code="invalid_decision"]')).to_be_visible(
+            timeout=SOON_MS
+        )
+        await expect(row(page, a).locator(".decision")).to_have_text("4.00")
+    finally:
+        await other.close()
+
+
+async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
+    session = await create_session(stack, experiment="public_goods", params={"endowment": 30})
+    async with httpx.AsyncClient(timeout=10) as http:
+        page = await http.get(session.urls[0])
+        unknown = await http.get(f"{session.gateway_url}/p/no-such-code")
+        odd = await http.get(f"{session.gateway_url}/p/%3C!--%3Cscript%3E")
+    assert page.status_code == 200
+    assert '<script type="module" src="/static/public_goods.js"></script>' in page.text
+    embedded = re.search(r'id="canopy-config">(.*?)</script>', page.text, re.S)
+    assert embedded, page.text
+    config = json.loads(embedded.group(1))
+    assert config["params"] == {"endowment": 30.0, "mpcr": 0.4}  # defaults filled in
+    assert config["members"] == session.codes
+    assert config["period_length"] == 30
+    # Unknown codes get the generic page (its WebSocket is then refused with 4403).
+    assert unknown.status_code == 200
+    assert "/static/generic.js" in unknown.text
+    assert odd.status_code == 200
+    # The code is in the page as data, never as markup: "<" is escaped inside the JSON.
+    assert '"participant":"\\u003c!--\\u003cscript\\u003e"' in odd.text
+    assert "<!--<script>" not in odd.text
