@@ -19,6 +19,7 @@ dotted name of the first offending field, when there is one), never a stack trac
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import logging
 import math
@@ -38,6 +39,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common import experiments
 from services.common.errors import ApiCode, ApiError
 from services.store.domain import (
     EXPORT_COLUMNS,
@@ -290,6 +292,40 @@ def session_summary(
     }
 
 
+# Group sizes probed with an experiment's default params for the console's hints.
+PROBED_GROUP_SIZES = range(1, 9)
+
+
+def experiment_info(name: str) -> dict[str, Any]:
+    """What the console's form needs to know of one experiment (`GET /api/experiments`)."""
+    experiment = experiments.get(name)
+    model = experiment.params_model
+    doc = inspect.getdoc(type(experiment)) or ""
+    if doc.startswith(f"{type(experiment).__name__}("):
+        doc = ""  # a dataclass's generated signature, not a description
+    rules: list[str] = []
+    allowed: list[int] = []
+    try:
+        defaults = model()
+    except ValueError:
+        defaults = None  # params without defaults: nothing to probe with
+    if defaults is not None and hasattr(experiment, "check_group"):
+        for size in PROBED_GROUP_SIZES:
+            problem = experiment.check_group(defaults, size)
+            if problem is None:
+                allowed.append(size)
+            elif problem[1] not in rules:
+                rules.append(problem[1])
+    return {
+        "name": name,
+        "description": doc,
+        "channels": sorted(experiment.channels),
+        "params_schema": model.model_json_schema(),
+        "min_group_size": min(allowed) if allowed else None,
+        "group_size_rules": rules,
+    }
+
+
 def api_router(
     repository: Repository,
     metrics: StoreMetrics,
@@ -338,6 +374,15 @@ def api_router(
                 }
                 for p in layout["participants"]
             ],
+        }
+
+    @router.get("/experiments")
+    async def list_experiments() -> dict[str, Any]:
+        """Every registered experiment (plug-ins included) with its params' JSON schema, and
+        the JSON schema of a session's settings (the body of `POST /api/sessions`)."""
+        return {
+            "experiments": [experiment_info(name) for name in experiments.names()],
+            "session_schema": CreateSession.model_json_schema(),
         }
 
     @router.get("/sessions")
@@ -477,7 +522,8 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
 
 
 def monitor_page() -> Response:
+    """The researcher console (static/console.html; its script and styles under /static/console)."""
     from importlib.resources import files
 
-    html = files("services.store").joinpath("static/monitor.html").read_text()
+    html = files("services.store").joinpath("static/console.html").read_text()
     return Response(html, media_type="text/html; charset=utf-8")

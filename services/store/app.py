@@ -6,16 +6,21 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
 
 from fastapi import FastAPI, Response
+from fastapi.staticfiles import StaticFiles
 
 from services.common.bus import STORE_QUEUE, Bus, Topology, running
 from services.common.health import health_router
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
 from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
+from services.store.bots import Fleets, bots_router
 from services.store.handlers import EventWriter
 from services.store.metrics import StoreMetrics
+from services.store.monitor import LiveHub, live_router, tickets_router
 from services.store.recovery import recovery_router
 from services.store.repository import Repository
 from services.store.settings import StoreSettings
@@ -34,6 +39,8 @@ def create_app(settings: StoreSettings) -> FastAPI:
         name=f"store {instance_name(settings)}",
         on_reconnect=metrics.bus_reconnects.inc,
     )
+    hub = LiveHub(bus, repository, instance=instance_name(settings))
+    fleets = Fleets()
     writer = EventWriter(
         repository,
         metrics,
@@ -50,6 +57,8 @@ def create_app(settings: StoreSettings) -> FastAPI:
         task = asyncio.create_task(writer.run(queue))
         async with running([task]):
             yield
+        await fleets.stop_all()
+        await hub.close()
         await bus.close()
         await repository.close()
 
@@ -82,13 +91,19 @@ def create_app(settings: StoreSettings) -> FastAPI:
             max_sessions_per_minute=settings.max_sessions_per_minute,
         )
     )
+    app.include_router(tickets_router(token))
+    app.include_router(bots_router(repository, fleets, token))
+    app.include_router(live_router(hub, repository, token))
     app.include_router(internal_router(repository, token))
     app.include_router(recovery_router(repository, token))
     mount_vendor(app)
+    console_files = Path(str(files("services.store").joinpath("static")))
+    app.mount("/static/console", StaticFiles(directory=console_files), name="console")
 
     @app.get("/", include_in_schema=False)
     async def monitor() -> Response:
         return monitor_page()
 
     app.state.writer = writer
+    app.state.hub = hub
     return app

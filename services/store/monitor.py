@@ -47,7 +47,7 @@ from typing import Annotated, Any
 
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.common import experiments
@@ -55,6 +55,8 @@ from services.common.bus import LOG, LOG_KEY, Bus
 from services.common.errors import ApiCode, ApiError
 from services.common.group import GroupState
 from services.common.messages import LogBatch, new_id
+from services.store.api import _documented as documented
+from services.store.api import bearer_auth, token_first_route, token_matches
 from services.store.domain import group_config
 from services.store.repository import Repository
 
@@ -418,6 +420,25 @@ class LiveHub:
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
+def tickets_router(token: str) -> APIRouter:
+    """`POST /api/monitor/tickets` (bearer, in the OpenAPI schema): a ticket for the stream."""
+    router = APIRouter(
+        prefix="/api",
+        dependencies=[bearer_auth(token)],
+        route_class=token_first_route(token),
+        responses=documented(401),
+    )
+
+    @router.post("/monitor/tickets", status_code=201)
+    async def monitor_ticket() -> dict[str, Any]:
+        """A ticket for `GET /api/sessions/{id}/live?ticket=…` (the live monitor's SSE stream,
+        which a browser opens without headers); valid 60 s."""
+        ticket, expires = issue_ticket(token)
+        return {"ticket": ticket, "expires_at": expires}
+
+    return router
+
+
 def live_router(hub: LiveHub, repository: Repository, token: str) -> APIRouter:
     """`GET /api/sessions/{session}/live?ticket=…`: the session's live view as SSE.
 
@@ -425,13 +446,21 @@ def live_router(hub: LiveHub, repository: Repository, token: str) -> APIRouter:
     bearer token); documented in docs/console.md."""
     router = APIRouter(prefix="/api", include_in_schema=False)
 
-    async def ticket_checked(ticket: Annotated[str | None, Query()] = None) -> None:
-        if ticket is None or not ticket_valid(token, ticket):
-            raise ApiError(
-                401,
-                ApiCode.UNAUTHORIZED,
-                "missing, wrong or expired ticket (POST /api/monitor/tickets gives one)",
-            )
+    async def ticket_checked(
+        request: Request, ticket: Annotated[str | None, Query()] = None
+    ) -> None:
+        # A script may send the bearer token instead (curl -N); a browser sends a ticket.
+        if ticket is not None and ticket_valid(token, ticket):
+            return
+        if ticket is None and token_matches(request.headers.get("authorization"), token):
+            return
+        raise ApiError(
+            401,
+            ApiCode.UNAUTHORIZED,
+            "missing, wrong or expired ticket (POST /api/monitor/tickets gives one), "
+            "or 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     async def existing(session_id: str) -> None:
         if await repository.session(session_id) is None:

@@ -43,6 +43,8 @@ PUBLIC = {
     "/p/{code}",
     "/ws/{code}",
     "/static",
+    "/static/vendor",  # uPlot, for the participant pages and the console
+    "/static/console",  # the researcher console's script and styles
 }
 LEAKS = ("Traceback", 'File "', "services.", "site-packages", "pymongo", "aio_pika")
 

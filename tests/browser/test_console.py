@@ -1,0 +1,149 @@
+"""The researcher console (GET / on the store) in headless Chromium against the whole stack.
+
+The console signs in, creates a session from the form built from the experiments' schemas,
+and its live monitor (SSE) shows real WebSocket participants connecting within a second, their
+decisions, the period's end and the replay chart. The monitor's screenshot goes to
+docs/screenshots/monitor.png (shown in the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.browser.test_participant_page import CHROMIUM, CHROMIUM_ARGS
+from tests.e2e.protocol import Participant
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
+    ),
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "monitor.png"
+PERIOD_SECONDS = 6
+SECOND_MS = 1_000
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def console(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh context on the console; fails the test if the page threw."""
+    context = await browser.new_context(viewport={"width": 1150, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    await context.close()
+    assert not errors, errors
+
+
+async def test_console_creates_a_session_and_monitors_it_live(console: Page, stack: Any) -> None:
+    page, urls = console, stack.urls
+    gateway_url = urls.gateway_url
+    # make run's link carries the token once; the console moves it out of the address bar.
+    await page.goto(f"{urls.store_url}/?token={urls.admin_token}")
+    await expect(page.locator("#console")).to_be_visible()
+    assert urls.admin_token not in page.url
+    stored = await page.evaluate("() => sessionStorage.getItem('canopy.adminToken')")
+    assert stored == urls.admin_token
+    assert await page.evaluate("() => localStorage.length") == 0
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.locator("#sign-in")).to_be_visible()
+    await page.get_by_label("Admin token").fill("not the token")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#sign-in-error")).to_contain_text("refused")
+    await page.get_by_label("Admin token").fill(urls.admin_token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#console")).to_be_visible()
+
+    # The form knows each experiment's params from its schema.
+    await page.locator("#experiment").select_option("bimatrix")
+    game = page.locator('[name="params.game"]')
+    await expect(game.locator("option")).to_have_count(5)  # the default, then the four games
+    await expect(page.locator('[name="params.payoff_matrix"]')).to_have_attribute(
+        "data-kind", "json"
+    )
+    # A refusal names the field, and the form marks it.
+    await page.locator('[name="params.payoff_matrix"]').fill("[[1, 2]]")
+    await page.get_by_role("button", name="Create session").click()
+    await expect(page.locator("#create-error")).to_contain_text("params.payoff_matrix")
+    await expect(page.locator('[name="params.payoff_matrix"]')).to_have_attribute(
+        "aria-invalid", "true"
+    )
+    await page.locator('[name="params.payoff_matrix"]').fill("")
+    await game.select_option(label="stag_hunt")
+    await page.get_by_label("Participants").fill("2")
+    await page.get_by_label("Group size").fill("2")
+    await page.get_by_label("Period length (s)").fill(str(PERIOD_SECONDS))
+    await page.get_by_label("Label").fill("console test")
+    await page.get_by_role("button", name="Create session").click()
+
+    links = page.locator("#created-links a")
+    await expect(links).to_have_count(2)
+    codes = [str(await link.get_attribute("href")).rsplit("/", 1)[-1] for link in await links.all()]
+    await expect(page.locator("#monitor-stream")).to_have_attribute("data-status", "open")
+    monitor = page.locator("#monitor")
+    await expect(monitor.locator(".period")).to_have_attribute("data-state", "waiting")
+    await expect(monitor.locator(".period")).to_contain_text("waiting")
+
+    # Participants connecting show within a second.
+    members = []
+    timings = []
+    for code in codes:
+        started = time.perf_counter()
+        members.append(await Participant.connect(gateway_url, code))
+        row = monitor.locator(f'[data-participant="{code}"]')
+        await expect(row).to_have_attribute("data-connected", "true", timeout=SECOND_MS)
+        timings.append(time.perf_counter() - started)
+    await expect(monitor.locator(".period")).to_have_attribute("data-state", "running")
+    await expect(monitor.locator(".period")).to_contain_text(re.compile(r"running · 0:0\d left"))
+
+    for member in members:
+        await member.expect("period_start")
+    for value, member in zip((0.8, 0.3), members, strict=True):
+        await member.ack(await member.send(value))
+    for value, code in zip(("0.80", "0.30"), codes, strict=True):
+        decision = monitor.locator(f'[data-participant="{code}"] .decision')
+        await expect(decision).to_have_text(value, timeout=SECOND_MS)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # The end of the period, then each group's replay chart (uPlot draws on a canvas).
+    await expect(monitor.locator(".period")).to_have_attribute(
+        "data-state", "ended", timeout=(PERIOD_SECONDS + 5) * SECOND_MS
+    )
+    await expect(page.locator("#replay canvas").first).to_be_visible()
+    await expect(page.locator("#replay .payoffs tbody tr")).to_have_count(1)
+    await expect(page.locator("#replay .u-legend")).to_contain_text("Player 2")
+
+    async with page.expect_download() as download_info:
+        await monitor.get_by_role("button", name="CSV").click()
+    download = await download_info.value
+    path = await download.path()
+    header = (await asyncio.to_thread(Path(path).read_text)).splitlines()[0]
+    assert header == "ts,session,group,participant,direction,channel,seq,value"
+
+    for member in members:
+        await member.close()
+    for code in codes:
+        row = monitor.locator(f'[data-participant="{code}"]')
+        await expect(row).to_have_attribute("data-connected", "false", timeout=SECOND_MS)
+    print(f"console: connects shown after {[round(t * 1000) for t in timings]} ms")
