@@ -90,19 +90,25 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
     )
     await page.locator('[name="params.payoff_matrix"]').fill("")
     await game.select_option(label="stag_hunt")
-    await page.get_by_label("Participants").fill("2")
+    await page.get_by_label("Participants").fill("4")
     await page.get_by_label("Group size").fill("2")
     await page.get_by_label("Period length (s)").fill(str(PERIOD_SECONDS))
     await page.get_by_label("Label").fill("console test")
     await page.get_by_role("button", name="Create session").click()
 
     links = page.locator("#created-links a")
-    await expect(links).to_have_count(2)
-    codes = [str(await link.get_attribute("href")).rsplit("/", 1)[-1] for link in await links.all()]
+    await expect(links).to_have_count(4)
+    # The links are listed by group, then player: the first two are the first group.
+    hrefs = [str(await link.get_attribute("href")) for link in await links.all()]
+    codes = [href.rsplit("/", 1)[-1] for href in hrefs[:2]]
     await expect(page.locator("#monitor-stream")).to_have_attribute("data-status", "open")
     monitor = page.locator("#monitor")
-    await expect(monitor.locator(".period")).to_have_attribute("data-state", "waiting")
-    await expect(monitor.locator(".period")).to_contain_text("waiting")
+    first_group = monitor.locator(".group").filter(
+        has=page.locator(f'[data-participant="{codes[0]}"]')
+    )
+    period = first_group.locator(".period")
+    await expect(period).to_have_attribute("data-state", "waiting")
+    await expect(period).to_contain_text("waiting")
 
     # Participants connecting show within a second.
     members = []
@@ -113,8 +119,8 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
         row = monitor.locator(f'[data-participant="{code}"]')
         await expect(row).to_have_attribute("data-connected", "true", timeout=SECOND_MS)
         timings.append(time.perf_counter() - started)
-    await expect(monitor.locator(".period")).to_have_attribute("data-state", "running")
-    await expect(monitor.locator(".period")).to_contain_text(re.compile(r"running · 0:0\d left"))
+    await expect(period).to_have_attribute("data-state", "running")
+    await expect(period).to_contain_text(re.compile(r"running · 0:0\d left"))
 
     for member in members:
         await member.expect("period_start")
@@ -123,16 +129,21 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
     for value, code in zip(("0.80", "0.30"), codes, strict=True):
         decision = monitor.locator(f'[data-participant="{code}"] .decision')
         await expect(decision).to_have_text(value, timeout=SECOND_MS)
+    # The other group's slots, filled with bots from the console.
+    await monitor.get_by_role("button", name="Fill empty slots with bots").click()
+    await expect(monitor.locator("#bots-status")).to_contain_text("2 bot(s) playing")
+    await expect(monitor.locator('[data-connected="true"]')).to_have_count(4, timeout=5_000)
+    await expect(monitor.locator('.period[data-state="running"]')).to_have_count(2)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
     # The end of the period, then each group's replay chart (uPlot draws on a canvas).
-    await expect(monitor.locator(".period")).to_have_attribute(
-        "data-state", "ended", timeout=(PERIOD_SECONDS + 5) * SECOND_MS
+    await expect(monitor.locator('.period[data-state="ended"]')).to_have_count(
+        2, timeout=(PERIOD_SECONDS + 5) * SECOND_MS
     )
-    await expect(page.locator("#replay canvas").first).to_be_visible()
-    await expect(page.locator("#replay .payoffs tbody tr")).to_have_count(1)
-    await expect(page.locator("#replay .u-legend")).to_contain_text("Player 2")
+    await expect(page.locator("#replay canvas")).to_have_count(2)
+    await expect(page.locator("#replay .payoffs tbody tr")).to_have_count(2)
+    await expect(page.locator("#replay .u-legend").first).to_contain_text("Player 2")
 
     async with page.expect_download() as download_info:
         await monitor.get_by_role("button", name="CSV").click()

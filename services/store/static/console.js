@@ -244,7 +244,8 @@ $("#create").addEventListener("submit", async (event) => {
     markInvalid(error.field);
     return;
   }
-  createdLinks = [...created.participants].sort((a, b) => a.group.localeCompare(b.group) || a.id_in_group - b.id_in_group);
+  const groupOrder = new Map(created.groups.map((g, i) => [g.group, i])); // the monitor's order
+  createdLinks = [...created.participants].sort((a, b) => groupOrder.get(a.group) - groupOrder.get(b.group) || a.id_in_group - b.id_in_group);
   $("#created-id").textContent = created.session;
   $("#created-links").innerHTML = createdLinks.map((p) => `<li><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">group ${esc(short(p.group))}, player ${esc(p.id_in_group)}</span></li>`).join("");
   $("#created").hidden = false;
