@@ -19,6 +19,7 @@ help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
 	@echo "              MONITORING=1 (or make run-monitoring): also Prometheus, with the alert rules"
+	@echo "              BOTS=1: bots in every demo slot but one, so you play them in one tab"
 	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
 	@echo "make lint     ruff check, ruff format --check, mypy"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
@@ -75,7 +76,8 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $@
 
 run: install
-	@exec $(PY) -m devstack run $(if $(filter 1 yes true,$(MONITORING)),--monitoring)
+	@exec $(PY) -m devstack run $(if $(filter 1 yes true,$(MONITORING)),--monitoring) \
+		$(if $(filter 1 yes true,$(BOTS)),--bots)
 
 run-monitoring: install
 	@exec $(PY) -m devstack run --monitoring

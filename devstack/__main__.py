@@ -24,9 +24,17 @@ from typing import Any
 
 import httpx
 
-from devstack.infra import InfraError, InfraHandle, MongoStorage, start_infra
+from devstack.infra import InfraError, InfraHandle, MongoStorage, start_infra, stop_process
 from devstack.monitoring import PrometheusHandle, start_prometheus
-from devstack.stack import PROJECT_ROOT, StackError, StackHandle, StackUrls, start_stack
+from devstack.stack import (
+    PROJECT_ROOT,
+    STOP_GRACE,
+    StackError,
+    StackHandle,
+    StackUrls,
+    start_bots_process,
+    start_stack,
+)
 from devstack.supervisor import (
     LOG_FILE,
     STATE_FILE,
@@ -111,6 +119,7 @@ def print_banner(
     timings: dict[str, float],
     run_dir: Path,
     prometheus_url: str | None = None,
+    bots: bool = False,
 ) -> None:
     token = urls.admin_token
     if sessions:
@@ -125,7 +134,9 @@ def print_banner(
         for group, members in by_group.items():
             lines.append(f"    group {group}:")
             for p in sorted(members, key=lambda p: p["id_in_group"]):
-                lines.append(f"      participant {p['id_in_group']}: {p['url']}")
+                lines.append(
+                    f"      participant {p['id_in_group']}: {p['url']}{_who(p, session, bots)}"
+                )
     lines += [
         "",
         "Researchers:",
@@ -137,6 +148,9 @@ def print_banner(
             f"'{urls.store_url}/api/sessions/{sessions[0]['session']}/events?format=csv'"
         )
     lines.append(f"  token:      {token}   (set CANOPY_ADMIN_TOKEN to choose it)")
+    lines.append(
+        "  CLI:        .venv/bin/canopy sessions   (finds this stack by itself: docs/cli.md)"
+    )
     if management_url:
         lines.append(f"  RabbitMQ:   {management_url} (guest / guest)")
     if prometheus_url:
@@ -155,6 +169,16 @@ def print_banner(
         "Press Ctrl-C to stop.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _who(participant: dict[str, Any], session: dict[str, Any], bots: bool) -> str:
+    """With --bots: the first participant of each session is the newcomer's, the rest bots'
+    (`python -m services.bots --all-but 1` leaves the first open slot)."""
+    if not bots:
+        return ""
+    order = [g["group"] for g in session["groups"]]
+    first = min(session["participants"], key=lambda p: (order.index(p["group"]), p["id_in_group"]))
+    return "   <- open this one" if participant is first else "   (bot)"
 
 
 def describe(
@@ -194,6 +218,7 @@ def run(
     demo: bool = True,
     mongo_storage: MongoStorage = "file",
     monitoring: bool = False,
+    bots: bool = False,
 ) -> int:
     run_dir = run_dir.resolve()
     for sig in STOP_SIGNALS:
@@ -227,7 +252,12 @@ def run(
                 timings["total"] = t3 - t0
                 management_url = infra_handle.infra.management_url
                 prometheus_url = prometheus.url if prometheus is not None else None
-                print_banner(stack.urls, sessions, management_url, timings, run_dir, prometheus_url)
+                print_banner(
+                    stack.urls, sessions, management_url, timings, run_dir, prometheus_url, bots
+                )
+                if bots and sessions:
+                    bots_process = start_bots_process(stack, [s["session"] for s in sessions])
+                    extra.callback(stop_process, bots_process, grace=STOP_GRACE)
                 supervised = children(infra_handle, stack)
                 if prometheus is not None:
                     supervised.append(
@@ -299,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also start Prometheus (deploy/monitoring/prometheus.yml with this stack's ports, "
         "the alert rules) and RabbitMQ's metrics; its UI link is printed (make run MONITORING=1)",
     )
+    run_parser.add_argument(
+        "--bots",
+        action="store_true",
+        help="bots in every slot of each demo session but the first, whose link the banner "
+        "marks: one tab plays against them (make run BOTS=1; logs/bots.log, docs/cli.md)",
+    )
     run_parser.set_defaults(mongo_storage="file")
     args = parser.parse_args(argv)
     return run(
@@ -306,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         demo=not args.no_demo,
         mongo_storage=args.mongo_storage,
         monitoring=args.monitoring,
+        bots=args.bots,
     )
 
 

@@ -291,6 +291,18 @@ def start_stack(
     return handle
 
 
+def start_bots_process(handle: StackHandle, sessions: list[str], *, all_but: int = 1) -> Popen:
+    """`python -m services.bots <sessions> --all-but N` against this stack: bots in every slot
+    of each session but the first N, for a newcomer to play against (`make run BOTS=1`).
+
+    A child like the services, with their environment (so the bots find the store and the
+    admin token in CANOPY_STORE_URL / CANOPY_ADMIN_TOKEN), logging to `logs/bots.log`. Not
+    restarted: it ends by itself when the sessions' periods are over; stop it with
+    `devstack.infra.stop_process`."""
+    args = [sys.executable, "-m", "services.bots", *sessions, "--all-but", str(all_but)]
+    return spawn(args, env=handle.env, log=handle.logs_dir / "bots.log", cwd=PROJECT_ROOT)
+
+
 def _check_ports_free(ports: Mapping[str, int], host: str) -> None:
     """Fail early and clearly when a port is taken (e.g. by another `make run`)."""
     for name, port in ports.items():

@@ -1,16 +1,22 @@
 """Bots on the real stack: `start_bots` / `fill_session` join slots and play; their frames land
 in the event log, once each; a best-response bot answers a person's move; a zero-intelligence
-fleet trades within its limits; a person opening a bot's link takes the slot over."""
+fleet trades within its limits; a person opening a bot's link takes the slot over; and
+`make run BOTS=1`'s bots process fills every demo slot but the one the banner marks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
 
+from devstack.__main__ import create_demo_sessions, print_banner
+from devstack.infra import stop_process
+from devstack.stack import STOP_GRACE, start_bots_process
 from services.bots.runner import BotsError, fill_session, open_slots, start_bots
-from tests.e2e.protocol import Participant, create_session, export_until, inbound
+from tests.e2e.protocol import TIMEOUT, Participant, create_session, export_until, inbound
 
 pytestmark = [pytest.mark.e2e]
 
@@ -47,8 +53,10 @@ async def test_start_bots_play_a_period_and_every_acked_frame_is_logged_once(
     rows = await export_until(
         api,
         session["session"],
-        lambda rows: any(r["channel"] == "period_end" for r in rows)
-        and all(len(_logged(rows, b.code)) >= len(b.acked) for b in fleet.bots),
+        lambda rows: (
+            any(r["channel"] == "period_end" for r in rows)
+            and all(len(_logged(rows, b.code)) >= len(b.acked) for b in fleet.bots)
+        ),
     )
     for bot in fleet.bots:
         logged = [int(r["seq"]) for r in inbound(rows, bot.code)]
@@ -154,3 +162,43 @@ async def test_a_person_opening_a_bots_link_takes_the_slot(
         await human.close()
     finally:
         await fleet.stop()
+
+
+async def test_make_run_bots_take_every_demo_slot_but_the_marked_one(
+    stack: Any, api: httpx.AsyncClient, gateway_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sessions = create_demo_sessions(stack.urls)
+    timings = {"infra": 1.0, "services": 1.0, "session": 0.1, "total": 2.1}
+    print_banner(stack.urls, sessions, None, timings, stack.run_dir, None, True)
+    banner = capsys.readouterr().out
+    marked = [line.split()[2] for line in banner.splitlines() if "<- open this one" in line]
+    assert len(marked) == len(sessions) and banner.count("(bot)") == sum(
+        len(s["participants"]) - 1 for s in sessions
+    )
+    process = start_bots_process(stack, [s["session"] for s in sessions])
+    try:
+
+        async def connected() -> list[dict[str, Any]]:
+            return [(await api.get(f"/api/sessions/{s['session']}")).json() for s in sessions]
+
+        async with asyncio.timeout(TIMEOUT):
+            while not all(d["connected"] == len(d["participants"]) - 1 for d in await connected()):
+                assert process.poll() is None, stack.log_tail("bots")
+                await asyncio.sleep(0.05)  # the API has no event to wait on
+        for detail in await connected():
+            free = [p["url"] for p in detail["participants"] if not p["connected"]]
+            assert len(free) == 1 and free[0] in marked
+        # The newcomer opens the marked bimatrix link: the period starts, the bot plays.
+        bimatrix = next(s for s in sessions if "dilemma" in s["label"])
+        url = next(u for u in marked if any(p["url"] == u for p in bimatrix["participants"]))
+        human = await Participant.connect(gateway_url, url.rsplit("/", 1)[1])
+        try:
+            await human.expect("period_start")
+            bot_code = next(p["code"] for p in bimatrix["participants"] if p["url"] != url)
+            # The bot's random walk moves it away from the initial 0.5.
+            await human.expect("group_decisions", lambda d: d[bot_code] != 0.5)
+        finally:
+            await human.close()
+    finally:
+        stop_process(process, grace=STOP_GRACE)
+    assert process.returncode == 0, stack.log_tail("bots")
