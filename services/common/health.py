@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
@@ -26,13 +26,15 @@ def health_router(
         return {"status": "alive"}
 
     @router.get("/readyz", include_in_schema=False)
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         try:
             problems = await readiness()
         except Exception:
             # Details (host names, exception text) go to the log, not to an unauthenticated body.
             log.exception("readiness check failed")
             problems = ["readiness check failed"]
+        if getattr(request.app.state, "draining", False):  # SIGTERM: see services/common/serve
+            problems = ["draining: the service is stopping", *problems]
         if ready is not None:
             ready.set(0 if problems else 1)
         if problems:

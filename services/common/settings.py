@@ -78,6 +78,9 @@ class CommonSettings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     instance: str = ""  # defaults to hostname-pid; names the gateway's queue and log lines
+    # On SIGTERM, answer /readyz with 503 this long before stopping (services/common/serve.py):
+    # long enough for a load balancer to notice (Kubernetes: a few seconds); 0 stops at once.
+    drain_seconds: float = Field(default=0.0, ge=0, le=120)
 
     @model_validator(mode="after")
     def _refuse_placeholder_token(self) -> CommonSettings:
