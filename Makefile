@@ -13,7 +13,8 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
-	k8s-check k8s-tools monitoring-check monitoring-tools stop-system-prometheus run-monitoring
+	k8s-check k8s-tools monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
+	cluster-check
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
@@ -24,6 +25,7 @@ help:
 	@echo "make lint     ruff check, ruff format --check, mypy"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
+	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills (CI)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
@@ -90,6 +92,11 @@ lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench
+
+# Scale-out on a local 3-node RabbitMQ cluster (tests/cluster/, about a minute): not in
+# `make test` (it boots a cluster); .ci/run calls it after make test.
+cluster-check: install
+	$(PY) -m pytest -m cluster tests/cluster
 
 # deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
 k8s-check: install k8s-tools
