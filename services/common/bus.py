@@ -54,6 +54,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 from pydantic import TypeAdapter
 
 from services.common.failover import amqp_urls, failover_connection_class
+from services.common.logs import context
 from services.common.messages import Envelope, LogBatch, new_id
 from services.common.retry import retry_forever
 
@@ -532,7 +533,11 @@ async def consume_pipelined(
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("outputs of a message on %s failed; message requeued", queue.name)
+            log.exception(
+                "outputs of a message on %s failed; message requeued",
+                queue.name,
+                extra=context(message_id=message.message_id),
+            )
             _discard(dones)
             await message.nack(requeue=True)
             return
@@ -547,7 +552,12 @@ async def consume_pipelined(
                 try:
                     envelopes = decode_message(message)
                 except ValueError as exc:
-                    log.error("malformed message on %s rejected: %s", queue.name, exc)
+                    log.error(
+                        "malformed message on %s rejected: %s",
+                        queue.name,
+                        exc,
+                        extra=context(message_id=message.message_id),
+                    )
                     if on_malformed is not None:
                         on_malformed(message, exc)
                     await message.reject(requeue=False)
@@ -561,7 +571,11 @@ async def consume_pipelined(
                     raise
                 except Exception:
                     # Redelivered whole: the envelopes handled already are handled idempotently.
-                    log.exception("handler failed on %s; message requeued", queue.name)
+                    log.exception(
+                        "handler failed on %s; message requeued",
+                        queue.name,
+                        extra=context(message_id=message.message_id),
+                    )
                     _discard(dones)
                     await message.nack(requeue=True)
                     continue

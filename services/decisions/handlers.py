@@ -57,6 +57,7 @@ from services.common.group import (
     TimersCommand,
     rebuild,
 )
+from services.common.logs import context
 from services.common.messages import (
     Channel,
     Envelope,
@@ -282,7 +283,11 @@ class DecisionsWorker:
         started = time.perf_counter()
         state = await self._state(envelope.group)
         if state is None:
-            log.warning("input for unknown group %s dropped", envelope.group)
+            log.warning(
+                "input for unknown group %s dropped",
+                envelope.group,
+                extra=context(envelope.session, envelope.group, message_id=envelope.id),
+            )
             return completed()
         records: list[LogRecord] = []
         origin: float | None = None  # a new frame: when its gateway received it
@@ -391,7 +396,11 @@ class DecisionsWorker:
             self._metrics.rebuilds.inc()
             self._metrics.rebuild_seconds.observe(seconds)
             log.info(
-                "group %s rebuilt from %d log rows in %.3f s", config.group, len(rows), seconds
+                "group %s rebuilt from %d log rows in %.3f s",
+                config.group,
+                len(rows),
+                seconds,
+                extra=context(config.session, config.group),
             )
         if state.flush_pending:  # the rate limit's trailing edge had not gone out
             self._schedule_flush(state, state.last_broadcast_at + config.rate_limit)

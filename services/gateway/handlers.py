@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from services.common.bus import decode_message
 from services.common.directory import ParticipantInfo
 from services.common.errors import CloseCode
+from services.common.logs import context
 from services.common.messages import Channel, Envelope, MessageType, new_id, now, server_frame
 from services.gateway.metrics import GatewayMetrics
 
@@ -205,6 +206,11 @@ class Hub:
         if connection.send(text, origin):
             self._metrics.frames_out.inc()
         else:
-            log.warning("participant %s is too far behind; disconnecting", connection.participant)
+            info = connection.info
+            log.warning(
+                "participant %s is too far behind; disconnecting",
+                connection.participant,
+                extra=context(info.session, info.group, info.participant),
+            )
             self._metrics.slow_clients.inc()
             connection.close(SLOW_CLIENT, "too far behind; reconnect")

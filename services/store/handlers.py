@@ -27,6 +27,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from services.common.logs import context
 from services.common.messages import Channel, LogBatch, LogRecord, now
 from services.common.retry import retry_forever
 from services.store.domain import event_document
@@ -93,7 +94,11 @@ class EventWriter:
         try:
             batch = LogBatch.decode(message.body)
         except ValueError as exc:
-            log.error("malformed message on the store queue rejected: %s", exc)
+            log.error(
+                "malformed message on the store queue rejected: %s",
+                exc,
+                extra=context(message_id=message.message_id),
+            )
             self._metrics.rejected.inc()
             await message.reject(requeue=False)
             return

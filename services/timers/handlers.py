@@ -23,6 +23,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 
 from services.common.bus import INPUTS, TIMERS_QUEUE, Bus, consume_in_order, input_key
+from services.common.logs import context
 from services.common.messages import Envelope, MessageType, now
 from services.common.retry import retry_forever
 from services.timers.domain import Tick, schedule
@@ -179,6 +180,11 @@ class TimersWorker:
         if key in self._periods:
             return
         task = asyncio.create_task(self._run(document))
+        log.info(
+            "period %s: ticks scheduled",
+            document["period"],
+            extra=context(str(document["session"]), str(document["group"])),
+        )
         self._periods[key] = task
         self._metrics.running.set(len(self._periods))
         task.add_done_callback(lambda _: self._finished(key))
