@@ -47,6 +47,7 @@ from typing import Annotated, Any
 
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.exceptions import AMQPError
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -76,6 +77,7 @@ STATS_INTERVAL = 1.0
 RATE_WINDOW = 5  # seconds over which events per second are averaged
 # A console that falls this many events behind gets one fresh snapshot instead.
 WATCHER_BACKLOG = 200
+RETRY_MS = 2000  # EventSource's wait before it reconnects to a stream that ended
 # Rows of the snapshot this recent are remembered by id, to skip them among the held records.
 DEDUPE_SECONDS = 120.0
 
@@ -401,7 +403,8 @@ class LiveHub:
             raise
         except Exception:
             log.exception("live view of session %s could not be built", live.id)
-            _push(live, _event("failed", {"session": live.id, "message": "see the store's log"}))
+            message = "the store could not build the view (see its log)"
+            _push(live, _event("failed", {"session": live.id, "message": message}))
 
     async def _wait_for_log(self) -> None:
         """Until everything published to the log before now is in MongoDB (a barrier)."""
@@ -473,9 +476,15 @@ def live_router(hub: LiveHub, repository: Repository, token: str) -> APIRouter:
         dependencies=[Depends(ticket_checked), Depends(existing)],
     )
     async def live(session_id: str) -> AsyncIterable[ServerSentEvent]:
-        async with hub.watch(session_id) as events:
-            yield ServerSentEvent(comment="watching", retry=2000)
-            while True:
-                yield await events.get()
+        try:
+            async with hub.watch(session_id) as events:
+                yield ServerSentEvent(comment="watching", retry=RETRY_MS)
+                while True:
+                    yield await events.get()
+        except (AMQPError, ConnectionError, RuntimeError) as exc:
+            # The broker is away (the hub could not bind its queue): say so and end the
+            # stream; EventSource comes back after RETRY_MS by itself.
+            log.warning("live monitor of session %s unavailable: %r", session_id, exc)
+            yield _event("failed", {"session": session_id, "message": "the broker is away"})
 
     return router

@@ -275,3 +275,29 @@ async def test_bots_fill_the_empty_slots_and_stop(api: httpx.AsyncClient, gatewa
         assert stopped.json()["stopped"] == 2 and stopped.json()["running"] is False
         await stream.until("groups", lambda d: connected(d) == {people[0]["code"]})
     await me.close()
+
+
+async def test_after_a_broker_reconnection_the_view_is_rebuilt(
+    api: httpx.AsyncClient, gateway_url: str, infra_handle: Any
+) -> None:
+    """Records published while the store's connection was down never reached the monitor's
+    queue: a reconnection rebuilds the view from MongoDB (a new snapshot)."""
+    created = await create_session(api)
+    session, group = created["session"], created["groups"][0]["group"]
+    a, _ = created["groups"][0]["participants"]
+
+    def store_connections() -> list[str]:
+        listed = infra_handle.rabbitmqctl("list_connections", "-q", "pid", "client_properties")
+        return [line.split()[0] for line in listed.stdout.splitlines() if '"store ' in line]
+
+    async with live(api, session) as stream:
+        await stream.until("snapshot")
+        (pid,) = await asyncio.to_thread(store_connections)
+        closed = await asyncio.to_thread(
+            infra_handle.rabbitmqctl, "close_connection", pid, "console test"
+        )
+        assert closed.returncode == 0, closed.stdout
+        await stream.until("snapshot")  # rebuilt once the connection was restored
+        member = await Participant.connect(gateway_url, a)
+        await stream.until("groups", lambda d: (group_of(d, group) or {}).get("connected") == [a])
+        await member.close()

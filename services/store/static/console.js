@@ -395,7 +395,7 @@ async function openMonitor(session) {
     serverOffset = data.now - Date.now() / 1000;
     $("#monitor-eps").textContent = data.events_per_second;
   });
-  source.addEventListener("failed", () => setStream("closed", "the store could not build the view (see its log)"));
+  source.addEventListener("failed", (event) => setStream("reconnecting", `${JSON.parse(event.data).message}; retrying…`));
   source.addEventListener("error", () => {
     // EventSource retries by itself after a network error; a refused request (an expired
     // ticket) closes it: then a new ticket is fetched.
