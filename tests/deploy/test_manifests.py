@@ -9,11 +9,13 @@ import importlib.util
 import re
 import secrets
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from starlette.routing import Match
+from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
 
 from services.decisions.settings import DecisionsSettings
 from services.gateway.settings import GatewaySettings
@@ -298,6 +300,19 @@ def test_dev_runs_one_of_everything_and_prod_survives_losing_one(
     assert (mongodb["members"], mongodb["type"]) == (3, "ReplicaSet")
 
 
+def _mounts(app: Any) -> list[Mount]:
+    return [r for r in app.router.routes if isinstance(r, Mount) and isinstance(r.app, StaticFiles)]
+
+
+def _serves_file(app: Any, path: str) -> bool:
+    """The file `path` exists under the first of the app's static mounts it falls under
+    (Starlette tries the mounts in order, as nginx would hand them the request)."""
+    for mount in _mounts(app):
+        if path.startswith(mount.path + "/"):
+            return (Path(mount.app.directory) / path.removeprefix(mount.path + "/")).exists()
+    return False
+
+
 def _route_matches(app: Any, path: str, kind: str) -> bool:
     scope = {"type": kind, "path": path, "method": "GET", "root_path": "", "headers": []}
     return any(route.matches(scope)[0] != Match.NONE for route in app.router.routes)
@@ -327,11 +342,13 @@ def test_ingress_sends_each_path_to_the_service_that_serves_it(
         "/ws": "gateway",
         "/p": "gateway",
         "/static": "gateway",
+        "/static/console": "store",
         "/api": "store",
         "/": "store",
     }
     samples = {"/ws": "/ws/abc", "/p": "/p/abc", "/static": "/static/canopy.js"}
-    samples |= {"/api": "/api/sessions", "/": "/"}
+    samples |= {"/static/console": "/static/console/console.js", "/api": "/api/sessions"}
+    samples |= {"/": "/"}
     for path, (path_type, backend, port) in routes.items():
         assert port == {"name": "http"}
         kind = "websocket" if path == "/ws" else "http"
@@ -339,6 +356,25 @@ def test_ingress_sends_each_path_to_the_service_that_serves_it(
         # Exact "/" for the console: /internal, /metrics, /docs of the store stay inside.
         assert path_type == ("Exact" if path == "/" else "Prefix")
     assert not _route_matches(apps["gateway"], "/ws/abc", "http")  # the upgrade is the route
+
+    # Every directory of files either app serves reaches that app through the ingress, as
+    # nginx picks a route: an Exact match, else the longest Prefix (whole path elements).
+    def backend_of(path: str) -> str | None:
+        exact = [b for p, (t, b, _) in routes.items() if t == "Exact" and p == path]
+        prefixes = [
+            (len(p), b)
+            for p, (t, b, _) in routes.items()
+            if t == "Prefix" and (path == p or path.startswith(p.rstrip("/") + "/"))
+        ]
+        return exact[0] if exact else max(prefixes)[1] if prefixes else None
+
+    for name, app in apps.items():
+        for mount in _mounts(app):
+            for file in sorted(Path(mount.app.directory).rglob("*"))[:3]:
+                sample = f"{mount.path}/{file.relative_to(mount.app.directory)}"
+                backend = backend_of(sample)
+                assert backend is not None, sample
+                assert _serves_file(apps[backend], sample), (name, sample, backend)
 
 
 def test_network_policies_open_only_the_real_flows(
