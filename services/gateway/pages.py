@@ -5,22 +5,27 @@ loads (static/<experiment>.js, built on static/page.js and static/canopy.js) and
 configuration, embedded in the HTML as JSON: the participant, the experiment, its params with
 their defaults filled in (the bimatrix's payoff matrix resolved from `game`), the members and
 the period settings, all from the store's internal look-ups (cached, see
-services.common.directory). An experiment without a page of its own (a plug-in) gets the
-generic page. An unknown or impossible code still gets the generic page, whose WebSocket is
-then refused (4403) and which says so; if the store cannot be reached the answer is a 503 page
-that reloads itself.
+services.common.directory). A plug-in experiment may ship a page module of its own (an
+optional `page` attribute: the path of an ES module, relative to the file that defines its
+class), served at `/pages/<experiment>.js` (docs/pages.md); one without gets the generic page.
+An unknown or impossible code still gets the generic page, whose WebSocket is then refused
+(4403) and which says so; if the store cannot be reached the answer is a 503 page that reloads
+itself.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from services.common import experiments
 from services.common.directory import Directory, NotFound
@@ -45,6 +50,28 @@ RETRY_PAGE = (
     "<body><p>The experiment server is busy. This page tries again in a few seconds.</p>"
     "</body></html>"
 )
+
+
+def plugin_page(experiment: str) -> Path | None:
+    """The page module a plug-in ships (its `page` attribute), if it names an existing file."""
+    try:
+        found = experiments.get(experiment)
+    except KeyError:
+        return None
+    page = getattr(found, "page", None)
+    if not isinstance(page, str) or not page:
+        return None
+    path = Path(inspect.getfile(type(found))).parent / page
+    return path if path.is_file() else None
+
+
+def module_url(experiment: Any) -> str:
+    name = str(experiment)
+    if name in PAGES:
+        return f"/static/{PAGES[name]}"
+    if experiment is not None and plugin_page(name) is not None:
+        return f"/pages/{quote(name, safe='')}.js"
+    return f"/static/{GENERIC_PAGE}"
 
 
 def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +110,7 @@ async def page_config(directory: Directory, code: str) -> dict[str, Any]:
 
 
 def render_page(shell: str, config: dict[str, Any]) -> str:
-    module = PAGES.get(str(config.get("experiment")), GENERIC_PAGE)
+    module = module_url(config.get("experiment"))
     # Inside <script>, "</" and "<!--" must not appear: escape "<" (and & > for good measure).
     data = (
         orjson.dumps(config)
@@ -94,7 +121,7 @@ def render_page(shell: str, config: dict[str, Any]) -> str:
     )
     return shell.replace(
         CONFIG_SLOT, f'<script type="application/json" id="canopy-config">{data}</script>'
-    ).replace(MODULE_SLOT, f'<script type="module" src="/static/{module}"></script>')
+    ).replace(MODULE_SLOT, f'<script type="module" src="{module}"></script>')
 
 
 def page_router(directory: Directory) -> APIRouter:
@@ -109,5 +136,12 @@ def page_router(directory: Directory) -> APIRouter:
             log.warning("participant page: store unreachable (%r)", exc)
             return HTMLResponse(RETRY_PAGE, status_code=503, headers={"Retry-After": "3"})
         return HTMLResponse(render_page(shell, config), headers={"Cache-Control": "no-store"})
+
+    @router.get("/pages/{experiment}.js", include_in_schema=False, response_model=None)
+    async def plugin_module(experiment: str) -> FileResponse | PlainTextResponse:
+        path = plugin_page(experiment)
+        if path is None:
+            return PlainTextResponse("no page for this experiment\n", status_code=404)
+        return FileResponse(path, media_type="text/javascript")
 
     return router

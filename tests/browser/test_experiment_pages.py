@@ -5,7 +5,8 @@ and saves a screenshot of a page mid-period to docs/screenshots/<experiment>.png
 pages end the period showing the same decisions and payoffs as the API; a public-goods page
 shows the group total of its own and a WebSocket member's contributions; a double-auction
 page places an ask that a zero-intelligence bot (services.bots) fills; a plug-in experiment
-gets the generic page; and the page's config and escaping come from the gateway.
+brings its own page (and an unknown link gets the generic one); and the page's config and
+escaping come from the gateway.
 """
 
 from __future__ import annotations
@@ -247,9 +248,8 @@ async def test_cancel_takes_the_order_out_of_the_book(stack: Any, new_context: N
         await other.close()
 
 
-async def test_a_plugin_experiment_gets_the_generic_page(
-    stack: Any, new_context: NewContext
-) -> None:
+async def test_a_plugin_experiment_brings_its_own_page(stack: Any, new_context: NewContext) -> None:
+    # tests/plugins/site/canopy_min_effort/page.js: the example of docs/pages.md.
     session = await create_session(
         stack, experiment="min_effort", period_length=30, params={"max_effort": 5}
     )
@@ -258,18 +258,41 @@ async def test_a_plugin_experiment_gets_the_generic_page(
     other = await Participant.connect(session.gateway_url, b)
     try:
         await expect_running(page)
-        await expect(page.locator("#experiment-title")).to_have_text("min_effort")
-        await page.get_by_role("textbox", name="Your decision").fill("4")
-        await page.get_by_role("textbox", name="Your decision").press("Enter")
+        await expect(page.locator("#experiment-title")).to_have_text("Minimum effort")
+        efforts = page.get_by_role("group", name="Your effort, from 1 to 5").get_by_role("button")
+        await expect(efforts).to_have_count(5)
+        await page.get_by_role("button", name="4", exact=True).click()
         await expect(row(page, a).locator(".decision")).to_have_text("4.00", timeout=SOON_MS)
-        await page.get_by_role("textbox", name="Your decision").fill("9")
-        await page.get_by_role("button", name="Send").click()
-        await expect(page.locator('#errors [data-code="invalid_decision"]')).to_be_visible(
-            timeout=SOON_MS
+        await expect(page.get_by_role("button", name="4", exact=True)).to_have_attribute(
+            "aria-pressed", "true"
         )
-        await expect(row(page, a).locator(".decision")).to_have_text("4.00")
+        await other.send(2)
+        await expect(row(page, b).locator(".decision")).to_have_text("2.00", timeout=SOON_MS)
     finally:
         await other.close()
+
+
+async def test_an_unknown_link_gets_the_generic_page_and_says_so(
+    new_context: NewContext, stack: Any
+) -> None:
+    gateway = str(stack.urls.gateway_url)
+    page = await open_page(await new_context(), f"{gateway}/p/nosuchparticipant")
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-status", "refused", timeout=SOON_MS
+    )
+    await expect(page.locator("#notice")).to_contain_text("not valid")
+    await expect(page.locator("#decision-input")).to_be_disabled()  # generic.js loaded
+    await expect(page.locator("#play")).to_be_hidden()
+
+
+def test_the_docs_show_the_plugin_page_as_it_is() -> None:
+    root = Path(__file__).resolve().parents[2]
+    docs = (root / "docs" / "pages.md").read_text()
+    shown = docs.split("This is the example plug-in's page", 1)[1].split("```js\n", 1)[1]
+    shown = shown.split("```", 1)[0]
+    source = (root / "tests/plugins/site/canopy_min_effort/page.js").read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.startswith("//"))
+    assert shown.strip() == code.strip()
 
 
 async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
@@ -289,6 +312,13 @@ async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
     # Unknown codes get the generic page (its WebSocket is then refused with 4403).
     assert unknown.status_code == 200
     assert "/static/generic.js" in unknown.text
+    async with httpx.AsyncClient(timeout=10) as http:
+        plugin = await http.get(f"{session.gateway_url}/pages/min_effort.js")
+        none = await http.get(f"{session.gateway_url}/pages/public_goods.js")
+    assert plugin.status_code == 200
+    assert plugin.headers["content-type"].startswith("text/javascript")
+    assert 'from "/static/page.js"' in plugin.text
+    assert none.status_code == 404
     assert odd.status_code == 200
     # The code is in the page as data, never as markup: "<" is escaped inside the JSON.
     assert '"participant":"\\u003c!--\\u003cscript\\u003e"' in odd.text

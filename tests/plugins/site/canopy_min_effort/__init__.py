@@ -29,6 +29,7 @@ class MinEffort:
     name = "min_effort"
     channels = frozenset({"decisions"})
     params_model = MinEffortParams
+    page = "page.js"  # its participant page (docs/pages.md), next to this file
 
     def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
         if group_size < 2:
