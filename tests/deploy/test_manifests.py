@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import secrets
 import tomllib
@@ -458,3 +459,16 @@ def test_operations_doc_tells_what_to_do_for_every_alert() -> None:
     text = (k8s.ROOT / "docs" / "operations.md").read_text()
     missing = [alert for alert in alerts if not re.search(rf"\b{alert}\b", text)]
     assert missing == []
+
+
+def test_operations_doc_names_the_dashboards_real_panels() -> None:
+    text = (k8s.ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("## Read the dashboard") : text.index("## Drain a node")]
+    named = re.findall(r"\*\*(.+?)\*\*", section)
+    dashboard = json.loads((k8s.ROOT / "deploy/monitoring/grafana/canopy.json").read_text())
+    titles = {panel.get("title") for panel in dashboard["panels"]}
+    titles |= {
+        inner.get("title") for panel in dashboard["panels"] for inner in panel.get("panels", [])
+    }
+    assert named, "the section names no panel"
+    assert [name for name in named if name not in titles] == []
