@@ -7,7 +7,8 @@ their defaults filled in (the bimatrix's payoff matrix resolved from `game`), th
 the period settings, all from the store's internal look-ups (cached, see
 services.common.directory). A plug-in experiment may ship a page module of its own (an
 optional `page` attribute: the path of an ES module, relative to the file that defines its
-class), served at `/pages/<experiment>.js` (docs/pages.md); one without gets the generic page.
+class), served at `/static/plugins/<experiment>.js` (docs/pages.md; under /static, which the
+ingress already sends to the gateway); one without gets the generic page.
 An unknown or impossible code still gets the generic page, whose WebSocket is then refused
 (4403) and which says so; if the store cannot be reached the answer is a 503 page that reloads
 itself.
@@ -70,7 +71,7 @@ def module_url(experiment: Any) -> str:
     if name in PAGES:
         return f"/static/{PAGES[name]}"
     if experiment is not None and plugin_page(name) is not None:
-        return f"/pages/{quote(name, safe='')}.js"
+        return f"/static/plugins/{quote(name, safe='')}.js"
     return f"/static/{GENERIC_PAGE}"
 
 
@@ -137,7 +138,8 @@ def page_router(directory: Directory) -> APIRouter:
             return HTMLResponse(RETRY_PAGE, status_code=503, headers={"Retry-After": "3"})
         return HTMLResponse(render_page(shell, config), headers={"Cache-Control": "no-store"})
 
-    @router.get("/pages/{experiment}.js", include_in_schema=False, response_model=None)
+    # Matched before the app's /static mount, which is added after this router.
+    @router.get("/static/plugins/{experiment}.js", include_in_schema=False, response_model=None)
     async def plugin_module(experiment: str) -> FileResponse | PlainTextResponse:
         path = plugin_page(experiment)
         if path is None:

@@ -313,8 +313,8 @@ async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
     assert unknown.status_code == 200
     assert "/static/generic.js" in unknown.text
     async with httpx.AsyncClient(timeout=10) as http:
-        plugin = await http.get(f"{session.gateway_url}/pages/min_effort.js")
-        none = await http.get(f"{session.gateway_url}/pages/public_goods.js")
+        plugin = await http.get(f"{session.gateway_url}/static/plugins/min_effort.js")
+        none = await http.get(f"{session.gateway_url}/static/plugins/public_goods.js")
     assert plugin.status_code == 200
     assert plugin.headers["content-type"].startswith("text/javascript")
     assert 'from "/static/page.js"' in plugin.text

@@ -1,6 +1,6 @@
 // The participant page of the min_effort plug-in: one button per effort level, on the shell
 // every Canopy page shares (countdown, waiting screen, payoffs, group, chart). The gateway
-// serves it at /pages/min_effort.js because the experiment's class says `page = "page.js"`.
+// serves it at /static/plugins/min_effort.js: the experiment's class says page = "page.js".
 import { decisionsChart, h, startPage } from "/static/page.js";
 
 let buttons = [];
