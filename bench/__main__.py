@@ -1,11 +1,14 @@
 """`python -m bench`: Canopy's load generator, the target matrix, and the micro-benchmarks.
 
     python -m bench [run] --groups G --size P --rate R --duration D [--warmup S] [--jitter J]
-                    [--queue-type quorum|classic] [--store disk|memory]
+                    [--queue-type quorum|classic] [--store disk|memory] [--no-floor]
+                    [--no-broker-stats]
                     [--url GATEWAY --store-url URL --token T [--amqp-url URL]]
     python -m bench --matrix [--duration D] [...]
     python -m bench micro
 
+After each row, the same load runs against the one-process floor (bench/floor.py) and the row
+shows Canopy's p50 / p99 and CPU per decision as multiples of the floor's (`--no-floor`: not).
 Without `--url` it starts its own stack (RabbitMQ, nx-27017, the four services: the same code
 as `make run`) on free loopback ports, and stops it at the end, also on Ctrl-C. Each run prints
 a table and appends one JSON line to `bench/results/<UTC date>.jsonl`. See docs/performance.md.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import signal
 import sys
 import time
@@ -27,14 +31,19 @@ from urllib.parse import urlsplit
 
 import uvloop
 
-from bench.loadgen import LoadParams, QueueProbe, StackTarget, run_load
+from bench.floor import SERVER_DESCRIPTION as FLOOR_SERVER
+from bench.floor import floor_process
+from bench.loadgen import LoadParams, QueueProbe, StackTarget, period_length, run_load
+from bench.procstats import ProcessSet
 from bench.report import (
     RESULTS_DIR,
     ProgressBar,
     append_result,
+    attach_floor,
     format_matrix,
     format_micro,
     format_run,
+    format_versus_floor,
 )
 
 T = TypeVar("T")
@@ -92,6 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ext.add_argument("--token", help="admin token")
     ext.add_argument("--amqp-url", help="broker URL, to report queue depths (optional)")
     ext.add_argument("--shards", type=int, default=8, help="CANOPY_SHARDS of that stack (8)")
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the one-process floor run after each row (bench/floor.py)",
+    )
+    own.add_argument(
+        "--no-broker-stats",
+        action="store_true",
+        help="do not enable rabbitmq_prometheus (no broker messages per decision)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--results", type=Path, default=RESULTS_DIR, help="JSON lines folder")
     out.add_argument("--no-save", action="store_true", help="do not append to the results")
@@ -142,6 +161,26 @@ async def _settle(target: StackTarget) -> None:
             await asyncio.sleep(0.2)
 
 
+def run_floor(params: LoadParams, prefix: str) -> dict[str, Any]:
+    """The same load against the one-process floor (a fresh `python -m bench.floor`)."""
+    print(f"{prefix}the same load against the one-process floor ...", file=sys.stderr)
+    with floor_process(params.groups, params.size, period_length(params)) as floor:
+        target = StackTarget(
+            gateway_url=floor.url,
+            store_url=None,
+            token=None,
+            processes=ProcessSet({"floor": floor.pid, "loadgen": os.getpid()}),
+            name="floor",
+            session=floor.session,
+            info={"server": FLOOR_SERVER},
+        )
+        progress = ProgressBar(prefix=f"{prefix}floor ")
+        try:
+            return run_async(functools.partial(run_load, target, params, progress))
+        finally:
+            progress.done()
+
+
 def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
     rows = MATRIX if args.matrix else ((args.groups, args.size, args.rate, None),)
     results: list[dict[str, Any]] = []
@@ -162,10 +201,19 @@ def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, An
             result["target_p99_ms"] = goal
             p99 = result["latency_ms"]["p99"]
             result["pass"] = bool(result["ok"] and p99 is not None and p99 <= goal)
+        floor = None if args.no_floor else run_floor(params, prefix)
+        if floor is not None:
+            attach_floor(result, floor)
         results.append(result)
         if not args.no_save:
+            if floor is not None:
+                append_result(floor, args.results)
             path = append_result(result, args.results)
         print(format_run(result))
+        if floor is not None:
+            if not floor["ok"]:
+                print("\n" + format_run(floor))
+            print("\n" + format_versus_floor(result))
         if not args.no_save:
             print(f"(appended to {path})")
         print()
@@ -208,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from bench.ownstack import own_stack
 
-            with own_stack(queue_type=args.queue_type, store=args.store) as own:
+            with own_stack(
+                queue_type=args.queue_type,
+                store=args.store,
+                broker_stats=not args.no_broker_stats,
+            ) as own:
                 target = StackTarget(
                     gateway_url=own.stack.urls.gateway_url,
                     store_url=own.stack.urls.store_url,
@@ -217,13 +269,16 @@ def main(argv: list[str] | None = None) -> int:
                     processes=own.processes(),
                     shards=int(own.stack.env.get("CANOPY_SHARDS", "8")),
                     info={"own_stack": True, "queue_type": own.queue_type, "store": own.store},
+                    broker_metrics_url=own.broker_metrics_url,
                 )
                 results = run_rows(args, target)
     except KeyboardInterrupt:
         print("\ninterrupted: the stack was stopped", file=sys.stderr)
         return 130
-    # Missed timing targets are reported, not failures; lost or refused frames are.
-    return 0 if all(r["ok"] for r in results) else 1
+    # Missed timing targets are reported, not failures; lost or refused frames are (the
+    # floor's too: a floor that loses frames measures nothing).
+    floors_ok = all((r.get("floor") or {}).get("ok", True) for r in results)
+    return 0 if floors_ok and all(r["ok"] for r in results) else 1
 
 
 if __name__ == "__main__":

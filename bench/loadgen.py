@@ -30,7 +30,8 @@ from typing import Any
 import httpx
 import orjson
 
-from bench.procstats import ProcessSet, machine_usage, usage
+from bench.brokerstats import broker_per_decision, scrape_broker
+from bench.procstats import ProcessSet, machine_usage, stack_cpu_per_decision, usage
 from bench.report import machine_info, now_iso, repo_commit
 from bench.wsclient import WsClient, parse_ws_target
 
@@ -78,15 +79,22 @@ class LoadParams:
 
 @dataclass(frozen=True)
 class StackTarget:
-    """Where the stack under test is, and what we know about it."""
+    """Where the stack under test is, and what we know about it.
+
+    `session` given (the one-process floor, bench/floor.py): its groups are used as they are,
+    no session is created and there is no export to check (`"export": {"skipped": true}`);
+    `store_url` and `token` are then not needed."""
 
     gateway_url: str
-    store_url: str
-    token: str
+    store_url: str | None
+    token: str | None
     amqp_url: str | None = None  # for queue depths; None: not measured
     processes: ProcessSet | None = None  # for CPU / RSS; None: not measured
     shards: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # queue type, store, own stack ...
+    name: str = "canopy"  # "canopy" or "floor": the result's "target"
+    session: dict[str, Any] | None = None  # as POST /api/sessions answers
+    broker_metrics_url: str | None = None  # rabbitmq_prometheus /metrics; None: not counted
 
 
 @dataclass
@@ -338,18 +346,20 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
+def period_length(params: LoadParams) -> float:
+    """The session's period: long enough for connecting, the load, the drain and the export."""
+    return round(
+        params.warmup + params.duration + PERIOD_MARGIN + CONNECT_ALLOWANCE * params.participants,
+        1,
+    )
+
+
 async def create_session(api: httpx.AsyncClient, params: LoadParams) -> dict[str, Any]:
     body = {
         "experiment": "decisions",
         "num_participants": params.participants,
         "group_size": params.size,
-        "period_length": round(
-            params.warmup
-            + params.duration
-            + PERIOD_MARGIN
-            + CONNECT_ALLOWANCE * params.participants,
-            1,
-        ),
+        "period_length": period_length(params),
         "num_periods": 1,
         "num_subperiods": 0,
         "rate_limit": 0,
@@ -414,10 +424,22 @@ async def run_load(
     host, port, prefix = parse_ws_target(target.gateway_url)
     stats = Stats(size=params.size, expected=params.participants)
     procs = target.processes
-    headers = {"Authorization": f"Bearer {target.token}"}
-    async with httpx.AsyncClient(base_url=target.store_url, headers=headers, timeout=30) as api:
-        say("session", None, "creating the session")
-        session = await create_session(api, params)
+    async with contextlib.AsyncExitStack() as scope:
+        api: httpx.AsyncClient | None = None
+        if target.session is not None:
+            session = target.session
+        else:
+            if not (target.store_url and target.token):
+                raise ValueError("a target without a session needs store_url and token")
+            api = await scope.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=target.store_url,
+                    headers={"Authorization": f"Bearer {target.token}"},
+                    timeout=30,
+                )
+            )
+            say("session", None, "creating the session")
+            session = await create_session(api, params)
         participants: list[Participant] = []
         for group in session["groups"]:
             members = {
@@ -446,8 +468,10 @@ async def run_load(
         unseen_unacked = sum(len(p.pending) for p in participants) - lost
         unacked = sum(p.next_seq - 1 - len(p.acked) - len(p.refused) for p in participants)
         expected = {(p.code, seq) for p in participants for seq in p.acked}
-        say("export", None, f"checking the export ({len(expected)} acknowledged frames)")
-        export = await check_export(api, session["session"], expected, params.export_timeout)
+        export: dict[str, Any] = {"skipped": True}  # the floor keeps no log
+        if api is not None:
+            say("export", None, f"checking the export ({len(expected)} acknowledged frames)")
+            export = await check_export(api, session["session"], expected, params.export_timeout)
 
     queue_final: dict[str, int | None] = {}
     if target.amqp_url:
@@ -463,8 +487,10 @@ async def run_load(
         )
     seconds = window["seconds"]
     errors = dict(stats.errors)
+    cpu_stack = stack_cpu_per_decision(processes, window["sent"])
     result: dict[str, Any] = {
-        "kind": "run",
+        "kind": "run" if target.name == "canopy" else target.name,
+        "target": target.name,
         "timestamp": now_iso(),
         "commit": repo_commit(),
         "machine": machine_info(),
@@ -484,7 +510,7 @@ async def run_load(
         "rejected": stats.rejected,
         "errors": errors,
         "backwards": stats.backwards,
-        "duplicates": stats.backwards + export["duplicates"],
+        "duplicates": stats.backwards + export.get("duplicates", 0),
         "disconnects": stats.disconnects,
         "close_codes": {str(k): v for k, v in stats.close_codes.items()},
         "period_ends_during_run": window["period_ends"],
@@ -509,15 +535,22 @@ async def run_load(
             "connected": None if gateway_rss_after is None else round(gateway_rss_after / 2**20, 1),
         },
         "mem_per_participant_kib": mem_per_participant,
+        # Stack CPU (every measured process but the load generator) over the measured window
+        # per decision sent in it; `cpu_roles` says which processes that sum holds.
+        "cpu_ms_per_decision": cpu_stack[0],
+        "cpu_roles": cpu_stack[1],
+        "broker": broker_per_decision(
+            window.get("broker_start"), window.get("broker_end"), window["sent"]
+        ),
     }
+    exported = bool(export.get("skipped")) or (export["complete"] and export["duplicates"] == 0)
     result["ok"] = (
         lost == 0
         and unacked == 0
         and not errors
         and stats.disconnects == 0
         and stats.backwards == 0
-        and export["complete"]
-        and export["duplicates"] == 0
+        and exported
     )
     return result
 
@@ -575,12 +608,16 @@ async def _load(
         window["sample_start"] = procs.sample() if procs else None
         counters = (stats.sent, stats.broadcasts, stats.frames, stats.period_ends)
         t0 = time.perf_counter()
+        # The broker's counters right after the /proc sample (one HTTP scrape each end, a few
+        # ms: small next to the window, and the same for every row).
+        window["broker_start"] = await scrape_broker(target.broker_metrics_url)
         await _sleep_until(until)
         window["sample_end"] = procs.sample() if procs else None
         window["seconds"] = time.perf_counter() - t0
         now = (stats.sent, stats.broadcasts, stats.frames, stats.period_ends)
         keys = ("sent", "broadcasts", "frames", "period_ends")
         window.update({k: b - a for k, a, b in zip(keys, counters, now, strict=True)})
+        window["broker_end"] = await scrape_broker(target.broker_metrics_url)
 
     async def reporter() -> None:
         while time.perf_counter() < until:

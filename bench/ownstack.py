@@ -53,6 +53,11 @@ class OwnStack:
     queue_type: str
     store: StoreKind
 
+    @property
+    def broker_metrics_url(self) -> str | None:
+        """RabbitMQ's Prometheus page (its global message counters), when enabled."""
+        return self.infra_handle.infra.prometheus_url
+
     def processes(self) -> ProcessSet:
         pids = {name: proc.pid for name, proc in self.stack.processes.items()}
         pids["rabbitmq"] = rabbit_pid(self.infra_handle.run_dir)
@@ -153,14 +158,22 @@ def disk_mongo(infra: Infra) -> Iterator[tuple[str, Popen]]:
 
 @contextlib.contextmanager
 def own_stack(
-    *, queue_type: str = "quorum", store: StoreKind = "disk", say: bool = True
+    *,
+    queue_type: str = "quorum",
+    store: StoreKind = "disk",
+    say: bool = True,
+    broker_stats: bool = True,
 ) -> Iterator[OwnStack]:
-    """Start infra + services; stop them all when the block ends (also on KeyboardInterrupt)."""
+    """Start infra + services; stop them all when the block ends (also on KeyboardInterrupt).
+    broker_stats: enable rabbitmq_prometheus, for broker messages per decision
+    (bench/brokerstats.py; `OwnStack.broker_metrics_url`)."""
     raise_fd_limit()
     with contextlib.ExitStack() as stack:
         if say:
             print(f"starting RabbitMQ and nx-27017 in {RUN_DIR}/test-* ...", file=sys.stderr)
-        infra_handle = stack.enter_context(start_infra(RUN_DIR, persistent=False))
+        infra_handle = stack.enter_context(
+            start_infra(RUN_DIR, persistent=False, prometheus=broker_stats)
+        )
         infra = infra_handle.infra
         pid = mongo_pid(infra_handle.run_dir)
         if store == "disk":

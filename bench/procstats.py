@@ -1,9 +1,11 @@
 """CPU time and memory of the stack's processes, read from /proc (Linux only, no psutil).
 
-A *role* (gateway, decisions, timers, store, rabbitmq, mongodb, loadgen) is one process; for
-RabbitMQ its CPU time includes its live descendants (erl_child_setup, inet_gethost). CPU is
-reported as % of one core averaged between two samples, so a saturated single-threaded service
-shows ~100 % and RabbitMQ (multi-threaded) may show more. RSS is the root's resident set.
+A *role* (gateway, decisions, timers, store, rabbitmq, mongodb, loadgen, and floor: the
+one-process floor of bench/floor.py) is one process; for RabbitMQ its CPU time includes its
+live descendants (erl_child_setup, inet_gethost). CPU is reported as % of one core averaged
+between two samples, so a saturated single-threaded service shows ~100 % and RabbitMQ
+(multi-threaded) may show more, and as CPU seconds, whose sum over the stack divided by the
+decisions sent is the CPU per decision. RSS is the root's resident set.
 
 Finding the processes: for a stack this program started, the caller knows the pids. For a
 running one (`--url`), the gateway is the `-m services.gateway` process whose environment has
@@ -24,7 +26,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MARKER_ENV = b"DEVSTACK_RUN_DIR"
 SERVICE_ROLES = ("gateway", "decisions", "timers", "store")
-ROLES = (*SERVICE_ROLES, "rabbitmq", "mongodb", "loadgen")
+ROLES = (*SERVICE_ROLES, "rabbitmq", "mongodb", "loadgen", "floor")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -116,17 +118,40 @@ class ProcessSet:
 
 
 def usage(start: Sample, end: Sample) -> dict[str, dict[str, float]]:
-    """Per role: `cpu_pct` (% of one core between the samples) and `rss_mib` (at `end`)."""
+    """Per role: `cpu_pct` (% of one core between the samples), `cpu_s` (CPU seconds between
+    them) and `rss_mib` (at `end`)."""
     wall = max(end.at - start.at, 1e-9)
     result: dict[str, dict[str, float]] = {}
     for role in end.cpu:
         if role not in start.cpu:
             continue
+        spent = end.cpu[role] - start.cpu[role]
         result[role] = {
-            "cpu_pct": round(100 * (end.cpu[role] - start.cpu[role]) / wall, 1),
+            "cpu_pct": round(100 * spent / wall, 1),
+            "cpu_s": round(spent, 3),
             "rss_mib": round(end.rss[role] / 2**20, 1),
         }
     return result
+
+
+def stack_cpu_per_decision(
+    processes: Mapping[str, Mapping[str, float]],
+    decisions: int,
+    exclude: Iterable[str] = ("loadgen",),
+) -> tuple[float | None, list[str]]:
+    """(ms of CPU per decision, the roles summed): the CPU seconds of every measured process
+    except the load generator, over the window, divided by the decisions sent in it. None when
+    nothing was measured or nothing was sent."""
+    skip = set(exclude)
+    order = {role: i for i, role in enumerate(ROLES)}
+    roles = sorted(
+        (r for r in processes if r not in skip and "cpu_s" in processes[r]),
+        key=lambda r: (order.get(r, len(order)), r),
+    )
+    if not roles or decisions <= 0:
+        return None, roles
+    spent = sum(processes[r]["cpu_s"] for r in roles)
+    return round(1000 * spent / decisions, 3), roles
 
 
 def machine_usage(

@@ -151,6 +151,102 @@ def _errors(result: dict[str, Any]) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"
 
 
+# -- Canopy against the one-process floor --------------------------------------------------------
+
+
+def ratio(value: float | None, floor: float | None, digits: int = 1) -> float | None:
+    """value / floor (how many times the floor), None when either is missing or the floor 0."""
+    if value is None or floor is None or floor <= 0:
+        return None
+    return round(value / floor, digits)
+
+
+def floor_summary(floor: dict[str, Any]) -> dict[str, Any]:
+    """What a Canopy row keeps of the floor's run with the same parameters (the floor's whole
+    result is a JSON line of its own, `"kind": "floor"`)."""
+    lat = floor["latency_ms"]
+    processes = floor.get("processes") or {}
+    return {
+        "count": lat["count"],
+        "p50": lat["p50"],
+        "p99": lat["p99"],
+        "max": lat["max"],
+        "lost": floor["lost"],
+        "ok": floor["ok"],
+        "cpu_pct": (processes.get("floor") or {}).get("cpu_pct"),
+        "cpu_ms_per_decision": floor.get("cpu_ms_per_decision"),
+        "sends_per_s": floor["sends_per_s"],
+    }
+
+
+def attach_floor(result: dict[str, Any], floor: dict[str, Any]) -> None:
+    """Add `floor` (its summary) and `vs_floor` (Canopy as a multiple of the floor) to a
+    Canopy result."""
+    summary = floor_summary(floor)
+    lat = result["latency_ms"]
+    result["floor"] = summary
+    result["vs_floor"] = {
+        "p50": ratio(lat["p50"], summary["p50"]),
+        "p99": ratio(lat["p99"], summary["p99"]),
+        "cpu_per_decision": ratio(
+            result.get("cpu_ms_per_decision"), summary["cpu_ms_per_decision"]
+        ),
+    }
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}x"
+
+
+def _bus(result: dict[str, Any]) -> str:
+    """'<received>/<delivered>' broker messages per decision, '-' when not measured."""
+    broker = result.get("broker") or {}
+    if "received" not in broker or "delivered" not in broker:
+        return "-"
+    return f"{broker['received']:.1f}/{broker['delivered']:.1f}"
+
+
+def format_versus_floor(result: dict[str, Any]) -> str:
+    """Canopy, the floor, and Canopy / floor, for one row."""
+    floor = result.get("floor")
+    if not floor:
+        return ""
+    lat = result["latency_ms"]
+    vs = result.get("vs_floor") or {}
+    return table(
+        ["send → all members", "n", "p50 ms", "p99 ms", "max ms", "lost", "CPU ms/decision"],
+        [
+            [
+                "Canopy",
+                lat["count"],
+                lat["p50"],
+                lat["p99"],
+                lat["max"],
+                result["lost"],
+                _fmt(result.get("cpu_ms_per_decision"), 2),
+            ],
+            [
+                "one-process floor",
+                floor["count"],
+                floor["p50"],
+                floor["p99"],
+                floor["max"],
+                floor["lost"],
+                _fmt(floor.get("cpu_ms_per_decision"), 2),
+            ],
+            [
+                "Canopy / floor",
+                "",
+                _times(vs.get("p50")),
+                _times(vs.get("p99")),
+                "",
+                "",
+                _times(vs.get("cpu_per_decision")),
+            ],
+        ],
+    )
+
+
 def format_run(result: dict[str, Any]) -> str:
     """The terminal report of one run."""
     p = result["params"]
@@ -159,8 +255,14 @@ def format_run(result: dict[str, Any]) -> str:
     export = result["export"]
     queue = result["store_queue"]
     stack = result.get("stack") or {}
+    name = "one-process floor" if result.get("target") == "floor" else "Canopy"
+    if export.get("skipped"):
+        export_cell, lag_cell = "skipped", "-"
+    else:
+        export_cell = "complete" if export["complete"] else f"MISSING {export['missing']}"
+        lag_cell = export["wait_s"]
     lines = [
-        f"Canopy bench  {p['groups']} groups x {p['size']} = {p['participants']} participants, "
+        f"{name} bench  {p['groups']} groups x {p['size']} = {p['participants']} participants, "
         f"{p['rate']:g} Hz, {p['duration']:g} s (+{p['warmup']:g} s warmup, jitter "
         f"{p['jitter']:g}); stack: {', '.join(f'{k}={v}' for k, v in stack.items()) or '-'}",
         "",
@@ -214,8 +316,8 @@ def format_run(result: dict[str, Any]) -> str:
                     result["disconnects"],
                     result["sends_per_s"],
                     result["broadcasts_per_s"],
-                    "complete" if export["complete"] else f"MISSING {export['missing']}",
-                    export["wait_s"],
+                    export_cell,
+                    lag_cell,
                     f"{_fmt(queue.get('max'))}/{_fmt(queue.get('at_end'))}",
                 ]
             ],
@@ -223,7 +325,7 @@ def format_run(result: dict[str, Any]) -> str:
     ]
     processes = result.get("processes") or {}
     if processes:
-        roles = [r for r in ROLE_ORDER if r in processes]
+        roles = [r for r in (*ROLE_ORDER, "floor") if r in processes]
         machine = result.get("machine_cpu") or {}
         lines += [
             "",
@@ -238,6 +340,24 @@ def format_run(result: dict[str, Any]) -> str:
                     ],
                     ["RSS MiB", *(processes[r]["rss_mib"] for r in roles), "", ""],
                 ],
+            ),
+        ]
+    per_decision = result.get("cpu_ms_per_decision")
+    if per_decision is not None:
+        broker = result.get("broker")
+        counts = (
+            "not measured (no rabbitmq_prometheus)"
+            if not broker
+            else ", ".join(f"{k} {v:g}" for k, v in broker.items())
+        )
+        lines += [
+            "",
+            f"CPU per decision: {per_decision:.2f} ms ({'+'.join(result.get('cpu_roles') or [])}"
+            f", load generator excluded)"
+            + (
+                ""
+                if result.get("target") == "floor"
+                else f"   broker messages per decision: {counts}"
             ),
         ]
     stall_list = result.get("stalls") or []
@@ -278,6 +398,7 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
     """One row per target of the matrix, with the target p99 and PASS / MISS."""
     rows = []
     cpu_rows = []
+    floor_rows: list[list[Any]] = []
     for r in results:
         p = r["params"]
         target = r.get("target_p99_ms")
@@ -301,6 +422,26 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
                 r["export"]["wait_s"],
                 r["store_queue"].get("max"),
                 r.get("mem_per_participant_kib"),
+                _fmt(r.get("cpu_ms_per_decision"), 2),
+                _bus(r),
+            ]
+        )
+        floor = r.get("floor") or {}
+        vs = r.get("vs_floor") or {}
+        floor_rows.append(
+            [
+                p["participants"],
+                f"{p['rate']:g}",
+                r["latency_ms"]["p50"],
+                p99,
+                floor.get("p50"),
+                floor.get("p99"),
+                _times(vs.get("p50")),
+                _times(vs.get("p99")),
+                _fmt(r.get("cpu_ms_per_decision"), 2),
+                _fmt(floor.get("cpu_ms_per_decision"), 2),
+                _times(vs.get("cpu_per_decision")),
+                floor.get("lost"),
             ]
         )
         processes = r.get("processes") or {}
@@ -335,6 +476,8 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
             "store lag s",
             "store q max",
             "KiB/part",
+            "CPU ms/dec",
+            "bus rcv/dlv per dec",
         ],
         rows,
     )
@@ -342,7 +485,27 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
         ["N", "Hz", *(f"{ROLE_SHORT[x]} cpu%/MiB" for x in ROLE_ORDER), "machine cpu%"],
         cpu_rows,
     )
-    return f"Latency send → all members (ms)\n{main}\n\nProcesses\n{cpu}"
+    text = f"Latency send → all members (ms)\n{main}\n\nProcesses\n{cpu}"
+    if any(r.get("floor") for r in results):
+        versus = table(
+            [
+                "N",
+                "Hz",
+                "p50",
+                "p99",
+                "floor p50",
+                "floor p99",
+                "x p50",
+                "x p99",
+                "CPU ms/dec",
+                "floor CPU ms/dec",
+                "x CPU",
+                "floor lost",
+            ],
+            floor_rows,
+        )
+        text += f"\n\nCanopy against the one-process floor (same load, same machine)\n{versus}"
+    return text
 
 
 def format_micro(result: dict[str, Any]) -> str:

@@ -1,21 +1,25 @@
-"""Benchmark smoke test: the load generator runs against the test stack and loses nothing.
+"""Benchmark smoke test: the load generator runs against the test stack and loses nothing,
+then the same load against the one-process floor (bench/floor.py, a real child process).
 
-A few seconds of small load (2 groups of 4 at 5 Hz for 2 s). Only that it runs, that every
-acknowledged decision reached every member and the export, and the shape of its result are
-asserted; timing targets are never asserted here (docs/performance.md has the numbers).
+A few seconds of small load (2 groups of 4 at 5 Hz for 2 s; the floor for 1 s). Only that it
+runs, that every acknowledged decision reached every member (and, for Canopy, the export), and
+the shape of the results are asserted; timing targets are never asserted here
+(docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
-from bench.loadgen import LoadParams, StackTarget, run_load
-from bench.procstats import discover
-from bench.report import append_result, format_run
+from bench.floor import floor_process
+from bench.loadgen import LoadParams, StackTarget, period_length, run_load
+from bench.procstats import ProcessSet, discover
+from bench.report import append_result, attach_floor, format_matrix, format_run
 from devstack.stack import StackHandle
 
 pytestmark = pytest.mark.e2e
@@ -40,12 +44,17 @@ RESULT_KEYS = {
     "store_queue",
     "processes",
     "mem_per_participant_kib",
+    "cpu_ms_per_decision",
+    "cpu_roles",
+    "broker",
     "ok",
 }
 LATENCY_KEYS = {"count", "p50", "p90", "p99", "p99.9", "max", "mean"}
 
 
-async def test_load_generator_loses_nothing(stack: StackHandle, tmp_path: Path) -> None:
+async def test_load_generator_loses_nothing_on_canopy_and_on_the_floor(
+    stack: StackHandle, tmp_path: Path
+) -> None:
     urls = stack.urls
     processes, _ = discover(urlsplit(urls.gateway_url).port or 80)
     target = StackTarget(
@@ -77,3 +86,35 @@ async def test_load_generator_loses_nothing(stack: StackHandle, tmp_path: Path) 
     [line] = path.read_bytes().splitlines()
     assert orjson.loads(line)["params"]["participants"] == 8
     assert "send → all members" in format_run(result)
+
+    # CPU per decision: the stack's processes that were found, never the load generator.
+    assert result["cpu_ms_per_decision"] is not None and result["cpu_ms_per_decision"] > 0
+    assert "loadgen" not in result["cpu_roles"]
+    assert {"gateway", "decisions", "rabbitmq"} <= set(result["cpu_roles"])
+    assert result["broker"] is None  # the test session's broker has no rabbitmq_prometheus
+
+    floor_params = LoadParams(groups=2, size=4, rate=5, duration=1, warmup=0.3, drain=5)
+    with floor_process(2, 4, period_length(floor_params)) as floor:
+        floor_target = StackTarget(
+            gateway_url=floor.url,
+            store_url=None,
+            token=None,
+            processes=ProcessSet({"floor": floor.pid, "loadgen": os.getpid()}),
+            name="floor",
+            session=floor.session,
+        )
+        floor_result = await run_load(floor_target, floor_params)
+
+    assert floor_result["kind"] == "floor"
+    assert floor_result["export"] == {"skipped": True}
+    assert floor_result["sent"] > 0
+    assert floor_result["acked"] == floor_result["sent"]
+    assert floor_result["lost"] == 0 and floor_result["unseen_unacked"] == 0, floor_result
+    assert floor_result["errors"] == {} and floor_result["duplicates"] == 0
+    assert floor_result["ok"]
+    assert floor_result["latency_ms"]["count"] > 0
+    assert floor_result["cpu_roles"] == ["floor"]
+    assert floor_result["cpu_ms_per_decision"] is not None
+    attach_floor(result, floor_result)
+    assert result["vs_floor"]["p99"] is not None and result["vs_floor"]["p99"] > 0
+    assert "one-process floor" in format_matrix([result])
