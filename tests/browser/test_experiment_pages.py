@@ -148,6 +148,34 @@ async def test_two_bimatrix_pages_end_the_period_agreeing(
     assert float(mine or "nan") == pytest.approx(payoffs[b])
 
 
+async def test_sub_periods_and_a_pause_while_a_member_is_away(
+    stack: Any, new_context: NewContext
+) -> None:
+    session = await create_session(stack, period_length=4, num_subperiods=4, on_disconnect="pause")
+    page_a = await open_page(await new_context(), session.urls[0])
+    context_b = await new_context()
+    page_b = await open_page(context_b, session.urls[1])
+    await expect_running(page_a)
+    subperiod = page_a.locator("#subperiod")
+    await expect(subperiod).to_have_text("Sub-period 1 of 4.")
+    await expect(subperiod).to_have_attribute("data-done", "1", timeout=SOON_MS)
+    await expect(subperiod).to_have_text("Sub-period 2 of 4.")
+
+    await context_b.close()  # B leaves: the period stops until B is back
+    await expect(page_a.locator("#paused")).to_be_visible(timeout=SOON_MS)
+    await expect(page_a.locator("#period")).to_have_attribute("data-state", "paused")
+    left = await page_a.locator("#countdown").get_attribute("data-remaining")
+    assert left is not None and 0 < int(left) <= 3
+    await expect(page_a.locator("#slider")).to_be_disabled()
+
+    page_b = await open_page(await new_context(), session.urls[1])
+    await expect_running(page_b)
+    await expect(page_a.locator("#paused")).to_be_hidden(timeout=SOON_MS)
+    await expect_running(page_a)
+    await expect_ended(page_a)
+    await expect(subperiod).to_have_text("All 4 sub-periods done.")
+
+
 async def test_public_goods_page_shows_the_group_total(stack: Any, new_context: NewContext) -> None:
     session = await create_session(
         stack,

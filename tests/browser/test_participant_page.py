@@ -100,8 +100,10 @@ async def test_decision_reaches_the_other_member(session: Session, new_context: 
 
 
 async def test_offline_changes_arrive_once_after_reconnect(
-    session: Session, new_context: NewContext
+    stack: Any, new_context: NewContext
 ) -> None:
+    # On the bimatrix page: its slider is the mixed strategy, shown as a percentage.
+    session = await create_session(stack, experiment="bimatrix", period_length=30)
     context_a = await new_context()
     page_a = await open_page(context_a, session.urls[0])
     page_b = await open_page(await new_context(), session.urls[1])
@@ -110,7 +112,7 @@ async def test_offline_changes_arrive_once_after_reconnect(
     await expect_running(page_b)
 
     await set_decision(page_a, 0.25)
-    await expect(row(page_b, a).locator(".decision")).to_have_text("0.25", timeout=SOON_MS)
+    await expect(row(page_b, a).locator(".decision")).to_have_text("25%", timeout=SOON_MS)
 
     await context_a.set_offline(True)
     if await page_state(page_a, "status") == "connected":
@@ -119,28 +121,41 @@ async def test_offline_changes_arrive_once_after_reconnect(
         await page_a.evaluate("() => window.canopyClient.dropConnection()")
     await expect(page_a.locator("#status")).to_have_attribute("data-status", "reconnecting")
 
-    await set_decision(page_a, 0.85)
+    # Offline, the slider keeps working: every move waits in the outbox.
+    for value in (0.6, 0.7, 0.85):
+        await set_decision(page_a, value)
+    await expect(page_a.locator("#slider-value")).to_have_text("85%")
     pending = await page_state(page_a, "pending")
-    assert [frame["payload"] for frame in pending] == [0.85]
-    await expect(row(page_b, a).locator(".decision")).to_have_text("0.25")
+    assert [frame["payload"] for frame in pending] == [0.6, 0.7, 0.85]
+    await expect(row(page_b, a).locator(".decision")).to_have_text("25%")
 
     await context_a.set_offline(False)
 
     await expect(page_a.locator("#status")).to_have_attribute(
         "data-status", "connected", timeout=RECONNECT_MS
     )
-    await expect(row(page_b, a).locator(".decision")).to_have_text("0.85", timeout=SOON_MS)
+    await expect(row(page_b, a).locator(".decision")).to_have_text("85%", timeout=SOON_MS)
     await page_a.wait_for_function(
         "() => window.canopyClient.state.pending.length === 0", timeout=SOON_MS
     )
     assert await page_state(page_a, "connections") >= 2
     # The new connection also receives: B's next change reaches A.
     await set_decision(page_b, 0.4)
-    await expect(row(page_a, b).locator(".decision")).to_have_text("0.40", timeout=SOON_MS)
+    await expect(row(page_a, b).locator(".decision")).to_have_text("40%", timeout=SOON_MS)
+    # Both pages are in the same state again: decisions, and the matrix cell they light up.
+    for page in (page_a, page_b):
+        await page.wait_for_function(
+            f"() => window.canopyClient.state.groupDecisions[{json.dumps(b)}] === 0.4"
+        )
+    states = [await page_state(p, "groupDecisions") for p in (page_a, page_b)]
+    assert states[0] == states[1] == {a: 0.85, b: 0.4}
+    await expect(page_a.locator("#slider")).to_have_value("0.85")
+    await expect(page_a.locator("#matrix td.current")).to_have_attribute("data-cell", "01")
+    await expect(page_b.locator("#matrix td.current")).to_have_attribute("data-cell", "10")
 
     # Every frame A made is in the log exactly once: seqs 1 .. nextSeq - 1, no duplicate.
     sent = list(range(1, await page_state(page_a, "nextSeq")))
-    assert len(sent) >= 2
+    assert len(sent) == 4
     deadline = time.monotonic() + 10  # the store writes in batches: poll until it caught up
     while True:
         rows = [
@@ -154,8 +169,11 @@ async def test_offline_changes_arrive_once_after_reconnect(
         await asyncio.sleep(0.2)
     assert sorted(logged) == sent
     assert all(count == 1 for count in logged.values()), logged
-    last = max(rows, key=lambda event: int(event["seq"]))["value"]
-    assert (json.loads(last) if isinstance(last, str) else last) == 0.85
+    values = [
+        json.loads(e["value"]) if isinstance(e["value"], str) else e["value"]
+        for e in sorted(rows, key=lambda event: int(event["seq"]))
+    ]
+    assert values == [0.25, 0.6, 0.7, 0.85]
 
 
 async def test_second_tab_replaces_the_first(session: Session, new_context: NewContext) -> None:

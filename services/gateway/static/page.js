@@ -264,8 +264,8 @@ export function startPage(spec) {
     if (subs > 0) {
       var done = sub && p && sub.period === p.number ? sub.index : 0;
       if (p && state === "ended") done = subs;
-      el.subperiod.textContent = "Sub-period " + Math.min(subs, done + 1) + " of " + subs +
-        (done ? " (" + done + " done)" : "");
+      el.subperiod.textContent = done >= subs ? "All " + subs + " sub-periods done." :
+        "Sub-period " + (done + 1) + " of " + subs + ".";
       el.subperiod.dataset.done = String(done);
     }
     renderCountdown();
