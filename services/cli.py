@@ -416,7 +416,7 @@ def replay(ctx: click.Context, session: str, as_json: bool) -> None:
     out = _stdout()
     table = _table(
         "group", "period", "participant", "decision", "payoff", "sub-periods",
-        ids=("group", "participant"),
+        ids=("group", "participant", "decision", "payoff"),
     )  # fmt: skip
     rows = 0
     for group in answer["groups"]:
