@@ -100,6 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ext.add_argument("--store-url", help="store URL, e.g. http://127.0.0.1:8001")
     ext.add_argument("--token", help="admin token")
     ext.add_argument("--amqp-url", help="broker URL, to report queue depths (optional)")
+    ext.add_argument(
+        "--broker-metrics-url",
+        help="RabbitMQ's rabbitmq_prometheus page, e.g. http://127.0.0.1:15692/metrics, for "
+        "broker messages per decision (optional)",
+    )
     ext.add_argument("--shards", type=int, default=8, help="CANOPY_SHARDS of that stack (8)")
     parser.add_argument(
         "--no-floor",
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 store_url=args.store_url.rstrip("/"),
                 token=args.token,
                 amqp_url=args.amqp_url,
+                broker_metrics_url=args.broker_metrics_url,
                 processes=processes,
                 shards=args.shards,
                 info={"own_stack": False},

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import secrets
 import selectors
 import signal
@@ -248,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         floor = Floor(args.groups, args.size, args.period_length)
     except ValueError as e:
         parser.error(str(e))
+
+    # One socket per participant: as many as the hard limit allows (as bench.ownstack does).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     def ready(port: int) -> None:
         line = {"url": f"http://{args.host}:{port}", "pid": os.getpid()} | floor.session()
