@@ -6,8 +6,12 @@ t0: the time until every member of s's group (s included) has received a `group_
 whose `payload[s] >= k` (a later decision of the same sender counts, since each decision's
 payload is the sender's own seq). Also: loss (acknowledged but never seen by every member),
 sends never acknowledged, `error` frames by code, values going backwards, the export's
-completeness and duplicates, the store queue's depth, broadcasts/s, and every stack process's
-CPU and RSS.
+completeness and duplicates, the store queue's depth, broadcasts/s, every stack process's
+CPU and RSS, the stack's CPU per decision and (with rabbitmq_prometheus) the broker's messages
+per decision.
+
+The same run works against the one-process floor (bench/floor.py): a `StackTarget` with a
+`session` skips the session API and the export, and everything else is measured the same way.
 
 Bookkeeping is O(1) per received frame: each sender keeps `pending` (seq → [t0, members still
 missing]) and each receiver the last value it saw per sender, so a broadcast only touches the
