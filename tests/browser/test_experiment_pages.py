@@ -93,6 +93,19 @@ async def test_two_bimatrix_pages_end_the_period_agreeing(
         await expect_running(page)
         await expect(page.locator("#experiment-title")).to_have_text("Bimatrix game")
     await expect(page_a.locator("#waiting")).to_be_hidden()
+    # The clock: on this machine the server's clock is the browsers' own, so the true offset
+    # is 0, which must lie within the bounds the client keeps: [offset, offset + error].
+    for page in (page_a, page_b):
+        offset, error = await page.evaluate(
+            "() => [window.canopyClient.state.serverOffset, window.canopyClient.state.clockError]"
+        )
+        print(f"clock offset {offset:+.4f} s, bounds {error:.4f} s wide")
+        assert error is not None and offset - 0.002 <= 0 <= offset + error + 0.002
+    # Both pages' countdowns say the same (the reads are some ms apart; a loaded machine
+    # delays the frames the bounds come from).
+    left = "() => window.canopyClient.state.period.ends_at - window.canopyClient.serverNow()"
+    lefts = [await p.evaluate(left) for p in (page_a, page_b)]
+    assert abs(lefts[0] - lefts[1]) < 0.5, lefts
     config = await page_config(page_a)
     assert config["experiment"] == "bimatrix"
     assert config["params"]["payoff_matrix"] == [[[4, 4], [0, 3]], [[3, 0], [3, 3]]]

@@ -39,10 +39,11 @@
  * - The server clock: every server frame's `ts` was stamped before it arrived, so
  *   `ts - arrival` is a lower bound of the offset (server minus local clock); a `hello`, `ack`
  *   or `error` was stamped after the connect or frame that caused it left, so
- *   `ts - departure` is an upper bound. The client keeps the tightest interval (the round trips
- *   with the least delay win, as in NTP) and uses its middle: `state.serverOffset`, good to
- *   `state.clockError` seconds. So every member's countdown shows the same time left, whatever
- *   their own clocks say. A sample outside the interval (a clock was set) restarts it.
+ *   `ts - departure` is an upper bound. The client keeps the tightest bounds (the least
+ *   delayed frames and round trips win, as in NTP) and uses the lower one, which a broadcast
+ *   makes tight (a few ms): `state.serverOffset`; the true offset is at most
+ *   `state.clockError` seconds above it. So every member's countdown shows the same time left,
+ *   whatever their own clocks say. A sample outside the bounds (a clock was set) restarts them.
  */
 
 const global = typeof window !== "undefined" ? window : globalThis;
@@ -121,8 +122,8 @@ export class CanopyClient {
       period: null, // {number, state, ends_at, length?, payoffs?}
       subperiod: null,
       presence: {}, // code -> true | false | null (unknown)
-      serverOffset: null, // server clock minus local clock, seconds (middle of its bounds)
-      clockError: null, // half the width of those bounds, seconds (null: no upper bound yet)
+      serverOffset: null, // server clock minus local clock, seconds (its lower bound)
+      clockError: null, // the width of its bounds, seconds (null: no upper bound yet)
       connections: 0, // hellos received
       failedAttempts: 0, // connection attempts in a row that never got a hello
       retryInMs: null,
@@ -538,9 +539,11 @@ export class CanopyClient {
     }
     this._clockLow = newLow;
     this._clockHigh = newHigh;
-    var bounded = newHigh !== Infinity;
-    this.state.serverOffset = bounded ? (newLow + newHigh) / 2 : newLow;
-    this.state.clockError = bounded ? (newHigh - newLow) / 2 : null;
+    // The lower edge is the estimate: a broadcast reaches the browser a few ms after its ts,
+    // while every upper bound also holds the server's own work (a hello waits for the store
+    // and decisions, an ack for the broker's confirm), so the middle would be further off.
+    this.state.serverOffset = newLow;
+    this.state.clockError = newHigh !== Infinity ? newHigh - newLow : null;
   }
 
   // ---- outbound ------------------------------------------------------------------

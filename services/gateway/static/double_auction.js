@@ -192,8 +192,20 @@ startPage({
   render: function (page) {
     var running = page.running();
     el.price.disabled = el.quantity.disabled = el.submit.disabled = !running;
-    el.bids.replaceChildren.apply(el.bids, bookTable(page, "bids"));
-    el.asks.replaceChildren.apply(el.asks, bookTable(page, "asks"));
+    ["bids", "asks"].forEach(function (side) {
+      // Rebuilt only when it changed, and a focused Cancel button keeps the focus (keyboard).
+      var key = JSON.stringify(book[side] || []) + running;
+      if (el[side].dataset.key === key) return;
+      el[side].dataset.key = key;
+      var focused = document.activeElement;
+      var focusedSeq = focused && el[side].contains(focused) ?
+        focused.closest("tr").dataset.seq : null;
+      el[side].replaceChildren.apply(el[side], bookTable(page, side));
+      if (focusedSeq) {
+        var again = el[side].querySelector('tr[data-seq="' + focusedSeq + '"] button');
+        (again || el.price).focus();
+      }
+    });
     renderTape(page);
     var pos = position(page);
     el.units.textContent = String(pos.units);
