@@ -95,6 +95,13 @@ async def test_decision_reaches_the_other_member(session: Session, new_context: 
     await page_a.wait_for_function("() => window.canopyClient.state.pending.length === 0")
     await expect(page_a.locator("#errors")).to_be_hidden()
 
+    # The keyboard works too: the slider is labelled, and End / arrow keys move it.
+    slider = page_b.get_by_role("slider", name="Your decision, from 0 to 1")
+    await slider.focus()
+    await page_b.keyboard.press("End")
+    await page_b.keyboard.press("ArrowLeft")
+    await expect(row(page_a, b).locator(".decision")).to_have_text("0.99", timeout=SOON_MS)
+
     await expect(page_b.locator("#chart canvas")).to_have_count(1)
     await screenshot(page_b, "decisions")
 
