@@ -271,7 +271,12 @@ $("#copy-links").addEventListener("click", async () => {
 });
 $("#open-links").addEventListener("click", () => {
   let blocked = 0;
-  for (const p of createdLinks) if (!window.open(p.url, "_blank", "noopener")) blocked += 1;
+  for (const p of createdLinks) {
+    // Not the "noopener" feature: with it window.open returns null, blocked or not.
+    const tab = window.open(p.url, "_blank");
+    if (tab) tab.opener = null;
+    else blocked += 1;
+  }
   $("#copy-status").textContent = blocked ? `The browser blocked ${blocked} tab(s): allow pop-ups for this page.` : "";
 });
 
@@ -308,7 +313,12 @@ document.addEventListener("click", async (event) => {
   const monitor = event.target.closest("[data-monitor]");
   if (monitor) openMonitor(monitor.dataset.monitor);
   const exporter = event.target.closest("[data-export]");
-  if (exporter) await download(exporter.dataset.session || monitored, exporter.dataset.export);
+  if (!exporter) return;
+  try {
+    await download(exporter.dataset.session || monitored, exporter.dataset.export);
+  } catch (error) {
+    alert(`The export failed: ${error.message}`);
+  }
 });
 
 // The export routes need the Authorization header, so the file is fetched and saved as a blob.
