@@ -176,6 +176,7 @@ def floor_summary(floor: dict[str, Any]) -> dict[str, Any]:
         "cpu_pct": (processes.get("floor") or {}).get("cpu_pct"),
         "cpu_ms_per_decision": floor.get("cpu_ms_per_decision"),
         "sends_per_s": floor["sends_per_s"],
+        "machine_cpu": floor.get("machine_cpu") or {},  # how busy the machine was meanwhile
     }
 
 
