@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request, Response
@@ -11,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 log = logging.getLogger(__name__)
 
+READY_MAX_AGE = 5.0  # seconds: how stale `canopy_<service>_ready` may be when scraped
+
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 
 
@@ -18,15 +21,15 @@ def health_router(
     registry: CollectorRegistry, readiness: ReadinessCheck, ready: Gauge | None = None
 ) -> APIRouter:
     """`readiness` returns the list of unmet conditions; empty means ready. `ready` (the
-    service's `canopy_<service>_ready`) keeps the last answer, for Prometheus."""
+    service's `canopy_<service>_ready`) keeps the last answer, for Prometheus: `/metrics`
+    checks readiness too when the last check is older than READY_MAX_AGE, so the gauge is
+    fresh whoever else probes, and frequent scrapes do not repeat the broker and database
+    round trips of a check."""
     router = APIRouter()
+    checked_at = [float("-inf")]  # monotonic time of the last check
 
-    @router.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @router.get("/readyz", include_in_schema=False)
-    async def readyz(request: Request) -> Response:
+    async def check(request: Request) -> list[str]:
+        checked_at[0] = time.monotonic()
         try:
             problems = await readiness()
         except Exception:
@@ -37,12 +40,23 @@ def health_router(
             problems = ["draining: the service is stopping", *problems]
         if ready is not None:
             ready.set(0 if problems else 1)
+        return problems
+
+    @router.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        problems = await check(request)
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @router.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if ready is not None and time.monotonic() - checked_at[0] > READY_MAX_AGE:
+            await check(request)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
