@@ -68,7 +68,7 @@ async def test_start_bots_play_a_period_and_every_acked_frame_is_logged_once(
     assert len(ends) == 1
 
 
-async def test_best_response_bot_answers_a_person_in_the_prisoners_dilemma(
+async def test_best_response_bot_answers_a_person_in_a_stag_hunt(
     api: httpx.AsyncClient, gateway_url: str
 ) -> None:
     session = await create_session(
