@@ -44,6 +44,7 @@ PUBLIC = {
     "/ws/{code}",
     "/static",
     "/static/vendor",  # uPlot, for the participant pages and the console
+    "/static/plugins/{experiment}.js",  # a plug-in experiment's participant page module
     "/static/console",  # the researcher console's script and styles
 }
 LEAKS = ("Traceback", 'File "', "services.", "site-packages", "pymongo", "aio_pika")
