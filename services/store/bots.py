@@ -14,6 +14,7 @@ they reach (the console's requests go to one replica at a time; docs/console.md)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any
 
@@ -54,12 +55,27 @@ class Fleets:
 
     def __init__(self) -> None:
         self._fleets: dict[str, list[BotFleet]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
 
     def playing(self, session: str) -> set[str]:
         return {code for fleet in self._fleets.get(session, []) for code in fleet.codes}
 
     def add(self, session: str, fleet: BotFleet) -> None:
         self._fleets.setdefault(session, []).append(fleet)
+        watcher = asyncio.get_running_loop().create_task(self._close_when_done(session, fleet))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _close_when_done(self, session: str, fleet: BotFleet) -> None:
+        """A fleet whose bots all finished (the session's last period ended, or their slots
+        were taken) closes its sockets: done bots must not hold connections for ever."""
+        await fleet.wait_finished()
+        await fleet.stop()
+        fleets = self._fleets.get(session, [])
+        if fleet in fleets:
+            fleets.remove(fleet)
+            if not fleets:
+                del self._fleets[session]
 
     def status(self, session: str) -> dict[str, Any]:
         fleets = [f for f in self._fleets.get(session, []) if f.finished() < len(f.bots)]
@@ -86,6 +102,8 @@ class Fleets:
         return sum(len(f.bots) for f in fleets)
 
     async def stop_all(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.cancel()
         for session in list(self._fleets):
             await self.stop(session)
 

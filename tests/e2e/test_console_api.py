@@ -277,6 +277,23 @@ async def test_bots_fill_the_empty_slots_and_stop(api: httpx.AsyncClient, gatewa
     await me.close()
 
 
+async def test_bots_leave_once_the_session_is_over(api: httpx.AsyncClient) -> None:
+    """A fleet whose last period ended closes its sockets: no bot holds a connection for ever."""
+    created = await create_session(api, period_length=1.5)
+    session = created["session"]
+    url = f"/api/sessions/{session}/bots"
+    response = await api.post(url, json={"strategy": "random_walk", "rate": 5})
+    assert response.status_code == 201, response.text
+    async with asyncio.timeout(30):
+        while True:  # polling the API: the period runs on the server's clock
+            detail = (await api.get(f"/api/sessions/{session}")).json()
+            ended = all(g["period"]["state"] == "ended" for g in detail["groups"])
+            if ended and detail["connected"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    assert (await api.get(url)).json()["running"] is False
+
+
 async def test_after_a_broker_reconnection_the_view_is_rebuilt(
     api: httpx.AsyncClient, gateway_url: str, infra_handle: Any
 ) -> None:
