@@ -208,10 +208,14 @@ class Supervisor:
             pids = ", ".join(f"{c.name} {c.proc.pid}" for c in self.children)
             self._log(f"supervising: {pids}")
             while True:
+                # Drain the wakeups before the step, never after it: a child that dies while
+                # the step runs (after its poll) leaves its SIGCHLD in the pipe, so the select
+                # below returns at once and the next step sees the exit. Draining after the
+                # step too lost that wakeup, and with every child running the loop then slept
+                # until the next signal.
                 stop = self._read_stop(wakeup)
                 if stop is None:
                     self._step(time.monotonic())
-                    stop = self._read_stop(wakeup)
                 if stop is not None:
                     self._stopping = True
                     self._log(f"{stop}: stopping; nothing is restarted from now on")
