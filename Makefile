@@ -14,7 +14,7 @@ LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
 	k8s-check monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
-	cluster-check
+	cluster-check fault-check
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint     ruff check, ruff format --check, mypy"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
+	@echo "make fault-check   SIGKILL / SIGTERM each process under the real supervisor (CI)"
 	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills (CI)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
@@ -92,6 +93,11 @@ lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench
+
+# Fault injection under the real `make run` supervisor (tests/faults/, about 3 minutes): its own
+# target so that make test stays under 10 minutes on 2 cores; .ci/run calls it.
+fault-check: install
+	$(PY) -m pytest -m faults tests/faults
 
 # Scale-out on a local 3-node RabbitMQ cluster (tests/cluster/, about a minute): not in
 # `make test` (it boots a cluster); .ci/run calls it after make test.

@@ -31,7 +31,7 @@ from services.common.directory import GroupConfig
 from services.common.group import rebuild
 from tests.faults.bots import Bot
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 GROUPS, SIZE, RATE = 2, 2, 10.0
 

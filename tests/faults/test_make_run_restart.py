@@ -23,7 +23,7 @@ from tests.faults.test_faults import (
     researcher,
 )
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 
 @pytest.mark.timeout(240)

@@ -24,6 +24,8 @@ from tests.faults.test_faults import (
     researcher,
 )
 
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
 ROLL = ("store", "timers", "decisions", "gateway")
 PERIOD = 30.0
 RATE = 5.0
