@@ -25,7 +25,7 @@ Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP messa
 JSON array of envelopes.
 
 log batches (decisions → store):
-    LogBatch          the log records (in and out) decisions produced in a few milliseconds;
+    LogBatch          the log records (in and out) decisions produced in up to 50 ms;
                       one message per batch, not per event, keeps the broker's work per
                       decision low
 

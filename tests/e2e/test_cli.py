@@ -173,13 +173,14 @@ def test_bots_play_then_export_and_replay_equal_the_api(
         assert participant["code"] in out
     assert out.count("done") == 4  # every bot played to the period's end
 
-    # The log is written in batches: once the API's replay has both groups' period, the
-    # export is complete and no longer changes.
+    # The log is written in batches: once the API's replay has both groups' period and the
+    # bots' departures (logged after the period's end) are in, the export no longer changes.
     def replayed() -> dict[str, Any]:
         answer: dict[str, Any] = client.get(f"/api/sessions/{session}/replay").json()
         return answer
 
     wait_until_replayed(replayed, TIMEOUT)
+    wait_until_departed(client, session, 4, TIMEOUT)
     for fmt in ("csv", "jsonl"):
         expected = client.get(f"/api/sessions/{session}/events", params={"format": fmt}).content
         target = tmp_path / f"events.{fmt}"
@@ -205,6 +206,20 @@ def test_bots_play_then_export_and_replay_equal_the_api(
 
     result = canopy("export", "no-such-session", api=stack)
     assert result.returncode == 1 and "404 not_found" in result.stderr
+
+
+def wait_until_departed(client: httpx.Client, session: str, count: int, timeout: float) -> None:
+    """Until the log holds `count` presence rows of members leaving (the bots' sockets closed
+    when `canopy bots` exited; the rows come in the next log batch)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        export = client.get(f"/api/sessions/{session}/events", params={"format": "jsonl"})
+        rows = [json.loads(line) for line in export.text.splitlines() if line]
+        left = [r for r in rows if r["channel"] == "presence" and not r["value"]["connected"]]
+        if len(left) >= count:
+            return
+        assert time.monotonic() < deadline, f"only {len(left)} departures logged"
+        time.sleep(0.05)  # polling the store's API: it has no event to wait on
 
 
 def wait_until_replayed(replay: Any, timeout: float) -> None:
