@@ -140,7 +140,7 @@ def print_banner(
     lines += [
         "",
         "Researchers:",
-        f"  monitor:    {urls.store_url}/?token={token}",
+        f"  console:    {urls.store_url}/?token={token}",
     ]
     if sessions:
         lines.append(
