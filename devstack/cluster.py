@@ -31,6 +31,7 @@ from devstack.infra import (
     epmd_names,
     free_port,
     log_tails,
+    rabbitmqctl,
     spawn,
     start_infra,
     stop_process,
@@ -53,16 +54,7 @@ class Node:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.name, *args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return rabbitmqctl(self.name, self.env, *args, timeout=timeout)
 
 
 @dataclass

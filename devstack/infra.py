@@ -576,16 +576,7 @@ class InfraHandle:
 
     def rabbitmqctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run `rabbitmqctl -n <node> ARGS` against this node (output in .stdout)."""
-        return subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.rabbit_node, *args],
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return rabbitmqctl(self.rabbit_node, self._env, *args, timeout=timeout)
 
     # -- start again (for a supervisor) ----------------------------------------------------
 
@@ -727,6 +718,23 @@ def _exit_reason(proc: Popen, log: Path | None = None) -> str | None:
         return None
     reason = f"process {proc.pid} exited with {code}"
     return f"{reason}\n{log_tails(log)}" if log else reason
+
+
+def rabbitmqctl(
+    node: str, env: dict[str, str], *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`rabbitmqctl -n <node> ARGS` with the node's environment (cookie, epmd), output in
+    .stdout; its exit status is the caller's to judge."""
+    return subprocess.run(
+        [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node, *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def epmd_names(port: int) -> dict[str, int] | None:

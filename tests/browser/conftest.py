@@ -17,6 +17,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
+from tests.e2e.protocol import session_body
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -76,18 +78,7 @@ class Session:
 
 
 async def create_session(stack: Any, **config: Any) -> Session:
-    body: dict[str, Any] = {
-        "experiment": "decisions",
-        "num_participants": 2,
-        "group_size": 2,
-        "num_periods": 1,
-        "period_length": 30,
-        "num_subperiods": 0,
-        "rate_limit": 0.0,
-        "params": {},
-        "label": "browser test",
-    }
-    body.update(config)
+    body = session_body(label="browser test") | config
     async with httpx.AsyncClient(timeout=10) as http:
         response = await http.post(
             f"{_url(stack.urls, 'store_url')}/api/sessions",

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
-from tests.browser.test_participant_page import CHROMIUM, CHROMIUM_ARGS
+from tests.browser.conftest import CHROMIUM
 from tests.e2e.protocol import Participant
 
 pytestmark = [
@@ -31,14 +31,6 @@ pytestmark = [
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "monitor.png"
 PERIOD_SECONDS = 6
 SECOND_MS = 1_000
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest.fixture

@@ -23,10 +23,8 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, expect
 
-# CHROMIUM and CHROMIUM_ARGS stay importable from here (tests/browser/test_console.py).
 from tests.browser.conftest import (
     CHROMIUM,
-    CHROMIUM_ARGS,
     SOON_MS,
     NewContext,
     Session,
@@ -42,7 +40,6 @@ pytestmark = [
         not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
     ),
 ]
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS"]
 RECONNECT_MS = 10_000  # backoff is at most 5 s, plus the new connection's hello
 
 

@@ -31,7 +31,7 @@ from devstack.stack import SERVICES, StackHandle, start_stack
 from tests.conftest import RUN_DIR
 from tests.e2e.conftest import ServiceProcess, extra_service
 from tests.faults.bots import Bot
-from tests.faults.test_faults import check_state_equals_replay, export
+from tests.faults.test_faults import acked_after, check_state_equals_replay, export_with
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -189,7 +189,7 @@ async def test_scale_out_survives_a_worker_and_a_broker_node(
             for bot in bots:
                 await bot.stop()
 
-        rows = await export_until_complete(api, session["session"], bots)
+        rows = await export_with(api, session["session"], bots, 60, groups=GROUPS)
         inbound = Counter((r["participant"], r["seq"]) for r in rows if r["direction"] == "in")
         assert not [k for k, n in inbound.items() if n > 1], "frames logged twice"
         for bot in bots:
@@ -204,27 +204,3 @@ async def test_scale_out_survives_a_worker_and_a_broker_node(
             assert [r["ts"] for r in mine] == sorted(r["ts"] for r in mine)
             assert sum(r["channel"] == "period_end" for r in mine) == 1
         await check_state_equals_replay(session, rows, stack.urls.gateway_url)
-
-
-async def acked_after(bots: list[Bot], timeout: float) -> None:
-    """Every bot has a frame acknowledged that it sent after now."""
-    marks = {bot.code: max(bot.acked | set(bot.unacked) | {0}) for bot in bots}
-    for bot in bots:
-        await bot.wait_for(
-            "an ack after the fault",
-            lambda b=bot: any(s > marks[b.code] for s in b.acked),
-            timeout,
-        )
-
-
-async def export_until_complete(
-    api: httpx.AsyncClient, session: str, bots: list[Bot]
-) -> list[dict[str, Any]]:
-    async with asyncio.timeout(60):
-        while True:
-            rows = await export(api, session)
-            logged = {(r["participant"], r["seq"]) for r in rows if r["direction"] == "in"}
-            ends = sum(1 for r in rows if r["channel"] == "period_end")
-            if ends >= GROUPS and all((b.code, s) in logged for b in bots for s in b.acked):
-                return rows
-            await asyncio.sleep(0.1)  # the store writes in batches

@@ -98,8 +98,9 @@ def ws_url(gateway_url: str, code: str) -> str:
     return gateway_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{code}"
 
 
-async def create_session(api: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
-    body = {
+def session_body(**overrides: Any) -> dict[str, Any]:
+    """A `POST /api/sessions` body: one group of 2 playing `decisions` for 30 s, overridden."""
+    body: dict[str, Any] = {
         "experiment": "decisions",
         "num_participants": 2,
         "group_size": 2,
@@ -110,8 +111,11 @@ async def create_session(api: httpx.AsyncClient, **overrides: Any) -> dict[str, 
         "params": {},
         "label": "e2e",
     }
-    body.update(overrides)
-    response = await api.post("/api/sessions", json=body)
+    return body | overrides
+
+
+async def create_session(api: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    response = await api.post("/api/sessions", json=session_body(**overrides))
     assert response.status_code == 201, response.text
     session: dict[str, Any] = response.json()
     return session

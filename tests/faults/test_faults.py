@@ -47,17 +47,28 @@ async def export(api: httpx.AsyncClient, session: str) -> list[dict[str, Any]]:
 
 
 async def export_with(
-    api: httpx.AsyncClient, session: str, bots: list[Bot], timeout: float
+    api: httpx.AsyncClient, session: str, bots: list[Bot], timeout: float, groups: int = GROUPS
 ) -> list[dict[str, Any]]:
-    """The export, once every acknowledged frame and every period_end is in it."""
+    """The export, once every acknowledged frame and every group's period_end is in it."""
     async with asyncio.timeout(timeout):
         while True:
             rows = await export(api, session)
             logged = {(r["participant"], r["seq"]) for r in rows if r["direction"] == "in"}
             ends = sum(1 for r in rows if r["channel"] == "period_end")
-            if ends >= GROUPS and all((b.code, s) in logged for b in bots for s in b.acked):
+            if ends >= groups and all((b.code, s) in logged for b in bots for s in b.acked):
                 return rows
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the store writes in batches
+
+
+async def acked_after(bots: list[Bot], timeout: float) -> None:
+    """Until every bot has had a frame acknowledged that it sent after now (a recovery)."""
+    marks = {bot.code: max(bot.acked | set(bot.unacked) | {0}) for bot in bots}
+    for bot in bots:
+        await bot.wait_for(
+            "an ack after the fault",
+            lambda b=bot: any(s > marks[b.code] for s in b.acked),
+            timeout,
+        )
 
 
 def researcher(stack: Any) -> httpx.AsyncClient:
@@ -125,13 +136,7 @@ async def run_case(
 
             # Recovered: every bot had a frame sent after the kill acknowledged, and saw a
             # broadcast of its group's decisions after that.
-            marks = {bot.code: max(bot.acked | set(bot.unacked) | {0}) for bot in bots}
-            for bot in bots:
-                await bot.wait_for(
-                    "an ack after the fault",
-                    lambda b=bot: any(s > marks[b.code] for s in b.acked),
-                    period_length + 60,
-                )
+            await acked_after(bots, period_length + 60)
             recovered_at = time.monotonic()
             for bot in bots:
                 await bot.wait_ended(period_length + 60)

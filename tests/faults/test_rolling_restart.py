@@ -17,6 +17,7 @@ import pytest
 
 from tests.faults.bots import Bot
 from tests.faults.test_faults import (
+    acked_after,
     check_log,
     check_state_equals_replay,
     export_with,
@@ -30,17 +31,6 @@ ROLL = ("store", "timers", "decisions", "gateway")
 PERIOD = 30.0
 RATE = 5.0
 SERVICE_RESTART = 1012
-
-
-async def acked_after(bots: list[Bot], timeout: float) -> None:
-    """Every bot has a frame acknowledged that it sent after now."""
-    marks = {bot.code: max(bot.acked | set(bot.unacked) | {0}) for bot in bots}
-    for bot in bots:
-        await bot.wait_for(
-            "an ack after the restart",
-            lambda b=bot: any(s > marks[b.code] for s in b.acked),
-            timeout,
-        )
 
 
 @pytest.mark.timeout(240)
