@@ -26,7 +26,7 @@ help:
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make fault-check   SIGKILL / SIGTERM each process under the real supervisor (CI)"
-	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills (CI)"
+	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
@@ -100,7 +100,8 @@ fault-check: install
 	$(PY) -m pytest -m faults tests/faults
 
 # Scale-out on a local 3-node RabbitMQ cluster (tests/cluster/, about a minute): not in
-# `make test` (it boots a cluster); .ci/run calls it after make test.
+# `make test` (it boots a cluster). Not in .ci/run yet: its broker-node kill fails
+# intermittently (issue 11).
 cluster-check: install
 	$(PY) -m pytest -m cluster tests/cluster
 
