@@ -154,7 +154,18 @@ async def test_a_session_moves_every_metric_by_what_it_did(
     rows, exports = await _written(
         api, session["session"], lambda r: sum(x["channel"] == "presence" for x in r) == 4
     )
-    after = await scrape_all(client, stack)
+    # The export reads MongoDB, which shows a batch as soon as it is committed; the store
+    # counts the batch just after that: wait for its counters to catch up with the export.
+    inbound_rows = sum(r["direction"] == "in" for r in rows)
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            after = await scrape_all(client, stack)
+            written = delta(
+                after["store"], before["store"], "canopy_store_events_total", direction="in"
+            )
+            if written >= inbound_rows:
+                break
+            await asyncio.sleep(0.05)  # polling /metrics: the store has no event to wait on
     after["gateway"] = gateway
     bef = before
 
