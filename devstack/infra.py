@@ -891,4 +891,5 @@ def clear_stale_test_folders(base: Path, pattern: str = "test-*") -> None:
             if not lock.read().strip():
                 continue  # being created right now: its owner writes its pid once locked
             terminate_owned(folder, grace=0)
-            shutil.rmtree(folder, ignore_errors=True)
+            if os.environ.get(KEEP_ENV) != "1":  # a kept folder outlives its owner's sweep
+                shutil.rmtree(folder, ignore_errors=True)
