@@ -31,6 +31,7 @@ array of envelopes; consumers accept batches and single envelopes alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import zlib
@@ -50,7 +51,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pydantic import TypeAdapter
 
 from services.common.failover import amqp_urls, failover_connection_class
@@ -179,6 +180,8 @@ class Bus:
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._probe_channel: AbstractRobustChannel | None = None
+        self._replacing: asyncio.Task[None] | None = None
+        self.channel_replacements = 0  # publish channels given up on (see `_replace_channel`)
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -198,10 +201,11 @@ class Bus:
             reconnect_interval=RECONNECT_INTERVAL,
         )
         self._connection.reconnect_callbacks.add(self._reconnected)
-        self._publish_channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
-        self._exchanges = await self.topology.declare(self._publish_channel)
+        self._publish_channel, self._exchanges = await self._open_publish_channel()
+
+    async def _open_publish_channel(self) -> tuple[AbstractChannel, dict[str, AbstractExchange]]:
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        return channel, await self.topology.declare(channel)
 
     def _reconnected(self, sender: AbstractRobustConnection | None, /) -> None:
         log.warning("%s: connection to RabbitMQ restored", self._name)
@@ -209,6 +213,9 @@ class Bus:
             self._on_reconnect()
 
     async def close(self) -> None:
+        if self._replacing is not None:
+            self._replacing.cancel()
+            await asyncio.gather(self._replacing, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -250,7 +257,56 @@ class Bus:
             message_id=message_id,
             type=message_type,
         )
-        await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
+        channel = self._publish_channel
+        try:
+            await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
+        except PublishError:
+            raise  # unroutable: the channel is fine
+        except (DeliveryError, ChannelInvalidStateError):
+            self._replace_channel(channel)
+            raise
+
+    async def channel_replaced(self) -> None:
+        """Wait for a publish channel replacement under way, if any."""
+        if self._replacing is not None:
+            await asyncio.shield(self._replacing)
+
+    def _replace_channel(self, failed: AbstractChannel | None) -> None:
+        """Give up on a publish channel the broker nacks, or that stayed closed, for a new one.
+
+        Both were seen after a cluster node's SIGKILL (tests/cluster): a channel that published
+        to a quorum queue while the queue elected a new leader had every later publish to that
+        queue nacked (RabbitMQ 3.10; the queue itself served other channels), and a robust
+        channel whose restore raced the reconnect stayed closed on a restored connection. A
+        fresh channel is a fresh enqueuer to every queue. Publishes that fail meanwhile raise
+        as before (callers retry or close the participant's socket); one replacement at a time.
+        """
+        if failed is not self._publish_channel or self._replacing is not None:
+            return
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return  # closing, or reconnecting: the robust connection restores the channel
+        self._replacing = asyncio.get_running_loop().create_task(self._replace(failed))
+
+    async def _replace(self, failed: AbstractChannel | None) -> None:
+        try:
+            log.warning("%s: publish channel failed; opening a new one", self._name)
+
+            async def reopen() -> None:
+                await self.connection.ready()
+                self._publish_channel, self._exchanges = await self._open_publish_channel()
+
+            await retry_forever(
+                reopen,
+                "opening a publish channel",
+                retry_on=(AMQPError, ConnectionError, ChannelInvalidStateError, TimeoutError),
+            )
+            self.channel_replacements += 1
+            if failed is not None and not failed.is_closed:
+                with contextlib.suppress(Exception):
+                    await failed.close()
+        finally:
+            self._replacing = None
 
     async def publish_batch(
         self,
@@ -539,9 +595,9 @@ async def consume_pipelined(
                 extra=context(message_id=message.message_id),
             )
             _discard(dones)
-            await message.nack(requeue=True)
+            await _settle(message, queue.name, ack=False)
             return
-        await message.ack()
+        await _settle(message, queue.name, ack=True)
 
     stopper: asyncio.Task[None] | None = None
     try:
@@ -577,7 +633,7 @@ async def consume_pipelined(
                         extra=context(message_id=message.message_id),
                     )
                     _discard(dones)
-                    await message.nack(requeue=True)
+                    await _settle(message, queue.name, ack=False)
                     continue
                 task = asyncio.create_task(ack_when_done(message, dones))
                 in_flight[task] = dones
@@ -590,6 +646,24 @@ async def consume_pipelined(
         for task, dones in list(in_flight.items()):
             task.cancel()
             _discard(dones)
+
+
+async def _settle(message: AbstractIncomingMessage, queue: str, *, ack: bool) -> None:
+    """Ack (or nack and requeue) a delivery. If its channel is gone meanwhile (a broker
+    node died), the broker requeues it by itself and the handler sees it again."""
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=True)
+    except (ChannelInvalidStateError, AMQPError) as exc:
+        log.info(
+            "%s of a message on %s lost with its channel (%r); the broker redelivers it",
+            "ack" if ack else "nack",
+            queue,
+            exc,
+            extra=context(message_id=message.message_id),
+        )
 
 
 async def _close_when_set(stop: asyncio.Event, messages: AbstractQueueIterator) -> None:

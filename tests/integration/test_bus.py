@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import PublishError
+from aio_pika.exceptions import ChannelInvalidStateError, DeliveryError, PublishError
 
 from services.common.bus import (
     DEAD,
@@ -102,6 +102,45 @@ async def test_unroutable_mandatory_publish_raises(bus: Bus) -> None:
         await bus.publish(DEFAULT, gateway_queue("gone"), control)
     # Frames out are published without `mandatory`: the gateway may have gone away.
     await bus.publish(DEFAULT, gateway_queue("gone"), control, mandatory=False)
+
+
+async def test_a_nacked_publish_gets_the_bus_a_new_channel(bus: Bus) -> None:
+    """After a broker nack the bus publishes on a fresh channel (see `Bus._replace_channel`):
+    here a full queue that rejects publishes nacks the second message."""
+    channel = await bus.channel(prefetch=1)
+    full = await channel.declare_queue(
+        f"full-{secrets.token_hex(3)}",
+        arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+    )
+    await full.bind(INPUTS, routing_key="test.full")
+    await bus.publish(INPUTS, "test.full", frame("g9", 1))
+    with pytest.raises(DeliveryError) as nacked:
+        await bus.publish(INPUTS, "test.full", frame("g9", 2))
+    assert not isinstance(nacked.value, PublishError)  # a nack, not a return
+    await asyncio.wait_for(bus.channel_replaced(), 10)
+    assert bus.channel_replacements == 1
+    await full.purge()
+    await bus.publish(INPUTS, "test.full", frame("g9", 3))  # the new channel works
+    assert bus.is_connected
+    # An unroutable message is the caller's error, not the channel's: no replacement.
+    with pytest.raises(PublishError):
+        await bus.publish(DEFAULT, gateway_queue("gone"), frame("g9", 4))
+    await bus.channel_replaced()
+    assert bus.channel_replacements == 1
+
+
+async def test_a_publish_channel_left_closed_is_replaced(bus: Bus) -> None:
+    """A publish channel closed on a live connection (a robust restore that lost a race with
+    the reconnect) fails one publish, and the next goes out on a new channel."""
+    old = bus._publish_channel
+    assert old is not None
+    await old.close()
+    assert not bus.is_connected  # readiness says so until the channel is back
+    with pytest.raises(ChannelInvalidStateError):
+        await bus.publish(INPUTS, input_key("g10", SHARDS, "frame"), frame("g10", 1))
+    await asyncio.wait_for(bus.channel_replaced(), 10)
+    assert bus.channel_replacements == 1 and bus.is_connected
+    await bus.publish(INPUTS, input_key("g10", SHARDS, "frame"), frame("g10", 2))
 
 
 async def test_consume_in_order_retries_failures_and_dead_letters_garbage(bus: Bus) -> None:
