@@ -25,7 +25,7 @@ import httpx
 import pytest
 from pymongo import MongoClient
 
-from devstack.cluster import ClusterHandle, start_cluster
+from devstack.cluster import ClusterHandle, node_ctl, start_cluster
 from devstack.infra import free_port
 from devstack.stack import SERVICES, StackHandle, start_stack
 from tests.conftest import RUN_DIR
@@ -79,6 +79,19 @@ async def wait_owners(
                 return current
             await asyncio.sleep(0.1)  # polling MongoDB: the leases change on their own clock
     raise AssertionError(what)
+
+
+def broker_view(cluster: ClusterHandle) -> str:
+    """What the surviving nodes say about queues and channels (printed when a recovery fails)."""
+    parts = []
+    for args in (
+        ("list_queues", "name", "type", "leader", "members", "online", "messages", "consumers"),
+        ("list_channels", "name", "confirm", "messages_unconfirmed", "consumer_count"),
+        ("list_connections", "name", "pid", "state"),
+    ):
+        result = node_ctl(cluster, *args)
+        parts.append(f"$ rabbitmqctl {' '.join(args)}\n{result.stdout}")
+    return "\n".join(parts)
 
 
 @pytest.fixture
@@ -178,7 +191,11 @@ async def test_scale_out_survives_a_worker_and_a_broker_node(
             assert clients > 0, "no client on a joined node: failover would go untested"
             killed_at = time.monotonic()
             cluster.kill(node)
-            await acked_after(bots, 60)
+            try:
+                await acked_after(bots, 60)
+            except (AssertionError, TimeoutError):
+                print(broker_view(cluster))
+                raise
             print(
                 f"CLUSTER broker node SIGKILL ({clients} client connections on it): every "
                 f"member acknowledged again after {time.monotonic() - killed_at:.2f} s"
