@@ -39,6 +39,7 @@ from services.common.messages import (
 )
 from services.gateway.domain import TokenBucket, parse_frame, valid_participant_code
 from services.gateway.handlers import Connection, Hub
+from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import UNPARSED, GatewayMetrics
 from services.gateway.pages import page_router
 from services.gateway.settings import GatewaySettings
@@ -153,13 +154,18 @@ class Participants:
     async def _read_until_closed(self, connection: Connection) -> None:
         """Read until the browser leaves or a close is requested (then stop reading at once)."""
         reader = asyncio.create_task(self._read(connection))
-        closing = asyncio.create_task(connection.close_requested.wait())
+
+        def stop_reading(_: object) -> None:
+            reader.cancel()  # its own cleanup still publishes the frames it had read
+
+        # A callback rather than a task waiting for the close: one task less per connection.
+        connection.close_requested.add_done_callback(stop_reading)
         try:
-            await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader})
         finally:
-            closing.cancel()
-            if not reader.done():
-                reader.cancel()  # its own cleanup still publishes the frames it had read
+            connection.close_requested.remove_done_callback(stop_reading)
+            if not reader.done():  # this task was cancelled (shutdown)
+                reader.cancel()
                 await asyncio.wait({reader})
         if not reader.cancelled():
             reader.result()
@@ -212,7 +218,7 @@ class Participants:
         bucket = TokenBucket(settings.max_frames_per_second, 2 * settings.max_frames_per_second)
         channels = experiments.get(connection.info.experiment).channels
         websocket = connection.websocket
-        inbox: asyncio.Queue[InboundFrame | None] = asyncio.Queue()
+        inbox: Mailbox[InboundFrame | None] = Mailbox()
         publisher = asyncio.create_task(self._publish_loop(connection, inbox))
         try:
             while not connection.closing and not publisher.done():
@@ -244,16 +250,18 @@ class Participants:
             await publisher
 
     async def _publish_loop(
-        self, connection: Connection, inbox: asyncio.Queue[InboundFrame | None]
+        self, connection: Connection, inbox: Mailbox[InboundFrame | None]
     ) -> None:
         while (frame := await inbox.get()) is not None:
             await self._accept(connection, frame)
 
     async def _accept(self, connection: Connection, frame: InboundFrame) -> None:
-        if not connection.hello.is_set():
+        if not connection.hello.done():
             # The hello carries last_seq; without it (decisions slow) downstream dedup still holds.
             try:
-                await asyncio.wait_for(connection.hello.wait(), self._settings.hello_timeout)
+                await asyncio.wait_for(
+                    asyncio.shield(connection.hello), self._settings.hello_timeout
+                )
             except TimeoutError:
                 log.warning(
                     "no hello for %s after %ss",

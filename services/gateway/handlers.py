@@ -23,6 +23,7 @@ from services.common.directory import ParticipantInfo
 from services.common.errors import CloseCode
 from services.common.logs import context
 from services.common.messages import Channel, Envelope, MessageType, new_id, now, server_frame
+from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,23 @@ SLOW_CLIENT = 1013  # "try again later": the browser reconnects and resynchronis
 
 class Connection:
     def __init__(self, websocket: WebSocket, info: ParticipantInfo, outbox_limit: int) -> None:
+        loop = asyncio.get_running_loop()
         self.id = new_id()
         self.websocket = websocket
         self.info = info
         # Each frame with the time its cause reached a gateway (`Envelope.origin`), if any.
-        self.outbox: asyncio.Queue[tuple[str, float | None] | None] = asyncio.Queue(
-            maxsize=outbox_limit
-        )
+        self.outbox: Mailbox[tuple[str, float | None] | None] = Mailbox(outbox_limit)
         # Observes delivery latency (set by the `Hub`): receipt of the cause → socket write.
         self.on_delivered: Callable[[float], None] | None = None
-        self.hello = asyncio.Event()
+        # One-shot signals as futures, not asyncio.Events (an Event allocates a deque: ~0.8 KiB
+        # per connection each; see services/gateway/mailbox.py).
+        self.hello: asyncio.Future[None] = loop.create_future()  # done once hello was sent
         self.last_seq = 0
         self.replaced = False
         self.closing = False
-        # Set by `close`: wakes the task serving the connection, whose reader may wait on a
-        # socket that sends nothing (and the writer on one that reads nothing).
-        self.close_requested = asyncio.Event()
+        # Done on `close`: the task serving the connection then stops its reader, which may wait
+        # on a socket that sends nothing (and the writer on one that reads nothing).
+        self.close_requested: asyncio.Future[None] = loop.create_future()
         self._close: tuple[int, str] = (1000, "")
 
     @property
@@ -62,23 +64,18 @@ class Connection:
         """Queue a frame for this browser; False if it is too far behind."""
         if self.closing:
             return True
-        try:
-            self.outbox.put_nowait((frame, origin))
-        except asyncio.QueueFull:
-            return False
-        return True
+        return self.outbox.put_nowait((frame, origin))
 
     def close(self, code: int, reason: str = "") -> None:
         """Ask the writer task to close the socket after the frames already queued."""
         if self.closing:
             return
         self.closing = True
-        self.close_requested.set()
+        if not self.close_requested.done():
+            self.close_requested.set_result(None)
         self._close = (code, reason)
-        try:
-            self.outbox.put_nowait(None)
-        except asyncio.QueueFull:
-            self.outbox.get_nowait()  # a slow client: drop one frame to make room to close
+        if not self.outbox.put_nowait(None):
+            self.outbox.drop_oldest()  # a slow client: drop one frame to make room to close
             self.outbox.put_nowait(None)
 
     async def write_loop(self) -> None:
@@ -176,7 +173,8 @@ class Hub:
             payload: dict[str, Any] = envelope.payload
             connection.last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
             self._deliver(connection, server_frame(Channel.HELLO, payload, envelope.ts))
-            connection.hello.set()
+            if not connection.hello.done():
+                connection.hello.set_result(None)
         elif envelope.channel == Channel.REPLACED:
             self._metrics.replacements.inc()
             connection.replaced = True
