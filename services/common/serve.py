@@ -7,10 +7,18 @@ WebSockets closed with 1012 ("service restart", the browser reconnects elsewhere
 flight finished, then the app's lifespan shutdown (decisions hands its shards over, the store
 finishes its batch, timers releases its lease). A second signal, or SIGINT (Ctrl-C), stops at
 once.
+
+Garbage collection: once the app has started, everything allocated so far (modules, FastAPI
+routes, pydantic validators: nearly all of a service's heap) is moved out of the collector's
+reach with `gc.freeze()`. Before, each full collection walked that heap again and stopped the
+service for 50-60 ms (measured with a `gc.callbacks` probe in `make bench` at 400 participants:
+every full collection of decisions or of the gateway showed up as a stall of the decisions sent
+during it). Cycles made afterwards are still collected.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -37,6 +45,11 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._drain_seconds = drain_seconds
         self._drain_until: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        gc.collect()
+        gc.freeze()  # see the module docstring
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain_seconds > 0 and self._drain_until is None:
