@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="disk",
         help="nx-27017 on SQLite files like `make run` (disk, default) or in memory",
     )
+    own.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="folder for the stack's data (default .run/); /dev/shm/<name> puts it on tmpfs",
+    )
     ext = parser.add_argument_group("a running stack")
     ext.add_argument("--url", help="gateway URL, e.g. http://127.0.0.1:8000")
     ext.add_argument("--store-url", help="store URL, e.g. http://127.0.0.1:8001")
@@ -166,8 +172,9 @@ async def _settle(target: StackTarget) -> None:
             await asyncio.sleep(0.2)
 
 
-def run_floor(params: LoadParams, prefix: str) -> dict[str, Any]:
-    """The same load against the one-process floor (a fresh `python -m bench.floor`)."""
+def run_floor(params: LoadParams, prefix: str, disk_dir: Path | None) -> dict[str, Any]:
+    """The same load against the one-process floor (a fresh `python -m bench.floor`).
+    `disk_dir`: the Canopy stack's data folder, probed while the floor runs as well."""
     print(f"{prefix}the same load against the one-process floor ...", file=sys.stderr)
     with floor_process(params.groups, params.size, period_length(params)) as floor:
         target = StackTarget(
@@ -178,6 +185,7 @@ def run_floor(params: LoadParams, prefix: str) -> dict[str, Any]:
             name="floor",
             session=floor.session,
             info={"server": FLOOR_SERVER},
+            disk_dir=disk_dir,
         )
         progress = ProgressBar(prefix=f"{prefix}floor ")
         try:
@@ -206,7 +214,7 @@ def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, An
             result["target_p99_ms"] = goal
             p99 = result["latency_ms"]["p99"]
             result["pass"] = bool(result["ok"] and p99 is not None and p99 <= goal)
-        floor = None if args.no_floor else run_floor(params, prefix)
+        floor = None if args.no_floor else run_floor(params, prefix, target.disk_dir)
         if floor is not None:
             attach_floor(result, floor)
         results.append(result)
@@ -260,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             results = run_rows(args, target)
         else:
-            from bench.ownstack import own_stack
+            from bench.ownstack import RUN_DIR, own_stack
 
             with own_stack(
                 queue_type=args.queue_type,
                 store=args.store,
                 broker_stats=not args.no_broker_stats,
+                run_dir=args.run_dir or RUN_DIR,
             ) as own:
                 target = StackTarget(
                     gateway_url=own.stack.urls.gateway_url,
@@ -274,8 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                     amqp_url=own.infra.amqp_url,
                     processes=own.processes(),
                     shards=int(own.stack.env.get("CANOPY_SHARDS", "8")),
-                    info={"own_stack": True, "queue_type": own.queue_type, "store": own.store},
+                    info={
+                        "own_stack": True,
+                        "queue_type": own.queue_type,
+                        "store": own.store,
+                        "run_dir": str(own.infra_handle.run_dir.parent),
+                    },
                     broker_metrics_url=own.broker_metrics_url,
+                    disk_dir=own.infra_handle.run_dir,
                 )
                 results = run_rows(args, target)
     except KeyboardInterrupt:

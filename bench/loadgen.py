@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import math
 import random
@@ -29,12 +30,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
 from bench.brokerstats import broker_per_decision, scrape_broker
+from bench.diskprobe import SLOW_SYNC_S, DiskProbe
 from bench.procstats import ProcessSet, machine_usage, stack_cpu_per_decision, usage
 from bench.report import machine_info, now_iso, repo_commit
 from bench.wsclient import WsClient, parse_ws_target
@@ -99,6 +102,7 @@ class StackTarget:
     name: str = "canopy"  # "canopy" or "floor": the result's "target"
     session: dict[str, Any] | None = None  # as POST /api/sessions answers
     broker_metrics_url: str | None = None  # rabbitmq_prometheus /metrics; None: not counted
+    disk_dir: Path | None = None  # where the stack keeps its data, for DiskProbe; None: not probed
 
 
 @dataclass
@@ -247,23 +251,35 @@ SLOW_S = 0.05  # decisions slower than this are grouped into stalls
 STALL_GAP_S = 0.25  # slow decisions sent closer together than this belong to one stall
 
 
-def stalls(slow: list[tuple[float, float]], measure_from: float) -> list[dict[str, float]]:
+def stalls(
+    slow: list[tuple[float, float]], measure_from: float, disk: DiskProbe | None = None
+) -> list[dict[str, Any]]:
     """Slow decisions grouped by when they were sent: a handful of long stalls (one process or
-    the disk stopped for a moment) reads differently from a stack that is slow throughout."""
+    the disk stopped for a moment) reads differently from a stack that is slow throughout.
+    With a `disk` probe, each stall says whether a slow disk sync was under way during it."""
     groups: list[list[tuple[float, float]]] = []
     for sent_at, latency in sorted(slow):
         if groups and sent_at - groups[-1][-1][0] <= STALL_GAP_S:
             groups[-1].append((sent_at, latency))
         else:
             groups.append([(sent_at, latency)])
-    return [
-        {
+    found: list[dict[str, Any]] = []
+    for group in groups:
+        stall: dict[str, Any] = {
             "at_s": round(group[0][0] - measure_from, 2),
             "decisions": len(group),
             "worst_ms": round(1000 * max(latency for _, latency in group), 1),
         }
-        for group in groups
-    ]
+        if disk is not None:
+            end = max(sent_at + latency for sent_at, latency in group)
+            stall["slow_disk"] = disk.slow_between(group[0][0], end)
+        found.append(stall)
+    return found
+
+
+def disk_summary(durations: list[float]) -> dict[str, Any]:
+    """The disk probe's syncs of a window: percentiles in ms, and how many were slow."""
+    return percentiles(durations) | {"slow": sum(d > SLOW_SYNC_S for d in durations)}
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | int | None]:
@@ -428,6 +444,7 @@ async def run_load(
     host, port, prefix = parse_ws_target(target.gateway_url)
     stats = Stats(size=params.size, expected=params.participants)
     procs = target.processes
+    disk: DiskProbe | None = None
     async with contextlib.AsyncExitStack() as scope:
         api: httpx.AsyncClient | None = None
         if target.session is not None:
@@ -463,9 +480,16 @@ async def run_load(
                 await stats.all_started.wait()
             connect_s = time.perf_counter() - t_connect
             gateway_rss_after = procs.rss("gateway") if procs else None
+            if target.disk_dir is not None:
+                disk = scope.enter_context(DiskProbe(target.disk_dir))
+            # The load generator's own full collections would stop every participant at once
+            # and read as the stack's stall: what exists now is left out of them.
+            gc.collect()
+            gc.freeze()
             window = await _load(target, params, participants, stats, say)
             drain_s = await _drain(participants, stats, params, say)
         finally:
+            gc.unfreeze()  # a matrix runs every row in this process
             await _close_all(participants)
 
         lost = sum(1 for p in participants for seq in p.pending if seq in p.acked)
@@ -503,7 +527,12 @@ async def run_load(
         "session": session["session"],
         "latency_ms": percentiles(stats.latencies),
         "ack_ms": percentiles(stats.ack_latencies),
-        "stalls": stalls(stats.slow, stats.measure_from),
+        "stalls": stalls(stats.slow, stats.measure_from, disk),
+        # fdatasync of 4 KiB every 100 ms where the stack keeps its data (bench/diskprobe.py);
+        # `slow`: syncs over 50 ms. null: not probed (a stack that is not ours).
+        "disk_sync_ms": None
+        if disk is None
+        else disk_summary(disk.durations(stats.measure_from, window["measure_until"])),
         "send_lag_ms": percentiles(stats.send_lags),
         "sent": stats.sent,
         "sent_measured": window["sent"],
@@ -604,7 +633,7 @@ async def _load(
     until = measure_from + params.duration
     stats.measure_from = measure_from
     total = params.warmup + params.duration
-    window: dict[str, Any] = {}
+    window: dict[str, Any] = {"measure_until": until}
     stop_probe = asyncio.Event()
 
     async def sampler() -> None:

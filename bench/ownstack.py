@@ -163,16 +163,19 @@ def own_stack(
     store: StoreKind = "disk",
     say: bool = True,
     broker_stats: bool = True,
+    run_dir: Path = RUN_DIR,
 ) -> Iterator[OwnStack]:
     """Start infra + services; stop them all when the block ends (also on KeyboardInterrupt).
     broker_stats: enable rabbitmq_prometheus, for broker messages per decision
-    (bench/brokerstats.py; `OwnStack.broker_metrics_url`)."""
+    (bench/brokerstats.py; `OwnStack.broker_metrics_url`). run_dir: where the throwaway
+    test-* folder (the broker's and MongoDB's data) goes; a tmpfs such as /dev/shm takes the
+    disk's sync latency out of the run (bench/diskprobe.py)."""
     raise_fd_limit()
     with contextlib.ExitStack() as stack:
         if say:
-            print(f"starting RabbitMQ and nx-27017 in {RUN_DIR}/test-* ...", file=sys.stderr)
+            print(f"starting RabbitMQ and nx-27017 in {run_dir}/test-* ...", file=sys.stderr)
         infra_handle = stack.enter_context(
-            start_infra(RUN_DIR, persistent=False, prometheus=broker_stats)
+            start_infra(run_dir, persistent=False, prometheus=broker_stats)
         )
         infra = infra_handle.infra
         pid = mongo_pid(infra_handle.run_dir)

@@ -370,8 +370,24 @@ def format_run(result: dict[str, Any]) -> str:
             f"decisions over 50 ms: {slow} ({100 * slow / max(1, measured_count(result)):.2f} %), "
             f"in {len(stall_list)} stall(s); largest: "
             + ", ".join(
-                f"at {s['at_s']} s: {s['decisions']} up to {s['worst_ms']:g} ms" for s in worst
+                f"at {s['at_s']} s: {s['decisions']} up to {s['worst_ms']:g} ms"
+                + (" (disk slow)" if s.get("slow_disk") else "")
+                for s in worst
             ),
+        ]
+        if any("slow_disk" in s for s in stall_list):
+            on_disk = sum(1 for s in stall_list if s.get("slow_disk"))
+            lines.append(
+                f"stalls while a disk sync took over 50 ms: {on_disk} of {len(stall_list)}"
+            )
+    disk = result.get("disk_sync_ms")
+    if disk and disk.get("count"):
+        lines += [
+            "",
+            f"disk (fdatasync of 4 KiB every 100 ms where the stack keeps its data): "
+            f"p50 {_fmt(disk['p50'], 2)} ms, p99 {_fmt(disk['p99'], 2)} ms, "
+            f"max {_fmt(disk['max'], 2)} ms, "
+            f"{disk['slow']} of {disk['count']} over 50 ms",
         ]
     lines += [
         "",

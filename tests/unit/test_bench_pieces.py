@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from bench.brokerstats import broker_per_decision, parse_counters
-from bench.loadgen import stalls
+from bench.diskprobe import DiskProbe
+from bench.loadgen import disk_summary, stalls
 from bench.procstats import Sample, stack_cpu_per_decision, usage
 from bench.report import attach_floor, format_versus_floor, ratio
 
@@ -18,6 +20,26 @@ def test_slow_decisions_are_grouped_into_stalls_by_send_time() -> None:
         {"at_s": 5.0, "decisions": 3, "worst_ms": 120.0},
     ]
     assert stalls([], start) == []
+
+
+def test_a_stall_says_whether_a_slow_disk_sync_overlapped_it(tmp_path: Any) -> None:
+    disk = DiskProbe(tmp_path)
+    # syncs (start, seconds): a slow one from 104.9 to 105.2, fast ones elsewhere
+    disk.syncs = [(100.0, 0.001), (104.9, 0.3), (110.0, 0.002)]
+    slow = [(100.5, 0.06), (105.0, 0.09), (105.1, 0.12)]
+    found = stalls(slow, 100.0, disk)
+    assert [s["slow_disk"] for s in found] == [False, True]
+    summary = disk_summary(disk.durations(100.0, 111.0))
+    assert summary["count"] == 3 and summary["slow"] == 1 and summary["max"] == 300.0
+
+
+def test_the_disk_probe_syncs_a_file_of_its_own_and_removes_it(tmp_path: Any) -> None:
+    with DiskProbe(tmp_path, interval=0.001) as disk:
+        deadline = time.monotonic() + 10
+        while not disk.syncs and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling a thread's list: the first sync takes milliseconds
+    assert disk.syncs and all(took >= 0 for _, took in disk.syncs)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- CPU per decision, broker counters, Canopy against the floor ---------------------------------
