@@ -401,9 +401,20 @@ def format_run(result: dict[str, Any]) -> str:
 
 
 def _stall_summary(result: dict[str, Any]) -> str:
-    """'<stalls>: <slow decisions>' for the matrix, e.g. '2: 340'."""
+    """'<stalls>: <slow decisions>' for the matrix, e.g. '2: 340', with how many of the
+    stalls a slow disk sync overlapped when the disk was probed, e.g. '3 (2 disk): 340'."""
     stall_list = result.get("stalls") or []
-    return f"{len(stall_list)}: {sum(s['decisions'] for s in stall_list)}"
+    on_disk = sum(1 for s in stall_list if s.get("slow_disk"))
+    disk = f" ({on_disk} disk)" if on_disk else ""
+    return f"{len(stall_list)}{disk}: {sum(s['decisions'] for s in stall_list)}"
+
+
+def _disk(result: dict[str, Any]) -> str:
+    """The disk probe's p99 / max sync in ms over the window, '-' if not probed."""
+    disk = result.get("disk_sync_ms") or {}
+    if not disk.get("count"):
+        return "-"
+    return f"{_fmt(disk['p99'], 1)}/{_fmt(disk['max'], 1)}"
 
 
 def measured_count(result: dict[str, Any]) -> int:
@@ -473,6 +484,7 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
                     for x in ROLE_ORDER
                 ),
                 (r.get("machine_cpu") or {}).get("busy_pct"),
+                _disk(r),
             ]
         )
     main = table(
@@ -499,7 +511,13 @@ def format_matrix(results: Sequence[dict[str, Any]]) -> str:
         rows,
     )
     cpu = table(
-        ["N", "Hz", *(f"{ROLE_SHORT[x]} cpu%/MiB" for x in ROLE_ORDER), "machine cpu%"],
+        [
+            "N",
+            "Hz",
+            *(f"{ROLE_SHORT[x]} cpu%/MiB" for x in ROLE_ORDER),
+            "machine cpu%",
+            "disk sync p99/max ms",
+        ],
         cpu_rows,
     )
     text = f"Latency send → all members (ms)\n{main}\n\nProcesses\n{cpu}"

@@ -9,7 +9,7 @@ from bench.brokerstats import broker_per_decision, parse_counters
 from bench.diskprobe import DiskProbe
 from bench.loadgen import disk_summary, stalls
 from bench.procstats import Sample, stack_cpu_per_decision, usage
-from bench.report import attach_floor, format_versus_floor, ratio
+from bench.report import _disk, _stall_summary, attach_floor, format_versus_floor, ratio
 
 
 def test_slow_decisions_are_grouped_into_stalls_by_send_time() -> None:
@@ -31,6 +31,17 @@ def test_a_stall_says_whether_a_slow_disk_sync_overlapped_it(tmp_path: Any) -> N
     assert [s["slow_disk"] for s in found] == [False, True]
     summary = disk_summary(disk.durations(100.0, 111.0))
     assert summary["count"] == 3 and summary["slow"] == 1 and summary["max"] == 300.0
+
+
+def test_the_matrix_says_which_stalls_were_the_disk_and_how_slow_it_was() -> None:
+    result: dict[str, Any] = {
+        "stalls": [{"decisions": 3, "slow_disk": True}, {"decisions": 2, "slow_disk": False}],
+        "disk_sync_ms": {"count": 3, "p99": 120.0, "max": 300.0},
+    }
+    assert _stall_summary(result) == "2 (1 disk): 5"
+    assert _disk(result) == "120.0/300.0"
+    assert _stall_summary({"stalls": [{"decisions": 4}]}) == "1: 4"  # disk not probed
+    assert _disk({"disk_sync_ms": None}) == "-"
 
 
 def test_the_disk_probe_syncs_a_file_of_its_own_and_removes_it(tmp_path: Any) -> None:
