@@ -13,7 +13,9 @@ routes, pydantic validators: nearly all of a service's heap) is moved out of the
 reach with `gc.freeze()`. Before, each full collection walked that heap again and stopped the
 service for 50-60 ms (measured with a `gc.callbacks` probe in `make bench` at 400 participants:
 every full collection of decisions or of the gateway showed up as a stall of the decisions sent
-during it). Cycles made afterwards are still collected.
+during it). Cycles made afterwards are still collected; a startup object that ends up in
+garbage cycles later (the first broker connection's objects after a reconnect) is not: a
+bounded, one-off cost.
 """
 
 from __future__ import annotations
