@@ -295,10 +295,13 @@ class Participants:
         self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
 
 
+SOCKET_PATH = "/ws/{code}"  # a participant's socket (PROTOCOL.md); also GatewayApp's short way
+
+
 def participant_router(participants: Participants) -> APIRouter:
     router = APIRouter()
 
-    @router.websocket("/ws/{code}")
+    @router.websocket(SOCKET_PATH)
     async def websocket_endpoint(websocket: WebSocket, code: str) -> None:
         await participants.serve(websocket, code)
 

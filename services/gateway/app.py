@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -32,7 +33,7 @@ from services.common.health import health_router
 from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
-from services.gateway.api import Participants, participant_router
+from services.gateway.api import SOCKET_PATH, Participants, participant_router
 from services.gateway.handlers import Hub
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
@@ -64,12 +65,13 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+_SOCKET = compile_path(SOCKET_PATH)[0]  # the route's own pattern, compiled as Starlette does
+
+
 def participant_socket(path: str) -> str | None:
-    """The code of a `/ws/{code}` path (the route's own pattern: one non-empty segment)."""
-    if not path.startswith("/ws/"):
-        return None
-    code = path[4:]
-    return code if code and "/" not in code else None
+    """The code of a participant socket's path, None for any other path."""
+    match = _SOCKET.match(path)
+    return match["code"] if match else None
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
