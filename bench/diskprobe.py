@@ -22,8 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-SLOW_SYNC_S = 0.05  # a sync slower than this is counted (the same bound as a slow decision)
-
 
 class DiskProbe:
     def __init__(self, folder: Path, *, interval: float = 0.1) -> None:
@@ -62,6 +60,6 @@ class DiskProbe:
         """How long each sync that started in [start, end) took, in seconds."""
         return [d for t, d in self.syncs if start <= t < end]
 
-    def slow_between(self, start: float, end: float) -> bool:
-        """Whether a slow sync was under way at some moment of [start, end]."""
-        return any(d > SLOW_SYNC_S and t <= end and t + d >= start for t, d in self.syncs)
+    def slow_between(self, start: float, end: float, slower_than: float) -> bool:
+        """Whether a sync slower than `slower_than` s was under way during [start, end]."""
+        return any(d > slower_than and t <= end and t + d >= start for t, d in self.syncs)

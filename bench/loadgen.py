@@ -37,7 +37,7 @@ import httpx
 import orjson
 
 from bench.brokerstats import broker_per_decision, scrape_broker
-from bench.diskprobe import SLOW_SYNC_S, DiskProbe
+from bench.diskprobe import DiskProbe
 from bench.procstats import ProcessSet, machine_usage, stack_cpu_per_decision, usage
 from bench.report import machine_info, now_iso, repo_commit
 from bench.wsclient import WsClient, parse_ws_target
@@ -247,7 +247,7 @@ class Participant(WsClient):
 # -- helpers ------------------------------------------------------------------------------------
 
 
-SLOW_S = 0.05  # decisions slower than this are grouped into stalls
+SLOW_S = 0.05  # decisions slower than this are grouped into stalls (disk syncs: counted)
 STALL_GAP_S = 0.25  # slow decisions sent closer together than this belong to one stall
 
 
@@ -272,14 +272,14 @@ def stalls(
         }
         if disk is not None:
             end = max(sent_at + latency for sent_at, latency in group)
-            stall["slow_disk"] = disk.slow_between(group[0][0], end)
+            stall["slow_disk"] = disk.slow_between(group[0][0], end, SLOW_S)
         found.append(stall)
     return found
 
 
 def disk_summary(durations: list[float]) -> dict[str, Any]:
     """The disk probe's syncs of a window: percentiles in ms, and how many were slow."""
-    return percentiles(durations) | {"slow": sum(d > SLOW_SYNC_S for d in durations)}
+    return percentiles(durations) | {"slow": sum(d > SLOW_S for d in durations)}
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | int | None]:

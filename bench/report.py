@@ -376,9 +376,9 @@ def format_run(result: dict[str, Any]) -> str:
             ),
         ]
         if any("slow_disk" in s for s in stall_list):
-            on_disk = sum(1 for s in stall_list if s.get("slow_disk"))
             lines.append(
-                f"stalls while a disk sync took over 50 ms: {on_disk} of {len(stall_list)}"
+                f"stalls while a disk sync took over 50 ms: {_disk_stalls(stall_list)} of "
+                f"{len(stall_list)}"
             )
     disk = result.get("disk_sync_ms")
     if disk and disk.get("count"):
@@ -404,9 +404,14 @@ def _stall_summary(result: dict[str, Any]) -> str:
     """'<stalls>: <slow decisions>' for the matrix, e.g. '2: 340', with how many of the
     stalls a slow disk sync overlapped when the disk was probed, e.g. '3 (2 disk): 340'."""
     stall_list = result.get("stalls") or []
-    on_disk = sum(1 for s in stall_list if s.get("slow_disk"))
+    on_disk = _disk_stalls(stall_list)
     disk = f" ({on_disk} disk)" if on_disk else ""
     return f"{len(stall_list)}{disk}: {sum(s['decisions'] for s in stall_list)}"
+
+
+def _disk_stalls(stall_list: list[dict[str, Any]]) -> int:
+    """How many stalls a slow disk sync overlapped."""
+    return sum(1 for s in stall_list if s.get("slow_disk"))
 
 
 def _disk(result: dict[str, Any]) -> str:
