@@ -39,9 +39,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -77,6 +78,9 @@ BATCH_TYPE = "canopy.batch"
 # few of these (its `gateway_liveness_timeout`) for dead.
 HEARTBEAT_INTERVAL = 1.0
 RECONNECT_INTERVAL = 0.5  # seconds between a robust connection's attempts to come back
+
+Properties = aiormq.spec.Basic.Properties
+PERSISTENT = 2  # delivery_mode: written to disk by the queue
 
 InputKind = Literal["frame", "presence", "timer", "batch"]
 _ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
@@ -250,16 +254,31 @@ class Bus:
         mandatory: bool = True,
         message_type: str | None = None,
     ) -> None:
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            type=message_type,
-        )
+        # aiormq's basic_publish on aio-pika's own channel, which is what aio-pika's
+        # `Exchange.publish` does after building a `Message` (whose attributes cost more than
+        # the properties it makes). `wait=False`: the confirm is awaited, the write to the
+        # socket is not (one task switch less per publish); a write that never happens fails
+        # the confirm when the channel closes. Returns and nacks raise as through aio-pika
+        # (the channel is opened with `on_return_raises`).
         channel = self._publish_channel
+        properties = Properties(
+            content_type="application/json",
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+            message_type=message_type,
+        )
         try:
-            await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory)
+            if channel is None or channel.is_closed:
+                raise ChannelInvalidStateError(f"{self._name}: publish channel closed")
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            await underlay.basic_publish(
+                body,
+                exchange=self._exchanges[exchange].name,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                wait=False,
+            )
         except PublishError:
             raise  # unroutable: the channel is fine
         except (DeliveryError, ChannelInvalidStateError):
