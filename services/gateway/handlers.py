@@ -2,8 +2,10 @@
 
 `Hub` knows every open participant connection on this gateway and forwards each message from
 the gateway's queue (decisions addresses it directly, see `services.common.bus`) to the
-connections it is for. Every connection has an outbox drained by its own writer
-task, so one slow browser never holds up the others.
+connections it is for. A frame for a connection whose socket takes it is written at once; when
+the socket is behind (its transport paused), the frame and the ones after it wait in the
+connection's outbox, drained by its own writer task, so one slow browser never holds up the
+others.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -31,14 +34,50 @@ log = logging.getLogger(__name__)
 SLOW_CLIENT = 1013  # "try again later": the browser reconnects and resynchronises from hello
 
 
+@dataclass(slots=True)
+class _Suspended:
+    """A socket write that could not finish at once: the coroutine and what it waits for."""
+
+    write: Coroutine[Any, Any, None]
+    blocker: Any  # the future it yielded (None: it only gave way to the loop)
+    origin: float | None
+
+
+async def _finish(suspended: _Suspended) -> None:
+    """Run a write that suspended outside any task to its end, as a task would have.
+
+    The same steps as `asyncio.Task`'s: wait until the future the coroutine yielded is done,
+    then resume the coroutine (which reads that future's result or exception itself), until
+    it returns. Cancelled meanwhile, the write is closed (its `finally` clauses run).
+    """
+    write, blocker = suspended.write, suspended.blocker
+    while True:
+        try:
+            if blocker is None:
+                await asyncio.sleep(0)
+            else:
+                blocker._asyncio_future_blocking = False
+                await asyncio.wait([blocker])
+        except BaseException:
+            write.close()
+            raise
+        try:
+            blocker = write.send(None)
+        except StopIteration:
+            return
+
+
 class Connection:
     def __init__(self, websocket: WebSocket, info: ParticipantInfo, outbox_limit: int) -> None:
         loop = asyncio.get_running_loop()
         self.id = new_id()
         self.websocket = websocket
         self.info = info
-        # Each frame with the time its cause reached a gateway (`Envelope.origin`), if any.
-        self.outbox: Mailbox[tuple[str, float | None] | None] = Mailbox(outbox_limit)
+        # Frames waiting for the socket, each with the time its cause reached a gateway
+        # (`Envelope.origin`), if any; a write that suspended comes first.
+        self.outbox: Mailbox[tuple[str, float | None] | _Suspended | None] = Mailbox(outbox_limit)
+        self._writing = False  # the writer task holds a frame: later ones queue behind it
+        self._broken = False  # a write failed: the browser is gone (the reader notices)
         # Observes delivery latency (set by the `Hub`): receipt of the cause → socket write.
         self.on_delivered: Callable[[float], None] | None = None
         # One-shot signals as futures, not asyncio.Events (an Event allocates a deque: ~0.8 KiB
@@ -61,10 +100,33 @@ class Connection:
         return self.info.group
 
     def send(self, frame: str, origin: float | None = None) -> bool:
-        """Queue a frame for this browser; False if it is too far behind."""
-        if self.closing:
+        """Write a frame to this browser, or queue it behind earlier ones; False if the browser
+        is too far behind.
+
+        With nothing queued, the frame is written right away, in the caller's step: a write
+        that does not have to wait (the usual case: the transport takes it) costs no task
+        switch. One that has to wait (the transport is paused) goes to the outbox's head and
+        the writer task finishes it, then what queued behind it.
+        """
+        if self.closing or self._broken:
             return True
-        return self.outbox.put_nowait((frame, origin))
+        if self._writing or self.outbox.qsize():
+            return self.outbox.put_nowait((frame, origin))
+        write = self.websocket.send_text(frame)
+        try:
+            blocker = write.send(None)
+        except StopIteration:
+            self._delivered(origin)
+            return True
+        except Exception:
+            self._broken = True  # the reader notices the disconnect and cleans up
+            return True
+        self._writing = True
+        return self.outbox.put_nowait(_Suspended(write, blocker, origin))
+
+    def _delivered(self, origin: float | None) -> None:
+        if origin is not None and self.on_delivered is not None:
+            self.on_delivered(now() - origin)
 
     def close(self, code: int, reason: str = "") -> None:
         """Ask the writer task to close the socket after the frames already queued."""
@@ -75,27 +137,37 @@ class Connection:
             self.close_requested.set_result(None)
         self._close = (code, reason)
         if not self.outbox.put_nowait(None):
-            self.outbox.drop_oldest()  # a slow client: drop one frame to make room to close
+            # A slow client: drop one frame to make room to close. The newest: the oldest may
+            # be a write under way (`_Suspended`), which is closed if it is the one dropped.
+            dropped = self.outbox.drop_newest()
+            if isinstance(dropped, _Suspended):
+                dropped.write.close()
             self.outbox.put_nowait(None)
 
     async def write_loop(self) -> None:
         """Send queued frames in order; ends when closed or the browser went away."""
         ws = self.websocket
         while True:
+            self._writing = False
             item = await self.outbox.get()
+            self._writing = True
             if item is None:
                 code, reason = self._close
-                if ws.application_state == WebSocketState.CONNECTED:
+                if ws.application_state == WebSocketState.CONNECTED and not self._broken:
                     with contextlib.suppress(RuntimeError):
                         await ws.close(code=code, reason=reason)
                 return
-            frame, origin = item
             try:
-                await ws.send_text(frame)
+                if isinstance(item, _Suspended):
+                    origin = item.origin
+                    await _finish(item)
+                else:
+                    frame, origin = item
+                    await ws.send_text(frame)
             except Exception:
+                self._broken = True
                 return  # the reader notices the disconnect and cleans up
-            if origin is not None and self.on_delivered is not None:
-                self.on_delivered(now() - origin)
+            self._delivered(origin)
 
 
 class Hub:

@@ -41,9 +41,9 @@ class Mailbox(Generic[T]):
             waiter.set_result(None)
         return True
 
-    def drop_oldest(self) -> T | None:
-        """Remove and return the oldest item (None if empty)."""
-        return self._items.pop(0) if self._items else None
+    def drop_newest(self) -> T | None:
+        """Remove and return the newest item (None if empty)."""
+        return self._items.pop() if self._items else None
 
     async def get(self) -> T:
         """The oldest item, waiting for one if need be. Cancelling the wait loses nothing."""

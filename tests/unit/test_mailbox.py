@@ -25,10 +25,10 @@ async def test_a_full_box_refuses_and_keeps_what_it_has() -> None:
     assert box.put_nowait("a") and box.put_nowait("b")
     assert not box.put_nowait("c")
     assert box.qsize() == 2
-    assert box.drop_oldest() == "a"
+    assert box.drop_newest() == "b"
     assert box.put_nowait("c")
-    assert [await box.get(), await box.get()] == ["b", "c"]
-    assert box.drop_oldest() is None
+    assert [await box.get(), await box.get()] == ["a", "c"]
+    assert box.drop_newest() is None
 
 
 async def test_a_cancelled_get_loses_nothing() -> None:
