@@ -80,7 +80,6 @@ HEARTBEAT_INTERVAL = 1.0
 RECONNECT_INTERVAL = 0.5  # seconds between a robust connection's attempts to come back
 
 Properties = aiormq.spec.Basic.Properties
-PERSISTENT = 2  # delivery_mode: written to disk by the queue
 
 InputKind = Literal["frame", "presence", "timer", "batch"]
 _ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
@@ -263,7 +262,7 @@ class Bus:
         channel = self._publish_channel
         properties = Properties(
             content_type="application/json",
-            delivery_mode=PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             message_type=message_type,
         )

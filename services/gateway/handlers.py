@@ -121,7 +121,7 @@ class Connection:
         except Exception:
             self._broken = True  # the reader notices the disconnect and cleans up
             return True
-        self._writing = True
+        # First in the (empty) outbox: later frames queue behind it, and the writer takes it.
         return self.outbox.put_nowait(_Suspended(write, blocker, origin))
 
     def _delivered(self, origin: float | None) -> None:
