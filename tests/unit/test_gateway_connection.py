@@ -61,6 +61,14 @@ def connection(socket: Socket, limit: int = 100) -> tuple[Connection, list[float
     return conn, delivered
 
 
+def blocked(socket: Socket, limit: int = 100) -> tuple[Connection, asyncio.Task[None]]:
+    """A connection with its writer task running, on a socket that makes sends wait."""
+    conn, _ = connection(socket, limit)
+    writer = asyncio.create_task(conn.write_loop())
+    socket.block()
+    return conn, writer
+
+
 async def test_a_socket_that_takes_frames_gets_them_without_the_writer() -> None:
     socket = Socket()
     conn, delivered = connection(socket)
@@ -102,9 +110,7 @@ async def test_frames_queue_behind_a_write_that_waits_and_keep_their_order() -> 
 
 async def test_a_browser_too_far_behind_is_refused_and_closed_once_it_reads() -> None:
     socket = Socket()
-    conn, _ = connection(socket, limit=3)
-    writer = asyncio.create_task(conn.write_loop())
-    socket.block()
+    conn, writer = blocked(socket, limit=3)
     results = [conn.send(str(i)) for i in range(5)]
     # The suspended write and two more fill the outbox of 3; the rest are refused.
     assert results == [True, True, True, False, False]
@@ -131,9 +137,7 @@ async def test_a_failed_write_drops_later_frames_and_skips_the_close() -> None:
 
 async def test_a_write_that_fails_after_waiting_ends_the_writer() -> None:
     socket = Socket()
-    conn, _ = connection(socket)
-    writer = asyncio.create_task(conn.write_loop())
-    socket.block()
+    conn, writer = blocked(socket)
     conn.send("x")
     conn.send("y")
     await asyncio.sleep(0)
@@ -146,9 +150,7 @@ async def test_a_write_that_fails_after_waiting_ends_the_writer() -> None:
 
 async def test_cancelling_the_writer_closes_a_write_that_waits() -> None:
     socket = Socket()
-    conn, _ = connection(socket)
-    writer = asyncio.create_task(conn.write_loop())
-    socket.block()
+    conn, writer = blocked(socket)
     conn.send("stuck")
     await asyncio.sleep(0)
     writer.cancel()
