@@ -45,7 +45,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("store", "gateway", "decisions", "timers")
 DEFAULT_PORTS = {"gateway": 8000, "store": 8001, "decisions": 8002, "timers": 8003}
 PROBE_TIMEOUT = 0.5  # one readiness probe (supervisor)
-READY_TIMEOUT = 40.0  # below pytest's per-test timeout (60 s), which includes infra start
+READY_TIMEOUT = 40.0  # with infra's boot waits, below pytest's per-test timeout (120 s)
 STOP_GRACE = 10.0
 
 

@@ -8,6 +8,7 @@ under docs/screenshots/ show what a participant on a phone sees.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,11 @@ async def create_session(stack: Any, **config: Any) -> Session:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
+    started = time.perf_counter()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # Shown with a failing test's output: a cold first launch on a fresh machine is slow.
+        print(f"chromium {browser.version} launched in {time.perf_counter() - started:.1f} s")
         yield browser
         await browser.close()
 
