@@ -462,9 +462,11 @@ async def run_load(
             say("session", None, "creating the session")
             session = await create_session(api, params)
         participants: list[Participant] = []
+        # Sockets open with each seat's key (PROTOCOL v2); the floor has no seats: its codes.
+        keys = {p["code"]: p.get("key") or p["code"] for p in session["participants"]}
         for group in session["groups"]:
             members = {
-                code: Participant(host, port, f"{prefix}/ws/{code}", code, stats)
+                code: Participant(host, port, f"{prefix}/ws/{keys[code]}", code, stats)
                 for code in group["participants"]
             }
             for member in members.values():

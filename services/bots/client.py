@@ -10,8 +10,11 @@ participants, the same rules as `services/gateway/static/canopy.js`:
   counter moves up to `last_seq` if the server knows more than the bot;
 - frames made while the socket is down wait in the outbox (a browser's slider keeps moving);
 - the socket is opened again after any close, with exponential backoff and equal jitter,
-  except after 4403 (unknown participant) and 4409 (another connection took the code over:
-  a person opened that link), which end the bot's connection for good.
+  except after 4403 (unknown seat) and 4409 (another connection took the seat over: a person
+  opened that link), which end the bot's connection for good.
+
+A bot's link holds the seat's secret key (PROTOCOL v2); the bot learns its public code, the
+name every payload gives it, from its `hello` (or is told it up front: `code`).
 
 `Bot` adds a player on top: while its period runs it asks its strategy what to send, at a
 steady pace (`rate` turns per second), until `num_periods` periods have ended. It skips the
@@ -35,9 +38,10 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from services.bots.strategies import Strategy, View
+from services.common.seats import fingerprint
 
-CLOSE_REFUSED = 4403  # unknown participant
-CLOSE_REPLACED = 4409  # a newer connection with the same code
+CLOSE_REFUSED = 4403  # unknown seat
+CLOSE_REPLACED = 4409  # a newer connection with the same key
 OPEN_TIMEOUT = 5.0
 # A bot takes no turn this close to its period's end (server clock): the frame would reach
 # the group after the period ended and get `period_not_running`. Measured with 100 bots at
@@ -47,20 +51,20 @@ END_MARGIN = 0.3
 
 
 def ws_url(link: str) -> str:
-    """The WebSocket of a participant link: `http(s)://host[/prefix]/p/<code>` →
-    `ws(s)://host[/prefix]/ws/<code>`; a `ws(s)://…/ws/<code>` URL is kept as it is."""
+    """The WebSocket of a participant link: `http(s)://host[/prefix]/p/<key>` →
+    `ws(s)://host[/prefix]/ws/<key>`; a `ws(s)://…/ws/<key>` URL is kept as it is."""
     parts = urlsplit(link)
     if parts.scheme in ("ws", "wss") and "/ws/" in parts.path:
         return link
-    prefix, sep, code = parts.path.rpartition("/p/")
-    if parts.scheme not in ("http", "https") or not sep or not code or "/" in code:
-        raise ValueError(f"not a participant link (http(s)://host/p/<code>): {link!r}")
+    prefix, sep, key = parts.path.rpartition("/p/")
+    if parts.scheme not in ("http", "https") or not sep or not key or "/" in key:
+        raise ValueError(f"not a participant link (http(s)://host/p/<key>): {link!r}")
     scheme = "wss" if parts.scheme == "https" else "ws"
-    return urlunsplit((scheme, parts.netloc, f"{prefix}/ws/{code}", "", ""))
+    return urlunsplit((scheme, parts.netloc, f"{prefix}/ws/{key}", "", ""))
 
 
-def link_code(link: str) -> str:
-    """The participant code at the end of a participant link or WebSocket URL."""
+def link_key(link: str) -> str:
+    """The seat key at the end of a participant link or WebSocket URL."""
     return urlsplit(ws_url(link)).path.rsplit("/", 1)[1]
 
 
@@ -69,6 +73,17 @@ class Received:
     at: float  # time.monotonic() on arrival
     channel: str
     payload: Any
+
+
+@dataclass(frozen=True)
+class HelloSeen:
+    """A `hello` and the acks before it (PROTOCOL v2 "The ack holds through everything": its
+    `last_seq` must be at least every seq acknowledged before it, on any connection)."""
+
+    connection: int  # which of the bot's connections it came on (1: the first)
+    last_seq: int
+    acked: int  # the highest seq an `ack` had confirmed before it, on any connection (0: none)
+    acked_here: int  # the same, on this hello's own connection
 
 
 @dataclass
@@ -85,7 +100,7 @@ class Bot:
     rng: random.Random = field(default_factory=random.Random)
     min_delay: float = 0.25  # reconnect backoff: doubling from this ...
     max_delay: float = 5.0  # ... up to this (canopy.js: 250 ms to 5 s)
-    code: str = ""
+    code: str = ""  # the participant's public code: given, or learnt from the first hello
     # What happened, for stats and tests.
     sent: int = 0  # new frames (resends not counted)
     acked: set[int] = field(default_factory=set)
@@ -95,6 +110,7 @@ class Bot:
     closes: list[int | None] = field(default_factory=list)
     connects: int = 0
     gave_up: str | None = None  # why the bot stopped reconnecting (refused / replaced)
+    hellos: list[HelloSeen] = field(default_factory=list)
     # The latest view of the group.
     id_in_group: int = 0
     members: tuple[str, ...] = ()
@@ -107,6 +123,8 @@ class Bot:
     clock_offset: float | None = None  # server clock − ours, estimated as canopy.js does
     _ws: ClientConnection | None = None
     _seq: int = 0
+    _acked_high: int = 0  # the highest seq an `ack` confirmed, on any connection
+    _acked_here: int = 0  # the same, on the current connection
     _synced: bool = False  # hello seen and the outbox resent on the current socket
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     _finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -115,14 +133,19 @@ class Bot:
 
     def __post_init__(self) -> None:
         self.url = ws_url(self.url)
-        self.code = self.code or link_code(self.url)
+
+    @property
+    def name(self) -> str:
+        """The bot in messages: its code once known, else a fingerprint of its key (never the
+        key itself)."""
+        return self.code or f"seat {fingerprint(link_key(self.url))}"
 
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._connect_loop(), name=f"bot {self.code} socket")]
+        self._tasks = [asyncio.create_task(self._connect_loop(), name=f"bot {self.name} socket")]
         if self.strategy is not None and self.rate > 0:
-            self._tasks.append(asyncio.create_task(self._play(), name=f"bot {self.code} play"))
+            self._tasks.append(asyncio.create_task(self._play(), name=f"bot {self.name} play"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -152,7 +175,7 @@ class Bot:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            raise TimeoutError(f"bot {self.code}: no {what} within {timeout:g} s") from None
+            raise TimeoutError(f"bot {self.name}: no {what} within {timeout:g} s") from None
 
     async def wait_started(self, timeout: float) -> None:
         """Until a period runs (or ran) for this bot."""
@@ -205,6 +228,7 @@ class Bot:
                 ) as ws:
                     self._ws = ws
                     self.connects += 1
+                    self._acked_here = 0
                     attempt = 0
                     await self._read(ws)
                 code = ws.close_code
@@ -239,9 +263,19 @@ class Bot:
             self._clock_sample(frame.get("ts"))
             self.received.append(Received(time.monotonic(), channel, payload))
             if channel == "hello":
+                self.hellos.append(
+                    HelloSeen(
+                        self.connects,
+                        int(payload["last_seq"]),
+                        self._acked_high,
+                        self._acked_here,
+                    )
+                )
                 await self._on_hello(ws, payload)
             elif channel == "ack":
                 seq = int(payload["seq"])
+                self._acked_high = max(self._acked_high, seq)
+                self._acked_here = max(self._acked_here, seq)
                 self.acked.add(seq)
                 self.unacked.pop(seq, None)
             elif channel == "error":
@@ -255,6 +289,8 @@ class Bot:
 
     async def _on_hello(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
         last_seq = int(payload["last_seq"])
+        if isinstance(payload.get("participant"), str):
+            self.code = payload["participant"]
         for seq in [s for s in self.unacked if s <= last_seq]:
             self.acked.add(seq)
             del self.unacked[seq]

@@ -44,7 +44,7 @@ class BotFleet:
         """Per bot (by participant code): new frames sent, acknowledged by the gateway, and
         `error` frames received (refused by the gateway or the experiment)."""
         return {
-            bot.code: {"sent": bot.sent, "acked": len(bot.acked), "errors": len(bot.errors)}
+            bot.name: {"sent": bot.sent, "acked": len(bot.acked), "errors": len(bot.errors)}
             for bot in self.bots
         }
 
@@ -95,18 +95,23 @@ async def start_bots(
     options: Mapping[str, Any] | None = None,
     num_periods: int | None = None,
     seed: int | None = None,
+    codes: list[str] | None = None,
 ) -> BotFleet:
-    """One bot per participant link (`http://host:port/p/<code>`), each playing `strategy`
+    """One bot per participant link (`http://host:port/p/<key>`), each playing `strategy`
     for `experiment` with the session's `params` at `rate` turns per second while its period
     runs; they connect in the background (`fleet.wait_connected()` waits for them).
 
     `options`: the strategy's own (`value`, `cost`, `low`, `high`: services.bots.strategies);
-    `num_periods`: stop playing after that period ended; `seed`: reproducible moves. Raises
-    StrategyError for a strategy that does not fit, ValueError for a link that is not one."""
+    `num_periods`: stop playing after that period ended; `seed`: reproducible moves; `codes`:
+    the participants' public codes, link by link (else each bot learns its own from `hello`).
+    Raises StrategyError for a strategy that does not fit, ValueError for a link that is not
+    one."""
     if not rate >= 0:
         raise ValueError(f"rate must be a number ≥ 0 (turns per second), not {rate!r}")
     chosen = make_strategy(experiment, strategy, params, options)
     master = random.Random(seed)
+    if codes is not None and len(codes) != len(links):
+        raise ValueError("give one code per link")
     bots = [
         Bot(
             link,
@@ -114,8 +119,9 @@ async def start_bots(
             rate=rate,
             num_periods=num_periods,
             rng=random.Random(master.getrandbits(64)),
+            code=codes[index] if codes is not None else "",
         )
-        for link in links
+        for index, link in enumerate(links)
     ]
     for bot in bots:
         bot.start()
@@ -181,6 +187,7 @@ async def fill_session(
         raise BotsError(f"session {session_id}: no open slot (every participant is connected)")
     return await start_bots(
         [p["url"] for p in slots],
+        codes=[p["code"] for p in slots],
         experiment=session["experiment"],
         params=dict(session.get("params") or {}),
         strategy=strategy,

@@ -1,8 +1,10 @@
 """Look-ups of sessions' immutable facts, answered by the store over HTTP and cached.
 
-The gateway asks "who is participant <code>?" when a WebSocket opens; decisions asks "how is
-group <id> configured?" before it handles the group's first message. Both answers never change
-once a session exists, so they are cached for the life of the process.
+The gateway asks "whose seat is key <key>?" when a WebSocket or a page opens; decisions asks
+"how is group <id> configured?" before it handles the group's first message. Both answers never
+change once a session exists, so they are cached for the life of the process. A key the store
+does not know is remembered too (a bounded negative cache), so asking again costs nothing;
+the gateway checks each key's tag before asking at all (services.common.seats).
 
 Decisions also reads back the event log through it when it rebuilds a group (`group_log`,
 `barrier_passed`): never cached, since the log grows.
@@ -11,6 +13,7 @@ Decisions also reads back the event log through it when it rebuilds a group (`gr
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -54,6 +57,9 @@ class NotFound(LookupError):
     pass
 
 
+UNKNOWN_SEATS_REMEMBERED = 10_000
+
+
 class Directory:
     """HTTP client of the store's `/internal/*` look-ups, with a positive cache."""
 
@@ -64,7 +70,8 @@ class Directory:
             timeout=timeout,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
-        self._participants: dict[str, ParticipantInfo] = {}
+        self._seats: dict[str, ParticipantInfo] = {}  # seat key → its participant
+        self._unknown_seats: OrderedDict[str, None] = OrderedDict()
         self._groups: dict[str, GroupConfig] = {}
         # One request per key in flight: a burst of connects for one code asks the store once.
         self._in_flight: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -98,14 +105,22 @@ class Directory:
         body: dict[str, Any] = response.json()
         return body
 
-    async def participant(self, code: str) -> ParticipantInfo:
-        cached = self._participants.get(code)
+    async def seat(self, key: str) -> ParticipantInfo:
+        """The participant whose seat key is `key`; NotFound if the store knows none."""
+        cached = self._seats.get(key)
         if cached is not None:
             return cached
-        info = ParticipantInfo.model_validate(
-            await self._get(f"/internal/participants/{quote(code, safe='')}")
-        )
-        self._participants[code] = info
+        if key in self._unknown_seats:
+            raise NotFound("unknown seat")
+        try:
+            body = await self._get(f"/internal/seats/{quote(key, safe='')}")
+        except NotFound:
+            self._unknown_seats[key] = None
+            if len(self._unknown_seats) > UNKNOWN_SEATS_REMEMBERED:
+                self._unknown_seats.popitem(last=False)
+            raise NotFound("unknown seat") from None  # the path would hold the key
+        info = ParticipantInfo.model_validate(body)
+        self._seats[key] = info
         return info
 
     async def group(self, group: str) -> GroupConfig:

@@ -5,8 +5,10 @@ A line about one session, group, participant or bus message carries them as fiel
 is one line per lifecycle event (a start, a connection, a rebuild, a period) and per error,
 never one per decision or frame: those are counted in `/metrics` instead.
 
-uvicorn logs each WebSocket handshake at INFO with its path, and `/ws/{code}` (like `/p/{code}`)
-holds a participant's code, the credential of their seat: `RedactCodes` blanks it out.
+uvicorn logs each WebSocket handshake and HTTP request at INFO with its path, and `/ws/{key}`
+(like `/p/{key}`, and the store's internal `/internal/seats/{key}`) holds a participant's seat
+key, the credential of their seat (PROTOCOL v2): `RedactCodes` blanks it out. Services log a
+participant by its public code, never by its key.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-# A participant page or WebSocket path, up to the code's end (query strings included).
-_CODE_PATH = re.compile(r"^(/(?:ws|p)/)[^/?\s]+")
-REDACTED = "<code>"
+# A participant page, WebSocket or seat look-up path, up to the key's end (query strings
+# included).
+_CODE_PATH = re.compile(r"^(/(?:ws|p|join|internal/seats)/)[^/?\s]+")
+REDACTED = "<key>"
 
 
 def context(
@@ -39,12 +42,12 @@ def context(
 
 
 def redact_path(path: str) -> str:
-    """`/ws/<code>` and `/p/<code>` without the code; other paths unchanged."""
+    """`/ws/<key>`, `/p/<key>` (and the seat look-up) without the key; others unchanged."""
     return _CODE_PATH.sub(rf"\1{REDACTED}", path)
 
 
 class RedactCodes(logging.Filter):
-    """Blank participant codes out of uvicorn's handshake lines (`"WebSocket /ws/<code>"`)."""
+    """Blank seat keys out of uvicorn's request lines (`"WebSocket /ws/<key>"`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("uvicorn") and isinstance(record.args, tuple):
@@ -68,6 +71,6 @@ def configure_logging(service: str, instance: str, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiormq / aio_pika are chatty at INFO on reconnects, httpx logs every request (with
-    # participant codes in look-up URLs): keep their warnings.
+    # seat keys in look-up URLs): keep their warnings.
     for noisy in ("aiormq", "aio_pika", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.seats import derive_secret
+
 PLACEHOLDER_TOKENS = frozenset(
     {"", "changeme", "change-me", "changethis", "secret", "token", "admin"}
 )
@@ -69,6 +71,10 @@ class CommonSettings(BaseSettings):
     store_url: str = "http://127.0.0.1:8001"
     public_url: str = "http://127.0.0.1:8000"
     admin_token: SecretStr = SecretStr("")
+    # The HMAC secret of participants' seat keys (services/common/seats.py); empty: derived
+    # from the admin token. Store and gateways must agree; set it to rotate the admin token
+    # without invalidating participants' links.
+    seat_secret: SecretStr = SecretStr("")
     # Number of shard queues that carry the per-group input streams. Every service must agree.
     # A shard is the unit of decisions scale-out (one active consumer each): use at least as
     # many as decisions replicas. One decisions process (make run) is fastest with 1: inputs
@@ -90,3 +96,9 @@ class CommonSettings(BaseSettings):
         if problem is not None:
             raise ValueError(problem)  # the message never holds the token itself
         return self
+
+    def seat_key_secret(self) -> bytes:
+        """The HMAC key that mints (store) and checks (gateway) seat keys."""
+        return derive_secret(
+            self.seat_secret.get_secret_value(), self.admin_token.get_secret_value()
+        )

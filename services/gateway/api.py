@@ -1,11 +1,14 @@
-"""The participants' side of the gateway: `GET /ws/{code}` (PROTOCOL.md) and the page + client.
+"""The participants' side of the gateway: `GET /ws/{key}` (PROTOCOL.md) and the page + client.
 
 Per connection: the browser's `Origin` (CANOPY_ALLOWED_ORIGINS; a foreign one gets HTTP 403
-before the upgrade), then the code (unknown: close 4403). Per frame: JSON → shape → channel →
+before the upgrade), then the seat key (PROTOCOL v2: its tag checked first, then looked up;
+unknown, or a participant's public code where the key belongs: close 4403). From then on the
+connection is the participant's, named by their public code; the key is never logged. Per
+frame: JSON → shape → channel →
 flood limit → duplicate check → publish with confirm → `ack`. A rejected frame gets an `error`
 and the connection stays open; nothing is acknowledged before the broker confirmed it, so an
 acknowledged frame is never lost. The participant and group of every frame are the
-connection's (from the code in the URL), never the frame's. Frames and presence go to their
+connection's (from the key in the URL), never the frame's. Frames and presence go to their
 group's shard queue through one `Batcher` per shard (group commit, see `services.common.bus`).
 
 Every frame to the browser goes through its bounded outbox: one that overflows (a browser that
@@ -37,7 +40,8 @@ from services.common.messages import (
     MessageType,
     server_frame,
 )
-from services.gateway.domain import TokenBucket, parse_frame, valid_participant_code
+from services.common.seats import well_formed
+from services.gateway.domain import TokenBucket, parse_frame
 from services.gateway.handlers import Connection, Hub
 from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import UNPARSED, GatewayMetrics
@@ -69,6 +73,7 @@ class Participants:
         self._metrics = metrics
         self._gateway = gateway  # this gateway's queue, where decisions sends our groups' frames
         self._origins = settings.origin_policy()
+        self._seat_secret = settings.seat_key_secret()
         self._inputs = [
             Batcher(
                 bus,
@@ -90,10 +95,10 @@ class Participants:
     async def _publish_input(self, envelope: Envelope) -> None:
         await self._inputs[shard_of(envelope.group, self._settings.shards)].add(envelope)
 
-    async def serve(self, websocket: WebSocket, code: str) -> None:
+    async def serve(self, websocket: WebSocket, key: str) -> None:
         if not self._origins.allows(websocket.headers.get("origin")):
-            # A page of another site using a participant's code: refused before the upgrade
-            # (HTTP 403) and before any look-up, so it cannot even learn whether the code exists.
+            # A page of another site using a participant's link: refused before the upgrade
+            # (HTTP 403) and before any look-up, so it cannot even learn whether the key exists.
             self._metrics.connects.labels("foreign_origin").inc()
             await websocket.close(code=POLICY_VIOLATION)
             return
@@ -105,9 +110,9 @@ class Participants:
             await websocket.close(code=CloseCode.TRY_AGAIN_LATER, reason="try again shortly")
             return
         try:
-            if not valid_participant_code(code):
-                raise NotFound(code)
-            info = await self._directory.participant(code)
+            if not well_formed(key, self._seat_secret):
+                raise NotFound("not a seat key")  # a code, a guess: no look-up at all
+            info = await self._directory.seat(key)
         except NotFound:
             self._metrics.connects.labels("unknown_participant").inc()
             # Accept, then close with 4403: a browser sees the close code (an HTTP 403 before
@@ -134,7 +139,7 @@ class Participants:
         except Exception:
             # Typically the broker connection dropped mid-publish: unacknowledged frames are
             # resent by the browser after it reconnects, so closing loses nothing.
-            log.exception("connection of %s failed", code)
+            log.exception("connection of %s failed", info.participant)
             connection.close(CloseCode.INTERNAL_ERROR, "server error; reconnect")
         finally:
             self._hub.remove(connection)
@@ -143,7 +148,7 @@ class Participants:
                 try:
                     await self._presence(connection, connected=False)
                 except Exception:
-                    log.exception("could not publish the disconnect of %s", code)
+                    log.exception("could not publish the disconnect of %s", info.participant)
             connection.close(1000)
             await self._let_go(connection, writer)
             log.info(
@@ -295,20 +300,20 @@ class Participants:
         self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
 
 
-SOCKET_PATH = "/ws/{code}"  # a participant's socket (PROTOCOL.md); also GatewayApp's short way
+SOCKET_PATH = "/ws/{key}"  # a participant's socket (PROTOCOL v2); also GatewayApp's short way
 
 
 def participant_router(participants: Participants) -> APIRouter:
     router = APIRouter()
 
     @router.websocket(SOCKET_PATH)
-    async def websocket_endpoint(websocket: WebSocket, code: str) -> None:
-        await participants.serve(websocket, code)
+    async def websocket_endpoint(websocket: WebSocket, key: str) -> None:
+        await participants.serve(websocket, key)
 
-    router.include_router(page_router(participants._directory))
+    router.include_router(page_router(participants._directory, participants._seat_secret))
 
     @router.get("/", response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
-        return "Canopy gateway. Participants open /p/<code>; the WebSocket is /ws/<code>.\n"
+        return "Canopy gateway. Participants open /p/<key>; the WebSocket is /ws/<key>.\n"
 
     return router

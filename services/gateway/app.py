@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 class GatewayApp(FastAPI):
     """The gateway's FastAPI app, with a short way in for participant sockets.
 
-    A WebSocket to `/ws/{code}` goes straight to `Participants.serve`, the endpoint of the
+    A WebSocket to `/ws/{key}` goes straight to `Participants.serve`, the endpoint of the
     route that `participant_router` registers, without the middleware stack and FastAPI's
     per-route machinery in between. Each of those layers stays suspended for as long as the
     socket is open, and wraps every `send`: measured with tracemalloc, about 12 KiB of the
@@ -57,10 +57,10 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self.participants is not None:
-            code = participant_socket(scope["path"])
-            if code is not None:
+            key = participant_socket(scope["path"])
+            if key is not None:
                 scope["app"] = self
-                await self.participants.serve(WebSocket(scope, receive, send), code)
+                await self.participants.serve(WebSocket(scope, receive, send), key)
                 return
         await super().__call__(scope, receive, send)
 
@@ -69,9 +69,9 @@ _SOCKET = compile_path(SOCKET_PATH)[0]  # the route's own pattern, compiled as S
 
 
 def participant_socket(path: str) -> str | None:
-    """The code of a participant socket's path, None for any other path."""
+    """The seat key of a participant socket's path, None for any other path."""
     match = _SOCKET.match(path)
-    return match["code"] if match else None
+    return match["key"] if match else None
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

@@ -1,5 +1,5 @@
-"""Pure pieces of the gateway: the per-connection flood limit, frame validation, and which
-connections may open a participant socket (participant codes, browser origins).
+"""Pure pieces of the gateway: the flood limit, frame validation, and which browser origins
+may open a participant socket (seat keys are checked by services.common.seats).
 
 Frame validation answers, for any text (PROTOCOL.md errors; nothing else is ever raised):
 
@@ -18,7 +18,6 @@ then lost, so it is refused here).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,8 +33,6 @@ MAX_SEQ = 2**53  # the largest integer a browser's Number holds exactly
 # log wrap a payload in up to ~6 more levels and their decoders stop near 200.
 MAX_PAYLOAD_DEPTH = 32
 MAX_ERROR_MESSAGE = 300  # characters: an error never echoes a large frame back
-# Participant codes are `secrets.token_hex` (store); anything else is refused before a look-up.
-PARTICIPANT_CODE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -121,11 +118,6 @@ def parse_frame(text: str, channels: frozenset[str]) -> InboundFrame:
             frame.seq,
         )
     return frame
-
-
-def valid_participant_code(code: str) -> bool:
-    """Whether `code` can be a participant code at all (checked before any look-up)."""
-    return PARTICIPANT_CODE.fullmatch(code) is not None
 
 
 def origin_of(url: str) -> str | None:

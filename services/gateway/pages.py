@@ -1,17 +1,18 @@
-"""The participant pages: `GET /p/{code}` serves the page of the participant's experiment.
+"""The participant pages: `GET /p/{key}` serves the page of the seat's experiment.
 
 One HTML shell (static/participant.html) for every experiment; what differs is the module it
 loads (static/<experiment>.js, built on static/page.js and static/canopy.js) and the page's
-configuration, embedded in the HTML as JSON: the participant, the experiment, its params with
+configuration, embedded in the HTML as JSON: the participant (their public code; the seat key
+is only in the page's own address, which the page's client reads), the experiment, its params with
 their defaults filled in (the bimatrix's payoff matrix resolved from `game`), the members and
 the period settings, all from the store's internal look-ups (cached, see
 services.common.directory). A plug-in experiment may ship a page module of its own (an
 optional `page` attribute: the path of an ES module, relative to the file that defines its
 class), served at `/static/plugins/<experiment>.js` (docs/pages.md; under /static, which the
 ingress already sends to the gateway); one without gets the generic page.
-An unknown or impossible code still gets the generic page, whose WebSocket is then refused
-(4403) and which says so; if the store cannot be reached the answer is a 503 page that reloads
-itself.
+An unknown key (or a participant's code, which is public and never a key) is answered with 404
+and the generic page without any seat data, whose WebSocket is then refused (4403) and which
+says so; if the store cannot be reached the answer is a 503 page that reloads itself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from services.common import experiments
 from services.common.directory import Directory, NotFound
 from services.common.experiments import BimatrixParams
-from services.gateway.domain import valid_participant_code
+from services.common.seats import well_formed
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,17 @@ def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-async def page_config(directory: Directory, code: str) -> dict[str, Any]:
-    """What the page needs to know before its WebSocket opens; raises httpx.HTTPError."""
-    config: dict[str, Any] = {"participant": code, "experiment": None}
-    if not valid_participant_code(code):
-        return config
+async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dict[str, Any] | None:
+    """What the page of seat `key` needs to know before its WebSocket opens; None for a key
+    that names no seat. Raises httpx.HTTPError when the store cannot be reached."""
+    if not well_formed(key, seat_secret):
+        return None
     try:
-        info = await directory.participant(code)
+        info = await directory.seat(key)
         group = await directory.group(info.group)
     except NotFound:
-        return config
+        return None
+    config: dict[str, Any] = {"participant": info.participant}
     config.update(
         experiment=group.experiment,
         id_in_group=info.id_in_group,
@@ -125,18 +127,23 @@ def render_page(shell: str, config: dict[str, Any]) -> str:
     ).replace(MODULE_SLOT, f'<script type="module" src="{module}"></script>')
 
 
-def page_router(directory: Directory) -> APIRouter:
+def page_router(directory: Directory, seat_secret: bytes) -> APIRouter:
     router = APIRouter()
     shell = files("services.gateway").joinpath("static", "participant.html").read_text()
 
-    @router.get("/p/{code}", response_class=HTMLResponse, include_in_schema=False)
-    async def participant_page(code: str) -> HTMLResponse:
+    @router.get("/p/{key}", response_class=HTMLResponse, include_in_schema=False)
+    async def participant_page(key: str) -> HTMLResponse:
         try:
-            config = await page_config(directory, code)
+            config = await page_config(directory, key, seat_secret)
         except httpx.HTTPError as exc:
-            log.warning("participant page: store unreachable (%r)", exc)
+            # The exception's text may hold the look-up's URL, and so the key: its type only.
+            log.warning("participant page: store unreachable (%s)", type(exc).__name__)
             return HTMLResponse(RETRY_PAGE, status_code=503, headers={"Retry-After": "3"})
-        return HTMLResponse(render_page(shell, config), headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store"}
+        if config is None:  # no seat data at all: the page says the link is not valid
+            unknown = {"participant": None, "experiment": None}
+            return HTMLResponse(render_page(shell, unknown), status_code=404, headers=headers)
+        return HTMLResponse(render_page(shell, config), headers=headers)
 
     # Matched before the app's /static mount, which is added after this router.
     @router.get("/static/plugins/{experiment}.js", include_in_schema=False, response_model=None)

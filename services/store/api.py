@@ -278,6 +278,7 @@ def session_summary(
         "participants": [
             {
                 "code": p["_id"],
+                "key": p.get("key"),
                 "group": p["group"],
                 "id_in_group": p["id_in_group"],
                 "url": p["url"],
@@ -354,12 +355,13 @@ def api_router(
         if wait is not None:
             raise ApiError(
                 429,
+    seat_secret: bytes,
                 ApiCode.TOO_MANY_REQUESTS,
                 f"more than {max_sessions_per_minute} sessions created in the last minute "
                 f"(CANOPY_MAX_SESSIONS_PER_MINUTE); retry in {math.ceil(wait)} s",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        layout = layout_session(request, public_url)
+        layout = layout_session(request, public_url, seat_secret)
         await repository.create_session(layout)
         metrics.sessions.inc()
         return {
@@ -391,6 +393,7 @@ def api_router(
         for session in await repository.list_sessions():
             sessions.append(
                 session_summary(
+                    "key": p["key"],
                     session,
                     await repository.session_groups(session["_id"]),
                     await repository.session_participants(session["_id"]),
@@ -497,11 +500,12 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         include_in_schema=False,
     )
 
-    @router.get("/participants/{code}")
-    async def participant(code: str) -> dict[str, Any]:
-        document = await repository.participant(code)
+    @router.get("/seats/{key}")
+    async def seat(key: str) -> dict[str, Any]:
+        """The participant whose seat key this is (the gateway checked its tag already)."""
+        document = await repository.seat(key)
         if document is None:
-            raise ApiError(404, ApiCode.NOT_FOUND, "unknown participant")
+            raise ApiError(404, ApiCode.NOT_FOUND, "unknown seat")
         return {
             "participant": document["_id"],
             "session": document["session"],

@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from services.common.bus import STORE_QUEUE, Bus, Topology, running
 from services.common.health import health_router
+from services.common.seats import new_key
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
 from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: StoreSettings) -> FastAPI:
     metrics = StoreMetrics()
     token = settings.admin_token.get_secret_value()
+    seat_secret = settings.seat_key_secret()
     repository = Repository(settings.mongo_url, settings.mongo_db)
     topology = Topology(settings.shards, settings.queue_type)
     bus = Bus(
@@ -51,6 +53,9 @@ def create_app(settings: StoreSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await repository.setup()
+        keyed = await repository.give_seats_keys(lambda: new_key(seat_secret))
+        if keyed:
+            log.info("gave %d participants of sessions from before v2 a seat key", keyed)
         await bus.connect()
         channel = await bus.channel(prefetch=2 * settings.store_batch_size)
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
@@ -88,6 +93,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
             metrics,
             settings.public_url,
             token,
+            seat_secret,
             max_sessions_per_minute=settings.max_sessions_per_minute,
         )
     )

@@ -142,6 +142,7 @@ def bots_router(repository: Repository, fleets: Fleets, token: str) -> APIRouter
         try:
             fleet = await start_bots(
                 [p["url"] for p in free],
+                codes=[p["code"] for p in free],
                 experiment=session["experiment"],
                 params=dict(session.get("params") or {}),
                 strategy=request.strategy,

@@ -24,6 +24,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from services.common import experiments
 from services.common.directory import GroupConfig
 from services.common.messages import LogRecord
+from services.common.seats import new_key
 
 EXPORT_COLUMNS = ("ts", "session", "group", "participant", "direction", "channel", "seq", "value")
 
@@ -148,11 +149,17 @@ def new_group_id() -> str:
 
 
 def new_participant_code() -> str:
-    return secrets.token_hex(10)  # 80 random bits: unguessable
+    return secrets.token_hex(10)  # 80 random bits: public within the session, never a key
 
 
-def layout_session(request: CreateSession, public_url: str) -> dict[str, Any]:
-    """The session, group and participant documents of a new session."""
+def participant_url(public_url: str, key: str) -> str:
+    """A participant's link: the page of their seat (PROTOCOL v2: `/p/{key}`)."""
+    return f"{public_url.rstrip('/')}/p/{key}"
+
+
+def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) -> dict[str, Any]:
+    """The session, group and participant documents of a new session: each participant's
+    public code and secret seat key (services.common.seats), its link made of the key."""
     session_id = new_session_id()
     created_at = datetime.now(UTC)
     config = request.model_dump()
@@ -176,7 +183,7 @@ def layout_session(request: CreateSession, public_url: str) -> dict[str, Any]:
                     "group": group_id,
                     "id_in_group": index,
                     "experiment": request.experiment,
-                    "url": f"{public_url.rstrip('/')}/p/{code}",
+                    "url": participant_url(public_url, key),
                     "connected": False,
                 }
             )
@@ -207,9 +214,11 @@ def event_document(record: LogRecord) -> dict[str, Any]:
 
 def iso_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            key = new_key(seat_secret)
 
 
 def group_config(session: dict[str, Any], group: dict[str, Any]) -> GroupConfig:
+                    "key": key,
     """A group's configuration from its session's and group's documents (what decisions asks
     for over /internal, and what the replay folds the group's log with)."""
     return GroupConfig(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
@@ -35,6 +35,8 @@ class Repository:
         await self.events.create_index([("session", ASCENDING), ("ts", ASCENDING)])
         await self.events.create_index([("group", ASCENDING), ("ts", ASCENDING)])
         await self.participants.create_index([("session", ASCENDING)])
+        # A seat key names one seat (PROTOCOL v2): the gateway looks seats up by it.
+        await self.participants.create_index([("key", ASCENDING)], unique=True, sparse=True)
         await self.groups.create_index([("session", ASCENDING)])
 
     async def close(self) -> None:
@@ -65,6 +67,27 @@ class Repository:
 
     async def participant(self, code: str) -> dict[str, Any] | None:
         return await self.participants.find_one({"_id": code})
+
+    async def seat(self, key: str) -> dict[str, Any] | None:
+        """The participant whose seat key is `key` (PROTOCOL v2 links), if any."""
+        return await self.participants.find_one({"key": key})
+
+    async def give_seats_keys(self, mint: Callable[[], str]) -> int:
+        """Sessions created before v2 have participants without a seat key (their links
+        carried the code): give each one a key and a link made of it. Idempotent; how many."""
+        count = 0
+        async for document in self.participants.find({"key": {"$exists": False}}):
+            key = mint()
+            url = str(document.get("url", ""))
+            prefix, sep, _ = url.rpartition("/p/")
+            fields: dict[str, Any] = {"key": key}
+            if sep:
+                fields["url"] = f"{prefix}/p/{key}"
+            result = await self.participants.update_one(
+                {"_id": document["_id"], "key": {"$exists": False}}, {"$set": fields}
+            )
+            count += result.modified_count
+        return count
 
     async def group(self, group_id: str) -> dict[str, Any] | None:
         return await self.groups.find_one({"_id": group_id})

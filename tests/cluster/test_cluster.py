@@ -30,6 +30,7 @@ from devstack.infra import free_port
 from devstack.stack import SERVICES, StackHandle, start_stack
 from tests.conftest import RUN_DIR
 from tests.e2e.conftest import ServiceProcess, extra_service
+from tests.e2e.protocol import RESEARCHER_HOOKS
 from tests.faults.bots import Bot
 from tests.faults.test_faults import acked_after, check_state_equals_replay, export_with
 
@@ -127,6 +128,7 @@ async def test_scale_out_survives_a_worker_and_a_broker_node(
         base_url=stack.urls.store_url,
         headers={"Authorization": f"Bearer {stack.urls.admin_token}"},
         timeout=10.0,
+        event_hooks=RESEARCHER_HOOKS,  # notes seat keys (tests.e2e.protocol)
     ) as api:
         created = await api.post(
             "/api/sessions",

@@ -16,6 +16,7 @@ import pytest
 
 from devstack.infra import Popen, free_port, spawn, stop_process
 from devstack.stack import PROJECT_ROOT, port_variable
+from tests.e2e.protocol import RESEARCHER_HOOKS
 
 READY_TIMEOUT = 30.0
 
@@ -75,6 +76,7 @@ async def api(stack: Any) -> AsyncIterator[httpx.AsyncClient]:
         base_url=urls.store_url,
         headers={"Authorization": f"Bearer {urls.admin_token}"},
         timeout=10.0,
+        event_hooks=RESEARCHER_HOOKS,  # notes seat keys (tests.e2e.protocol)
     ) as client:
         yield client
 

@@ -1,4 +1,10 @@
-"""A test client that speaks exactly PROTOCOL.md: nothing Canopy-internal is imported here."""
+"""A test client that speaks exactly PROTOCOL.md: nothing Canopy-internal is imported here.
+
+Seats (PROTOCOL v2): a participant's socket opens with its secret key, while every payload
+names members by their public code. Tests think in codes; this client keeps the key of every
+participant it saw in an API answer (`create_session`, `remember`) and opens `/ws/<key>` for a
+code it knows. Anything else is sent as it is (a made-up key, or a code used as a key on
+purpose: both are refused with 4403)."""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +38,7 @@ class Participant:
 
     @classmethod
     async def connect(cls, gateway_url: str, code: str) -> Participant:
+        """The socket of participant `code` (opened with its key; see the module docstring)."""
         ws = await websockets.connect(ws_url(gateway_url, code), max_size=None, max_queue=None)
         return cls(code, ws)
 
@@ -94,8 +102,49 @@ class Participant:
         await self.ws.close()
 
 
+# code → seat key of every participant in an API answer this test session saw.
+KEYS: dict[str, str] = {}
+
+
+def remember(answer: dict[str, Any]) -> dict[str, Any]:
+    """Note the seat keys of a `POST /api/sessions` or `GET /api/sessions/{id}` answer."""
+    for participant in answer.get("participants", []):
+        if participant.get("key"):
+            KEYS[participant["code"]] = participant["key"]
+    return answer
+
+
+_SESSION_ANSWER = re.compile(r"/api/sessions(/[^/]+)?")
+
+
+async def remember_keys(response: httpx.Response) -> None:
+    """An httpx response hook: remember the keys of every session answer a client gets."""
+    if response.is_success and _SESSION_ANSWER.fullmatch(response.request.url.path):
+        await response.aread()
+        body = response.json()
+        if isinstance(body, dict):
+            remember(body)
+            for session in body.get("sessions", []):
+                remember(session)
+
+
+RESEARCHER_HOOKS = {"response": [remember_keys]}
+
+
+def key_of(code: str) -> str:
+    """The seat key of participant `code` (as it is when no answer named it)."""
+    return KEYS.get(code, code)
+
+
 def ws_url(gateway_url: str, code: str) -> str:
-    return gateway_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{code}"
+    """The socket of participant `code`: `/ws/<its key>` (see the module docstring)."""
+    base = gateway_url.replace("http://", "ws://").replace("https://", "wss://")
+    return base + f"/ws/{key_of(code)}"
+
+
+def raw_ws_url(gateway_url: str, key: str) -> str:
+    """`/ws/<key>` exactly as given (no code → key mapping)."""
+    return gateway_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{key}"
 
 
 def session_body(**overrides: Any) -> dict[str, Any]:
@@ -118,7 +167,7 @@ async def create_session(api: httpx.AsyncClient, **overrides: Any) -> dict[str, 
     response = await api.post("/api/sessions", json=session_body(**overrides))
     assert response.status_code == 201, response.text
     session: dict[str, Any] = response.json()
-    return session
+    return remember(session)
 
 
 async def connect_group(gateway_url: str, codes: list[str]) -> list[Participant]:

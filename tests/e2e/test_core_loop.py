@@ -17,7 +17,9 @@ async def test_whole_flow(api: httpx.AsyncClient, gateway_url: str) -> None:
     session = await create_session(api, period_length=1.5)
     codes = [p["code"] for p in session["participants"]]
     assert len(set(codes)) == 2 and all(len(c) >= 16 for c in codes)  # ≥ 64 random bits
-    assert session["participants"][0]["url"].endswith(f"/p/{codes[0]}")
+    # PROTOCOL v2: the link carries the seat's secret key, never the public code.
+    first = session["participants"][0]
+    assert first["url"].endswith(f"/p/{first['key']}") and first["code"] not in first["url"]
     a, b = await connect_group(gateway_url, codes)
 
     hello = a.received[0]

@@ -29,6 +29,7 @@ import pytest
 from services.common import experiments
 from services.common.directory import GroupConfig
 from services.common.group import rebuild
+from tests.e2e.protocol import RESEARCHER_HOOKS
 from tests.faults.bots import Bot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -77,6 +78,7 @@ def researcher(stack: Any) -> httpx.AsyncClient:
         base_url=stack.urls["store"],
         headers={"Authorization": f"Bearer {stack.admin_token}"},
         timeout=10.0,
+        event_hooks=RESEARCHER_HOOKS,  # notes seat keys (tests.e2e.protocol)
     )
 
 

@@ -3,6 +3,7 @@ participant codes (the participants' only credential), and the browser-origin po
 
 from __future__ import annotations
 
+import base64
 import collections
 import math
 import secrets
@@ -11,8 +12,9 @@ import string
 import pydantic
 import pytest
 
+from services.common.seats import KEY_LENGTH, new_key, well_formed
 from services.common.settings import CommonSettings
-from services.gateway.domain import OriginPolicy, origin_of, valid_participant_code
+from services.gateway.domain import OriginPolicy, origin_of
 from services.gateway.settings import GatewaySettings
 from services.store.domain import CreateSession, layout_session, new_participant_code
 from services.store.settings import StoreSettings
@@ -114,13 +116,22 @@ def test_a_session_layout_uses_fresh_codes_everywhere() -> None:
     request = CreateSession(
         experiment="decisions", num_participants=1000, group_size=10, period_length=1
     )
-    layout = layout_session(request, "http://127.0.0.1:8000")
+    secret = b"k" * 32
+    layout = layout_session(request, "http://127.0.0.1:8000", secret)
     codes = [p["_id"] for p in layout["participants"]]
-    assert len(set(codes)) == 1000
-    assert all(valid_participant_code(code) for code in codes)
-    assert all(p["url"].endswith("/p/" + p["_id"]) for p in layout["participants"])
+    keys = [p["key"] for p in layout["participants"]]
+    assert len(set(codes)) == 1000 and len(set(keys)) == 1000
+    # The link is the key's (PROTOCOL v2), never the code's; a code never passes as a key.
+    assert all(p["url"] == f"http://127.0.0.1:8000/p/{p['key']}" for p in layout["participants"])
+    assert all(well_formed(key, secret) and len(key) == KEY_LENGTH for key in keys)
+    assert not any(well_formed(code, secret) for code in codes)
+    assert not any(well_formed(key, b"x" * 32) for key in keys)  # another deployment's
     groups = {g["_id"] for g in layout["groups"]}
     assert len(groups) == 100 and not groups & set(codes)
+    # Seat keys: 128 random bits each (the first 16 of their 24 bytes), base64url.
+    raw = b"".join(base64.urlsafe_b64decode(k + "=" * (-len(k) % 4))[:16] for k in keys)
+    ones = sum(bin(byte).count("1") for byte in raw)
+    assert abs(ones / (len(raw) * 8) - 0.5) < 0.01
     # Entropy of the whole session's codes: ~4 bits per hex digit.
     counts = collections.Counter("".join(codes))
     entropy = -sum(n / 20_000 * math.log2(n / 20_000) for n in counts.values())
@@ -178,8 +189,16 @@ def test_a_malformed_origin_setting_stops_the_gateway() -> None:
 
 
 @pytest.mark.parametrize(
-    "code",
-    ["", "a" * 65, "../internal", "a/b", "a?b", "a#b", "a%2Fb", "a b", "é", "a\x00"],
+    "key",
+    ["", "a" * 65, "../internal", "a/b", "a?b", "a#b", "a%2Fb", "a b", "é", "a\x00", "a" * 32],
 )
-def test_impossible_codes_are_refused_before_any_lookup(code: str) -> None:
-    assert not valid_participant_code(code)
+def test_impossible_keys_are_refused_before_any_lookup(key: str) -> None:
+    assert not well_formed(key, b"k" * 32)
+
+
+def test_a_key_with_one_character_changed_is_refused() -> None:
+    secret = b"k" * 32
+    key = new_key(secret)
+    for index in range(len(key)):
+        other = "A" if key[index] != "A" else "B"
+        assert not well_formed(key[:index] + other + key[index + 1 :], secret)

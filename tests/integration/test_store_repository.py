@@ -27,7 +27,7 @@ async def test_session_layout_round_trip(repository: Repository) -> None:
     request = CreateSession(
         experiment="bimatrix", num_participants=6, group_size=3, period_length=60
     )
-    layout = layout_session(request, "http://gw")
+    layout = layout_session(request, "http://gw", b"k" * 32)
     await repository.create_session(layout)
     session_id = layout["session"]["_id"]
     assert (await repository.session(session_id))["experiment"] == "bimatrix"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.bots.client import link_code, ws_url
+from services.bots.client import link_key, ws_url
 from services.bots.runner import BotsError, open_slots
 from services.bots.strategies import (
     StrategyError,
@@ -163,7 +163,7 @@ def test_bad_combinations_are_refused_with_a_reason(
 def test_links_and_open_slots() -> None:
     assert ws_url("http://127.0.0.1:8000/p/abc") == "ws://127.0.0.1:8000/ws/abc"
     assert ws_url("https://lab.example/canopy/p/abc") == "wss://lab.example/canopy/ws/abc"
-    assert link_code("https://lab.example/canopy/p/abc") == "abc"
+    assert link_key("https://lab.example/canopy/p/abc") == "abc"
     with pytest.raises(ValueError, match="not a participant link"):
         ws_url("http://127.0.0.1:8000/api/sessions")
     session = {

@@ -1,6 +1,7 @@
 """The gateway's page routing (services/gateway/pages.py) against a fake store directory:
 which module each experiment's page loads, the embedded config, and the answers when the
-code is unknown or the store cannot be reached. The real store is in tests/browser/."""
+key is unknown (or a code stands where the key belongs) or the store cannot be reached. The
+real store is in tests/browser/."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import pytest
 from fastapi import FastAPI
 
 from services.common.directory import GroupConfig, NotFound, ParticipantInfo
+from services.common.seats import new_key
 from services.gateway.pages import page_router
 
 CODE = "p1abc"
+SECRET = b"s" * 32
+KEY = new_key(SECRET)
 
 
 class FakeDirectory:
@@ -26,13 +30,13 @@ class FakeDirectory:
         self.params = params
         self.down = down
 
-    async def participant(self, code: str) -> ParticipantInfo:
+    async def seat(self, key: str) -> ParticipantInfo:
         if self.down:
             raise httpx.ConnectError("store down")
-        if code != CODE:
-            raise NotFound(code)
+        if key != KEY:
+            raise NotFound("unknown seat")
         return ParticipantInfo(
-            participant=code, session="s1", group="g1", id_in_group=1, experiment=self.experiment
+            participant=CODE, session="s1", group="g1", id_in_group=1, experiment=self.experiment
         )
 
     async def group(self, group: str) -> GroupConfig:
@@ -52,7 +56,7 @@ class FakeDirectory:
 
 async def get(directory: FakeDirectory, path: str) -> httpx.Response:
     app = FastAPI()
-    app.include_router(page_router(directory))  # type: ignore[arg-type]
+    app.include_router(page_router(directory, SECRET))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         return await client.get(path)
@@ -84,7 +88,14 @@ def embedded(html: str) -> tuple[str, dict[str, Any]]:
             "double_auction",
             {},
             "/static/double_auction.js",
-            {"buyer_value": 100, "seller_cost": 0},
+            {
+                "buyer_value": 100,
+                "seller_cost": 0,
+                "max_open_orders": 20,
+                "max_price": 1_000_000,
+                "max_quantity": 1_000,
+                "book_depth": 50,
+            },
         ),
         ("not_installed_here", {"x": 1}, "/static/generic.js", {"x": 1}),
     ],
@@ -92,7 +103,7 @@ def embedded(html: str) -> tuple[str, dict[str, Any]]:
 async def test_each_experiment_gets_its_page_and_params_with_defaults(
     experiment: str, params: dict[str, Any], module: str, shown: dict[str, Any]
 ) -> None:
-    response = await get(FakeDirectory(experiment, params), f"/p/{CODE}")
+    response = await get(FakeDirectory(experiment, params), f"/p/{KEY}")
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
     found_module, config = embedded(response.text)
@@ -110,18 +121,21 @@ async def test_each_experiment_gets_its_page_and_params_with_defaults(
     }
 
 
-async def test_an_unknown_or_impossible_code_gets_the_generic_page() -> None:
-    for path, code in [("/p/nobody", "nobody"), ("/p/%3Cb%3E%3C!--", "<b><!--")]:
+async def test_an_unknown_key_or_a_code_gets_404_and_no_seat_data() -> None:
+    unknown = new_key(SECRET)  # well-formed, names no seat
+    forged = new_key(b"another deployment's secret")
+    for path in [f"/p/{CODE}", "/p/nobody", "/p/%3Cb%3E%3C!--", f"/p/{unknown}", f"/p/{forged}"]:
         response = await get(FakeDirectory("decisions", {}), path)
-        assert response.status_code == 200
+        assert response.status_code == 404, path
         module, config = embedded(response.text)
         assert module == "/static/generic.js"
-        assert config == {"participant": code, "experiment": None}
-    assert "<b><!--" not in response.text  # escaped inside the JSON, never markup
+        assert config == {"participant": None, "experiment": None}
+        assert CODE not in response.text and "p2abc" not in response.text
+    assert "<b><!--" not in response.text  # never echoed as markup
 
 
 async def test_an_unreachable_store_gets_a_page_that_retries() -> None:
-    response = await get(FakeDirectory("decisions", {}, down=True), f"/p/{CODE}")
+    response = await get(FakeDirectory("decisions", {}, down=True), f"/p/{KEY}")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "3"
     assert '<meta http-equiv="refresh" content="3">' in response.text

@@ -4,8 +4,9 @@
  * pages (page.js) are built on it, and so can a plug-in experiment's own page (docs/pages.md).
  *
  *   import { connect, connectHere } from "/static/canopy.js";
- *   const client = connectHere();            // the code and socket URL from /p/<code>
- *   // or connect("ws://host/ws/<code>", "<code>", handlers?, options?)
+ *   const client = connectHere();            // the seat key and socket URL from /p/<key>
+ *   // or connect("ws://host/ws/<key>", "<key>", handlers?, options?)
+ *   client.code                              // the participant's public code (from hello)
  *   client.on("status", (status) => {});     // "connecting" | "connected" | "reconnecting"
  *                                            // | "replaced" (4409) | "refused" (4403) | "closed"
  *   client.on("hello", (payload) => {});     // after every (re)connect, pending frames resent
@@ -24,14 +25,17 @@
  *
  * What it guarantees:
  * - Every frame gets the next seq of this participant (counter in localStorage under
- *   "canopy.seq.<code>", holding the next seq to use). A frame stays pending (sessionStorage
- *   "canopy.pending.<code>", so a reload keeps it) until an `ack` with seq >= its own, a `hello`
+ *   "canopy.seq.<key>", holding the next seq to use). A frame stays pending (sessionStorage
+ *   "canopy.pending.<key>", so a reload keeps it) until an `ack` with seq >= its own, a `hello`
  *   whose last_seq >= its own, or an `error` naming its seq. After every hello the remaining
  *   pending frames are sent again, in seq order, with their original seq; the gateway drops
  *   duplicates.
  * - Reconnects forever with exponential backoff and jitter (250 ms doubling to 5 s), except
- *   after close code 4403 (unknown participant: status "refused") or 4409 (replaced by a newer
- *   connection with the same code: status "replaced"; client.reconnect() takes over again).
+ *   after close code 4403 (unknown seat key: status "refused") or 4409 (replaced by a newer
+ *   connection with the same key: status "replaced"; client.reconnect() takes over again).
+ * - Seats (PROTOCOL v2): the link and the socket carry the seat's secret key; every payload
+ *   names members by their public code. The client learns its own code from `hello`
+ *   (`options.code` may give it earlier, as the page does from its embedded configuration).
  * - Frames leave at most `maxRate` per second with bursts of `maxBurst`, under the gateway's
  *   flood limit, so a long offline queue does not come back as `too_many_messages`.
  * - A connection that leaves sent frames without any answer for `ackTimeoutMs` is treated as
@@ -99,18 +103,18 @@ function periodIsOlder(a, b) {
 }
 
 export class CanopyClient {
-  constructor(wsUrl, participantCode, handlers, options) {
+  constructor(wsUrl, seatKey, handlers, options) {
     this.url = wsUrl;
-    this.code = participantCode;
     this.handlers = handlers || {};
     var o = Object.assign({}, DEFAULTS, options || {});
+    this.code = typeof o.code === "string" && o.code ? o.code : null; // set again by hello
     this.options = o;
     this._WebSocket = o.WebSocket || global.WebSocket;
     if (typeof o.random !== "function") o.random = Math.random;
     this._local = "localStorage" in o ? o.localStorage : storageOrNull("localStorage");
     this._session = "sessionStorage" in o ? o.sessionStorage : storageOrNull("sessionStorage");
-    this._seqKey = "canopy.seq." + participantCode;
-    this._pendingKey = "canopy.pending." + participantCode;
+    this._seqKey = "canopy.seq." + seatKey;
+    this._pendingKey = "canopy.pending." + seatKey;
 
     this.state = {
       status: "connecting",
@@ -396,7 +400,8 @@ export class CanopyClient {
     this._preHello.presence.forEach(function (change) {
       self._applyPresence(change[0], change[1]);
     });
-    presence[p.participant || this.code] = true;
+    if (typeof p.participant === "string" && p.participant) this.code = p.participant;
+    if (this.code) presence[this.code] = true;
 
     this._dropPendingUpTo(last);
     if (st.nextSeq <= last) this._setNextSeq(last + 1);
@@ -714,29 +719,29 @@ export class CanopyClient {
   }
 }
 
-/** Open a client for `wsUrl` as participant `participantCode`. */
-export function connect(wsUrl, participantCode, handlers, options) {
-  return new CanopyClient(wsUrl, participantCode, handlers, options);
+/** Open a client for `wsUrl`, the socket of the seat whose key is `seatKey`. */
+export function connect(wsUrl, seatKey, handlers, options) {
+  return new CanopyClient(wsUrl, seatKey, handlers, options);
 }
 
-/** The participant code of a page served at /p/<code>. */
-export function pageCode(loc) {
+/** The seat key of a page served at /p/<key>. */
+export function pageKey(loc) {
   loc = loc || global.location;
   var segments = loc.pathname.split("/").filter(Boolean);
   return decodeURIComponent(segments[segments.length - 1] || "");
 }
 
-/** The WebSocket URL of participant `code` on the server that served this page. */
-export function socketUrl(code, loc) {
+/** The WebSocket URL of the seat with key `key` on the server that served this page. */
+export function socketUrl(key, loc) {
   loc = loc || global.location;
   var scheme = loc.protocol === "https:" ? "wss:" : "ws:";
-  return scheme + "//" + loc.host + "/ws/" + encodeURIComponent(code);
+  return scheme + "//" + loc.host + "/ws/" + encodeURIComponent(key);
 }
 
-/** A client for the participant whose page this is (/p/<code>). */
+/** A client for the seat whose page this is (/p/<key>). */
 export function connectHere(handlers, options) {
-  var code = pageCode();
-  return connect(socketUrl(code), code, handlers, options);
+  var key = pageKey();
+  return connect(socketUrl(key), key, handlers, options);
 }
 
-export const version = "2";
+export const version = "3";

@@ -19,7 +19,7 @@
  * members, period_length, num_subperiods, …), me(), members(), el, chart (record(values),
  * reset()), running(), elapsed(ts), slider(options), showError(error).
  */
-import { connect, pageCode, socketUrl } from "./canopy.js";
+import { connect, pageKey, socketUrl } from "./canopy.js";
 import uPlot from "./vendor/uplot/uPlot.esm.js";
 
 var MAX_ERRORS_SHOWN = 5;
@@ -46,7 +46,6 @@ export function readConfig() {
       config = {};
     }
   }
-  if (!config.participant) config.participant = pageCode();
   if (!config.params) config.params = {};
   return config;
 }
@@ -108,7 +107,8 @@ export function startPage(spec) {
     members: byId("members"),
     errors: byId("errors"),
   };
-  var client = connect(socketUrl(code), code);
+  var key = pageKey(); // the seat's secret: only in this page's own address
+  var client = connect(socketUrl(key), key, null, { code: code });
   var periodPayoffs = {}; // period number -> {code: payoff}, as announced by period_end
 
   var page = {
