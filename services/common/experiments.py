@@ -9,6 +9,7 @@ functions). Register new ones with `register()`.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import math
 import os
@@ -193,14 +194,18 @@ class Bimatrix:
                 return dict.fromkeys(decisions, 0.0)
             p, q = float(decisions[row]), float(decisions[column])
             return {row: _expected(matrix, p, q, 0), column: _expected(matrix, p, q, 1)}
+        # O(N): the others' total is everyone's total less one's own (not a list per member,
+        # which made every input O(N²)); the mean is clamped to [0, 1] against rounding.
+        mixes = {code: float(v) for code, v in decisions.items() if _is_number(v)}
+        total, count = sum(mixes.values()), len(mixes)
         result: dict[str, float] = {}
-        for me, mine in decisions.items():
-            others = [v for code, v in decisions.items() if code != me and _is_number(v)]
-            if not _is_number(mine) or not others:
+        for me in decisions:
+            mine = mixes.get(me)
+            if mine is None or count < 2:
                 result[me] = 0.0
                 continue
-            q = sum(float(v) for v in others) / len(others)
-            result[me] = _expected(matrix, float(mine), q, 0)
+            q = min(1.0, max(0.0, (total - mine) / (count - 1)))
+            result[me] = _expected(matrix, mine, q, 0)
         return result
 
 
@@ -261,10 +266,20 @@ class Outcome:
 
 
 class DoubleAuctionParams(BaseModel):
+    """The market's params (PROTOCOL v2 "Limits"): what one trader may put in the book, and
+    how much of it each `book` broadcast shows."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     buyer_value: Annotated[Number, Field(gt=0, le=1e9)] = 100.0
     seller_cost: Annotated[Number, Field(ge=0, le=1e9)] = 0.0
+    # Open (resting) orders one participant may have at once.
+    max_open_orders: Annotated[int, Field(strict=True, ge=1, le=1_000)] = 20
+    # Prices and quantities above these are refused (they bound payoffs and row sizes too).
+    max_price: Annotated[Number, Field(gt=0, le=1e12)] = 1_000_000.0
+    max_quantity: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 1_000
+    # Entries per side that `book` broadcasts and `hello.book` list (best first).
+    book_depth: Annotated[int, Field(strict=True, ge=1, le=1_000)] = 50
 
 
 class Order(BaseModel):
@@ -283,16 +298,44 @@ class Cancel(BaseModel):
     seq: Annotated[int, Field(ge=1)]
 
 
+# The book's sort keys: best first, so a bisect to the right of equal prices puts a new order
+# after the earlier ones at its price (time priority) without a scan.
+_SORT_KEY = {"bids": lambda e: -e["price"], "asks": lambda e: e["price"]}
+
+
+def _sort_key(side: str, price: float) -> float:
+    return -price if side == "bids" else price
+
+
 @dataclass(frozen=True)
 class DoubleAuction:
-    """A continuous double auction (PROTOCOL v1.1): odd members buy, even members sell.
+    """A continuous double auction (PROTOCOL v1.1, bounded as v2 says): odd members buy, even
+    members sell.
 
     Price-time priority: an incoming order trades against the best resting orders that cross
     it, at the resting order's price, with partial fills; what is left rests in the book. A
     buyer earns `buyer_value − price` per unit, a seller `price − seller_cost`. The book is the
-    experiment's state (`{"bids", "asks"}`, best first, earlier first at equal prices); it is
-    emptied at each period's start and end. Pure: the same inputs give the same book, so a
-    rebuild and the replay agree with the live market.
+    experiment's state, emptied at each period's start and end: `{"bids", "asks"}` (best first,
+    earlier first at equal prices, each entry `{"participant", "seq", "price", "quantity"}`),
+    `"open"` (participant → their resting orders, `str(seq)` → `[side, price]`) and
+    `"book_depth"`; plain JSON values. Pure and deterministic: the same inputs give the same
+    book, so a rebuild and the replay agree with the live market.
+
+    Bounds (params): an order above `max_price` or `max_quantity` is refused, and so is an order
+    that would rest while its sender already has `max_open_orders` resting. That check is made
+    before anything trades, and refuses the order as a whole: an order that would partly fill
+    and rest the rest beyond the limit trades nothing (predictable for the trader, and an order
+    that fills completely is still taken at the limit, since nothing of it rests). A `book`
+    broadcast (and `hello.book`) lists at most `book_depth` entries per side, with
+    `bids_total` and `asks_total`; the state keeps the whole book.
+
+    Cost per input: O(log n + fills) comparisons (a bisect for the insertion point, the count of
+    a trader's open orders and the price of each kept in `open`), plus O(book_depth) for the
+    broadcast; the state it is given is not changed (hooks must not, see `Experiment`): the new
+    one shares what the input left alone and holds shallow copies of what it touched (the side
+    lists, a C-level copy of pointers, and the `open` maps of the traders involved). Entries
+    are never changed in place (a partial fill replaces its entry), so a broadcast that lists
+    one stays what it was when it was made.
     """
 
     name: str = "double_auction"
@@ -317,10 +360,11 @@ class DoubleAuction:
         return dict.fromkeys(decisions, 0.0)  # no flow payoffs: see `earned` in on_input
 
     def initial_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return {"bids": [], "asks": []}
+        depth = DoubleAuctionParams.model_validate(params).book_depth
+        return {"bids": [], "asks": [], "open": {}, "book_depth": depth}
 
     def hello(self, state: Any) -> dict[str, Any]:
-        return {"book": state if state is not None else self.initial_state({})}
+        return {"book": book_view(state if state is not None else self.initial_state({}))}
 
     def on_input(
         self,
@@ -345,48 +389,67 @@ class DoubleAuction:
                 book, problem=f"{'buyers' if buyer else 'sellers'} only {'bid' if buyer else 'ask'}"
             )
         p = DoubleAuctionParams.model_validate(params)
-        bids, asks = list(book["bids"]), list(book["asks"])
-        resting, opposite = (bids, asks) if order.side == "bid" else (asks, bids)
-        left = order.quantity
+        if order.price > p.max_price:
+            return Outcome(book, problem=f"the price may be at most {p.max_price:g}")
+        if order.quantity > p.max_quantity:
+            return Outcome(book, problem=f"the quantity may be at most {p.max_quantity}")
+        side = "bids" if order.side == "bid" else "asks"
+        resting, opposite = book[side], book["asks" if side == "bids" else "bids"]
+        # Plan the fills without changing anything: the limit may refuse the whole order.
+        left, fills = order.quantity, []
+        for best in opposite:
+            if not left or not _crosses(order.side, order.price, best["price"]):
+                break
+            fill = min(left, best["quantity"])
+            fills.append((best, fill))
+            left -= fill
+        mine = book["open"].get(participant, {})
+        if left and len(mine) >= p.max_open_orders:
+            return Outcome(
+                book,
+                problem=f"at most {p.max_open_orders} open orders each: cancel one first",
+            )
+        # A new state that shares what this order leaves alone (see the class's docstring).
+        other = "asks" if side == "bids" else "bids"
+        new = {**book, "open": dict(book["open"])}
+        if fills:
+            new[other] = opposite = list(opposite)
         trades: list[dict[str, Any]] = []
         earned: dict[str, float] = {}
-        while left and opposite and _crosses(order.side, order.price, opposite[0]["price"]):
-            best = opposite[0]
-            fill = min(left, best["quantity"])
+        gone = 0  # resting orders filled completely: the first `gone` of `opposite`
+        for best, fill in fills:
             price = best["price"]
             if order.side == "bid":
-                trade = {
-                    "buyer": participant,
-                    "seller": best["participant"],
-                    "bid_seq": seq,
-                    "ask_seq": best["seq"],
-                }
+                buyer_code, seller_code = participant, best["participant"]
+                bid_seq, ask_seq = seq, best["seq"]
             else:
-                trade = {
-                    "buyer": best["participant"],
-                    "seller": participant,
-                    "bid_seq": best["seq"],
-                    "ask_seq": seq,
+                buyer_code, seller_code = best["participant"], participant
+                bid_seq, ask_seq = best["seq"], seq
+            trades.append(
+                {
+                    "price": price,
+                    "quantity": fill,
+                    "buyer": buyer_code,
+                    "seller": seller_code,
+                    "bid_seq": bid_seq,
+                    "ask_seq": ask_seq,
                 }
-            trades.append({"price": price, "quantity": fill, **trade})
-            gain_buyer, gain_seller = (p.buyer_value - price) * fill, (price - p.seller_cost) * fill
-            earned[trade["buyer"]] = earned.get(trade["buyer"], 0.0) + gain_buyer
-            earned[trade["seller"]] = earned.get(trade["seller"], 0.0) + gain_seller
-            left -= fill
+            )
+            earned[buyer_code] = earned.get(buyer_code, 0.0) + (p.buyer_value - price) * fill
+            earned[seller_code] = earned.get(seller_code, 0.0) + (price - p.seller_cost) * fill
             if fill == best["quantity"]:
-                opposite.pop(0)
-            else:
-                opposite[0] = {**best, "quantity": best["quantity"] - fill}
+                gone += 1
+                _forget(new["open"], best["participant"], best["seq"])
+            else:  # only the last fill can be partial: a new entry, see the class's docstring
+                opposite[gone] = {**best, "quantity": best["quantity"] - fill}
+        del opposite[:gone]
         if left:
             entry = {"participant": participant, "seq": seq, "price": order.price, "quantity": left}
-            # Best price first; at equal prices the earlier order first (it arrived first).
-            at = next(
-                (i for i, e in enumerate(resting) if _better(order.side, order.price, e["price"])),
-                len(resting),
-            )
+            new[side] = resting = list(resting)
+            at = bisect.bisect_right(resting, _sort_key(side, order.price), key=_SORT_KEY[side])
             resting.insert(at, entry)
-        new = {"bids": bids, "asks": asks}
-        broadcasts = [("trade", t) for t in trades] + [("book", new)]
+            new["open"][participant] = {**mine, str(seq): [side, order.price]}
+        broadcasts = [("trade", t) for t in trades] + [("book", book_view(new))]
         return Outcome(new, broadcasts, earned=earned)
 
     def _cancel(self, book: dict[str, Any], participant: str, payload: Any) -> Outcome:
@@ -394,21 +457,50 @@ class DoubleAuction:
             target = Cancel.model_validate(payload).seq
         except ValueError:
             return Outcome(book, problem="a cancel is {seq: the seq of one's own open order}")
-        for side in ("bids", "asks"):
-            for i, entry in enumerate(book[side]):
-                if entry["participant"] == participant and entry["seq"] == target:
-                    new = {**book, side: book[side][:i] + book[side][i + 1 :]}
-                    return Outcome(new, [("book", new)])
-        return Outcome(book, problem=f"no open order {target} of yours")
+        mine = book["open"].get(participant, {})
+        where = mine.get(str(target))
+        if where is None:
+            return Outcome(book, problem=f"no open order {target} of yours")
+        side, price = where
+        entries, key = book[side], _SORT_KEY[side]
+        # Only the orders at its price need looking at.
+        low = bisect.bisect_left(entries, _sort_key(side, price), key=key)
+        high = bisect.bisect_right(entries, _sort_key(side, price), lo=low, key=key)
+        at = next(
+            i
+            for i in range(low, high)
+            if entries[i]["participant"] == participant and entries[i]["seq"] == target
+        )
+        new = {**book, side: entries[:at] + entries[at + 1 :], "open": dict(book["open"])}
+        _forget(new["open"], participant, target)
+        return Outcome(new, [("book", book_view(new))])
+
+
+def _forget(opened: dict[str, Any], participant: str, seq: int) -> None:
+    """Drop one order from `opened` (a copy of the book's `open`, whose inner maps may still
+    be the old state's: they are replaced, never changed)."""
+    mine = {k: v for k, v in opened[participant].items() if k != str(seq)}
+    if mine:
+        opened[participant] = mine
+    else:
+        del opened[participant]
+
+
+def book_view(book: Mapping[str, Any]) -> dict[str, Any]:
+    """What a `book` broadcast and `hello.book` show: the best `book_depth` entries per side
+    and the number of open orders per side."""
+    depth = int(book.get("book_depth", DoubleAuctionParams().book_depth))
+    bids, asks = book["bids"], book["asks"]
+    return {
+        "bids": bids[:depth],
+        "asks": asks[:depth],
+        "bids_total": len(bids),
+        "asks_total": len(asks),
+    }
 
 
 def _crosses(side: str, price: float, resting_price: float) -> bool:
     return resting_price <= price if side == "bid" else resting_price >= price
-
-
-def _better(side: str, price: float, other: float) -> bool:
-    """Strictly better than a resting order of the same side (time priority at equal prices)."""
-    return price > other if side == "bid" else price < other
 
 
 _REGISTRY: dict[str, Experiment] = {}

@@ -95,7 +95,7 @@ def test_payoffs_are_the_trades_and_the_book_empties_at_period_end() -> None:
     end = rec.rows[-1]["value"]
     assert end["payoffs"] == {B1: (80 - 30) * 2, S1: (30 - 10) * 2, B2: 0.0, S2: 0.0}
     assert end["group_decisions"] == dict.fromkeys([B1, S1, B2, S2])
-    assert rec.state.hello(B1)["book"] == {"bids": [], "asks": []}
+    assert rec.state.hello(B1)["book"] == {"bids": [], "asks": [], "bids_total": 0, "asks_total": 0}
     rec.frame(B1, 9, {"side": "bid", "price": 10, "quantity": 1}, channel="orders")
     assert rec.rows[-1]["value"]["code"] == "period_not_running"
 
