@@ -200,8 +200,9 @@ class TimersWorker:
             float(document["length"]),
             int(document["num_subperiods"]),
         )
-        for index in range(int(document["fired"]), len(ticks)):
-            tick = ticks[index]
+        # Each tick is computed when its turn comes (domain.Schedule): however many
+        # sub-periods, a running or resumed schedule holds one tick at a time.
+        for index, tick in ticks.ticks(int(document["fired"])):
             # Sleeping until an absolute deadline is the timer itself; no drift accumulates.
             await asyncio.sleep(max(0.0, tick.at - now()))
             # Late: its deadline passed before this worker could run it (timers was down).
