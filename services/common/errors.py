@@ -23,6 +23,9 @@ class ErrorCode(StrEnum):
     INVALID_DECISION = "invalid_decision"
     TOO_MANY_MESSAGES = "too_many_messages"
     PERIOD_NOT_RUNNING = "period_not_running"
+    # The experiment's own code raised on an accepted input (PROTOCOL v2): logged, it changed
+    # nothing.
+    EXPERIMENT_ERROR = "experiment_error"
 
 
 class ApiCode(StrEnum):
@@ -43,6 +46,7 @@ class CloseCode:
     TRY_AGAIN_LATER = 1013  # too slow a reader (CANOPY_OUTBOX_LIMIT), or the store unreachable
     UNKNOWN_PARTICIPANT = 4403
     REPLACED = 4409
+    TOO_MANY_CONNECTIONS = 4429  # PROTOCOL v2: a reconnect storm for one seat; try again later
 
 
 class CanopyError(Exception):

@@ -20,10 +20,28 @@ from functools import partial
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 
 class Experiment(Protocol):
+    """The hooks of one experiment. Pure and deterministic: no I/O, no clock, no randomness,
+    and no change to their arguments (they are the group's state).
+
+    Every hook gets `params` as the `params_model` validated and dumped them (defaults filled
+    in), never the raw request. A hook that raises (or returns what its contract does not
+    allow, such as a non-finite payoff) changes nothing: on a participant's input the input is
+    still logged and answered with an `experiment_error` error, the group's state staying as it
+    was; on a tick or a connection the hook's result counts as empty (see
+    `services.common.group`)."""
+
     @property
     def name(self) -> str: ...
 
@@ -38,14 +56,16 @@ class Experiment(Protocol):
     def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
         """(field, message) if a group of `group_size` cannot play with these params."""
 
-    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any: ...
+    def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
+        """A member's decision before it sends one (plain JSON); raises: `None`."""
 
     def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
         """None if the decision is acceptable, else a message for `invalid_decision`."""
 
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
-    ) -> dict[str, float]: ...
+    ) -> dict[str, float]:
+        """Flow payoffs, code → finite number; raises on a tick: no payoffs (`{}`)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -76,25 +96,65 @@ GAMES: dict[str, list[list[list[float]]]] = {
 }
 
 
+def _not_nullable(schema: dict[str, Any]) -> None:
+    """The JSON schema of a field whose `None` only means "not given" (see `_not_null`): no
+    null among its types, and no default to show."""
+    schema.pop("default", None)
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+def _not_null(value: Any) -> Any:
+    """`null` is not a value of these params: leave the key out to get its default."""
+    if value is None:
+        raise ValueError("must not be null (leave it out for the default)")
+    return value
+
+
+# Bounds that keep every flow payoff, and so every period's integral, finite (PROTOCOL v2).
+MAX_PAYOFF_ENTRY = 1e9
+PayoffEntry = Annotated[Number, Field(ge=-MAX_PAYOFF_ENTRY, le=MAX_PAYOFF_ENTRY)]
+PayoffMatrix = Annotated[
+    list[
+        Annotated[
+            list[Annotated[list[PayoffEntry], Field(min_length=2, max_length=2)]],
+            Field(min_length=2, max_length=2),
+        ]
+    ],
+    Field(min_length=2, max_length=2),
+]
+GameName = Literal["prisoners_dilemma", "stag_hunt", "hawk_dove", "matching_pennies"]
+DEFAULT_GAME = "prisoners_dilemma"
+
+
 class BimatrixParams(BaseModel):
-    """`payoff_matrix[r][c] = [row player's, column player's]`, or a named `game`; not both."""
+    """`payoff_matrix[r][c] = [row player's, column player's]` (entries within ±1e9), or a
+    named `game`; not both. Neither: `game` is `prisoners_dilemma`.
+
+    Neither key takes `null` (its schema has no null): absence means the default. The dump
+    (what the store keeps and the hooks get) names the one that was chosen, so validating a
+    dump again gives the same params."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    payoff_matrix: (
-        Annotated[
-            list[
-                Annotated[
-                    list[Annotated[list[Number], Field(min_length=2, max_length=2)]],
-                    Field(min_length=2, max_length=2),
-                ]
-            ],
-            Field(min_length=2, max_length=2),
-        ]
-        | None
-    ) = None
-    game: Literal["prisoners_dilemma", "stag_hunt", "hawk_dove", "matching_pennies"] | None = None
+    # `None` only inside the model, meaning "the other one was chosen"; refused as input.
+    payoff_matrix: Annotated[PayoffMatrix | None, BeforeValidator(_not_null)] = Field(
+        default=None, json_schema_extra=_not_nullable
+    )
+    game: Annotated[GameName | None, BeforeValidator(_not_null)] = Field(
+        default=None, json_schema_extra=_not_nullable
+    )
     initial_decision: Annotated[Number, Field(ge=0, le=1)] = 0.5
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_game(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "payoff_matrix" not in data and "game" not in data:
+            return {**data, "game": DEFAULT_GAME}
+        return data
 
     @model_validator(mode="after")
     def _one_game(self) -> BimatrixParams:
@@ -102,10 +162,15 @@ class BimatrixParams(BaseModel):
             raise ValueError("give either payoff_matrix or game, not both")
         return self
 
+    @model_serializer(mode="wrap")
+    def _chosen_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped: dict[str, Any] = handler(self)
+        return {k: v for k, v in dumped.items() if v is not None}
+
     def matrix(self) -> list[list[list[float]]]:
         if self.payoff_matrix is not None:
             return self.payoff_matrix
-        return GAMES[self.game or "prisoners_dilemma"]
+        return GAMES[self.game or DEFAULT_GAME]
 
 
 def _matrix(params: Mapping[str, Any]) -> Any:
@@ -115,6 +180,9 @@ def _matrix(params: Mapping[str, Any]) -> Any:
 
 
 class PublicGoodsParams(BaseModel):
+    """Bounded so that payoffs stay finite: |u_i| ≤ endowment · (1 + mpcr · group_size)
+    ≤ 1e9 · (1 + 1e3 · 1e3) ≈ 1e15."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endowment: Annotated[Number, Field(gt=0, le=1e9)] = 20.0

@@ -13,18 +13,51 @@ restarted worker, and a replay, arrive at the state the live one had. What the l
 hold is recovered otherwise: which connection a member is on (`UNKNOWN` until its gateway
 announces it again, see `Resync`), and whether a `StartPeriod` had gone out for a group that
 was complete (it is sent again; timers keeps one schedule per period, so that is harmless).
+
+Experiment code is not trusted to succeed (PROTOCOL v2 "The ack holds through everything").
+Its hooks get `params` validated by the experiment's `params_model` and dumped (defaults
+filled in; once per group, see `validated_params`), and what a hook returns is checked (flow
+payoffs: code → finite number). An input is a transaction: every hook it needs runs first, on
+copies, and the group's state (decisions, market, flow / area, earned, rate-limit fields)
+changes only after all of them returned. So when a hook raises on an input, the frame still
+counts as seen (`last_seq` moves: it is acknowledged and its `in` row is logged), it is
+answered with an `error` `experiment_error` for its sender and seq, and nothing else changes;
+the group goes on. An input whose broadcasts would exceed `MAX_PAYLOAD_BYTES` (PROTOCOL v2
+"Size") is refused the same way, with `invalid_decision`. Hooks called outside an input (ticks,
+connections) cannot refuse anything, so there a failing hook counts as an empty answer:
+`payoffs` → no payoffs (`{}`), `initial_decision` → `None`, `initial_state` → `None` (no
+market), `hello` → nothing added. Live and the fold run these same methods, so they agree; a
+fold also takes the log's word for an `in` row answered by `experiment_error` (`rebuild`
+skips it), in case the hook is not as deterministic as it must be. Each failure is logged once
+with its traceback (a fold, which re-runs it, logs one line at debug level); logs name the
+participant's public code, never a key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+import orjson
 
 from services.common.directory import GroupConfig
 from services.common.errors import ErrorCode
 from services.common.experiments import Experiment
 from services.common.messages import Channel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# PROTOCOL v2 "Size": no broadcast and no log row carries more than this many bytes of JSON.
+MAX_PAYLOAD_BYTES = 262_144
+# A log row around its value (ts, ids, channel, seq): kept free under the cap.
+ROW_OVERHEAD_BYTES = 1_024
+# An `invalid_decision` message from an experiment is cut to this many characters.
+MAX_MESSAGE_CHARS = 500
 
 PeriodState = Literal["waiting", "starting", "running", "paused", "ended"]
 
@@ -141,18 +174,34 @@ class GroupState:
     # "subperiods": [{"index", "group_decisions", "payoffs"}]}.
     history: list[dict[str, Any]] = field(default_factory=list)
     subperiods: list[dict[str, Any]] = field(default_factory=list)
+    # The params every hook gets: `config.params` as the experiment's model validates them.
+    params: dict[str, Any] = field(init=False, default_factory=dict)
+    # (participant, seq) of inputs the log answers with `experiment_error` (set by `rebuild`):
+    # their fold changes nothing, whatever the hook does this time.
+    failed_inputs: set[tuple[str, int]] = field(default_factory=set, repr=False)
+    folding: bool = field(default=False, repr=False)  # re-applying logged rows (quiet logs)
 
     def __post_init__(self) -> None:
+        self.params = validated_params(self.experiment, self.config)
         for code, decision in self._initial_decisions().items():
             self.decisions.setdefault(code, decision)
             self.last_seq.setdefault(code, 0)
 
     def _initial_decisions(self) -> dict[str, Any]:
-        params = self.config.params
-        return {
-            code: self.experiment.initial_decision(index, params)
-            for index, code in enumerate(self.config.members, start=1)
-        }
+        """Every member's initial decision; a member whose hook fails (or answers something
+        that is not JSON) starts from `None`."""
+        decisions: dict[str, Any] = {}
+        failure: Exception | None = None
+        for index, code in enumerate(self.config.members, start=1):
+            try:
+                decision = self.experiment.initial_decision(index, self.params)
+                orjson.dumps(decision)  # it is broadcast: plain JSON only
+            except Exception as exc:
+                decision, failure = None, failure or exc
+            decisions[code] = decision
+        if failure is not None:
+            self._report("initial_decision", failure)
+        return decisions
 
     # -- time ------------------------------------------------------------------------------
 
@@ -170,9 +219,24 @@ class GroupState:
     def on_frame(
         self, participant: str, seq: int, channel: str, payload: Any, now: float
     ) -> list[Effect]:
+        """Apply one frame, as a transaction: see the module's docstring."""
         if self.seen(participant, seq):
             return []  # not a member, or a duplicate already applied: idempotent on (p, seq)
-        self.last_seq[participant] = seq
+        self.last_seq[participant] = seq  # seen (and acknowledged) whatever happens next
+        if (participant, seq) in self.failed_inputs:
+            self.failed_inputs.discard((participant, seq))
+            return []  # the log says the experiment failed on it: it changed nothing
+        try:
+            return self._apply_frame(participant, seq, channel, payload, now)
+        except Exception as exc:  # experiment code; nothing was changed before it raised
+            self._report("a hook", exc, participant=participant, seq=seq)
+            message = "the experiment failed on this input; it changed nothing"
+            return [self._error(participant, seq, ErrorCode.EXPERIMENT_ERROR, message)]
+
+    def _apply_frame(
+        self, participant: str, seq: int, channel: str, payload: Any, now: float
+    ) -> list[Effect]:
+        """Every hook first, then the changes (which call no experiment code)."""
         if channel != "decisions":
             if channel in self.experiment.channels and hasattr(self.experiment, "on_input"):
                 return self._on_own_channel(participant, seq, channel, payload)
@@ -186,12 +250,23 @@ class GroupState:
                     f"period {self.period} is {self._public_state()}",
                 )
             ]
-        problem = self.experiment.validate(payload, self.config.params)
+        if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
+            return [self._too_big(participant, seq, "this decision")]
+        problem = self.experiment.validate(payload, self.params)
         if problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, problem)]
+        decisions = dict(self.decisions)
+        decisions[participant] = payload
+        flow = self._payoffs(decisions)
+        # The largest rows these decisions go out in: `subperiod` / `period_end` (decisions
+        # and payoffs); `group_decisions` is smaller. Checked whether it goes out now or later.
+        widest = {"period": self.period, "index": self.subperiod, "late": True}
+        if _json_size({**widest, "group_decisions": decisions, "payoffs": flow}) > (
+            MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES
+        ):
+            return [self._too_big(participant, seq, "the group's decisions with this one")]
         self._accrue(now)  # the old decisions held until this frame's row
-        self.decisions[participant] = payload
-        self.flow = self._payoffs()
+        self.decisions, self.flow = decisions, flow
         return self._decisions_changed(now)
 
     def _on_own_channel(
@@ -201,6 +276,8 @@ class GroupState:
         if self.state != "running":
             message = f"period {self.period} is {self._public_state()}"
             return [self._error(participant, seq, ErrorCode.PERIOD_NOT_RUNNING, message)]
+        if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
+            return [self._too_big(participant, seq, f"this {channel} input")]
         outcome = self.experiment.on_input(  # type: ignore[attr-defined]
             self.market,
             participant,
@@ -208,14 +285,19 @@ class GroupState:
             seq,
             channel,
             payload,
-            self.config.params,
+            self.params,
         )
         if outcome.problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, outcome.problem)]
+        broadcasts = [(str(name), body) for name, body in outcome.broadcasts]
+        earned = {str(code): _finite(amount, "earned") for code, amount in outcome.earned.items()}
+        for name, body in broadcasts:
+            if _json_size(body) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
+                return [self._too_big(participant, seq, f"the {name} this input makes")]
         self.market = outcome.state
-        for code, amount in outcome.earned.items():
+        for code, amount in earned.items():
             self.earned[code] = self.earned.get(code, 0.0) + amount
-        return [Broadcast(name, body) for name, body in outcome.broadcasts]
+        return [Broadcast(name, body) for name, body in broadcasts]
 
     def on_presence(
         self, participant: str, connection: str, connected: bool, *, now: float = 0.0
@@ -281,11 +363,11 @@ class GroupState:
             if reset:  # every period starts from the initial decisions
                 self.decisions = self._initial_decisions()
             self.period_started_at = self.flow_since = ts
-            self.flow, self.area, self.snapshots = self._payoffs(), {}, []
+            self.flow, self.area, self.snapshots = self._tick_payoffs(), {}, []
             self.paused_total, self.remaining = 0.0, None
             self.earned = {}
             if hasattr(self.experiment, "initial_state"):
-                self.market = self.experiment.initial_state(self.config.params)
+                self.market = self._initial_state()
             self.subperiods = []
             length = self.config.period_length
             effects: list[Effect] = [
@@ -302,7 +384,7 @@ class GroupState:
             return effects
         if event == "subperiod" and self.state == "running" and index > self.subperiod:
             self.subperiod = index
-            snapshot = self._earned() if self._event_payoffs() else self._payoffs()
+            snapshot = self._earned() if self._event_payoffs() else self._tick_payoffs()
             self.snapshots.append(snapshot)
             self.subperiods.append(
                 {"index": index, "group_decisions": dict(self.decisions), "payoffs": snapshot}
@@ -338,7 +420,7 @@ class GroupState:
         payoffs = self._period_payoffs(ts)
         self.state = "ended"
         if self.market is not None:  # the book is emptied at period_end
-            self.market = self.experiment.initial_state(self.config.params)  # type: ignore[attr-defined]
+            self.market = self._initial_state()
         self.history.append(
             {
                 "period": period,
@@ -377,6 +459,13 @@ class GroupState:
     def fold(self, row: Mapping[str, Any]) -> None:
         """Apply one log row (`{"ts", "participant", "direction", "channel", "seq", "value"}`)
         the way its input was applied live; the effects are already in the log."""
+        self.folding = True
+        try:
+            self._fold(row)
+        finally:
+            self.folding = False
+
+    def _fold(self, row: Mapping[str, Any]) -> None:
         ts = float(row["ts"])
         channel, value = row["channel"], row["value"]
         if row["direction"] == "out" and channel in CLOCK_ROWS:
@@ -403,7 +492,8 @@ class GroupState:
                 self.connections.setdefault(participant, UNKNOWN)
             else:
                 self.connections.pop(participant, None)
-        # `error` rows follow from the frames they answer; other channels carry no state.
+        # `error` rows follow from the frames they answer (an `experiment_error` one: see
+        # `failed_inputs`); other channels carry no state.
 
     # -- views -------------------------------------------------------------------------------
 
@@ -422,7 +512,7 @@ class GroupState:
             },
             "last_seq": self.last_seq[participant],
             "presence": {code: code in self.connections for code in self.config.members},
-            **(self.experiment.hello(self.market) if hasattr(self.experiment, "hello") else {}),
+            **(self._hello_extra() if hasattr(self.experiment, "hello") else {}),
         }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -484,13 +574,59 @@ class GroupState:
         payload = {"participant": participant, "connected": connected}
         return Broadcast(Channel.PRESENCE, payload, ts=self.stamp(now))
 
-    def _error(self, participant: str, seq: int, code: ErrorCode, message: str) -> Broadcast:
+    def _error(self, participant: str, seq: int, code: ErrorCode, message: Any) -> Broadcast:
+        text = str(message)  # an experiment's message: any length, maybe not even a str
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
         return Broadcast(
             Channel.ERROR,
-            {"code": code.value, "message": message, "seq": seq},
+            {"code": code.value, "message": text, "seq": seq},
             participant=participant,
             seq=seq,
         )
+
+    def _too_big(self, participant: str, seq: int, what: str) -> Broadcast:
+        message = f"{what} would exceed {MAX_PAYLOAD_BYTES // 1024} KiB of JSON"
+        return self._error(participant, seq, ErrorCode.INVALID_DECISION, message)
+
+    def _report(
+        self, hook: str, exc: BaseException, *, participant: str | None = None, seq: int = 0
+    ) -> None:
+        """Log an experiment's failure once: with its traceback live, one line in a fold
+        (which re-runs what live already reported). Codes only: never a participant's key."""
+        config = self.config
+        if participant is not None:
+            where, outcome = f" on {participant}'s input {seq}", "the input changed nothing"
+        else:
+            where, outcome = "", "its answer counts as empty"
+        if self.folding:
+            log.debug(
+                "experiment %s: %s failed again%s while folding group %s's log: %r",
+                config.experiment,
+                hook,
+                where,
+                config.group,
+                exc,
+            )
+            return
+        log.error(
+            "experiment %s: %s failed%s (session %s, group %s); %s",
+            config.experiment,
+            hook,
+            where,
+            config.session,
+            config.group,
+            outcome,
+            exc_info=exc,
+        )
+
+    def _safely(self, hook: str, empty: T, call: Callable[[], T]) -> T:
+        """A hook called outside any input (a tick, a connection): its failure is `empty`."""
+        try:
+            return call()
+        except Exception as exc:
+            self._report(hook, exc)
+            return empty
 
     def _accrue(self, now: float) -> None:
         """Add the current flow payoffs from `flow_since` until `now` to the period's area."""
@@ -525,9 +661,71 @@ class GroupState:
     def _earned(self) -> dict[str, float]:
         return {code: self.earned.get(code, 0.0) for code in self.config.members}
 
-    def _payoffs(self) -> dict[str, float]:
+    def _payoffs(self, decisions: Mapping[str, Any]) -> dict[str, float]:
+        """The experiment's flow payoffs of `decisions`, checked: raises if it failed."""
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}
-        return self.experiment.payoffs(self.decisions, roles, self.config.params)
+        result = self.experiment.payoffs(decisions, roles, self.params)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"payoffs returned {type(result).__name__}, not a mapping")
+        return {str(code): _finite(value, "payoff") for code, value in result.items()}
+
+    def _tick_payoffs(self) -> dict[str, float]:
+        """The flow payoffs of the current decisions at a tick; none if the hook failed."""
+        return self._safely("payoffs", {}, lambda: self._payoffs(dict(self.decisions)))
+
+    def _initial_state(self) -> Any:
+        """The experiment's state at a period's start or end; `None` if the hook failed."""
+        initial = self.experiment.initial_state  # type: ignore[attr-defined]
+        return self._safely("initial_state", None, lambda: initial(self.params))
+
+    def _hello_extra(self) -> dict[str, Any]:
+        """What the experiment adds to `hello`; nothing if the hook failed."""
+        hello = self.experiment.hello  # type: ignore[attr-defined]
+        return self._safely("hello", {}, lambda: dict(hello(self.market)))
+
+
+def _finite(value: Any, what: str) -> float:
+    """A number an experiment returned, as a finite float; raises otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} {value!r} is not a finite number")
+    return float(value)
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as JSON; anything JSON cannot hold counts as too big."""
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):
+        return MAX_PAYLOAD_BYTES + 1
+
+
+def validated_params(experiment: Experiment, config: GroupConfig) -> dict[str, Any]:
+    """`config.params` as the experiment's `params_model` validates and dumps them: what every
+    hook gets (PROTOCOL v2: hooks see validated params only).
+
+    Sessions stored since v2 hold exactly that dump. One stored before may hold `null` for a
+    param (v1 accepted it, and the hook then failed): such keys are left out, so their default
+    applies. Params the model refuses even so (a plug-in whose model changed since) are passed
+    on as stored, with an error in the log: the group still runs, and a hook that fails on
+    them fails safely."""
+    model = experiment.params_model
+    params = config.params
+    try:
+        return dict(model.model_validate(params).model_dump(mode="json"))
+    except Exception:  # a pydantic ValidationError, or a plug-in validator's own exception
+        pass
+    without_nulls = {key: value for key, value in params.items() if value is not None}
+    try:
+        return dict(model.model_validate(without_nulls).model_dump(mode="json"))
+    except Exception as exc:
+        log.error(
+            "group %s: its stored params do not validate as %s's params (%s); hooks get them "
+            "as stored",
+            config.group,
+            config.experiment,
+            exc,
+        )
+        return dict(params)
 
 
 def rebuild(
@@ -536,8 +734,21 @@ def rebuild(
     """A group's state from its log rows, in the group's order (the fold of `GroupState.fold`).
 
     A group left `starting` (complete, `StartPeriod` maybe sent) goes back to `waiting`, so
-    the command is sent again once its members are announced."""
-    state = GroupState(config, experiment)
+    the command is sent again once its members are announced. An `in` row that an
+    `experiment_error` row answers changes nothing, as it did live."""
+    rows = list(rows)
+    # Quiet if there is a log: the worker that wrote it reported the hooks' failures already.
+    state = GroupState(config, experiment, folding=bool(rows))
+    state.folding = False
+    state.failed_inputs = {
+        (str(row["participant"]), int(row["seq"]))
+        for row in rows
+        if row["direction"] == "out"
+        and row["channel"] == Channel.ERROR
+        and row.get("seq") is not None
+        and isinstance(row["value"], dict)
+        and row["value"].get("code") == ErrorCode.EXPERIMENT_ERROR
+    }
     for row in rows:
         state.fold(row)
     if state.state == "starting":
