@@ -26,7 +26,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -284,13 +284,36 @@ def session_summary(
                 "url": p["url"],
                 "connected": bool(p.get("connected")),
                 # Ended periods' payoffs (PROTOCOL v1.1), keyed by the period's number.
-                "payoffs": dict(sorted(p.get("payoffs", {}).items(), key=lambda kv: int(kv[0]))),
-                "total_payoff": sum(p.get("payoffs", {}).values()),
+                "payoffs": {
+                    period: _finite_or_none(payoff)
+                    for period, payoff in sorted(
+                        p.get("payoffs", {}).items(), key=lambda kv: int(kv[0])
+                    )
+                },
+                "total_payoff": _total(p.get("payoffs", {}).values()),
             }
             for p in participants
         ],
         "connected": len(connected),
     }
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A stored payoff as JSON can hold it: a payoff that is not a finite number (one logged
+    as `null`, or stored by an older version as infinite) is `null`, never a 500."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def _total(payoffs: Iterable[Any]) -> float | None:
+    """The sum of a participant's period payoffs; `null` if one of them, or the sum, is not a
+    finite number."""
+    values = [_finite_or_none(v) for v in payoffs]
+    if any(v is None for v in values):
+        return None
+    total = sum(v for v in values if v is not None)
+    return total if math.isfinite(total) else None
 
 
 # Group sizes probed with an experiment's default params for the console's hints.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import orjson
 from pydantic import (
@@ -81,7 +81,11 @@ class CreateSession(BaseModel):
 
     Strict: a number where a number belongs (`"8"`, `true` or `8.5` for an integer → 422; `8.0`
     is 8), no NaN / Infinity (the HTTP layer's JSON parser accepts them; JSON has none), no
-    unknown fields; `params` plain JSON (see `_params_problem`).
+    unknown fields; `params` plain JSON (see `_params_problem`), kept as the experiment's
+    params model dumps them (defaults filled in: PROTOCOL v2). Bounded (PROTOCOL v2 "Limits"):
+    a sub-period lasts at least `MIN_SUBPERIOD_SECONDS`, a session has at most `MAX_TICKS`
+    periods and sub-periods in all (`num_periods · max(1, num_subperiods)`), a group at most
+    1,000 members.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -93,7 +97,7 @@ class CreateSession(BaseModel):
     period_length: float = Field(gt=0, le=86_400)
     num_subperiods: WholeNumber = Field(default=0, ge=0, le=100_000)
     rate_limit: float = Field(default=0.0, ge=0, le=3_600)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # defaults too
     label: str = Field(default="", max_length=200)
     # PROTOCOL v1.1 "Session settings".
     on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
@@ -108,21 +112,33 @@ class CreateSession(BaseModel):
             )
         if self.num_participants % self.group_size:
             raise ValueError("num_participants must be a multiple of group_size")
+        if self.num_subperiods > 0 and self.period_length < MIN_SUBPERIOD_SECONDS * (
+            self.num_subperiods * (1 - 1e-9)  # 0.3 s in 6 is 0.05 s, whatever floats say
+        ):
+            _refuse(
+                "num_subperiods",
+                f"a sub-period lasts at least {MIN_SUBPERIOD_SECONDS} s "
+                "(period_length / num_subperiods)",
+                self.num_subperiods,
+            )
+        if self.num_periods * max(1, self.num_subperiods) > MAX_TICKS:
+            where = "num_subperiods" if self.num_subperiods > 1 else "num_periods"
+            _refuse(
+                where,
+                f"num_periods · max(1, num_subperiods) is at most {MAX_TICKS:,}",
+                getattr(self, where),
+            )
         experiment = experiments.get(self.experiment)
         problem = experiment.check_group(
             experiment.params_model.model_validate(self.params), self.group_size
         )
         if problem is not None:  # reported at the field it names ("params.game", "group_size")
             where, message = problem
-            raise ValidationError.from_exception_data(
-                "CreateSession",
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("invalid_group", message),
-                        loc=tuple(where.split(".")),
-                        input=self.params if where.startswith("params") else self.group_size,
-                    )
-                ],
+            _refuse(
+                where,
+                message,
+                self.params if where.startswith("params") else self.group_size,
+                kind="invalid_group",
             )
         return self
 
@@ -135,9 +151,31 @@ class CreateSession(BaseModel):
         name = info.data.get("experiment")
         if name in experiments.names():
             # The experiment's own params model: a ValidationError raised here is reported at
-            # params.<its field> (e.g. params.payoff_matrix.0.1).
-            experiments.get(name).params_model.model_validate(params)
+            # params.<its field> (e.g. params.payoff_matrix.0.1). Kept as it dumps them: what
+            # the hooks get, with the defaults filled in.
+            model = experiments.get(name).params_model.model_validate(params)
+            dumped: dict[str, Any] = model.model_dump(mode="json")
+            return dumped
         return params
+
+
+# PROTOCOL v2 "Limits": session settings that bound the timers' and decisions' work.
+MIN_SUBPERIOD_SECONDS = 0.05
+MAX_TICKS = 100_000
+
+
+def _refuse(where: str, message: str, value: Any, *, kind: str = "invalid_setting") -> NoReturn:
+    """Refuse a session at the dotted field `where` (the 422's `field`)."""
+    raise ValidationError.from_exception_data(
+        "CreateSession",
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(kind, message),
+                loc=tuple(where.split(".")),
+                input=value,
+            )
+        ],
+    )
 
 
 def new_session_id() -> str:
