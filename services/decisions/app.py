@@ -44,7 +44,10 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     log_writer = LogWriter(
-        bus, interval=settings.log_batch_seconds, max_records=settings.log_batch_records
+        bus,
+        interval=settings.log_batch_seconds,
+        max_records=settings.log_batch_records,
+        max_bytes=settings.log_batch_bytes,
     )
     worker = DecisionsWorker(
         bus,

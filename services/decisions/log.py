@@ -2,44 +2,103 @@
 
 Decisions sees every input and output of its groups in their one order, so it is where the log
 is written from: every accepted frame (in) and every broadcast (out) becomes a record, and
-records are published together every `interval` seconds (or at `max_records`). An input is
-acknowledged to the broker only after the batch holding its records was confirmed, so the log
-misses nothing; one message per batch instead of one per event keeps the broker's and the
+records are published together every `interval` seconds, or sooner once a batch holds
+`max_records` records or `max_bytes` of them. An input is acknowledged to the broker only after
+the batch holding its records was confirmed (every batch, when its records span two), so the
+log misses nothing; one message per batch instead of one per event keeps the broker's and the
 store's work per decision low.
+
+Batches are cut by size, not only by count: with records of up to 256 KiB each (PROTOCOL v2
+"Size"), a count alone lets one message grow past what the broker accepts (RabbitMQ's
+`max_message_size`, 128 MiB by default), and a publish that can never succeed is retried
+forever. A record's size is estimated when it is added, from its value's JSON (orjson, a few
+µs for the biggest) and its strings; a record bigger than the budget goes alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+
+import orjson
 
 from services.common.bus import LOG, LOG_KEY, Bus
 from services.common.messages import LogBatch, LogRecord
 
 log = logging.getLogger(__name__)
 
+# Far below the broker's limit, and a batch the store writes in one go.
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+# A `LogBatch`'s JSON around its records (id, type, version, ts, barrier), kept free.
+BATCH_OVERHEAD_BYTES = 256
+# A record's JSON around its strings and value: its keys, `ts`, `direction`, `seq`, quotes.
+RECORD_OVERHEAD_BYTES = 160
+
+
+def record_size(record: LogRecord) -> int:
+    """About the length of the record's JSON in a `LogBatch` (an estimate: float digits may
+    differ by a few bytes between encoders; the ids and names are ASCII)."""
+    try:
+        value = len(orjson.dumps(record.value))
+    except (TypeError, orjson.JSONEncodeError):  # what orjson does not take (an int > 64 bits)
+        value = len(LogRecord.__pydantic_serializer__.to_json(record))
+    return (
+        RECORD_OVERHEAD_BYTES
+        + len(record.id)
+        + len(record.session)
+        + len(record.group)
+        + len(record.participant or "")
+        + len(record.channel)
+        + value
+    )
+
 
 class LogWriter:
-    def __init__(self, bus: Bus, *, interval: float, max_records: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        interval: float,
+        max_records: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self._bus = bus
         self._interval = interval
         self._max_records = max_records
+        self._max_bytes = max_bytes
         self._records: list[LogRecord] = []
+        self._bytes = 0  # the estimated size of `_records`
         self._written: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, records: list[LogRecord]) -> asyncio.Future[None]:
-        """Queue records; the future completes when the broker confirmed their batch."""
-        loop = asyncio.get_running_loop()
+        """Queue records; the future completes when the broker confirmed every batch holding
+        them (one, or several when they did not fit in what was left of one)."""
+        batches: list[asyncio.Future[None]] = []
+        for record in records:
+            size = record_size(record)
+            if self._records and self._bytes + size > self._max_bytes - BATCH_OVERHEAD_BYTES:
+                self.flush()
+            batch = self._batch()
+            if not batches or batches[-1] is not batch:
+                batches.append(batch)
+            self._records.append(record)
+            self._bytes += size
+            if len(self._records) >= self._max_records:
+                self.flush()
+        if not batches:
+            batches.append(self._batch())
+        return batches[0] if len(batches) == 1 else _all(batches)
+
+    def _batch(self) -> asyncio.Future[None]:
+        """The future of the batch being filled (a new one, with its timer, if none is)."""
         if self._written is None:
+            loop = asyncio.get_running_loop()
             self._written = loop.create_future()
             self._timer = loop.call_later(self._interval, self.flush)
-        written = self._written
-        self._records.extend(records)
-        if len(self._records) >= self._max_records:
-            self.flush()
-        return written
+        return self._written
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -48,7 +107,7 @@ class LogWriter:
         if self._written is None:
             return
         records, written = self._records, self._written
-        self._records, self._written = [], None
+        self._records, self._written, self._bytes = [], None, 0
         task = asyncio.get_running_loop().create_task(self._publish(records, written))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -68,3 +127,26 @@ class LogWriter:
         self.flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _all(batches: Sequence[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """A future that completes when all `batches` did, or fails as the first that failed."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(batches)
+
+    def settle(batch: asyncio.Future[None]) -> None:
+        nonlocal left
+        if done.done():
+            return
+        if batch.cancelled():
+            done.cancel()
+        elif (exc := batch.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            left -= 1
+            if not left:
+                done.set_result(None)
+
+    for batch in batches:
+        batch.add_done_callback(settle)
+    return done

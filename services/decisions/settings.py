@@ -17,6 +17,9 @@ class DecisionsSettings(CommonSettings):
     # fifth of the CPU per decision against 10 ms (docs/performance.md).
     log_batch_seconds: float = Field(default=0.05, gt=0, le=5)
     log_batch_records: int = Field(default=1000, ge=1, le=100_000)
+    # ... and at most about this many bytes per batch (RabbitMQ refuses messages over its
+    # max_message_size, 128 MiB by default; a row is at most 256 KiB).
+    log_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=65_536, le=64 * 1024 * 1024)
     # After a start, members the log says are connected but no gateway announced again within
     # this many seconds are disconnected.
     resync_window: float = Field(default=5.0, gt=0, le=300)
