@@ -355,6 +355,7 @@ def api_router(
     metrics: StoreMetrics,
     public_url: str,
     token: str,
+    seat_secret: bytes,
     *,
     max_sessions_per_minute: int,
 ) -> APIRouter:
@@ -378,7 +379,6 @@ def api_router(
         if wait is not None:
             raise ApiError(
                 429,
-    seat_secret: bytes,
                 ApiCode.TOO_MANY_REQUESTS,
                 f"more than {max_sessions_per_minute} sessions created in the last minute "
                 f"(CANOPY_MAX_SESSIONS_PER_MINUTE); retry in {math.ceil(wait)} s",
@@ -393,6 +393,7 @@ def api_router(
             "participants": [
                 {
                     "code": p["_id"],
+                    "key": p["key"],
                     "group": p["group"],
                     "id_in_group": p["id_in_group"],
                     "url": p["url"],
@@ -416,7 +417,6 @@ def api_router(
         for session in await repository.list_sessions():
             sessions.append(
                 session_summary(
-                    "key": p["key"],
                     session,
                     await repository.session_groups(session["_id"]),
                     await repository.session_participants(session["_id"]),

@@ -214,9 +214,11 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
             }
         )
         for index, code in enumerate(codes, start=1):
+            key = new_key(seat_secret)
             participants.append(
                 {
                     "_id": code,
+                    "key": key,
                     "session": session_id,
                     "group": group_id,
                     "id_in_group": index,
@@ -252,11 +254,9 @@ def event_document(record: LogRecord) -> dict[str, Any]:
 
 def iso_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            key = new_key(seat_secret)
 
 
 def group_config(session: dict[str, Any], group: dict[str, Any]) -> GroupConfig:
-                    "key": key,
     """A group's configuration from its session's and group's documents (what decisions asks
     for over /internal, and what the replay folds the group's log with)."""
     return GroupConfig(
