@@ -17,7 +17,12 @@ async def test_a_market_trades_and_pays(api: httpx.AsyncClient, gateway_url: str
     )
     codes = [p["code"] for p in session["participants"]]
     buyer, seller = await connect_group(gateway_url, codes)
-    assert buyer.seen("hello")[0]["book"] == {"bids": [], "asks": []}
+    assert buyer.seen("hello")[0]["book"] == {
+        "bids": [],
+        "asks": [],
+        "bids_total": 0,
+        "asks_total": 0,
+    }
     await buyer.send(0.5, seq=1)  # no decisions channel in a market
     assert (await buyer.error(1))["code"] == "unknown_channel"
     # Custom-channel validation: the experiment's own rules answer invalid_decision.
@@ -47,7 +52,7 @@ async def test_a_market_trades_and_pays(api: httpx.AsyncClient, gateway_url: str
     assert (await late.expect("hello"))["book"] == book
     await seller.send({"seq": 1}, seq=2, channel="cancel")
     await seller.ack(2)
-    await seller.expect("book", lambda b: b == {"bids": [], "asks": []})
+    await seller.expect("book", lambda b: b["bids"] == b["asks"] == [] and b["asks_total"] == 0)
     end = await seller.expect("period_end", timeout=10)
     assert end["payoffs"] == {codes[0]: 90 - 40, codes[1]: 40}
     replay = await replay_until(api, session["session"])
