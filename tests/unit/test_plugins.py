@@ -36,6 +36,7 @@ def test_an_installed_package_is_found_by_its_entry_point() -> None:
         "bimatrix",
         "decisions",
         "double_auction",
+        "fragile",  # tests/plugins/site/canopy_fragile: tests/hostile/test_experiment_failures.py
         "min_effort",
         "public_goods",
     ]
