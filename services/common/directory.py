@@ -133,6 +133,11 @@ class Directory:
         self._groups[group] = config
         return config
 
+    def forget_group(self, group: str) -> None:
+        """Drop a group's cached configuration (decisions dropped the group; asked again if
+        it comes back), so the cache holds no more groups than decisions does."""
+        self._groups.pop(group, None)
+
     async def group_log(self, group: str) -> list[dict[str, Any]]:
         """The group's event log in its order (see `services.store.recovery`)."""
         response = await self._client.get(

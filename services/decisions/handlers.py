@@ -16,6 +16,14 @@ exactly once. It asks every gateway to announce its open connections again (`Res
 get a fresh `hello` and broadcasts reach them; a member nobody announces within
 `resync_window` is disconnected. Gateways send a heartbeat each second; the members of a
 gateway silent for `liveness_timeout` are disconnected (their presence turns false).
+
+Bounded memory: a group whose last period ended and whose members all left is evicted
+(`_evict_ended`, `evict_after` seconds later, in one sweep for every such group) once the log
+in MongoDB holds all its rows: the log batches that could carry them were confirmed, then a log
+barrier passed. A later input for it (a late presence, a reconnect, a redelivery) rebuilds it
+from the log, as after a restart, so a participant back after the end gets the final `hello`.
+A member still connected keeps the group in memory: a state rebuilt from the log could not tell
+an open socket from a gone one without asking the gateways again.
 """
 
 from __future__ import annotations
@@ -174,6 +182,7 @@ class DecisionsWorker:
         *,
         resync_window: float = 5.0,
         liveness_timeout: float = 3.0,
+        evict_after: float = 5.0,
     ) -> None:
         self._bus = bus
         self._directory = directory
@@ -190,6 +199,11 @@ class DecisionsWorker:
         self._started = 0.0
         # group → receipt time of the oldest decision a pending rate-limited flush carries.
         self._pending_origin: dict[str, float] = {}
+        self._evict_after = evict_after
+        self._sweep: asyncio.TimerHandle | asyncio.Task[None] | None = None  # the next eviction
+        self._unlogged: set[asyncio.Future[None]] = set()  # log batches not confirmed yet
+        # Groups whose `_apply_now` stamped rows not handed to the log yet.
+        self._applying: dict[str, int] = {}
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -199,6 +213,13 @@ class DecisionsWorker:
         A barrier goes through the log queue behind whatever a previous worker left there;
         the store records it after the batch holding it was written."""
         started = time.perf_counter()
+        await self._log_barrier(poll=poll, resend_after=resend_after)
+        # Resync window and heartbeat silence count from here.
+        self._started = asyncio.get_running_loop().time()
+        return time.perf_counter() - started
+
+    async def _log_barrier(self, *, poll: float = 0.02, resend_after: float = 10.0) -> None:
+        """Until the store wrote everything published to the log before now."""
         while True:
             barrier = new_id()
             await self._bus.publish_reliably(LOG, LOG_KEY, LogBatch(records=[], barrier=barrier))
@@ -206,9 +227,7 @@ class DecisionsWorker:
             while time.perf_counter() < deadline:
                 try:
                     if await self._directory.barrier_passed(barrier):
-                        # Resync window and heartbeat silence count from here.
-                        self._started = asyncio.get_running_loop().time()
-                        return time.perf_counter() - started
+                        return
                 except httpx.HTTPError as exc:
                     log.warning("store unreachable while waiting for the log (%s)", exc)
                 await asyncio.sleep(poll)
@@ -228,13 +247,92 @@ class DecisionsWorker:
         if the shard comes back, its groups are rebuilt from the log like after a restart."""
         gone = [group for group in self.groups if shard_of(group, shards) == index]
         for group in gone:
-            del self.groups[group]
-            handle = self._flush_handles.pop(group, None)
-            if handle is not None:
-                handle.cancel()
-            self.routes.forget(group)
+            self._forget(group)
         self._metrics.groups.set(len(self.groups))
         return len(gone)
+
+    def _forget(self, group: str) -> None:
+        """Drop a group's state (its shard moved, or it ended): the log can rebuild it."""
+        del self.groups[group]
+        handle = self._flush_handles.pop(group, None)
+        if handle is not None:
+            handle.cancel()
+        self._pending_origin.pop(group, None)
+        self.routes.forget(group)
+        self._directory.forget_group(group)
+
+    # -- evicting ended groups ---------------------------------------------------------------
+
+    def _evictable(self, state: GroupState) -> bool:
+        """Its last period ended, nobody is connected, and no rate-limited flush is due."""
+        group = state.config.group
+        return (
+            state.state == "ended"
+            and state.period == state.config.num_periods
+            and not state.connections
+            and not state.flush_pending
+            and group not in self._flush_handles
+            and group not in self._pending_origin
+            and group not in self._applying
+        )
+
+    def _consider_eviction(self, state: GroupState) -> None:
+        """Sweep `evict_after` seconds from now if the group may go (one sweep at a time)."""
+        if self._sweep is None and self._evictable(state):
+            self._sweep = asyncio.get_running_loop().call_later(
+                self._evict_after, self._start_sweep
+            )
+
+    def _start_sweep(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._evict_ended())
+        self._sweep = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _evict_ended(self) -> None:
+        """Evict every evictable group whose rows are all in MongoDB.
+
+        A group is evicted only if nothing was logged for it since the sweep began (its clock
+        moves with every row): those rows might not be written yet, and a rebuild would miss
+        them."""
+        try:
+            await self._evict_logged()
+        finally:
+            self._sweep = None
+        for state in self.groups.values():  # one that ended meanwhile: another sweep
+            if self._evictable(state):
+                self._consider_eviction(state)
+                break
+
+    async def _evict_logged(self) -> None:
+        candidates = [(s, s.clock) for s in self.groups.values() if self._evictable(s)]
+        if not candidates:
+            return
+        unlogged = list(self._unlogged)
+        if unlogged:
+            await asyncio.wait(unlogged)
+            if any(f.cancelled() or f.exception() is not None for f in unlogged):
+                return  # a batch failed: its inputs come again; try on the next sweep
+        await self._log_barrier()
+        evicted = 0
+        for state, clock in candidates:
+            group = state.config.group
+            unchanged = self.groups.get(group) is state and state.clock == clock
+            if unchanged and self._evictable(state):
+                self._forget(group)
+                evicted += 1
+        self._metrics.groups.set(len(self.groups))
+        if evicted:
+            self._metrics.evicted.inc(evicted)
+            log.info("%d ended groups evicted; %d groups held", evicted, len(self.groups))
+
+    def _add_to_log(self, records: list[LogRecord]) -> asyncio.Future[None]:
+        """Hand records to the log writer, remembering their batch until it is confirmed."""
+        written = self._log.add(records)
+        if written not in self._unlogged:
+            self._unlogged.add(written)
+            written.add_done_callback(self._unlogged.discard)
+        return written
 
     # -- gateway liveness --------------------------------------------------------------------
 
@@ -309,7 +407,9 @@ class DecisionsWorker:
             self._count_frame(state, envelope, effects, origin)
         publishes = self._carry_out(state, effects, records, origin)
         self._metrics.input[envelope.type].inc()
-        written = self._log.add(records) if records else None
+        written = self._add_to_log(records) if records else None
+        if state.state == "ended":  # checked further only once the group is over
+            self._consider_eviction(state)
         return self._confirmed(publishes, written, started)
 
     async def _confirmed(
@@ -422,11 +522,20 @@ class DecisionsWorker:
         """Carry out effects produced outside the shard queue's order (timers of our own)."""
         if not effects or self.groups.get(state.config.group) is not state:
             return  # nothing to do, or the group moved to another worker meanwhile
-        records: list[LogRecord] = []
-        publishes = self._carry_out(state, effects, records, origin)
-        await asyncio.gather(*publishes)
-        if records:
-            await self._log.add(records)
+        group = state.config.group
+        self._applying[group] = self._applying.get(group, 0) + 1
+        try:
+            records: list[LogRecord] = []
+            publishes = self._carry_out(state, effects, records, origin)
+            await asyncio.gather(*publishes)
+            if records:
+                await self._add_to_log(records)
+        finally:
+            if self._applying[group] == 1:
+                del self._applying[group]
+            else:
+                self._applying[group] -= 1
+        self._consider_eviction(state)
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -540,6 +649,8 @@ class DecisionsWorker:
     async def close(self) -> None:
         for handle in self._flush_handles.values():
             handle.cancel()
+        if isinstance(self._sweep, asyncio.TimerHandle):
+            self._sweep.cancel()
         for task in self._tasks:
             task.cancel()
         for batcher in self._outputs.values():

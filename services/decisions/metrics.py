@@ -58,6 +58,12 @@ class DecisionsMetrics(ServiceMetrics):
             "Groups whose state this worker holds",
             registry=registry,
         )
+        self.evicted = Counter(
+            "canopy_decisions_groups_evicted",
+            "Groups whose state was dropped after their last period ended and every member "
+            "left (rebuilt from the log if an input for them comes after all)",
+            registry=registry,
+        )
         self.batch_items = Histogram(
             "canopy_decisions_batch_items",
             "Frames per message published to a gateway",
