@@ -243,7 +243,24 @@ class Hub:
             return  # not (or no longer) here
         if envelope.channel == Channel.HELLO:
             payload: dict[str, Any] = envelope.payload
-            connection.last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
+            # PROTOCOL v2 "The ack holds through everything": no hello may say less than an
+            # ack this connection already sent, and a resync's could. Its hello is decisions'
+            # state where the presence that asked for it (`Participants.announce`) stands in
+            # the group's order, while the connection's frames kept going into the shard
+            # queue behind that presence and were acked as soon as the broker confirmed them,
+            # before decisions got to the presence. So the hello says at least the highest seq
+            # acked here. That claims more than decisions has applied yet, which is safe
+            # because an ack guarantees it: the frame is in the group's queue ahead of every
+            # later input, so decisions applies (or refuses) it next and its own last_seq
+            # reaches that seq; the client drops it from its pending frames, as the ack already
+            # let it. The hello's decisions stay the snapshot's; that frame's broadcast follows
+            # it in the group's order. (The other way, holding frames back from a resync until
+            # its hello arrives, would stall every member's acks while a restarted worker
+            # works through the backlog of its downtime.)
+            last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
+            if last_seq != payload.get("last_seq"):
+                payload = {**payload, "last_seq": last_seq}
+            connection.last_seq = last_seq
             self._deliver(connection, server_frame(Channel.HELLO, payload, envelope.ts))
             if not connection.hello.done():
                 connection.hello.set_result(None)

@@ -9,7 +9,10 @@ supervisor, which restarts what dies), kills one process mid-period, and then ch
 - the group's state equals the fold of its exported log (`group.rebuild`, the code the live
   worker uses), and a `hello` after the end says the same;
 - participants were resynchronised (a `hello`) where their connection or their group's
-  worker was lost, and broadcasts resumed.
+  worker was lost, and broadcasts resumed;
+- the ack held (PROTOCOL v2 "The ack holds through everything"): every `hello` a bot got
+  said `last_seq` at least the highest seq acknowledged to it before, on that connection or
+  an earlier one (`stale_hellos`).
 Recovery time per fault is printed (`-s`) and collected in docs/reliability.md.
 """
 
@@ -70,6 +73,17 @@ async def acked_after(bots: list[Bot], timeout: float) -> None:
             lambda b=bot: any(s > marks[b.code] for s in b.acked),
             timeout,
         )
+
+
+def stale_hellos(bots: list[Bot]) -> list[str]:
+    """Every `hello` whose `last_seq` was below a seq acknowledged to its bot before it."""
+    return [
+        f"{bot.code}: hello on connection {h.connection} said last_seq {h.last_seq} after "
+        f"ack {h.acked} ({h.acked_here} on that same connection)"
+        for bot in bots
+        for h in bot.hellos
+        if h.last_seq < h.acked
+    ]
 
 
 def researcher(stack: Any) -> httpx.AsyncClient:
@@ -154,6 +168,8 @@ async def run_case(
         rows = await export_with(api, session["session"], bots, 60)
         acked = sum(len(b.acked) for b in bots)
         check_log(session, rows, bots, period_length, num_subperiods, restart)
+        stale = stale_hellos(bots)
+        assert not stale, f"an ack and then an older hello ({victim} killed): {stale}"
         if not drops:  # (the bots leave after period_end: those rows are no fault's)
             ended = {r["group"]: r["ts"] for r in rows if r["channel"] == "period_end"}
             dropped = [
@@ -175,6 +191,7 @@ async def run_case(
         "duplicated": 0,
         "tick_delay_s": delay,
         "late_ticks": late,
+        "hellos": sum(len(b.hellos) for b in bots),
     }
 
 
@@ -291,5 +308,5 @@ async def test_sigkill_loses_nothing(
         f"\nFAULT {victim}: restarted in {result['restart_s']:.2f} s, participants recovered "
         f"in {result['recovery_s']:.2f} s; {result['acked']} frames acknowledged, 0 lost, "
         f"0 duplicated; ticks at most {result['tick_delay_s']:.3f} s late "
-        f"({result['late_ticks']} marked late)"
+        f"({result['late_ticks']} marked late); {result['hellos']} hellos, none behind an ack"
     )

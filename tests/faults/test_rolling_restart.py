@@ -23,6 +23,7 @@ from tests.faults.test_faults import (
     export_with,
     fault_session,
     researcher,
+    stale_hellos,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -67,6 +68,8 @@ async def test_rolling_restart_loses_nothing(supervised: Any) -> None:
 
         rows = await export_with(api, session["session"], bots, 60)
         check_log(session, rows, bots, PERIOD, 0, max(timings.values()))
+        stale = stale_hellos(bots)
+        assert not stale, f"an ack and then an older hello: {stale}"
         await check_state_equals_replay(session, rows, urls["gateway"])
     for bot in bots:
         # Connected once, and once more after the gateway's restart at most; that close said
