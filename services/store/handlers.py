@@ -15,6 +15,15 @@ missing from the export after a broker restart).
 
 A `LogBatch` may carry a `barrier` (a decisions worker starting up): it is recorded after the
 batch holding it was written, so the worker knows that everything sent before it is in the log.
+
+Only failures that a retry can cure are retried (MongoDB away, a timeout, a failover). A record
+that no retry can write (its document is over MongoDB's 16 MiB, or the server refuses it) is
+*poison*: retrying its batch forever would stop the whole log. It is set aside in the
+`quarantine` collection (with the error, its size and the start of its value), counted in
+`canopy_store_quarantined_total` and logged once; the rest of its batch is written and acked.
+Oversize documents are caught before the batch goes out (`repository.oversize`); the others
+when the server names them (a write error per document) or, for an error that names none,
+by writing that batch's events one by one.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from services.common.logs import context
@@ -32,7 +43,16 @@ from services.common.messages import Channel, LogBatch, LogRecord, now
 from services.common.retry import retry_forever
 from services.store.domain import event_document
 from services.store.metrics import StoreMetrics
-from services.store.repository import Repository
+from services.store.repository import (
+    INVALID,
+    MAX_DOCUMENT_BYTES,
+    TOO_LARGE,
+    Repository,
+    bson_size,
+    oversize,
+    permanent_failure,
+    refused_documents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +147,25 @@ class EventWriter:
 
     async def _write(self, batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
         records = [r for _, b in batch for r in b.records]
-        documents = [event_document(r) for r in records]
+        entries, poison = screen(records)
         barriers = [b.barrier for _, b in batch if b.barrier is not None]
         started = time.perf_counter()
         inserted = 0
+        refused: list[Poison] = []
+        quarantined: set[str] = set()  # ids set aside for the first time (over every attempt)
 
         async def write() -> None:
-            nonlocal inserted
-            inserted = await self._repository.insert_events(documents)
+            nonlocal inserted, refused
+            inserted, refused = await self._insert(entries)
+            if poison or refused:
+                documents = [quarantine_document(p) for p in (*poison, *refused)]
+                quarantined.update(await self._repository.quarantine_events(documents))
+            unwritten = {p.record.id for p in (*poison, *refused)}
             await self._repository.apply_status(
-                update for record in records for update in status_updates(record)
+                update
+                for record in records
+                if record.id not in unwritten  # a poison row's status update may be as big
+                for update in status_updates(record)
             )
             if barriers:
                 await self._repository.record_barriers(barriers)
@@ -145,19 +174,161 @@ class EventWriter:
         # would count against the queue's delivery limit and dead-letter the log in the end.
         await retry_forever(
             write,
-            f"writing a batch of {len(documents)} events",
+            f"writing a batch of {len(records)} events",
             first_delay=0.1,
             max_delay=5.0,
             on_retry=lambda exc: self._metrics.failures.inc(),
         )
+        for item in (*poison, *refused):
+            if item.record.id in quarantined:  # once, not again for a redelivered batch
+                self._report(item)
         await _ack(batch)
         self.written_batches += 1
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
-        self._metrics.batch_size.observe(len(documents))
-        self._metrics.duplicates.inc(len(documents) - inserted)
-        inbound = sum(1 for record in records if record.direction == "in")
+        self._metrics.batch_size.observe(len(records))
+        unwritten = {p.record.id for p in (*poison, *refused)}
+        logged = [r for r in records if r.id not in unwritten]
+        self._metrics.duplicates.inc(len(logged) - inserted)
+        inbound = sum(1 for record in logged if record.direction == "in")
         self._metrics.events_in.inc(inbound)
-        self._metrics.events_out.inc(len(records) - inbound)
+        self._metrics.events_out.inc(len(logged) - inbound)
+
+    async def _insert(self, entries: list[Entry]) -> tuple[int, list[Poison]]:
+        """Insert the batch (one transaction: `Repository.insert_events`); when the server
+        refuses documents for good, write the rest and return those as poison. Any other error
+        propagates (the whole batch is retried)."""
+        refused: list[Poison] = []
+        while True:
+            try:
+                return await self._repository.insert_events([d for _, d in entries]), refused
+            except Exception as exc:
+                named = refused_documents(exc)
+                if named is None:
+                    if permanent_failure(exc) is None:
+                        raise
+                    log.warning("a batch was refused (%s): finding its poison", type(exc).__name__)
+                    inserted, found = await self._insert_one_by_one(entries)
+                    return inserted, refused + found
+                refused += [
+                    _poison(entries[i], reason, message)
+                    for i, (reason, message) in sorted(named.items())
+                    if 0 <= i < len(entries)
+                ]
+                entries = [entry for i, entry in enumerate(entries) if i not in named]
+
+    async def _insert_one_by_one(self, entries: list[Entry]) -> tuple[int, list[Poison]]:
+        """The failure path for an error that names no document: each event on its own."""
+        inserted = 0
+        refused = []
+        for entry in entries:
+            try:
+                inserted += await self._repository.insert_events([entry[1]])
+            except Exception as exc:
+                named = refused_documents(exc)
+                if named:
+                    reason, message = next(iter(named.values()))
+                else:
+                    permanent = permanent_failure(exc)
+                    if permanent is None:
+                        raise
+                    reason, message = permanent, _describe(exc)
+                refused.append(_poison(entry, reason, message))
+        return inserted, refused
+
+    def _report(self, poison: Poison) -> None:
+        record = poison.record
+        self._metrics.quarantined.labels(poison.reason).inc()
+        # No participant (nor the event id, which holds it): the quarantine has them.
+        log.error(
+            "a %s %s event (seq %s, %s bytes) cannot be logged (%s: %s): set aside in quarantine",
+            record.direction,
+            record.channel,
+            record.seq,
+            poison.size,
+            poison.reason,
+            poison.error,
+            extra=context(record.session, record.group),
+        )
+
+
+# A record and its MongoDB document.
+Entry = tuple[LogRecord, dict[str, Any]]
+# How much of a poison record's value its quarantine document keeps (of its JSON text).
+QUARANTINE_VALUE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """A record the log cannot hold, and why."""
+
+    record: LogRecord
+    reason: str  # TOO_LARGE or INVALID: the metric's label
+    error: str
+    size: int | None  # bytes of its document (None: it has none)
+    text: bytes | None = None  # its value's JSON text, when known
+
+
+def screen(records: list[LogRecord]) -> tuple[list[Entry], list[Poison]]:
+    """Each record's document, and the records that cannot have one the log accepts (no JSON
+    text for the value, or over MongoDB's size limit): these never reach the server."""
+    entries: list[Entry] = []
+    poison: list[Poison] = []
+    for record in records:
+        try:
+            document = event_document(record)
+            size = oversize(document)
+        except Exception as exc:
+            poison.append(Poison(record, INVALID, _describe(exc), None))
+            continue
+        if size is None:
+            entries.append((record, document))
+        else:
+            error = f"{size} bytes, over MongoDB's {MAX_DOCUMENT_BYTES} per document"
+            text = document["value"].encode(errors="replace")
+            poison.append(Poison(record, TOO_LARGE, error, size, text))
+    return entries, poison
+
+
+def quarantine_document(poison: Poison) -> dict[str, Any]:
+    """What the quarantine keeps of a poison record: where it belongs, why it was refused,
+    its size and the first QUARANTINE_VALUE_BYTES of its value's JSON text."""
+    record = poison.record
+    text = poison.text
+    if text is None:
+        try:
+            text = orjson.dumps(record.value)
+        except Exception:
+            text = repr(record.value)[:QUARANTINE_VALUE_BYTES].encode(errors="replace")
+    return {
+        "_id": record.id,
+        "ts": record.ts,
+        "session": record.session,
+        "group": record.group,
+        "participant": record.participant,
+        "direction": record.direction,
+        "channel": record.channel,
+        "seq": record.seq,
+        "reason": poison.reason,
+        "error": poison.error,
+        "size": poison.size,
+        "value": text[:QUARANTINE_VALUE_BYTES].decode(errors="ignore"),
+        "value_truncated": len(text) > QUARANTINE_VALUE_BYTES,
+        "quarantined_at": now(),
+    }
+
+
+def _poison(entry: Entry, reason: str, error: str) -> Poison:
+    record, document = entry
+    try:
+        size: int | None = bson_size(document)
+    except Exception:
+        size = None
+    text = str(document.get("value", "")).encode(errors="replace")
+    return Poison(record, reason, error, size, text)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 async def _ack(batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:

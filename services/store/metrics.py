@@ -44,6 +44,15 @@ class StoreMetrics(ServiceMetrics):
             "Batches MongoDB refused (requeued)",
             registry=registry,
         )
+        self.quarantined = Counter(
+            "canopy_store_quarantined",
+            "Events the log cannot hold (poison), set aside in the quarantine collection, "
+            "by reason: too_large (over MongoDB's 16 MiB), invalid (refused by the server)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("too_large", "invalid"):
+            self.quarantined.labels(reason)
         self.rejected = Counter(
             "canopy_store_malformed",
             "Malformed bus messages dead-lettered",

@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+import bson
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -16,6 +18,108 @@ log = logging.getLogger(__name__)
 DUPLICATE_KEY = 11000
 # "Transaction numbers are only allowed on a replica set member or mongos": a standalone server.
 ILLEGAL_OPERATION = 20
+
+# -- documents no retry can write (poison) ------------------------------------------------------
+# MongoDB refuses a document over 16 MiB; the store checks sizes itself before a batch goes
+# out, so such a record never reaches the server. nx-27017 (the local MongoDB-wire server)
+# differs here: it stores documents over 16 MiB (measured: 20 MiB accepted), while real MongoDB
+# answers an insert of one with write error 2 BadValue "object to insert too large". Both
+# refuse nothing else that the store writes (its keys are fixed; `value` is JSON text), and
+# PyMongo itself refuses, client-side, only a document bigger than a whole wire message
+# (48 MB: DocumentTooLarge) or one BSON cannot encode (InvalidDocument).
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+TOO_LARGE = "too_large"
+INVALID = "invalid"
+# Server error codes that refuse the document itself, whatever the server's state: retrying
+# the same document gets the same answer.
+_PERMANENT_CODES = {
+    2: INVALID,  # BadValue (an insert over 16 MiB is "object to insert too large": see below)
+    22: INVALID,  # InvalidBSON
+    52: INVALID,  # DollarPrefixedFieldName
+    56: INVALID,  # EmptyFieldName
+    57: INVALID,  # DottedFieldName
+    121: INVALID,  # DocumentValidationFailure
+    10334: TOO_LARGE,  # BSONObjectTooLarge
+    17419: TOO_LARGE,  # "Resulting document after update is larger than 16777216"
+    17420: TOO_LARGE,  # "Document to upsert is larger than 16777216"
+}
+# Labels that say the server, not the document, is the trouble (a failover, a transaction
+# conflict): such an error is retried whatever its code.
+_TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError", "NoWritesPerformed")
+
+
+def oversize(document: dict[str, Any]) -> int | None:
+    """The BSON size of `document` when it is over MongoDB's limit, None when it is under.
+
+    Measured exactly (`bson.encode`) only when a cheap upper bound says it may be over: for a
+    flat document of strings and numbers (an event), at most 4 bytes per character plus 64 per
+    field. So a batch of ordinary events costs a few additions per document, not an encoding.
+    """
+    bound = 5
+    for value in document.values():
+        if isinstance(value, str):
+            bound += 64 + 4 * len(value)
+        elif value is None or isinstance(value, (int, float, bool)):
+            bound += 64
+        else:  # nested: no cheap bound
+            bound = MAX_DOCUMENT_BYTES + 1
+            break
+    if bound <= MAX_DOCUMENT_BYTES:
+        return None
+    size = bson_size(document)
+    return size if size > MAX_DOCUMENT_BYTES else None
+
+
+def bson_size(document: dict[str, Any]) -> int:
+    """The document's BSON size in bytes (raises InvalidDocument if BSON cannot hold it)."""
+    return len(bson.encode(document))
+
+
+def _refusal(code: Any, message: str) -> str | None:
+    reason = _PERMANENT_CODES.get(code) if isinstance(code, int) else None
+    if reason is not None and "too large" in message.lower():
+        return TOO_LARGE
+    return reason
+
+
+def permanent_failure(exc: BaseException) -> str | None:
+    """Why no retry can write what failed with `exc` (TOO_LARGE or INVALID), for an error that
+    does not say which documents it refused; None when a retry may succeed (a connection
+    error, a timeout, not-primary, anything unknown). A BulkWriteError names its documents:
+    see `refused_documents`."""
+    if isinstance(exc, BulkWriteError):
+        return None
+    if isinstance(exc, InvalidDocument):  # PyMongo's own check (DocumentTooLarge is one)
+        return TOO_LARGE if "too large" in str(exc).lower() else INVALID
+    if isinstance(exc, UnicodeError):  # a string BSON cannot encode (a lone surrogate)
+        return INVALID
+    if isinstance(exc, OperationFailure):
+        if any(exc.has_error_label(label) for label in _TRANSIENT_LABELS):
+            return None
+        return _refusal(exc.code, str(exc))
+    return None
+
+
+def refused_documents(exc: BaseException) -> dict[int, tuple[str, str]] | None:
+    """For a failed unordered insert: the index of each document the server refused for good,
+    with the reason and its message. None when the error names no document, or when any of
+    its errors may be transient (then the whole batch is retried). Duplicates are no refusal:
+    the event is already in the log."""
+    if not isinstance(exc, BulkWriteError):
+        return None
+    details = exc.details or {}
+    if details.get("writeConcernErrors"):
+        return None
+    refused: dict[int, tuple[str, str]] = {}
+    for error in details.get("writeErrors", []):
+        if error.get("code") == DUPLICATE_KEY:
+            continue
+        message = str(error.get("errmsg", ""))
+        reason = _refusal(error.get("code"), message)
+        if reason is None or not isinstance(error.get("index"), int):
+            return None
+        refused[error["index"]] = (reason, f"{error.get('code')}: {message}"[:1000])
+    return refused or None
 
 
 class Repository:
@@ -29,6 +133,8 @@ class Repository:
         self.participants = self._db["participants"]
         self.events = self._db["events"]
         self.barriers = self._db["log_barriers"]
+        # Events no retry can write (see `quarantine_events`), set aside for an operator.
+        self.quarantine = self._db["quarantine"]
         self._transactions = True  # until the server says it has none (a standalone mongod)
 
     async def setup(self) -> None:
@@ -134,6 +240,20 @@ class Repository:
             if others:
                 raise
             return len(documents) - len(errors)
+
+    async def quarantine_events(self, documents: list[dict[str, Any]]) -> list[str]:
+        """Set aside events the log cannot hold (one document each, `_id` the event's id);
+        idempotent: an event quarantined before keeps its first document. Returns the ids
+        quarantined now for the first time."""
+        new = []
+        for document in documents:
+            fields = {key: value for key, value in document.items() if key != "_id"}
+            result = await self.quarantine.update_one(
+                {"_id": document["_id"]}, {"$setOnInsert": fields}, upsert=True
+            )
+            if result.upserted_id is not None:
+                new.append(str(document["_id"]))
+        return new
 
     async def apply_status(self, updates: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
         """Live status (presence, period) derived from logged events, in log order."""
