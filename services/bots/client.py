@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from services.bots.strategies import Strategy, View
+from services.bots.strategies import OpenOrders, Strategy, View
 from services.common.seats import fingerprint
 
 CLOSE_REFUSED = 4403  # unknown seat
@@ -116,6 +116,7 @@ class Bot:
     members: tuple[str, ...] = ()
     decisions: dict[str, Any] = field(default_factory=dict)
     book: dict[str, Any] | None = None
+    open_orders: OpenOrders = field(default_factory=OpenOrders)  # the auction: its own
     period: int = 0
     running: bool = False
     periods_ended: int = 0  # number of the last period whose period_end arrived
@@ -194,6 +195,7 @@ class Bot:
         seq = self._seq
         self.unacked[seq] = (channel, payload)
         self.sent += 1
+        self.open_orders.sent(seq, channel, payload)
         ws = self._ws
         if ws is not None and self._synced:
             with contextlib.suppress(websockets.WebSocketException):
@@ -207,6 +209,7 @@ class Bot:
             members=self.members,
             decisions=dict(self.decisions),
             book=self.book,
+            open_orders=dict(self.open_orders.orders) if self.book is not None else None,
         )
 
     # -- views for tests -----------------------------------------------------------------
@@ -283,6 +286,7 @@ class Bot:
                 seq = payload.get("seq")
                 if isinstance(seq, int):
                     self.unacked.pop(seq, None)  # refused: resending would be refused again
+                    self.open_orders.refused(seq, payload.get("code"))
             else:
                 self._on_broadcast(channel, payload)
             self._changed.set()
@@ -298,9 +302,13 @@ class Bot:
         self.id_in_group = int(payload.get("id_in_group") or 0)
         self.members = tuple(payload.get("members") or ())
         self.decisions = dict(payload.get("group_decisions") or {})
+        period = payload["period"]
         if "book" in payload:
             self.book = payload["book"]
-        period = payload["period"]
+            if period["state"] in ("running", "paused"):  # else the book is empty
+                self.open_orders.seen_book(self.book or {}, self.code, self.id_in_group % 2 == 1)
+            else:
+                self.open_orders.clear()
         self.period = int(period.get("number") or 0)
         self.running = period["state"] == "running"
         self.ends_at = period.get("ends_at") if self.running else None
@@ -317,7 +325,12 @@ class Bot:
             self.decisions.update(payload)
         elif channel == "book":
             self.book = payload
+            self.open_orders.seen_book(payload, self.code, self.id_in_group % 2 == 1)
+        elif channel == "trade":
+            self.open_orders.traded(payload, self.code)
         elif channel in ("period_start", "period_resumed"):
+            if channel == "period_start":
+                self.open_orders.clear()
             self.period = int(payload["period"])
             self.running = True
             self.ends_at = payload.get("ends_at")
@@ -327,6 +340,7 @@ class Bot:
         elif channel == "subperiod":
             self.decisions.update(payload.get("group_decisions") or {})
         elif channel == "period_end":
+            self.open_orders.clear()
             self.running = False
             self.decisions.update(payload.get("group_decisions") or {})
             self._period_ended(int(payload["period"]))

@@ -14,8 +14,9 @@ caller passes, so a seeded test gets the same moves every time.
                     per period, or after a reset of the decisions)
     zi              double auction: Gode and Sunder's zero-intelligence trader with a budget
                     constraint (ZI-C): a buyer bids uniformly in [low, value], a seller asks
-                    uniformly in [cost, high], one unit at a time; a new order replaces the
-                    bot's resting one (cancel, then order)
+                    uniformly in [cost, high], one unit at a time, within the session's
+                    max_price; a new order replaces the bot's open ones (cancel, then order),
+                    so it never holds more than one and stays under max_open_orders
 
 `make_strategy(experiment, name, params, options)` builds one; `default` is random_walk for
 the decision experiments and zi for the auction. Bad combinations raise `StrategyError`.
@@ -35,6 +36,7 @@ Action = tuple[str, Any]  # (channel, payload)
 STRATEGIES = ("default", "random_walk", "best_response", "fixed", "zi")
 WALK_STEP = 0.1  # a random-walk step: up to this share of the decision range
 PRICE_TICK = 0.01  # auction prices are drawn on a cent grid
+MAX_PENDING_CANCELS = 100  # cancels whose error might still come, remembered per trader
 
 
 class StrategyError(ValueError):
@@ -49,11 +51,94 @@ class View:
     id_in_group: int
     members: tuple[str, ...]
     decisions: Mapping[str, Any] = field(default_factory=dict)  # group_decisions
-    book: Mapping[str, Any] | None = None  # double auction: {"bids", "asks"}
+    book: Mapping[str, Any] | None = None  # double auction: {"bids", "asks", "..._total"}
+    # Double auction: the bot's own open orders (seq → {"price", "quantity"}) as `OpenOrders`
+    # knows them; the book lists only its best entries. None: those of the book.
+    open_orders: Mapping[int, Mapping[str, Any]] | None = None
 
     @property
     def mine(self) -> Any:
         return self.decisions.get(self.code)
+
+
+@dataclass
+class OpenOrders:
+    """A trader's own open orders, known from its own orders, cancels and the trades that name
+    it (PROTOCOL v2: a `book` lists only the best `book_depth` entries per side). An order is
+    open from when it is sent until a trade fills it, its cancel is sent, or an `error`
+    answers it; a book that lists one gives its quantity, and a book that would have to list
+    one and does not (the whole side is listed, or it is better than the last entry listed)
+    says it is gone (filled while the bot was away). canopy's page does the same."""
+
+    orders: dict[int, dict[str, Any]] = field(default_factory=dict)
+    cancels: dict[int, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def sent(self, seq: int, channel: str, payload: Any) -> None:
+        if not isinstance(payload, Mapping):
+            return
+        if channel == "orders":
+            self.orders[seq] = {"price": payload.get("price"), "quantity": payload.get("quantity")}
+        elif channel == "cancel" and isinstance(payload.get("seq"), int):
+            order = self.orders.pop(payload["seq"], None)
+            if order is not None:
+                self.cancels[seq] = (payload["seq"], order)
+                while len(self.cancels) > MAX_PENDING_CANCELS:  # answered ones are not told
+                    del self.cancels[next(iter(self.cancels))]
+
+    def refused(self, seq: int, code: str | None) -> None:
+        self.orders.pop(seq, None)
+        cancel = self.cancels.pop(seq, None)
+        # A cancel refused as invalid: that order is not open. Otherwise (flood): it still is.
+        if cancel is not None and code not in ("invalid_decision", "period_not_running"):
+            self.orders[cancel[0]] = cancel[1]
+
+    def traded(self, trade: Mapping[str, Any], code: str) -> None:
+        if trade.get("buyer") == code:
+            seq = trade.get("bid_seq")
+        elif trade.get("seller") == code:
+            seq = trade.get("ask_seq")
+        else:
+            return
+        if not isinstance(seq, int) or seq not in self.orders:
+            return
+        order = self.orders[seq]
+        left = (order.get("quantity") or 0) - (trade.get("quantity") or 0)
+        if left > 0:
+            self.orders[seq] = {**order, "quantity": left}
+        else:
+            del self.orders[seq]
+
+    def seen_book(self, book: Mapping[str, Any], code: str, buyer: bool) -> None:
+        side = "bids" if buyer else "asks"
+        listed = [e for e in book.get(side) or [] if isinstance(e, Mapping)]
+        total = book.get(f"{side}_total")
+        if not isinstance(total, int):
+            total = len(listed)
+        shown = set()
+        cancelling = {target for target, _ in self.cancels.values()}
+        for entry in listed:
+            if entry.get("seq") in cancelling:
+                continue  # its cancel is on its way
+            if entry.get("participant") == code and isinstance(entry.get("seq"), int):
+                shown.add(entry["seq"])
+                self.orders[entry["seq"]] = {
+                    "price": entry.get("price"),
+                    "quantity": entry.get("quantity"),
+                }
+        last = _number(listed[-1].get("price")) if listed else None
+        for seq, order in list(self.orders.items()):
+            if seq in shown:
+                continue
+            price = _number(order.get("price"))
+            better = (
+                last is not None and price is not None and (price > last if buyer else price < last)
+            )
+            if len(listed) >= total or better:
+                del self.orders[seq]
+
+    def clear(self) -> None:
+        self.orders.clear()
+        self.cancels.clear()
 
 
 class Strategy(Protocol):
@@ -158,24 +243,32 @@ class ZeroIntelligence:
     cost: float
     low: float
     high: float
+    max_price: float = 1_000_000.0  # the session's: never a price above it
 
     def act(self, view: View, rng: random.Random) -> list[Action]:
         buyer = view.id_in_group % 2 == 1
         if buyer:
-            top = math.floor(self.value / PRICE_TICK)
+            top = math.floor(min(self.value, self.max_price) / PRICE_TICK)
             bottom = min(math.ceil(self.low / PRICE_TICK), top)
             side, price = "bid", rng.randint(bottom, top) * PRICE_TICK
         else:
             bottom = math.ceil(self.cost / PRICE_TICK)
-            top = max(math.floor(self.high / PRICE_TICK), bottom)
+            top = max(math.floor(min(self.high, self.max_price) / PRICE_TICK), bottom)
             side, price = "ask", rng.randint(bottom, top) * PRICE_TICK
         actions: list[Action] = []
-        # Replace the bot's resting order rather than pile up orders: a book that only grows
-        # makes every `book` broadcast longer.
-        book = view.book or {}
-        for entry in book.get("bids" if buyer else "asks", []):
-            if entry.get("participant") == view.code:
-                actions.append(("cancel", {"seq": entry["seq"]}))
+        # Replace the bot's open orders rather than pile them up: one open order at a time
+        # stays under any max_open_orders (≥ 1). Its own record of them when it keeps one: the
+        # book lists only the best entries.
+        if view.open_orders is not None:
+            own = sorted(view.open_orders)
+        else:
+            book = view.book or {}
+            own = [
+                entry["seq"]
+                for entry in book.get("bids" if buyer else "asks", [])
+                if entry.get("participant") == view.code
+            ]
+        actions.extend(("cancel", {"seq": seq}) for seq in own)
         actions.append(("orders", {"side": side, "price": round(price, 2), "quantity": 1}))
         return actions
 
@@ -221,9 +314,12 @@ def make_strategy(
             low = _option(options, "low", PRICE_TICK)
             high = _option(options, "high", max(value, cost))
             low, cost = max(low, PRICE_TICK), max(cost, PRICE_TICK)  # prices must be > 0
+            top = auction_params.max_price
             if value < low:
                 raise StrategyError(f"the buyers' value {value:g} is below the lowest bid {low:g}")
-            return ZeroIntelligence(value=value, cost=cost, low=low, high=high)
+            if low > top or cost > top:
+                raise StrategyError(f"the lowest bid and the cost must be under max_price {top:g}")
+            return ZeroIntelligence(value=value, cost=cost, low=low, high=high, max_price=top)
         if name == "best_response":
             if experiment == "bimatrix":
                 return BimatrixBestResponse(BimatrixParams.model_validate(params).matrix())

@@ -5,12 +5,26 @@
  * trade prices over the period with the best bid and ask. Position and profit are summed here
  * from the `trade` broadcasts this page saw (buyer_value − price per unit bought, price −
  * seller_cost per unit sold, as the server does); the period payoff at the end is the server's.
+ *
+ * The book a `book` broadcast carries lists only the best `book_depth` entries per side, with
+ * `bids_total` / `asks_total` (PROTOCOL v2), so this page knows its own open orders from what it
+ * did (PROTOCOL v2: "from its own orders, cancels and the trades that name it"): an order it
+ * sent is open until a trade fills it, its cancel leaves, or an `error` answers it; a book that
+ * shows one of them gives its quantity, and a book that would have to show one and does not
+ * (the whole side is listed, or it is better than the last entry listed) says it is gone.
+ * They are kept in sessionStorage with the period, so a reload keeps them; "Your open orders"
+ * lists them, with Cancel, whether or not the book's depth reaches them.
  */
 import { formatNumber, h, startPage } from "./page.js";
 
 var MAX_TAPE = 50;
 
-var book = { bids: [], asks: [] };
+var EMPTY_BOOK = { bids: [], asks: [], bids_total: 0, asks_total: 0 };
+
+var book = EMPTY_BOOK;
+var mine = {}; // seq -> {seq, price, quantity}: this page's open orders, as far as it knows
+var cancels = {}; // seq of a cancel frame -> the order it cancels (restored if refused)
+var minePeriod = null;
 var trades = []; // this period's trades seen by this page, oldest first
 var tradesPeriod = null;
 var el = {};
@@ -44,6 +58,105 @@ function position(page) {
   return { units: units, profit: profit };
 }
 
+function storageKey(page) {
+  return "canopy.auction." + page.me();
+}
+
+function saveMine(page) {
+  try {
+    window.sessionStorage.setItem(storageKey(page),
+      JSON.stringify({ period: minePeriod, orders: mine }));
+  } catch (e) {
+    // No storage (private mode, quota): the orders are still known until a reload.
+  }
+}
+
+function loadMine(page, period) {
+  mine = {};
+  minePeriod = period;
+  try {
+    var saved = JSON.parse(window.sessionStorage.getItem(storageKey(page)) || "null");
+    if (saved && saved.period === period && saved.orders) mine = saved.orders;
+  } catch (e) {
+    mine = {};
+  }
+}
+
+function resetMine(page, period) {
+  mine = {};
+  cancels = {};
+  minePeriod = period;
+  saveMine(page);
+}
+
+function mySide(page) {
+  return isBuyer(page) ? "bids" : "asks";
+}
+
+function better(side, price, other) {
+  return side === "bids" ? price > other : price < other;
+}
+
+/** What a book (a broadcast or hello's) says about this page's own orders. */
+function reconcile(page, b) {
+  var side = mySide(page);
+  var listed = b[side] || [];
+  var total = typeof b[side + "_total"] === "number" ? b[side + "_total"] : listed.length;
+  var me = page.me();
+  var shown = {};
+  var cancelling = {};
+  Object.keys(cancels).forEach(function (c) { cancelling[cancels[c].seq] = true; });
+  listed.forEach(function (e) {
+    if (e.participant !== me || cancelling[e.seq]) return; // its cancel is on its way
+    shown[e.seq] = true;
+    mine[e.seq] = { seq: e.seq, price: e.price, quantity: e.quantity };
+  });
+  var last = listed.length ? listed[listed.length - 1].price : null;
+  Object.keys(mine).forEach(function (seq) {
+    if (shown[seq]) return;
+    var o = mine[seq];
+    // Not listed although it would have to be: filled or cancelled while this page was away.
+    // (An order not applied yet comes back with the next book that lists it.)
+    if (listed.length >= total || (last !== null && better(side, o.price, last))) {
+      delete mine[seq];
+    }
+  });
+  saveMine(page);
+}
+
+function onTrade(page, t) {
+  var me = page.me();
+  var seq = t.buyer === me ? t.bid_seq : t.seller === me ? t.ask_seq : null;
+  var o = seq === null ? null : mine[seq];
+  if (!o) return;
+  o.quantity -= t.quantity;
+  if (o.quantity <= 0) delete mine[seq];
+  saveMine(page);
+}
+
+function onError(page, p) {
+  if (!p || typeof p.seq !== "number") return;
+  if (mine[p.seq]) {
+    delete mine[p.seq]; // the order was refused
+    el.note.textContent = "Order " + p.seq + " was refused: " + (p.message || p.code) + ".";
+  } else if (cancels[p.seq]) {
+    // A cancel refused as invalid: that order is not open any more. Anything else (the flood
+    // limit, say): it still is.
+    var o = cancels[p.seq];
+    if (p.code !== "invalid_decision" && p.code !== "period_not_running") mine[o.seq] = o;
+  }
+  delete cancels[p.seq];
+  saveMine(page);
+}
+
+function cancelOrder(page, o) {
+  var seq = page.client.send("cancel", { seq: o.seq });
+  cancels[seq] = o;
+  delete mine[o.seq];
+  saveMine(page);
+  render(page);
+}
+
 function placeOrder(page) {
   var price = parseFloat(el.price.value);
   var quantity = Number(el.quantity.value);
@@ -59,6 +172,9 @@ function placeOrder(page) {
   }
   var side = isBuyer(page) ? "bid" : "ask";
   var seq = page.client.send("orders", { side: side, price: price, quantity: quantity });
+  mine[seq] = { seq: seq, price: price, quantity: quantity };
+  saveMine(page);
+  render(page);
   el.note.textContent = "Sent your " + side + " (order " + seq + "): " + quantity + " at " +
     formatNumber(price) + ".";
 }
@@ -66,25 +182,46 @@ function placeOrder(page) {
 function bookTable(page, side) {
   var entries = book[side] || [];
   var me = page.me();
-  var running = page.running();
   var rows = entries.map(function (e) {
-    var mine = e.participant === me;
-    var action = mine ? h("button", { type: "button", class: "cancel", disabled: !running,
-      "aria-label": "Cancel your order " + e.seq + ": " + e.quantity + " at " +
-        formatNumber(e.price), text: "Cancel" }) : null;
-    if (action) {
-      action.addEventListener("click", function () {
-        page.client.send("cancel", { seq: e.seq });
-      });
-    }
-    return h("tr", { class: mine ? "mine" : "", "data-seq": String(e.seq),
+    var own = e.participant === me;
+    return h("tr", { class: own ? "mine" : "", "data-seq": String(e.seq),
       "data-participant": e.participant },
       h("td", { text: formatNumber(e.price) }),
       h("td", { text: String(e.quantity) }),
-      h("td", { text: mine ? "you" : page.playerName(e.participant) }),
+      h("td", { text: own ? "you" : page.playerName(e.participant) }));
+  });
+  if (!rows.length) rows = [h("tr", {}, h("td", { colspan: "3", class: "empty", text: "none" }))];
+  return rows;
+}
+
+function bookCaption(side, label) {
+  var listed = (book[side] || []).length;
+  var total = typeof book[side + "_total"] === "number" ? book[side + "_total"] : listed;
+  return label + (total > listed ? " (best " + listed + " of " + total + ")" :
+    " (" + total + ")");
+}
+
+function myOrders(page) {
+  var running = page.running();
+  var side = mySide(page);
+  var orders = Object.keys(mine).map(function (seq) { return mine[seq]; });
+  // Best first, as the book lists them; earlier first at equal prices.
+  orders.sort(function (a, b) {
+    return a.price === b.price ? a.seq - b.seq : (better(side, a.price, b.price) ? -1 : 1);
+  });
+  var rows = orders.map(function (o) {
+    var action = h("button", { type: "button", class: "cancel", disabled: !running,
+      "aria-label": "Cancel your order " + o.seq + ": " + o.quantity + " at " +
+        formatNumber(o.price), text: "Cancel" });
+    action.addEventListener("click", function () {
+      cancelOrder(page, o);
+    });
+    return h("tr", { class: "mine", "data-seq": String(o.seq) },
+      h("td", { text: formatNumber(o.price) }),
+      h("td", { text: String(o.quantity) }),
       h("td", {}, action));
   });
-  if (!rows.length) rows = [h("tr", {}, h("td", { colspan: "4", class: "empty", text: "none" }))];
+  if (!rows.length) rows = [h("tr", {}, h("td", { colspan: "3", class: "empty", text: "none" }))];
   return rows;
 }
 
@@ -99,6 +236,37 @@ function renderTape(page) {
   });
   if (!items.length) items = [h("li", { class: "empty", text: "No trades yet." })];
   el.tape.replaceChildren.apply(el.tape, items);
+}
+
+function render(page) {
+  if (!el.mine) return; // not mounted yet
+  var running = page.running();
+  el.price.disabled = el.quantity.disabled = el.submit.disabled = !running;
+  ["bids", "asks"].forEach(function (side) {
+    el[side + "Heading"].textContent = bookCaption(side, el[side + "Heading"].dataset.label);
+    var key = JSON.stringify(book[side] || []);
+    if (el[side].dataset.key === key) return; // rebuilt only when it changed
+    el[side].dataset.key = key;
+    el[side].replaceChildren.apply(el[side], bookTable(page, side));
+  });
+  // Rebuilt only when it changed, and a focused Cancel button keeps the focus (keyboard).
+  var key = JSON.stringify(mine) + running;
+  if (el.mine.dataset.key !== key) {
+    el.mine.dataset.key = key;
+    var focused = document.activeElement;
+    var focusedSeq = focused && el.mine.contains(focused) ?
+      focused.closest("tr").dataset.seq : null;
+    el.mine.replaceChildren.apply(el.mine, myOrders(page));
+    if (focusedSeq) {
+      var again = el.mine.querySelector('tr[data-seq="' + focusedSeq + '"] button');
+      (again || el.price).focus();
+    }
+  }
+  renderTape(page);
+  var pos = position(page);
+  el.units.textContent = String(pos.units);
+  el.profit.textContent = formatNumber(pos.profit);
+  el.spread.textContent = formatNumber(best("bids")) + " / " + formatNumber(best("asks"));
 }
 
 function best(side) {
@@ -148,70 +316,72 @@ startPage({
     function sideTable(side, caption) {
       var body = h("tbody", { id: side + "-body" });
       el[side] = body;
-      return h("div", {}, h("h3", { id: side + "-heading", text: caption }),
+      el[side + "Heading"] = h("h3", { id: side + "-heading", text: caption });
+      el[side + "Heading"].dataset.label = caption;
+      return h("div", {}, el[side + "Heading"],
         h("table", { class: "book-table", id: side + "-table", "aria-labelledby": side +
           "-heading" },
           h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Price" }),
-            h("th", { scope: "col", text: "Units" }), h("th", { scope: "col", text: "Who" }),
-            h("th", { scope: "col" }, h("span", { class: "visually-hidden", text: "Action" })))),
+            h("th", { scope: "col", text: "Units" }), h("th", { scope: "col", text: "Who" }))),
           body));
     }
+    el.mine = h("tbody", { id: "mine-body" });
+    var own = h("div", { class: "own-orders" },
+      h("h3", { id: "mine-heading", text: "Your open orders" }),
+      h("table", { class: "book-table", id: "mine-table", "aria-labelledby": "mine-heading" },
+        h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Price" }),
+          h("th", { scope: "col", text: "Units" }),
+          h("th", { scope: "col" }, h("span", { class: "visually-hidden", text: "Action" })))),
+        el.mine));
     el.tape = h("ul", { id: "tape", class: "tape", "aria-label": "Trades, newest first" });
     var market = h("div", { class: "market" }, sideTable("bids", "Bids (buyers)"),
       sideTable("asks", "Asks (sellers)"));
     var tape = h("div", { class: "tape-box" }, h("h3", { text: "Trades" }), el.tape);
     page.el.experiment.querySelector("h2").textContent = "Your orders";
-    page.el.experiment.append(el.role, form, el.note, stats, market, tape);
+    page.el.experiment.append(el.role, form, el.note, stats, own, market, tape);
 
     var client = page.client;
     client.on("hello", function (p) {
-      book = p && p.book ? p.book : { bids: [], asks: [] };
+      book = p && p.book ? p.book : EMPTY_BOOK;
       var period = client.state.period;
-      if (!period || period.number !== tradesPeriod) {
+      var number = period ? period.number : null;
+      if (number !== tradesPeriod) {
         trades = [];
-        tradesPeriod = period ? period.number : null;
+        tradesPeriod = number;
+      }
+      if (number !== minePeriod) loadMine(page, number);
+      // A paused period keeps its book; a period not started or ended has none.
+      if (period && (period.state === "running" || period.state === "paused")) {
+        reconcile(page, book);
+      } else {
+        resetMine(page, number);
       }
     });
     client.on("period_start", function (p) {
-      book = { bids: [], asks: [] };
+      book = EMPTY_BOOK;
       trades = [];
       tradesPeriod = p.period;
+      resetMine(page, p.period);
     });
-    client.on("period_end", function () {
-      book = { bids: [], asks: [] };
+    client.on("period_end", function (p) {
+      book = EMPTY_BOOK;
+      resetMine(page, p.period);
     });
     client.on("book", function (p, ts) {
       book = p;
+      reconcile(page, p);
       page.chart.record(ts, [null, best("bids"), best("asks")]);
     });
     client.on("trade", function (p, ts) {
       trades.push(p);
+      onTrade(page, p);
       page.chart.record(ts, [p.price, best("bids"), best("asks")]);
     });
-  },
-  render: function (page) {
-    var running = page.running();
-    el.price.disabled = el.quantity.disabled = el.submit.disabled = !running;
-    ["bids", "asks"].forEach(function (side) {
-      // Rebuilt only when it changed, and a focused Cancel button keeps the focus (keyboard).
-      var key = JSON.stringify(book[side] || []) + running;
-      if (el[side].dataset.key === key) return;
-      el[side].dataset.key = key;
-      var focused = document.activeElement;
-      var focusedSeq = focused && el[side].contains(focused) ?
-        focused.closest("tr").dataset.seq : null;
-      el[side].replaceChildren.apply(el[side], bookTable(page, side));
-      if (focusedSeq) {
-        var again = el[side].querySelector('tr[data-seq="' + focusedSeq + '"] button');
-        (again || el.price).focus();
-      }
+    client.on("error", function (p) {
+      onError(page, p);
     });
-    renderTape(page);
-    var pos = position(page);
-    el.units.textContent = String(pos.units);
-    el.profit.textContent = formatNumber(pos.profit);
-    el.spread.textContent = formatNumber(best("bids")) + " / " + formatNumber(best("asks"));
   },
+  render: render,
   formatDecision: function (value, member, page) {
     return page.idInGroup(member) % 2 === 1 ? "buyer" : "seller";
   },
