@@ -251,12 +251,12 @@ class Hub:
             # before decisions got to the presence. So the hello says at least the highest seq
             # acked here. That claims more than decisions has applied yet, which is safe
             # because an ack guarantees it: the frame is in the group's queue ahead of every
-            # later input, so decisions applies (or refuses) it next and its own last_seq
-            # reaches that seq; the client drops it from its pending frames, as the ack already
-            # let it. The hello's decisions stay the snapshot's; that frame's broadcast follows
-            # it in the group's order. (The other way, holding frames back from a resync until
-            # its hello arrives, would stall every member's acks while a restarted worker
-            # works through the backlog of its downtime.)
+            # later input, so decisions applies (or refuses) it before any of those, and its
+            # own last_seq reaches that seq; the client drops it from its pending frames, as
+            # the ack already let it. The hello's decisions stay the snapshot's; that frame's
+            # broadcast follows it in the group's order. (The other way, holding frames back
+            # from a resync until its hello arrives, would stall every member's acks while a
+            # restarted worker works through the backlog of its downtime.)
             last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
             if last_seq != payload.get("last_seq"):
                 payload = {**payload, "last_seq": last_seq}
