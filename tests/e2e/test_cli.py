@@ -121,7 +121,7 @@ def test_create_session_from_json_and_toml_configs_prints_every_link(
         "pause",
     )
     assert (detail["num_periods"], detail["period_length"]) == (2, 45)
-    assert detail["params"] == {"game": "stag_hunt"}
+    assert detail["params"] == {"game": "stag_hunt", "initial_decision": 0.5}  # v2: defaults
 
     # Flags alone, with params as KEY=JSON.
     out = ok(
@@ -132,7 +132,7 @@ def test_create_session_from_json_and_toml_configs_prints_every_link(
         )
     )  # fmt: skip
     detail = client.get(f"/api/sessions/{out.split()[1]}").json()
-    assert detail["params"] == {"initial_decision": 0.25}
+    assert detail["params"] == {"game": "prisoners_dilemma", "initial_decision": 0.25}
 
 
 def test_a_bad_config_is_refused_with_the_apis_reason_and_creates_nothing(
