@@ -692,11 +692,9 @@ def _finite(value: Any, what: str) -> float:
 
 
 def _json_size(value: Any) -> int:
-    """Bytes of `value` as JSON; anything JSON cannot hold counts as too big."""
-    try:
-        return len(orjson.dumps(value))
-    except (TypeError, orjson.JSONEncodeError):
-        return MAX_PAYLOAD_BYTES + 1
+    """Bytes of `value` as JSON. Raises (TypeError) for what JSON cannot hold: only an
+    experiment can produce that (inputs are parsed JSON), so it is the experiment's failure."""
+    return len(orjson.dumps(value))
 
 
 def validated_params(experiment: Experiment, config: GroupConfig) -> dict[str, Any]:

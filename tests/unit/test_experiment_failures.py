@@ -385,3 +385,17 @@ def test_an_experiments_long_message_is_cut() -> None:
     (error,) = errors(rec.frame("a", 1, 1))
     assert error["code"] == "invalid_decision"
     assert len(error["message"]) <= 500
+
+
+def test_a_broadcast_that_is_not_json_is_a_failure_of_the_hook() -> None:
+    class Opaque(Fragile):
+        def on_input(self, state: Any, *args: Any) -> Outcome:
+            return Outcome({"orders": ["changed"]}, [("book", object())])
+
+    rec = Recorder(Opaque())
+    rec.start()
+    before = state_of(rec.state)
+    assert errors(rec.frame("a", 1, {"price": 1}, channel="orders"))[0]["code"] == (
+        "experiment_error"
+    )
+    assert state_of(rec.state) == before
