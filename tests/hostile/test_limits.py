@@ -8,8 +8,10 @@ with this folder's settings (`fuzz`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from services.common import experiments
 from services.common.directory import GroupConfig
 from services.common.group import Broadcast, GroupState
+from services.store.api import session_summary
 from services.store.domain import CreateSession
 from tests.hostile.conftest import fuzz
 
@@ -247,3 +250,26 @@ def test_no_broadcast_passes_the_cap(inputs: list[tuple[str, int]], subperiod_af
     assert out[-1].channel == "period_end"
     for broadcast in out:
         assert len(orjson.dumps(broadcast.payload)) <= CAP
+
+
+def test_a_payoff_that_is_not_finite_never_breaks_the_session_list() -> None:
+    """v1 let payoffs overflow to infinity, logged as `null`: `GET /api/sessions` then failed
+    with 500 for every session. The summary's JSON stays valid whatever was stored."""
+    session = {"_id": "s", "created_at": datetime.now(UTC), "groups": ["g"], "params": {}}
+    groups = [{"_id": "g", "members": ["a", "b", "c"]}]
+    participants = [
+        {"_id": code, "group": "g", "id_in_group": i, "url": "u", "payoffs": payoffs}
+        for i, (code, payoffs) in enumerate(
+            [
+                ("a", {"1": None, "2": 3.0}),
+                ("b", {"1": float("inf"), "2": float("nan")}),
+                ("c", {"1": 1.5, "2": 2}),
+            ],
+            start=1,
+        )
+    ]
+    summary = session_summary(session, groups, participants)
+    totals = {p["code"]: p["total_payoff"] for p in summary["participants"]}
+    assert totals == {"a": None, "b": None, "c": 3.5}
+    assert summary["participants"][1]["payoffs"] == {"1": None, "2": None}
+    json.dumps(summary, allow_nan=False)  # as strict as the HTTP answer's encoder
