@@ -512,7 +512,7 @@ class GroupState:
             },
             "last_seq": self.last_seq[participant],
             "presence": {code: code in self.connections for code in self.config.members},
-            **(self._hello_extra() if hasattr(self.experiment, "hello") else {}),
+            **(self.hello_extra() if hasattr(self.experiment, "hello") else {}),
         }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -678,8 +678,9 @@ class GroupState:
         initial = self.experiment.initial_state  # type: ignore[attr-defined]
         return self._safely("initial_state", None, lambda: initial(self.params))
 
-    def _hello_extra(self) -> dict[str, Any]:
-        """What the experiment adds to `hello`; nothing if the hook failed."""
+    def hello_extra(self) -> dict[str, Any]:
+        """What the experiment adds to `hello` (its own state: the auction's book); nothing if
+        the hook failed. For views of the group too (the store's live monitor)."""
         hello = self.experiment.hello  # type: ignore[attr-defined]
         return self._safely("hello", {}, lambda: dict(hello(self.market)))
 
