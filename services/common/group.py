@@ -17,9 +17,10 @@ was complete (it is sent again; timers keeps one schedule per period, so that is
 Experiment code is not trusted to succeed (PROTOCOL v2 "The ack holds through everything").
 Its hooks get `params` validated by the experiment's `params_model` and dumped (defaults
 filled in; once per group, see `validated_params`), and what a hook returns is checked (flow
-payoffs: code → finite number). An input is a transaction: every hook it needs runs first, on
-copies, and the group's state (decisions, market, flow / area, earned, rate-limit fields)
-changes only after all of them returned. So when a hook raises on an input, the frame still
+payoffs: code → finite number; broadcasts: JSON). An input is a transaction: every hook it
+needs runs first (`payoffs` on a copy of the decisions; `on_input` gets the market, which hooks
+must never change, and returns a new one), and the group's state (decisions, market, flow /
+area, earned, rate-limit fields) changes only after all of them returned. So when a hook raises on an input, the frame still
 counts as seen (`last_seq` moves: it is acknowledged and its `in` row is logged), it is
 answered with an `error` `experiment_error` for its sender and seq, and nothing else changes;
 the group goes on. An input whose broadcasts would exceed `MAX_PAYLOAD_BYTES` (PROTOCOL v2
