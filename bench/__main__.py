@@ -6,6 +6,7 @@
                     [--url GATEWAY --store-url URL --token T [--amqp-url URL]]
     python -m bench --matrix [--duration D] [...]
     python -m bench micro
+    python -m bench --auction [--duration D]   (bench/auction.py: one market of 8 traders)
 
 After each row, the same load runs against the one-process floor (bench/floor.py) and the row
 shows Canopy's p50 / p99 and CPU per decision as multiples of the floor's (`--no-floor`: not).
@@ -73,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("command", nargs="?", choices=("run", "micro"), default="run")
     parser.add_argument("--matrix", action="store_true", help="run the issue's target table")
+    parser.add_argument(
+        "--auction",
+        action="store_true",
+        help="the auction row: 8 traders x 10 orders/s, up to 20 resting each (--duration, 60)",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--groups", "-G", type=int, default=5, help="groups (default 5)")
     load.add_argument("--size", "-P", type=int, default=4, help="participants per group (4)")
@@ -194,7 +200,21 @@ def run_floor(params: LoadParams, prefix: str, disk_dir: Path | None) -> dict[st
             progress.done()
 
 
+def run_auction_row(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
+    from bench.auction import AuctionParams, format_auction, run_auction
+
+    params = AuctionParams(duration=args.duration or AuctionParams.duration)
+    print(f"auction: {params.traders} traders for {params.duration:g} s ...", file=sys.stderr)
+    result = run_async(functools.partial(run_auction, target, params))
+    print(format_auction(result))
+    if not args.no_save:
+        print(f"(appended to {append_result(result, args.results)})")
+    return [result]
+
+
 def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
+    if args.auction:
+        return run_auction_row(args, target)
     rows = MATRIX if args.matrix else ((args.groups, args.size, args.rate, None),)
     results: list[dict[str, Any]] = []
     for number, (groups, size, rate, goal) in enumerate(rows, start=1):
