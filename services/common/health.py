@@ -1,10 +1,13 @@
-"""Health and metrics routes shared by every service: `/healthz`, `/readyz`, `/metrics`."""
+"""Health and metrics routes shared by every service: `/healthz`, `/readyz`, `/metrics`; and
+`VitalTasks`, the long-running tasks (consumers, heartbeats) whose end makes a service unready."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,6 +18,38 @@ log = logging.getLogger(__name__)
 READY_MAX_AGE = 5.0  # seconds: how stale `canopy_<service>_ready` may be when scraped
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
+
+
+class VitalTasks:
+    """Background tasks a service cannot serve without: a consumer loop, a heartbeat.
+
+    Each is meant to run until the service stops, handling a bad message without ending (log,
+    count, go on). One that ended anyway (an exception got out, or its loop returned) is a
+    readiness problem: before, such a task died silently and /readyz stayed green while the
+    service no longer did its work. The end is logged once, at ERROR, with its exception.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def watch(self, name: str, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Watch `task` under `name` (which says what stopped, e.g. "consumer of shard 3")."""
+        self._tasks[name] = task
+        task.add_done_callback(lambda done: self._ended(name, done))
+        return task
+
+    def forget(self, name: str) -> None:
+        """Stop watching a task that is being stopped on purpose (a shard handed over)."""
+        self._tasks.pop(name, None)
+
+    def problems(self) -> list[str]:
+        return [f"{name} stopped" for name, task in self._tasks.items() if task.done()]
+
+    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        if self._tasks.get(name) is not task or task.cancelled():
+            return  # forgotten, replaced, or cancelled (the service stops)
+        error = task.exception()
+        log.error("%s stopped%s", name, "" if error else " (its loop ended)", exc_info=error)
 
 
 def health_router(

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from services.common.bus import Bus, Topology, consume_pipelined, running, shard_queue
 from services.common.directory import Directory
-from services.common.health import health_router
+from services.common.health import VitalTasks, health_router
 from services.common.serve import instance_name
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
@@ -59,6 +59,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     )
     repository = DecisionsRepository(settings.mongo_url, settings.mongo_db)
     consumers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
+    vital = VitalTasks()
     channels: list[AbstractChannel] = []
 
     async def claim(shards: list[int]) -> None:
@@ -77,11 +78,13 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
                 )
             )
             consumers[index] = (task, stop)
+            vital.watch(f"the consumer of shard {index}", task)
         await worker.request_resync(shards)
 
     async def release(index: int) -> None:
         """Stop consuming a shard: what was handled is acknowledged, the rest goes back."""
         task, stop = consumers.pop(index)
+        vital.forget(f"the consumer of shard {index}")  # it ends now, on purpose
         stop.set()
         try:
             await asyncio.wait_for(asyncio.shield(task), settings.shard_release_timeout)
@@ -109,8 +112,9 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         channels.append(channel)
         liveness = await bus.declare_liveness_queue(channel, instance_name(settings))
         await liveness.consume(worker.on_heartbeat, no_ack=True)
-        leasing = asyncio.create_task(ownership.run())
-        async with running([asyncio.create_task(worker.watch_gateways())]):
+        leasing = vital.watch("the shard leases", asyncio.create_task(ownership.run()))
+        watching = vital.watch("the gateways' watch", asyncio.create_task(worker.watch_gateways()))
+        async with running([watching]):
             yield
             # Graceful stop: hand every shard over (finishing what is in flight) first.
             leasing.cancel()
@@ -125,9 +129,12 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         await bus.close()
 
     async def readiness() -> list[str]:
+        stopped = vital.problems()  # a shard's consumer or the leases: groups would wait
         if not bus.is_connected:
-            return ["not connected to RabbitMQ"]
-        return [] if ownership.stepped.is_set() else ["waiting for shard leases and the log"]
+            return [*stopped, "not connected to RabbitMQ"]
+        if not ownership.stepped.is_set():
+            return [*stopped, "waiting for shard leases and the log"]
+        return stopped
 
     app = FastAPI(title="Canopy decisions", lifespan=lifespan)
     app.include_router(health_router(metrics.registry, readiness, metrics.ready))

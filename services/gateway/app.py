@@ -29,7 +29,7 @@ from services.common.bus import (
     shard_of,
 )
 from services.common.directory import Directory
-from services.common.health import health_router
+from services.common.health import VitalTasks, health_router
 from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
@@ -85,6 +85,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
     hub = Hub(metrics)
+    vital = VitalTasks()
     me = gateway_queue(instance)
     participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
 
@@ -121,7 +122,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await bus.connect()
         channel = await bus.channel(prefetch=0)
         queue = await bus.declare_gateway_queue(channel, instance)
-        tasks = [asyncio.create_task(hub.consume(queue)), asyncio.create_task(heartbeat())]
+        tasks = [
+            vital.watch("the gateway queue's consumer", asyncio.create_task(hub.consume(queue))),
+            vital.watch("the heartbeat", asyncio.create_task(heartbeat())),
+        ]
         async with running(tasks):
             yield
         await participants.close()
@@ -129,9 +133,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await bus.close()
 
     async def readiness() -> list[str]:
+        stopped = vital.problems()  # a dead consumer: no broadcast reaches anyone here
         if not bus.is_connected:
-            return ["not connected to RabbitMQ"]
-        problems = [f"no consumer on {name}" for name in await bus.missing_consumers()]
+            return [*stopped, "not connected to RabbitMQ"]
+        problems = [*stopped]
+        problems += [f"no consumer on {name}" for name in await bus.missing_consumers()]
         if not await directory.reachable():
             problems.append("store unreachable")
         return problems

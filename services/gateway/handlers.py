@@ -32,6 +32,7 @@ from services.gateway.metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT = 1013  # "try again later": the browser reconnects and resynchronises from hello
+INTERNAL_ERROR = 1011  # a frame could not be delivered: the browser resynchronises as above
 
 
 @dataclass(slots=True)
@@ -216,26 +217,44 @@ class Hub:
     # -- from the bus ------------------------------------------------------------------------
 
     async def consume(self, queue: AbstractQueue) -> None:
+        """Hand every message of the gateway's queue to `on_message`, which never raises: the
+        loop ends only with the queue (the app's readiness then says so)."""
         async with queue.iterator(no_ack=True) as messages:
             async for message in messages:
                 self.on_message(message)
 
     def on_message(self, message: AbstractIncomingMessage) -> None:
+        """Forward a bus message's envelopes. One that cannot be handled (malformed, or its
+        delivery raised) is logged, counted and dropped, and the next one handled as usual:
+        before, one exception ended the gateway's only consumer for good, every later frame
+        to every participant on it was lost, and /readyz stayed green."""
         try:
             envelopes = decode_message(message)
         except ValueError as exc:
             log.error("malformed message on the gateway queue dropped: %s", exc)
+            self._metrics.bus_failures.inc()
             return
         for envelope in envelopes:
-            if envelope.type is MessageType.CONTROL:
-                self._control(envelope)
-            elif envelope.type is MessageType.BROADCAST:
-                self._broadcast(envelope)
-            elif envelope.type is MessageType.RESYNC and self.on_resync is not None:
-                shards = envelope.payload.get("shards") if envelope.payload else None
-                task = asyncio.get_running_loop().create_task(self.on_resync(shards))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            try:
+                self._handle(envelope)
+            except Exception:
+                log.exception(
+                    "a %s message on the gateway queue could not be handled; dropped",
+                    envelope.type,
+                    extra=context(envelope.session, envelope.group),
+                )
+                self._metrics.bus_failures.inc()
+
+    def _handle(self, envelope: Envelope) -> None:
+        if envelope.type is MessageType.CONTROL:
+            self._control(envelope)
+        elif envelope.type is MessageType.BROADCAST:
+            self._broadcast(envelope)
+        elif envelope.type is MessageType.RESYNC and self.on_resync is not None:
+            shards = envelope.payload.get("shards") if envelope.payload else None
+            task = asyncio.get_running_loop().create_task(self.on_resync(shards))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _control(self, envelope: Envelope) -> None:
         connection = self.connections.get(envelope.participant or "")
@@ -284,7 +303,17 @@ class Hub:
                 continue
             if frame is None:  # encode once per broadcast, not once per member
                 frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
-            self._deliver(connection, frame, envelope.origin)
+            try:
+                self._deliver(connection, frame, envelope.origin)
+            except Exception:
+                # This member missed a frame: it reconnects and resynchronises from hello.
+                # The others still get theirs.
+                log.exception(
+                    "delivery to a connection failed; closing it",
+                    extra=context(envelope.session, envelope.group),
+                )
+                self._metrics.bus_failures.inc()
+                connection.close(INTERNAL_ERROR, "internal error; reconnect")
 
     def _deliver(
         self, connection: Connection, frame: str | bytes, origin: float | None = None

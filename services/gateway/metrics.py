@@ -68,6 +68,12 @@ class GatewayMetrics(ServiceMetrics):
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.bus_failures = Counter(
+            "canopy_gateway_bus_failures",
+            "Bus messages (or one delivery of one) the gateway could not handle: dropped, "
+            "and the consumer goes on",
+            registry=registry,
+        )
         self.broadcasts = Counter(
             "canopy_gateway_broadcasts", "Broadcasts received from the bus", registry=registry
         )

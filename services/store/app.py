@@ -13,7 +13,7 @@ from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 
 from services.common.bus import STORE_QUEUE, Bus, Topology, running
-from services.common.health import health_router
+from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
@@ -43,6 +43,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
     )
     hub = LiveHub(bus, repository, instance=instance_name(settings))
     fleets = Fleets()
+    vital = VitalTasks()
     writer = EventWriter(
         repository,
         metrics,
@@ -59,7 +60,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         await bus.connect()
         channel = await bus.channel(prefetch=2 * settings.store_batch_size)
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
-        task = asyncio.create_task(writer.run(queue))
+        task = vital.watch("the event writer", asyncio.create_task(writer.run(queue)))
         async with running([task]):
             yield
         await fleets.stop_all()
@@ -68,7 +69,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         await repository.close()
 
     async def readiness() -> list[str]:
-        problems = []
+        problems = vital.problems()  # the writer stopped: nothing is logged any more
         try:
             await repository.ping()
         except Exception:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.common.bus import Bus, Topology, running
-from services.common.health import health_router
+from services.common.health import VitalTasks, health_router
 from services.common.serve import instance_name
 from services.timers.handlers import TimersWorker
 from services.timers.metrics import TimersMetrics
@@ -31,13 +31,14 @@ def create_app(settings: TimersSettings) -> FastAPI:
     worker = TimersWorker(
         bus, repository, metrics, owner=instance, lease_seconds=settings.timers_lease_seconds
     )
+    vital = VitalTasks()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await repository.setup()
         await bus.connect()
         channel = await bus.channel(prefetch=100)
-        task = asyncio.create_task(worker.run(channel))
+        task = vital.watch("the timers worker", asyncio.create_task(worker.run(channel)))
         async with running([task]):
             yield
         await worker.close()
@@ -45,7 +46,12 @@ def create_app(settings: TimersSettings) -> FastAPI:
         await repository.close()
 
     async def readiness() -> list[str]:
-        problems = [] if bus.is_connected else ["not connected to RabbitMQ"]
+        problems = vital.problems()
+        consumer = worker.consumer  # while leading: without it no period would ever start
+        if consumer is not None and consumer.done():
+            problems.append("the timers queue's consumer stopped")
+        if not bus.is_connected:
+            problems.append("not connected to RabbitMQ")
         try:
             await repository.ping()
         except Exception:

@@ -54,6 +54,11 @@ class TimersWorker:
         self._led_since = float("inf")  # epoch time this worker took the lease
         self.leading = asyncio.Event()
 
+    @property
+    def consumer(self) -> asyncio.Task[None] | None:
+        """The timers queue's consumer while leading, None while standing by (readiness)."""
+        return self._consumer
+
     # -- the lease ---------------------------------------------------------------------------
 
     async def run(self, channel: AbstractChannel) -> None:
