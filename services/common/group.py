@@ -14,21 +14,21 @@ hold is recovered otherwise: which connection a member is on (`UNKNOWN` until it
 announces it again, see `Resync`), and whether a `StartPeriod` had gone out for a group that
 was complete (it is sent again; timers keeps one schedule per period, so that is harmless).
 
-Experiment code is not trusted to succeed (PROTOCOL v2 "The ack holds through everything").
-Its hooks get `params` validated by the experiment's `params_model` and dumped (defaults
-filled in; once per group, see `validated_params`), and what a hook returns is checked (flow
-payoffs: code → finite number; broadcasts: JSON). An input is a transaction: every hook it
-needs runs first (`payoffs` on a copy of the decisions; `on_input` gets the market, which hooks
-must never change, and returns a new one), and the group's state (decisions, market, flow /
-area, earned, rate-limit fields) changes only after all of them returned. So when a hook raises on an input, the frame still
-counts as seen (`last_seq` moves: it is acknowledged and its `in` row is logged), it is
-answered with an `error` `experiment_error` for its sender and seq, and nothing else changes;
-the group goes on. An input whose broadcasts would exceed `MAX_PAYLOAD_BYTES` (PROTOCOL v2
-"Size") is refused the same way, with `invalid_decision`. Hooks called outside an input (ticks,
-connections) cannot refuse anything, so there a failing hook counts as an empty answer:
-`payoffs` → no payoffs (`{}`), `initial_decision` → `None`, `initial_state` → `None` (no
-market), `hello` → nothing added. Live and the fold run these same methods, so they agree; a
-fold also takes the log's word for an `in` row answered by `experiment_error` (`rebuild`
+Experiment code is not trusted to succeed (PROTOCOL v2 "The ack holds through everything"). Its
+hooks get `params` validated by the experiment's `params_model` and dumped (defaults filled in;
+once per group, see `validated_params`), and what a hook returns is checked (flow payoffs: code
+→ finite number; broadcasts: JSON). An input is a transaction: every hook it needs runs first
+(`payoffs` on a copy of the decisions; `on_input` gets the market, which hooks must never
+change, and returns a new one), and the group's state (decisions, market, flow / area, earned,
+rate-limit fields) changes only after all of them returned. So when a hook raises on an input,
+the frame still counts as seen (`last_seq` moves: it is acknowledged and its `in` row is
+logged), it is answered with an `error` `experiment_error` for its sender and seq, and nothing
+else changes; the group goes on. An input whose broadcasts would exceed `MAX_PAYLOAD_BYTES`
+(PROTOCOL v2 "Size") is refused the same way, with `invalid_decision`. Hooks called outside an
+input (ticks, connections) cannot refuse anything, so there a failing hook counts as an empty
+answer: `payoffs` → no payoffs (`{}`), `initial_decision` → `None`, `initial_state` → `None`
+(no market), `hello` → nothing added. Live and the fold run these same methods, so they agree;
+a fold also takes the log's word for an `in` row answered by `experiment_error` (`rebuild`
 skips it), in case the hook is not as deterministic as it must be. Each failure is logged once
 with its traceback (a fold, which re-runs it, logs one line at debug level); logs name the
 participant's public code, never a key.
