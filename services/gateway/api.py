@@ -41,7 +41,7 @@ from services.common.messages import (
     server_frame,
 )
 from services.common.seats import well_formed
-from services.gateway.domain import TokenBucket, parse_frame
+from services.gateway.domain import MAX_SEQ_JUMP, SeatLimits, parse_frame
 from services.gateway.handlers import Connection, Hub
 from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import UNPARSED, GatewayMetrics
@@ -74,6 +74,11 @@ class Participants:
         self._gateway = gateway  # this gateway's queue, where decisions sends our groups' frames
         self._origins = settings.origin_policy()
         self._seat_secret = settings.seat_key_secret()
+        self._limits = SeatLimits(
+            settings.max_frames_per_second,
+            2 * settings.max_frames_per_second,
+            connections_per_window=settings.max_connections_per_minute,
+        )
         self._inputs = [
             Batcher(
                 bus,
@@ -124,6 +129,17 @@ class Participants:
             self._metrics.connects.labels("store_unreachable").inc()
             await websocket.accept()  # so the browser sees 1013 and retries
             await websocket.close(code=CloseCode.TRY_AGAIN_LATER, reason="try again shortly")
+            return
+        if not self._limits.admit(info.participant, time.monotonic()):
+            # A reconnect storm (a script, a page reloading in a loop): refused before it could
+            # replace the seat's connection or cost the group a presence change (PROTOCOL v2).
+            self._metrics.connects.labels("too_many_connections").inc()
+            wait = self._limits.retry_after(info.participant, time.monotonic())
+            await websocket.accept()
+            await websocket.close(
+                code=CloseCode.TOO_MANY_CONNECTIONS,
+                reason=f"too many connections; try again in {max(1, round(wait))} s",
+            )
             return
         await websocket.accept()
         self._metrics.connects.labels("accepted").inc()
@@ -220,7 +236,9 @@ class Participants:
         the publisher keeps one participant's frames in seq order on the bus.
         """
         settings = self._settings
-        bucket = TokenBucket(settings.max_frames_per_second, 2 * settings.max_frames_per_second)
+        # One bucket per participant, kept across reconnects (PROTOCOL v2); every frame takes
+        # a token, valid or not, so a stream of bad frames floods no more than good ones.
+        bucket = self._limits.bucket(connection.participant, time.monotonic())
         channels = experiments.get(connection.info.experiment).channels
         websocket = connection.websocket
         inbox: Mailbox[InboundFrame | None] = Mailbox()
@@ -231,11 +249,13 @@ class Participants:
                 if message["type"] == "websocket.disconnect":
                     return
                 text = message.get("text")
+                now = time.monotonic()
+                allowed = bucket.take(now)
                 try:
                     if text is None:
                         raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
                     frame = parse_frame(text, channels)
-                    if not bucket.take(time.monotonic()):
+                    if not allowed:
                         raise ProtocolError(
                             ErrorCode.TOO_MANY_MESSAGES,
                             f"more than {settings.max_frames_per_second:g} frames/s",
@@ -246,6 +266,15 @@ class Participants:
                     # Only a flood refusal comes after the frame (and its channel) was parsed.
                     known = error.code == ErrorCode.TOO_MANY_MESSAGES
                     channel = frame.channel if known else UNPARSED
+                    if not allowed and not known:
+                        # Past the limit a bad frame is refused as a flood like any other
+                        # (its answers count against the outbox: a flood that does not read
+                        # them is closed with 1013).
+                        error = ProtocolError(
+                            ErrorCode.TOO_MANY_MESSAGES,
+                            f"more than {settings.max_frames_per_second:g} frames/s",
+                            error.seq,
+                        )
                     self._metrics.frame_outcome(channel, error.code).inc()
                     payload = {"code": error.code, "message": error.message, "seq": error.seq}
                     self._reply(connection, server_frame(Channel.ERROR, payload))
@@ -278,6 +307,16 @@ class Participants:
             self._metrics.frame_outcome(frame.channel, "duplicate").inc()
             self._metrics.acks.inc()
             self._reply(connection, server_frame(Channel.ACK, {"seq": seq}))
+            return
+        if seq > connection.last_seq + MAX_SEQ_JUMP:
+            # PROTOCOL v2: a client cannot push its own counter out of reach (a seq of 2^53
+            # would make every later frame a "duplicate" in a browser's arithmetic).
+            self._metrics.frame_outcome(frame.channel, ErrorCode.BAD_MESSAGE).inc()
+            message = (
+                f"seq {seq} is more than {MAX_SEQ_JUMP:,} above last_seq {connection.last_seq}"
+            )
+            payload = {"code": ErrorCode.BAD_MESSAGE, "message": message, "seq": seq}
+            self._reply(connection, server_frame(Channel.ERROR, payload))
             return
         info = connection.info
         envelope = Envelope(

@@ -18,6 +18,7 @@ then lost, so it is refused here).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,9 @@ from services.common.errors import ErrorCode, ProtocolError
 from services.common.messages import InboundFrame
 
 MAX_SEQ = 2**53  # the largest integer a browser's Number holds exactly
+# PROTOCOL v2: a seq this far above the participant's last_seq is a bad_message, so that a
+# client cannot push its own counter out of reach (2^53 + 1 is 2^53 in JavaScript).
+MAX_SEQ_JUMP = 1_000_000
 # Arrays / objects inside one payload. Decisions are numbers or small objects; the bus and the
 # log wrap a payload in up to ~6 more levels and their decoders stop near 200.
 MAX_PAYLOAD_DEPTH = 32
@@ -48,6 +52,10 @@ class TokenBucket:
     def __post_init__(self) -> None:
         self.tokens = self.burst
 
+    def full(self, now: float) -> bool:
+        """Refilled to `burst` by `now`: no different from a new bucket."""
+        return self.tokens + (now - self.updated) * self.rate >= self.burst
+
     def take(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
@@ -55,6 +63,72 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+@dataclass
+class SeatLimits:
+    """What one participant may do on this gateway, whatever their connections (PROTOCOL v2
+    "Limits"): one flood bucket per participant, kept across reconnects and taken by every
+    frame, valid or not; and at most `connections_per_window` connections accepted within
+    `window` seconds (a reconnect storm gets close 4429 until the window allows again;
+    refused attempts do not count).
+
+    Memory stays bounded: a bucket that has refilled completely and a window with no accept
+    left in it carry nothing a fresh one would not, so `prune` drops them; it runs after
+    every `prune_every` changes, so the cost per connection stays constant.
+    """
+
+    rate: float
+    burst: float
+    connections_per_window: int = 30
+    window: float = 60.0
+    prune_every: int = 1_000
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    _accepts: dict[str, deque[float]] = field(default_factory=dict)
+    _changes: int = 0
+
+    def bucket(self, participant: str, now: float) -> TokenBucket:
+        """The participant's flood bucket (a full one if they have none)."""
+        bucket = self._buckets.get(participant)
+        if bucket is None:
+            bucket = self._buckets[participant] = TokenBucket(self.rate, self.burst, updated=now)
+            self._changed(now)
+        return bucket
+
+    def admit(self, participant: str, now: float) -> bool:
+        """Count a connection of `participant` now, or refuse it (its window is full)."""
+        accepts = self._accepts.setdefault(participant, deque())
+        while accepts and accepts[0] <= now - self.window:
+            accepts.popleft()
+        if len(accepts) >= self.connections_per_window:
+            return False
+        accepts.append(now)
+        self._changed(now)
+        return True
+
+    def retry_after(self, participant: str, now: float) -> float:
+        """Seconds until `admit` may let `participant` in again (0: it would now)."""
+        accepts = self._accepts.get(participant)
+        if not accepts or len(accepts) < self.connections_per_window:
+            return 0.0
+        return max(0.0, accepts[0] + self.window - now)
+
+    def __len__(self) -> int:
+        return len(self._buckets) + len(self._accepts)
+
+    def _changed(self, now: float) -> None:
+        self._changes += 1
+        if self._changes >= self.prune_every:
+            self._changes = 0
+            self.prune(now)
+
+    def prune(self, now: float) -> None:
+        for participant in [p for p, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[participant]
+        for participant in [
+            p for p, a in self._accepts.items() if not a or a[-1] <= now - self.window
+        ]:
+            del self._accepts[participant]
 
 
 def _short(message: str) -> str:

@@ -10,8 +10,11 @@ from services.gateway.domain import OriginPolicy
 
 class GatewaySettings(CommonSettings):
     gateway_port: int = Field(default=8000, ge=1, le=65535)
-    # Per-connection flood limit: sustained frames per second; bursts of twice that pass.
+    # Per-participant flood limit (across reconnects, every frame counts): sustained frames per
+    # second; bursts of twice that pass.
     max_frames_per_second: float = Field(default=100.0, gt=0, le=100_000)
+    # PROTOCOL v2: connections accepted per seat within 60 s; the next get close 4429.
+    max_connections_per_minute: int = Field(default=30, ge=1, le=10_000)
     max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
     # Frames wait this long for the connection's `hello` (which carries `last_seq`).
     hello_timeout: float = Field(default=5.0, gt=0, le=60)

@@ -40,8 +40,8 @@ PUBLIC = {
     "/readyz",
     "/metrics",
     "/",
-    "/p/{code}",
-    "/ws/{code}",
+    "/p/{key}",
+    "/ws/{key}",
     "/static",
     "/static/vendor",  # uPlot, for the participant pages and the console
     "/static/plugins/{experiment}.js",  # a plug-in experiment's participant page module
@@ -92,7 +92,7 @@ async def test_every_researcher_route_needs_the_token(stack: Any) -> None:
                 assert path in PUBLIC, f"{service} serves {path} without the token: intended?"
     paths = {path for _, _, path in protected}
     assert {"/api/sessions", "/api/sessions/{session_id}/events"} <= paths
-    assert "/internal/participants/{code}" in paths
+    assert "/internal/seats/{key}" in paths
     wrong = [
         {},
         {"Authorization": "Bearer"},

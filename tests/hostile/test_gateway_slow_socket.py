@@ -20,12 +20,14 @@ from starlette.websockets import WebSocketState
 from services.common.bus import BATCH_TYPE, encode_batch
 from services.common.directory import ParticipantInfo
 from services.common.messages import Envelope, MessageType
+from services.common.seats import derive_secret, new_key
 from services.gateway.api import Participants
 from services.gateway.handlers import Hub
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
 CODE = "0123456789abcdef0123"
+KEY = new_key(derive_secret("", "t"))  # a seat key of the gateway below (admin token "t")
 INFO = ParticipantInfo(
     participant=CODE, session="s", group="g", id_in_group=1, experiment="decisions"
 )
@@ -87,7 +89,7 @@ class FakeBus:
 
 
 class FakeDirectory:
-    async def participant(self, code: str) -> ParticipantInfo:
+    async def seat(self, key: str) -> ParticipantInfo:
         return INFO
 
 
@@ -138,7 +140,7 @@ def slow_clients(metrics: GatewayMetrics) -> float:
 async def test_a_socket_that_takes_nothing_is_let_go(gateway: Any) -> None:
     participants, hub, bus, metrics = gateway
     socket = StuckSocket(takes=0)
-    serving = asyncio.create_task(participants.serve(socket, CODE))
+    serving = asyncio.create_task(participants.serve(socket, KEY))
     await asyncio.wait_for(socket.waiting.wait(), 5)
     hub.on_message(broadcasts(25))  # more than the outbox holds, while the writer is stuck
     # Reading stops, the group learns of the disconnect, and the connection is freed
@@ -155,7 +157,7 @@ async def test_a_socket_that_takes_nothing_is_let_go(gateway: Any) -> None:
 async def test_a_socket_that_reads_again_in_time_gets_1013(gateway: Any) -> None:
     participants, hub, bus, _ = gateway
     socket = StuckSocket(takes=2)
-    serving = asyncio.create_task(participants.serve(socket, CODE))
+    serving = asyncio.create_task(participants.serve(socket, KEY))
     await asyncio.wait_for(socket.waiting.wait(), 5)
     hub.on_message(broadcasts(25))
     await connected(bus, [True, False])  # given up on: the others know at once
@@ -172,7 +174,7 @@ async def test_answers_to_a_flood_it_does_not_read_close_it_with_1013(gateway: A
     participants, hub, bus, metrics = gateway
     flood = [json.dumps({"channel": "chat", "payload": i, "seq": i}) for i in range(1, 500)]
     socket = StuckSocket(takes=1, incoming=flood)
-    serving = asyncio.create_task(participants.serve(socket, CODE))
+    serving = asyncio.create_task(participants.serve(socket, KEY))
     await connected(bus, [True, False])
     socket.unblock()
     async with asyncio.timeout(3):
@@ -191,7 +193,7 @@ async def test_while_the_broker_is_away_connections_are_told_to_come_back(gatewa
     bus.is_connected = False
     socket = StuckSocket(takes=10)
     async with asyncio.timeout(3):
-        await participants.serve(socket, CODE)
+        await participants.serve(socket, KEY)
     assert socket.closed_with == 1013
     assert bus.presence == []
     assert CODE not in hub.connections

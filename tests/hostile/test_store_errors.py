@@ -48,7 +48,7 @@ class FakeRepository:
         self._check()
         return self.sessions.get(session_id)
 
-    async def participant(self, code: str) -> dict[str, Any] | None:
+    async def seat(self, key: str) -> dict[str, Any] | None:
         self._check()
         return None
 
@@ -68,6 +68,7 @@ async def client(repository: FakeRepository) -> AsyncIterator[httpx.AsyncClient]
             StoreMetrics(),
             "http://gateway.test",
             TOKEN,
+            b"k" * 32,
             max_sessions_per_minute=3,
         )
     )
@@ -99,7 +100,7 @@ async def test_a_failure_inside_a_route_is_a_logged_500(
             ("GET", "/api/sessions"),
             ("GET", "/api/sessions/abc"),
             ("POST", "/api/sessions"),
-            ("GET", "/internal/participants/abc"),
+            ("GET", "/internal/seats/abc"),
         ]:
             response = await client.request(
                 method, path, headers=AUTH, json=BODY if method == "POST" else None
@@ -174,7 +175,7 @@ async def test_wrong_tokens_are_refused(
     headers = {} if authorization is None else {"Authorization": authorization}
     assert_error_body(await client.get("/api/sessions", headers=headers), 401, "unauthorized")
     assert_error_body(
-        await client.get("/internal/participants/x", headers=headers), 401, "unauthorized"
+        await client.get("/internal/seats/x", headers=headers), 401, "unauthorized"
     )
 
 

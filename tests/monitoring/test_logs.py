@@ -46,7 +46,7 @@ def _emit(logger: str, message: str, *args: object, **extra: str) -> dict[str, s
 
 def test_uvicorn_handshake_lines_lose_the_code() -> None:
     line = _emit("uvicorn.error", '%s - "WebSocket %s" [accepted]', "127.0.0.1:5", "/ws/secret42")
-    assert line["message"] == '127.0.0.1:5 - "WebSocket /ws/<code>" [accepted]'
+    assert line["message"] == '127.0.0.1:5 - "WebSocket /ws/<key>" [accepted]'
 
 
 def test_our_lines_keep_their_fields() -> None:

@@ -129,6 +129,7 @@ async def test_a_session_moves_every_metric_by_what_it_did(
 
     session = await create_session(api, period_length=2.0, num_subperiods=SUBPERIODS)
     codes = [p["code"] for p in session["participants"]]
+    keys = [p["key"] for p in session["participants"]]
     group = session["groups"][0]["group"]
     a, b = await connect_group(stack.urls.gateway_url, codes)
     for seq in range(1, DECISIONS + 1):
@@ -226,7 +227,7 @@ async def test_a_session_moves_every_metric_by_what_it_did(
     assert delta(s, sb, "canopy_store_exports_total", format="csv") == exports
     assert s.value("canopy_store_lag_seconds") == 0
 
-    # logs: lifecycle lines with their identifiers, never a code in a handshake line, and
+    # logs: lifecycle lines with their identifiers, never a key in any line, and
     # nothing per decision at INFO.
     for service in SERVICES:
         lines = log_lines(stack, service, log_starts[service])
@@ -234,7 +235,8 @@ async def test_a_session_moves_every_metric_by_what_it_did(
         assert len(lines) < DECISIONS, f"{service} logged {len(lines)} lines for a short session"
         for line in lines:
             text = json.dumps(line)
-            assert f"/ws/{codes[0]}" not in text and f"/ws/{codes[1]}" not in text, text
+            # PROTOCOL v2: a seat key is in no log line (its code is, as the member's name).
+            assert not [k for k in keys if k in text], text
     gateway_lines = log_lines(stack, "gateway", log_starts["gateway"])
     connected = [line for line in gateway_lines if line["message"] == "participant connected"]
     assert {line["participant"] for line in connected} == set(codes)
@@ -242,7 +244,7 @@ async def test_a_session_moves_every_metric_by_what_it_did(
         line["session"] == session["session"] and line["group"] == group for line in connected
     )
     handshakes = [line for line in gateway_lines if "WebSocket /ws/" in line["message"]]
-    assert handshakes and all("/ws/<code>" in line["message"] for line in handshakes)
+    assert handshakes and all("/ws/<key>" in line["message"] for line in handshakes)
 
 
 async def _written(

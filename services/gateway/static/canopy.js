@@ -33,6 +33,8 @@
  * - Reconnects forever with exponential backoff and jitter (250 ms doubling to 5 s), except
  *   after close code 4403 (unknown seat key: status "refused") or 4409 (replaced by a newer
  *   connection with the same key: status "replaced"; client.reconnect() takes over again).
+ *   After 4429 (too many connections of this seat within a minute) it waits the longest
+ *   backoff before it tries again.
  * - Seats (PROTOCOL v2): the link and the socket carry the seat's secret key; every payload
  *   names members by their public code. The client learns its own code from `hello`
  *   (`options.code` may give it earlier, as the page does from its embedded configuration).
@@ -63,6 +65,7 @@ var DEFAULTS = {
 };
 var CLOSE_REFUSED = 4403;
 var CLOSE_REPLACED = 4409;
+var CLOSE_TOO_MANY_CONNECTIONS = 4429; // a reconnect storm: wait the longest backoff
 var CLOSE_CLIENT_GAVE_UP = 4000;
 var PERIOD_RANK = { waiting: 0, running: 1, paused: 1, ended: 2 };
 // Names of the handlers object (the older API) for the events of `on`.
@@ -309,6 +312,9 @@ export class CanopyClient {
       this._setStatus("replaced");
       return;
     }
+    // Too many connections of this seat within a minute (PROTOCOL v2): the gateway lets it in
+    // again once its window allows; come back after the longest backoff, not sooner.
+    if (code === CLOSE_TOO_MANY_CONNECTIONS) this._attempt = 30;
     this._connectionLost();
   }
 
