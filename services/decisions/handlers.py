@@ -202,6 +202,9 @@ class DecisionsWorker:
         self._evict_after = evict_after
         self._sweep: asyncio.TimerHandle | asyncio.Task[None] | None = None  # the next eviction
         self._unlogged: set[asyncio.Future[None]] = set()  # log batches not confirmed yet
+        # Groups whose state was dropped because an input's outputs failed: their next
+        # rebuild first waits until the log holds every batch sent before (see `_confirmed`).
+        self._tainted: set[str] = set()
         # Groups whose `_apply_now` stamped rows not handed to the log yet.
         self._applying: dict[str, int] = {}
 
@@ -410,18 +413,36 @@ class DecisionsWorker:
         written = self._add_to_log(records) if records else None
         if state.state == "ended":  # checked further only once the group is over
             self._consider_eviction(state)
-        return self._confirmed(publishes, written, started)
+        return self._confirmed(state, publishes, written, started)
 
     async def _confirmed(
         self,
+        state: GroupState,
         publishes: list[asyncio.Future[None]],
         written: asyncio.Future[None] | None,
         started: float,
     ) -> None:
-        if publishes:
-            await asyncio.gather(*publishes)
-        if written is not None:
-            await written
+        """Until the input's outputs are confirmed. If they fail, the input goes back to its
+        queue, but this state has applied it: handled again, it would be a duplicate and its
+        rows would never reach the log. So the group's state is dropped, and rebuilt from the
+        log (once the log holds every batch sent before) when the input comes back."""
+        try:
+            if publishes:
+                await asyncio.gather(*publishes)
+            if written is not None:
+                await written
+        except BaseException:
+            group = state.config.group
+            if self.groups.get(group) is state:
+                log.warning(
+                    "outputs of an input of group %s failed: its state is rebuilt from the log",
+                    group,
+                    extra=context(state.config.session, group),
+                )
+                self._forget(group)
+                self._tainted.add(group)
+                self._metrics.groups.set(len(self.groups))
+            raise
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
 
     def _count_frame(
@@ -467,6 +488,13 @@ class DecisionsWorker:
         state = self.groups.get(group)
         if state is not None:
             return state
+        if group in self._tainted:
+            # Its dropped state had sent rows that may still be on their way to the store.
+            unlogged = list(self._unlogged)
+            if unlogged:
+                await asyncio.wait(unlogged)
+            await self._log_barrier()
+            self._tainted.discard(group)
         delay = 0.1
         while True:  # the store is briefly unreachable: wait, keeping the group's order
             try:
