@@ -137,7 +137,7 @@ def group_view(state: GroupState, now: float) -> dict[str, Any]:
         "total_payoffs": payoffs,
     }
     if hasattr(state.experiment, "hello"):  # an experiment's own state (the auction's book)
-        view["market"] = state.experiment.hello(state.market)
+        view["market"] = state.hello_extra()  # a failing hook: empty, never a 500
     return view
 
 

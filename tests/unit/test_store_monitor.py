@@ -141,3 +141,15 @@ async def test_log_batches_are_held_before_the_snapshot_then_folded_once() -> No
     assert live.dirty == {"g"}
     assert group_view(live.groups["g"], now)["connected"] == ["b"]
     await hub._on_message(SimpleNamespace(body=b"not json"))  # ignored
+
+
+def test_a_plugin_whose_hello_raises_still_gets_its_group_shown() -> None:
+    class BrokenBook(experiments.DoubleAuction):
+        def hello(self, state: Any) -> dict[str, Any]:
+            raise RuntimeError("the plug-in's hello hook failed")
+
+    config = state("double_auction").config
+    group = GroupState(config, BrokenBook())
+    view = group_view(group, time.time())
+    assert view["market"] == {}  # a failing hook counts as an empty answer (hello_extra)
+    assert view["members"] == ["a", "b"] and view["period"]["number"] == 1
