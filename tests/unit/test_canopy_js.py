@@ -420,3 +420,21 @@ async def test_clock_offset_restarts_when_the_local_clock_is_set(page: Page) -> 
         pytest.approx(20 - 0.005, abs=MS),
         pytest.approx(0.01, abs=MS),
     ]
+
+
+async def test_an_older_hello_never_moves_last_seq_back(page: Page) -> None:
+    # The server promises hello.last_seq >= every ack (PROTOCOL v2), but a hello that was
+    # overtaken (an older connection's, reordered) must not make the client resend or renumber.
+    await js(page, "start(); ws().open(); hello(0)")
+    await js(page, "for (const v of [1, 2, 3, 4, 5]) client.send('decisions', v / 10)")
+    await js(page, "ws().receive('ack', {seq: 5})")
+    assert await js(page, "return client.state.lastSeq") == 5
+    await js(page, "ws().serverClose(1006)")
+    await page.clock.run_for(300)  # first retry: 250 ms with jitter
+    await js(page, "ws().open(); hello(3)")
+
+    assert await js(page, "return client.state.lastSeq") == 5
+    assert await js(page, "return client.state.pending") == []
+    assert await sent_seqs(page) == [], "nothing at or below the acked seq 5 is sent again"
+    assert await js(page, "return client.send('decisions', 0.6)") == 6
+    assert await sent_seqs(page) == [6]

@@ -29,7 +29,7 @@
  *   "canopy.pending.<key>", so a reload keeps it) until an `ack` with seq >= its own, a `hello`
  *   whose last_seq >= its own, or an `error` naming its seq. After every hello the remaining
  *   pending frames are sent again, in seq order, with their original seq; the gateway drops
- *   duplicates.
+ *   duplicates. `state.lastSeq` only grows: the largest seq an ack or a hello confirmed.
  * - Reconnects forever with exponential backoff and jitter (250 ms doubling to 5 s), except
  *   after close code 4403 (unknown seat key: status "refused") or 4409 (replaced by a newer
  *   connection with the same key: status "replaced"; client.reconnect() takes over again).
@@ -380,7 +380,9 @@ export class CanopyClient {
   _onHello(p, ts) {
     if (!isObject(p)) return;
     var st = this.state;
-    var last = isSeq(p.last_seq) ? p.last_seq : 0;
+    // The larger of what this client knows (acks) and what the hello says: a hello that was
+    // overtaken (an older connection's) must not make it resend or renumber acked frames.
+    var last = Math.max(st.lastSeq, isSeq(p.last_seq) ? p.last_seq : 0);
     st.lastSeq = last;
     st.hello = p;
     st.groupDecisions = Object.assign({}, isObject(p.group_decisions) ? p.group_decisions : {});
