@@ -292,7 +292,9 @@ class Bot:
             self._changed.set()
 
     async def _on_hello(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
-        last_seq = int(payload["last_seq"])
+        # The larger of what the bot knows (acks confirm every seq up to theirs) and what the
+        # hello says: a hello that was overtaken must not make it resend or renumber.
+        last_seq = max(self._acked_high, int(payload["last_seq"]))
         if isinstance(payload.get("participant"), str):
             self.code = payload["participant"]
         for seq in [s for s in self.unacked if s <= last_seq]:
