@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from tests.e2e.protocol import session_body
+from tests.e2e.protocol import remember, session_body
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -87,7 +87,7 @@ async def create_session(stack: Any, **config: Any) -> Session:
             json=body,
         )
     assert response.status_code == 201, response.text
-    return Session(stack, response.json())
+    return Session(stack, remember(response.json()))  # seat keys, for protocol clients
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.browser.conftest import CHROMIUM
-from tests.e2e.protocol import Participant
+from tests.e2e.protocol import KEYS, Participant
 
 pytestmark = [
     pytest.mark.browser,
@@ -92,7 +92,12 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
     await expect(links).to_have_count(4)
     # The links are listed by group, then player: the first two are the first group.
     hrefs = [str(await link.get_attribute("href")) for link in await links.all()]
-    codes = [href.rsplit("/", 1)[-1] for href in hrefs[:2]]
+    # Each link holds its seat's key; the list names the participant's public code beside it.
+    items = page.locator("#created-links li")
+    codes = [str(await item.get_attribute("data-code")) for item in (await items.all())[:2]]
+    for href, code in zip(hrefs[:2], codes, strict=True):
+        KEYS[code] = href.rsplit("/", 1)[-1]
+        assert code not in href
     await expect(page.locator("#monitor-stream")).to_have_attribute("data-status", "open")
     monitor = page.locator("#monitor")
     first_group = monitor.locator(".group").filter(

@@ -350,9 +350,11 @@ async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
     assert config["params"] == {"endowment": 30.0, "mpcr": 0.4}  # defaults filled in
     assert config["members"] == session.codes
     assert config["period_length"] == 30
-    # Unknown codes get the generic page (its WebSocket is then refused with 4403).
-    assert unknown.status_code == 200
+    # An unknown link gets 404 and the generic page without seat data (PROTOCOL v2); its
+    # WebSocket is then refused with 4403.
+    assert unknown.status_code == 404
     assert "/static/generic.js" in unknown.text
+    assert not [code for code in session.codes if code in unknown.text]
     async with httpx.AsyncClient(timeout=10) as http:
         plugin = await http.get(f"{session.gateway_url}/static/plugins/min_effort.js")
         none = await http.get(f"{session.gateway_url}/static/plugins/public_goods.js")
@@ -360,7 +362,7 @@ async def test_the_gateway_embeds_the_config_safely(stack: Any) -> None:
     assert plugin.headers["content-type"].startswith("text/javascript")
     assert 'from "/static/page.js"' in plugin.text
     assert none.status_code == 404
-    assert odd.status_code == 200
-    # The code is in the page as data, never as markup: "<" is escaped inside the JSON.
-    assert '"participant":"\\u003c!--\\u003cscript\\u003e"' in odd.text
+    # An impossible key is not even echoed: the page holds no seat data at all.
+    assert odd.status_code == 404
+    assert '"participant":null' in odd.text
     assert "<!--<script>" not in odd.text

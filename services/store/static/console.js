@@ -247,7 +247,8 @@ $("#create").addEventListener("submit", async (event) => {
   const groupOrder = new Map(created.groups.map((g, i) => [g.group, i])); // the monitor's order
   createdLinks = [...created.participants].sort((a, b) => groupOrder.get(a.group) - groupOrder.get(b.group) || a.id_in_group - b.id_in_group);
   $("#created-id").textContent = created.session;
-  $("#created-links").innerHTML = createdLinks.map((p) => `<li><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">group ${esc(short(p.group))}, player ${esc(p.id_in_group)}</span></li>`).join("");
+  // Each link holds its seat's secret key (PROTOCOL v2): hand each one to its own participant.
+  $("#created-links").innerHTML = createdLinks.map((p) => `<li data-code="${esc(p.code)}"><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">group ${esc(short(p.group))}, player ${esc(p.id_in_group)}, code <code title="${esc(p.code)}">${esc(short(p.code))}</code></span></li>`).join("");
   $("#created").hidden = false;
   $("#create-box").open = false; // the links and the monitor matter now; the form is one click away
   $("#copy-status").textContent = "";
