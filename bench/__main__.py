@@ -7,6 +7,9 @@
     python -m bench --matrix [--duration D] [...]
     python -m bench micro
     python -m bench --auction [--duration D]   (bench/auction.py: one market of 8 traders)
+    python -m bench --group-sizes [--duration D] [--sizes 2,50,500] [--participants 500]
+                    [--total-rate 10] [--idle 5] [--experiment bimatrix|decisions]
+                    (bench/groupsize.py: CPU per input in groups of 2, 50, 500)
 
 After each row, the same load runs against the one-process floor (bench/floor.py) and the row
 shows Canopy's p50 / p99 and CPU per decision as multiples of the floor's (`--no-floor`: not).
@@ -34,7 +37,20 @@ import uvloop
 
 from bench.floor import SERVER_DESCRIPTION as FLOOR_SERVER
 from bench.floor import floor_process
-from bench.loadgen import LoadParams, QueueProbe, StackTarget, period_length, run_load
+from bench.groupsize import DURATION as GROUP_DURATION
+from bench.groupsize import EXPERIMENT as GROUP_EXPERIMENT
+from bench.groupsize import GROUP_SIZES
+from bench.groupsize import IDLE as GROUP_IDLE
+from bench.groupsize import PARTICIPANTS as GROUP_PARTICIPANTS
+from bench.groupsize import TOTAL_RATE as GROUP_TOTAL_RATE
+from bench.loadgen import (
+    DECISION_SCALE,
+    LoadParams,
+    QueueProbe,
+    StackTarget,
+    period_length,
+    run_load,
+)
 from bench.procstats import ProcessSet
 from bench.report import (
     RESULTS_DIR,
@@ -79,6 +95,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the auction row: 8 traders x 10 orders/s, up to 20 resting each (--duration, 60)",
     )
+    parser.add_argument(
+        "--group-sizes",
+        action="store_true",
+        help="the group-size rows: same participants and total rate in groups of --sizes "
+        "(bench/groupsize.py; --duration, 30 a row)",
+    )
+    sizes = parser.add_argument_group("group sizes (--group-sizes)")
+    sizes.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=GROUP_SIZES,
+        help=f"group sizes, comma-separated ({','.join(map(str, GROUP_SIZES))})",
+    )
+    sizes.add_argument(
+        "--participants",
+        type=int,
+        default=GROUP_PARTICIPANTS,
+        help=f"participants per row ({GROUP_PARTICIPANTS})",
+    )
+    sizes.add_argument(
+        "--total-rate",
+        type=float,
+        default=GROUP_TOTAL_RATE,
+        help=f"decisions/s of the whole session in every row ({GROUP_TOTAL_RATE:g})",
+    )
+    sizes.add_argument(
+        "--idle",
+        type=float,
+        default=GROUP_IDLE,
+        help=f"seconds without sends before each row, for the idle CPU ({GROUP_IDLE:g})",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--groups", "-G", type=int, default=5, help="groups (default 5)")
     load.add_argument("--size", "-P", type=int, default=4, help="participants per group (4)")
@@ -91,6 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"measured seconds (default {RUN_DURATION:g}; {MATRIX_DURATION:g} per matrix row)",
     )
     load.add_argument("--warmup", type=float, default=2.0, help="seconds not measured (2)")
+    load.add_argument(
+        "--experiment",
+        choices=tuple(DECISION_SCALE),
+        default=None,
+        help=f"decisions (default) or bimatrix ({GROUP_EXPERIMENT} with --group-sizes)",
+    )
     load.add_argument("--jitter", type=float, default=0.5, help="send interval ±fraction (0.5)")
     load.add_argument("--drain", type=float, default=5.0, help="max s to wait for stragglers")
     own = parser.add_argument_group("own stack (when --url is not given)")
@@ -138,7 +191,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--url needs --store-url and --token")
     if args.command == "micro" and args.matrix:
         parser.error("micro and --matrix do not combine")
+    if sum((args.matrix, args.auction, args.group_sizes)) > 1:
+        parser.error("--matrix, --auction and --group-sizes do not combine")
     return args
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not sizes like 2,50,500: {text!r}") from None
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -162,6 +224,7 @@ def _params(args: argparse.Namespace, groups: int, size: int, rate: float) -> Lo
         warmup=args.warmup,
         jitter=args.jitter,
         drain=args.drain,
+        experiment=args.experiment or "decisions",
     )
 
 
@@ -212,9 +275,56 @@ def run_auction_row(args: argparse.Namespace, target: StackTarget) -> list[dict[
     return [result]
 
 
+def run_group_size_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
+    """The group-size rows (bench/groupsize.py) on one stack, then their table."""
+    from bench.groupsize import attach_ratios, format_group_sizes, group_size_rows, summarize
+
+    rows = group_size_rows(args.sizes, args.participants, args.total_rate)
+    results: list[dict[str, Any]] = []
+    for number, row in enumerate(rows, start=1):
+        params = LoadParams(
+            groups=row.groups,
+            size=row.size,
+            rate=row.rate,
+            duration=args.duration or GROUP_DURATION,
+            warmup=args.warmup,
+            jitter=args.jitter,
+            drain=args.drain,
+            experiment=args.experiment or GROUP_EXPERIMENT,
+            idle=args.idle,
+        )
+        prefix = f"[{number}/{len(rows)}] "
+        print(
+            f"{prefix}{params.experiment}: {row.groups} groups of {row.size} at {row.rate:g} Hz "
+            f"({row.total_rate:g} decisions/s) for {params.duration:g} s ...",
+            file=sys.stderr,
+        )
+        progress = ProgressBar(prefix=prefix)
+        try:
+            result = run_async(functools.partial(run_load, target, params, progress))
+        finally:
+            progress.done()
+        result["kind"] = "group_size"
+        result["group_size"] = summarize(result)
+        results.append(result)
+        print(format_run(result) + "\n")
+        if number < len(rows):
+            run_async(lambda: _settle(target))
+    attach_ratios([r["group_size"] for r in results])
+    if not args.no_save:
+        for result in results:  # after the ratios, which each line carries
+            path = append_result(result, args.results)
+    print(format_group_sizes(results))
+    if not args.no_save:
+        print(f"(appended to {path})")
+    return results
+
+
 def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
     if args.auction:
         return run_auction_row(args, target)
+    if args.group_sizes:
+        return run_group_size_rows(args, target)
     rows = MATRIX if args.matrix else ((args.groups, args.size, args.rate, None),)
     results: list[dict[str, Any]] = []
     for number, (groups, size, rate, goal) in enumerate(rows, start=1):

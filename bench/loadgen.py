@@ -10,12 +10,19 @@ completeness and duplicates, the store queue's depth, broadcasts/s, every stack 
 CPU and RSS, the stack's CPU per decision and (with rabbitmq_prometheus) the broker's messages
 per decision.
 
+`LoadParams.experiment` picks `decisions` (the default) or `bimatrix` (a decision is then a
+probability: the seq is sent as seq / 1,000,000, see DECISION_SCALE). `LoadParams.idle` adds a
+window before the warmup in which nobody sends, for the stack's idle CPU (bench/groupsize.py).
+
 The same run works against the one-process floor (bench/floor.py): a `StackTarget` with a
 `session` skips the session API and the export, and everything else is measured the same way.
 
-Bookkeeping is O(1) per received frame: each sender keeps `pending` (seq → [t0, members still
+Bookkeeping per received frame: each sender keeps `pending` (seq → [t0, members still
 missing]) and each receiver the last value it saw per sender, so a broadcast only touches the
-seqs that are new to that receiver.
+seqs that are new to that receiver. A receiver looks at every sender of the broadcast (and so
+also sees any value going backwards) in groups of up to FULL_SCAN_MAX; in larger ones only at
+the senders with decisions in flight (the group's `waiting`), so that a frame of a group of
+500 costs the load generator its parse and a few look-ups, not 500.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ PERIOD_MARGIN = 30.0  # seconds of period left after warmup + duration (drain, e
 # the period this much more per participant to connect (1,000 take ~10 s on 2 cores).
 CONNECT_ALLOWANCE = 0.03
 POLL = 0.02
+IDLE_QUIET = 1.0  # before an idle window: this long without any frame arriving
+IDLE_SETTLE_CAP = 60.0
 DRAIN_CAP = 120.0  # seconds after the last send, at most
 QUEUE_SAMPLE_INTERVAL = 1.0
 PROGRESS_INTERVAL = 0.5
@@ -70,6 +79,11 @@ class LoadParams:
     start_timeout: float = 30.0
     export_timeout: float = 60.0
     label: str = ""
+    experiment: str = "decisions"  # or "bimatrix" (see DECISION_SCALE)
+    # Seconds, once everyone is connected and started and before the warmup, in which nobody
+    # sends and the processes' CPU is sampled: the stack's idle cost with these connections,
+    # for CPU per input net of it (`idle_processes`). 0: not measured.
+    idle: float = 0.0
 
     @property
     def participants(self) -> int:
@@ -82,6 +96,29 @@ class LoadParams:
             raise ValueError("--rate and --duration must be > 0, --warmup >= 0")
         if not 0 <= self.jitter < 1:
             raise ValueError("--jitter must be in [0, 1)")
+        if self.experiment not in DECISION_SCALE:
+            raise ValueError(f"--experiment must be one of {', '.join(DECISION_SCALE)}")
+        if self.idle < 0:
+            raise ValueError("idle must be >= 0")
+
+
+# A decision carries its own seq, so that a member's `group_decisions` says which of the
+# sender's decisions it reflects: as is for `decisions` (any number), as seq / 1,000,000 for
+# `bimatrix` (a probability in [0, 1]: seqs up to 1,000,000, far beyond any run's).
+DECISION_SCALE = {"decisions": 1, "bimatrix": 1_000_000}
+
+
+def decision_payload(seq: int, scale: int) -> bytes:
+    """The JSON of decision `seq` (`scale` from DECISION_SCALE)."""
+    if scale == 1:
+        return b"%d" % seq
+    return repr(seq / scale).encode()
+
+
+def decision_seq(value: float, scale: int) -> int:
+    """Which seq a decision's value in a `group_decisions` stands for (inverse of
+    `decision_payload`)."""
+    return int(value) if scale == 1 else round(value * scale)
 
 
 @dataclass(frozen=True)
@@ -110,6 +147,7 @@ class Stats:
     """Counters shared by every participant of one run."""
 
     size: int
+    scale: int = 1  # DECISION_SCALE of the experiment
     measure_from: float = math.inf  # perf_counter(): sends from here on are measured
     latencies: list[float] = field(default_factory=list)
     slow: list[tuple[float, float]] = field(default_factory=list)  # (sent at, latency) > SLOW_S
@@ -121,6 +159,7 @@ class Stats:
     repeated_acks: int = 0
     broadcasts: int = 0
     frames: int = 0
+    frame_bytes: int = 0
     backwards: int = 0
     rejected: int = 0
     disconnects: int = 0
@@ -140,6 +179,8 @@ class Participant(WsClient):
         self.code = code
         self.stats = stats
         self.members: dict[str, Participant] = {}  # the group, by code (self included)
+        # Shared by the group's members: those with decisions not yet seen by every member.
+        self.waiting: dict[str, Participant] = {}
         self.seen: dict[str, int] = {}  # sender → last value seen in a group_decisions
         self.pending: dict[int, list[float]] = {}  # seq → [t0, members still missing]
         self.sent_at: dict[int, float] = {}
@@ -154,14 +195,17 @@ class Participant(WsClient):
         self.next_seq = seq + 1
         t0 = time.perf_counter()
         self.pending[seq] = [t0, len(self.members)]
+        self.waiting[self.code] = self
         self.sent_at[seq] = t0
         self.stats.sent += 1
-        self.send_text(b'{"channel":"decisions","payload":%d,"seq":%d}' % (seq, seq))
+        payload = decision_payload(seq, self.stats.scale)
+        self.send_text(b'{"channel":"decisions","payload":%s,"seq":%d}' % (payload, seq))
 
     def on_message(self, raw: bytes, now: float) -> None:
         frame = orjson.loads(raw)
         stats = self.stats
         stats.frames += 1
+        stats.frame_bytes += len(raw)
         channel = frame["channel"]
         payload = frame["payload"]
         if channel == "group_decisions":
@@ -198,6 +242,8 @@ class Participant(WsClient):
                 return
             if self.pending.pop(seq, None) is not None:
                 stats.rejected += 1
+                if not self.pending:
+                    self.waiting.pop(self.code, None)
             if seq not in self.acked and seq not in self.refused:
                 self.refused.add(seq)
                 stats.answered += 1
@@ -209,9 +255,15 @@ class Participant(WsClient):
         members = self.members
         latencies = self.stats.latencies
         measure_from = self.stats.measure_from
-        for sender, value in payload.items():
+        scale = self.stats.scale
+        senders: Any = payload.items()
+        if len(payload) > FULL_SCAN_MAX:
+            senders = [(s, payload.get(s)) for s in list(self.waiting)]
+        for sender, value in senders:
             if value is None:
                 continue
+            if scale != 1:
+                value = decision_seq(value, scale)
             last = seen.get(sender, 0)
             if value <= last:
                 if value < last:
@@ -229,6 +281,8 @@ class Participant(WsClient):
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del pending[seq]
+                    if not pending:
+                        self.waiting.pop(sender, None)
                     if entry[0] >= measure_from:
                         latency = now - entry[0]
                         latencies.append(latency)
@@ -247,6 +301,7 @@ class Participant(WsClient):
 # -- helpers ------------------------------------------------------------------------------------
 
 
+FULL_SCAN_MAX = 64  # groups up to this size: every sender of a broadcast is checked
 SLOW_S = 0.05  # decisions slower than this are grouped into stalls (disk syncs: counted)
 STALL_GAP_S = 0.25  # slow decisions sent closer together than this belong to one stall
 
@@ -369,22 +424,29 @@ async def _sleep_until(deadline: float) -> None:
 def period_length(params: LoadParams) -> float:
     """The session's period: long enough for connecting, the load, the drain and the export."""
     return round(
-        params.warmup + params.duration + PERIOD_MARGIN + CONNECT_ALLOWANCE * params.participants,
+        params.idle
+        + params.warmup
+        + params.duration
+        + PERIOD_MARGIN
+        + CONNECT_ALLOWANCE * params.participants,
         1,
     )
 
 
 async def create_session(api: httpx.AsyncClient, params: LoadParams) -> dict[str, Any]:
-    body = {
-        "experiment": "decisions",
+    body: dict[str, Any] = {
+        "experiment": params.experiment,
         "num_participants": params.participants,
         "group_size": params.size,
         "period_length": period_length(params),
         "num_periods": 1,
         "num_subperiods": 0,
         "rate_limit": 0,
-        "label": params.label or f"bench {params.groups}x{params.size} @ {params.rate:g} Hz",
+        "label": params.label
+        or f"bench {params.experiment} {params.groups}x{params.size} @ {params.rate:g} Hz",
     }
+    if params.experiment == "bimatrix":
+        body["params"] = {"initial_decision": 0}  # seq 0: nothing sent yet (DECISION_SCALE)
     response = await api.post("/api/sessions", json=body)
     if response.status_code != 201:
         raise RuntimeError(f"POST /api/sessions: {response.status_code} {response.text[:500]}")
@@ -442,7 +504,9 @@ async def run_load(
     say: Progress = progress or (lambda phase, fraction, text: None)
     loop = asyncio.get_running_loop()
     host, port, prefix = parse_ws_target(target.gateway_url)
-    stats = Stats(size=params.size, expected=params.participants)
+    stats = Stats(
+        size=params.size, scale=DECISION_SCALE[params.experiment], expected=params.participants
+    )
     procs = target.processes
     disk: DiskProbe | None = None
     async with contextlib.AsyncExitStack() as scope:
@@ -469,8 +533,10 @@ async def run_load(
                 code: Participant(host, port, f"{prefix}/ws/{keys[code]}", code, stats)
                 for code in group["participants"]
             }
+            waiting: dict[str, Participant] = {}
             for member in members.values():
                 member.members = members
+                member.waiting = waiting
             participants.extend(members.values())
 
         gateway_rss_before = procs.rss("gateway") if procs else None
@@ -482,6 +548,7 @@ async def run_load(
                 await stats.all_started.wait()
             connect_s = time.perf_counter() - t_connect
             gateway_rss_after = procs.rss("gateway") if procs else None
+            idle = await _idle(procs, params, stats, say)
             if target.disk_dir is not None:
                 disk = scope.enter_context(DiskProbe(target.disk_dir))
             # The load generator's own full collections would stop every participant at once
@@ -549,9 +616,12 @@ async def run_load(
         "disconnects": stats.disconnects,
         "close_codes": {str(k): v for k, v in stats.close_codes.items()},
         "period_ends_during_run": window["period_ends"],
+        "window_s": round(seconds, 3),
         "sends_per_s": round(window["sent"] / seconds, 1),
         "broadcasts_per_s": round(window["broadcasts"] / seconds, 1),
         "frames_per_s": round(window["frames"] / seconds, 1),
+        "frames_measured": window["frames"],
+        "frame_bytes_measured": window["frame_bytes"],
         "connect_s": round(connect_s, 2),
         "drain_s": round(drain_s, 2),
         "export": export,
@@ -562,6 +632,8 @@ async def run_load(
             **queue_final,
         },
         "processes": processes,
+        # The same processes while everyone was connected and nobody sent (LoadParams.idle).
+        "idle_processes": idle,
         "machine_cpu": machine_usage(window["sample_start"], window["sample_end"], processes)
         if procs
         else {},
@@ -588,6 +660,36 @@ async def run_load(
         and exported
     )
     return result
+
+
+async def _idle(
+    procs: ProcessSet | None, params: LoadParams, stats: Stats, say: Progress
+) -> dict[str, Any]:
+    """`params.idle` seconds in which nobody sends: each process's CPU then (`usage`'s shape,
+    plus `seconds`), once no frame arrived for IDLE_QUIET s (the connections' `presence`
+    broadcasts: N² frames for a group of N; bounded by IDLE_SETTLE_CAP). Empty when not
+    measured."""
+    if not (procs and params.idle > 0):
+        return {}
+    say("settle", None, "waiting for the connections' broadcasts to end")
+    started = time.perf_counter()
+    last, quiet_since = stats.frames, started
+    while (now := time.perf_counter()) - quiet_since < IDLE_QUIET:
+        if now - started > IDLE_SETTLE_CAP:
+            break
+        await asyncio.sleep(POLL)
+        if stats.frames != last:
+            last, quiet_since = stats.frames, time.perf_counter()
+    settled = time.perf_counter()
+    say("idle", None, f"{params.idle:g} s without sends (the idle stack's CPU)")
+    start = procs.sample()
+    await asyncio.sleep(params.idle)  # a measuring window, not a wait for anything
+    end = procs.sample()
+    return {
+        "settle_s": round(settled - started, 2),
+        "seconds": round(end.at - start.at, 3),
+        "roles": usage(start, end),
+    }
 
 
 async def _connect_all(
@@ -641,7 +743,13 @@ async def _load(
     async def sampler() -> None:
         await _sleep_until(measure_from)
         window["sample_start"] = procs.sample() if procs else None
-        counters = (stats.sent, stats.broadcasts, stats.frames, stats.period_ends)
+        counters = (
+            stats.sent,
+            stats.broadcasts,
+            stats.frames,
+            stats.frame_bytes,
+            stats.period_ends,
+        )
         t0 = time.perf_counter()
         # The broker's counters right after the /proc sample (one HTTP scrape each end, a few
         # ms: small next to the window, and the same for every row).
@@ -649,8 +757,8 @@ async def _load(
         await _sleep_until(until)
         window["sample_end"] = procs.sample() if procs else None
         window["seconds"] = time.perf_counter() - t0
-        now = (stats.sent, stats.broadcasts, stats.frames, stats.period_ends)
-        keys = ("sent", "broadcasts", "frames", "period_ends")
+        now = (stats.sent, stats.broadcasts, stats.frames, stats.frame_bytes, stats.period_ends)
+        keys = ("sent", "broadcasts", "frames", "frame_bytes", "period_ends")
         window.update({k: b - a for k, a, b in zip(keys, counters, now, strict=True)})
         window["broker_end"] = await scrape_broker(target.broker_metrics_url)
 
@@ -683,7 +791,10 @@ async def _load(
         asyncio.create_task(probe_queues()),
     ]
     try:
-        schedule = [(start + random.uniform(0, interval), i) for i in range(len(participants))]
+        # At rates below 1 / (warmup + duration) a participant's first send may fall after the
+        # window: it is left out, as every later send is.
+        firsts = ((start + random.uniform(0, interval), i) for i in range(len(participants)))
+        schedule = [(due, i) for due, i in firsts if due < until]
         heapq.heapify(schedule)
         lags = stats.send_lags
         while schedule:
