@@ -38,7 +38,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import aio_pika
@@ -74,6 +74,9 @@ STORE_QUEUE = "canopy.store.events"
 TIMERS_QUEUE = "canopy.timers"
 TIMERS_KEY = "timers"
 BATCH_TYPE = "canopy.batch"
+# A batch message's size limit (`Batcher`): well under RabbitMQ's maximum message size (128 MiB
+# by default since 3.10), and small enough that one batch does not hold a consumer up for long.
+BATCH_MAX_BYTES = 4 * 1024 * 1024
 # Gateways announce themselves this often on LIVENESS; decisions takes a gateway silent for a
 # few of these (its `gateway_liveness_timeout`) for dead.
 HEARTBEAT_INTERVAL = 1.0
@@ -86,7 +89,12 @@ _ENVELOPES: TypeAdapter[list[Envelope]] = TypeAdapter(list[Envelope])
 
 
 def encode_batch(envelopes: Sequence[Envelope]) -> bytes:
-    return b"[" + b",".join(envelope.encode() for envelope in envelopes) + b"]"
+    return batch_body([envelope.encode() for envelope in envelopes])
+
+
+def batch_body(encoded: Sequence[bytes]) -> bytes:
+    """A batch message's body from its envelopes, each already encoded."""
+    return b"[" + b",".join(encoded) + b"]"
 
 
 def decode_message(message: AbstractIncomingMessage) -> list[Envelope]:
@@ -334,9 +342,14 @@ class Bus:
         *,
         mandatory: bool = True,
         reliable: bool = False,
+        encoded: Sequence[bytes] | None = None,
     ) -> None:
-        """Publish envelopes as one message (see `Batcher`); `reliable` as in `publish_reliably`."""
-        body, message_id = encode_batch(envelopes), new_id()
+        """Publish envelopes as one message (see `Batcher`); `reliable` as in `publish_reliably`.
+
+        `encoded`: the envelopes already encoded, in the same order (the `Batcher` encodes each
+        one as it is added, to know the batch's size), so that nothing is encoded twice."""
+        body = encode_batch(envelopes) if encoded is None else batch_body(encoded)
+        message_id = new_id()
 
         def publish() -> Awaitable[None]:
             return self.publish_raw(exchange, routing_key, body, message_id, mandatory, BATCH_TYPE)
@@ -417,6 +430,16 @@ class Bus:
         return missing
 
 
+@dataclass(eq=False, slots=True)
+class _Chunk:
+    """One batch being gathered: its envelopes, the same encoded, and its size as a message."""
+
+    confirmed: asyncio.Future[None]
+    envelopes: list[Envelope] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)
+    size: int = 1  # of `batch_body(encoded)`: "]", then each body with the "[" or "," before it
+
+
 class Batcher:
     """Group commit of envelopes to one destination (exchange + routing key).
 
@@ -429,6 +452,12 @@ class Batcher:
     `patience`: a batch whose confirm takes longer than this (a broker disk sync) no longer
     holds up the next one; up to `max_in_flight` batches are then out at once, one per
     `patience`. Without it, `max_in_flight` batches go out without waiting for each other.
+
+    A batch holds at most `max_items` envelopes and `max_bytes` bytes (an envelope bigger than
+    that goes alone). The byte budget matters for broadcasts of up to 256 KiB (PROTOCOL v2):
+    500 of them would make a message of about 128 MiB, RabbitMQ's default maximum, which the
+    broker refuses, and a reliable publish would retry it forever. Each envelope is encoded
+    once, when it is added: that gives its size, and the batch is published from those bytes.
     """
 
     def __init__(
@@ -442,6 +471,7 @@ class Batcher:
         max_in_flight: int = 1,
         patience: float | None = None,
         max_items: int = 500,
+        max_bytes: int = BATCH_MAX_BYTES,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._bus = bus
@@ -452,8 +482,9 @@ class Batcher:
         self._max_in_flight = max_in_flight
         self._patience = patience
         self._max_items = max_items
+        self._max_bytes = max_bytes
         self._on_batch = on_batch
-        self._chunks: deque[tuple[list[Envelope], asyncio.Future[None]]] = deque()
+        self._chunks: deque[_Chunk] = deque()
         self._in_flight = 0
         self._last_sent = float("-inf")
         self._scheduled = False
@@ -466,13 +497,27 @@ class Batcher:
 
     def add(self, envelope: Envelope) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        if not self._chunks or len(self._chunks[-1][0]) >= self._max_items:
-            self._chunks.append(([], loop.create_future()))
-        envelopes, confirmed = self._chunks[-1]
-        envelopes.append(envelope)
+        try:
+            body = envelope.encode()
+        except Exception as exc:  # a payload JSON cannot hold: fails this envelope, not a batch
+            failed: asyncio.Future[None] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        size = len(body) + 1  # with the comma (or bracket) before it
+        chunk = self._chunks[-1] if self._chunks else None
+        if (
+            chunk is None
+            or chunk.size + size > self._max_bytes
+            or len(chunk.encoded) >= self._max_items
+        ):
+            chunk = _Chunk(loop.create_future())
+            self._chunks.append(chunk)
+        chunk.envelopes.append(envelope)
+        chunk.encoded.append(body)
+        chunk.size += size
         if not self._scheduled and self._timer is None:
             self._schedule(loop)
-        return confirmed
+        return chunk.confirmed
 
     def _next_send_at(self) -> float | None:
         """When the next batch may leave (loop time), or None until a confirm arrives."""
@@ -504,25 +549,27 @@ class Batcher:
             at = self._next_send_at()
             if at is None or at > loop.time():
                 break
-            envelopes, confirmed = self._chunks.popleft()
+            chunk = self._chunks.popleft()
             self._in_flight += 1
             self._last_sent = loop.time()
             if self._on_batch is not None:
-                self._on_batch(len(envelopes))
-            task = loop.create_task(self._publish(envelopes, confirmed))
+                self._on_batch(len(chunk.envelopes))
+            task = loop.create_task(self._publish(chunk))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if self._chunks:
             self._schedule(loop)
 
-    async def _publish(self, envelopes: list[Envelope], confirmed: asyncio.Future[None]) -> None:
+    async def _publish(self, chunk: _Chunk) -> None:
+        confirmed = chunk.confirmed
         try:
             await self._bus.publish_batch(
                 self._exchange,
                 self._routing_key,
-                envelopes,
+                chunk.envelopes,
                 mandatory=self._mandatory,
                 reliable=self._reliable,
+                encoded=chunk.encoded,
             )
         except asyncio.CancelledError:
             self._in_flight -= 1

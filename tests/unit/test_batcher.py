@@ -9,24 +9,33 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
+from pydantic_core import PydanticSerializationError
 
-from services.common.bus import Batcher, Bus
+from services.common.bus import Batcher, Bus, encode_batch
 from services.common.messages import Envelope, MessageType
 
 
 class HeldBroker:
     """Records each batch and holds its confirm until the test resolves it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, auto_confirm: bool = False) -> None:
+        self.auto_confirm = auto_confirm  # confirm each batch at once instead
         self.batches: list[list[int]] = []
+        self.sizes: list[int] = []  # bytes of each batch message
         self.confirms: list[asyncio.Future[None]] = []
         self.published = asyncio.Event()
 
     async def publish_batch(
-        self, exchange: str, key: str, envelopes: Sequence[Envelope], **_: Any
+        self, exchange: str, key: str, envelopes: Sequence[Envelope], **options: Any
     ) -> None:
         confirm = asyncio.get_running_loop().create_future()
+        body = encode_batch(envelopes)
+        if options.get("encoded") is not None:  # what the Batcher encoded must be the same
+            assert b"[" + b",".join(options["encoded"]) + b"]" == body
         self.batches.append([e.seq or 0 for e in envelopes])
+        self.sizes.append(len(body))
+        if self.auto_confirm:
+            confirm.set_result(None)
         self.confirms.append(confirm)
         self.published.set()
         await confirm
@@ -37,9 +46,14 @@ class HeldBroker:
         return self.batches[-1]
 
 
-def frame(seq: int) -> Envelope:
+def frame(seq: int, payload: Any = None) -> Envelope:
     return Envelope(
-        type=MessageType.FRAME_ACCEPTED, session="s", group="g", participant="p", seq=seq
+        type=MessageType.FRAME_ACCEPTED,
+        session="s",
+        group="g",
+        participant="p",
+        seq=seq,
+        payload=payload,
     )
 
 
@@ -106,3 +120,38 @@ async def test_max_items_splits_batches() -> None:
         assert await broker.next_batch() == expected
         broker.confirms[-1].set_result(None)
     await asyncio.gather(*futures)
+
+
+async def test_big_envelopes_split_batches_by_bytes_in_order() -> None:
+    # A broadcast may hold up to 256 KiB (PROTOCOL v2): 500 to a batch would be a message of
+    # about 128 MiB, which RabbitMQ refuses by default, and a reliable publish retries forever.
+    broker = HeldBroker(auto_confirm=True)
+    out = batcher(broker)
+    big = "x" * 300 * 1024
+    await asyncio.wait_for(asyncio.gather(*(out.add(frame(seq, big)) for seq in range(1, 21))), 5)
+    assert max(broker.sizes) <= 4 * 1024 * 1024
+    assert len(broker.batches) > 1
+    assert [seq for batch in broker.batches for seq in batch] == list(range(1, 21))
+    assert out.idle
+
+
+async def test_an_envelope_over_the_byte_budget_goes_alone() -> None:
+    broker = HeldBroker(auto_confirm=True)
+    out = batcher(broker, max_bytes=2000)
+    small, huge = "s" * 500, "h" * 5000  # about 720 and 5,220 bytes encoded
+    payloads = [small, small, huge, small, small, small]
+    added = [out.add(frame(seq, p)) for seq, p in enumerate(payloads, start=1)]
+    await asyncio.wait_for(asyncio.gather(*added), 5)
+    assert broker.batches == [[1, 2], [3], [4, 5], [6]]  # a third small one would not fit
+    assert broker.sizes[1] > 2000
+    assert max(broker.sizes[0], *broker.sizes[2:]) <= 2000
+
+
+async def test_an_envelope_that_cannot_be_encoded_fails_alone() -> None:
+    broker = HeldBroker(auto_confirm=True)
+    out = batcher(broker)
+    before, bad, after = out.add(frame(1)), out.add(frame(2, object())), out.add(frame(3))
+    with pytest.raises(PydanticSerializationError):
+        await bad
+    await asyncio.wait_for(asyncio.gather(before, after), 5)
+    assert broker.batches == [[1, 3]]
