@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.e2e]
 
 SESSIONS = 3
 EVICTION_TIMEOUT = 30.0  # the worker sweeps 5 s after a group is over, then waits for the log
+EVICTED = "canopy_decisions_groups_evicted_total"
+REBUILDS = "canopy_decisions_rebuilds_total"
 
 
 async def sample(decisions_url: str, name: str) -> float:
@@ -34,22 +36,18 @@ async def sample(decisions_url: str, name: str) -> float:
     raise AssertionError(f"{name} not on {decisions_url}/metrics")
 
 
-async def groups_held(decisions_url: str) -> float:
-    return await sample(decisions_url, "canopy_decisions_groups")
-
-
-async def until_groups_at_most(decisions_url: str, bound: float) -> None:
-    """Poll the gauge (a condition with a deadline, not a sleep) until it is ≤ `bound`."""
-    held = await groups_held(decisions_url)
+async def until_evicted_at_least(decisions_url: str, count: float) -> None:
+    """Poll the eviction counter (a condition with a deadline, not a sleep) up to `count`."""
+    evicted = await sample(decisions_url, EVICTED)
     try:
         async with asyncio.timeout(EVICTION_TIMEOUT):
-            while held > bound:
+            while evicted < count:
                 await asyncio.sleep(0.2)
-                held = await groups_held(decisions_url)
+                evicted = await sample(decisions_url, EVICTED)
     except TimeoutError:
         raise AssertionError(
-            f"decisions still holds {held:.0f} groups after {EVICTION_TIMEOUT:.0f} s "
-            f"(at most {bound:.0f} expected): ended groups are not evicted"
+            f"decisions evicted {evicted:.0f} groups in all after {EVICTION_TIMEOUT:.0f} s "
+            f"(at least {count:.0f} expected): ended groups are not evicted"
         ) from None
 
 
@@ -70,34 +68,51 @@ async def run_to_the_end(api: httpx.AsyncClient, gateway_url: str) -> dict[str, 
     return {"codes": codes, "final": ends[0]["group_decisions"]}
 
 
+async def evicted_and_back(
+    decisions_url: str, gateway_url: str, code: str, evicted_before: float
+) -> tuple[Participant, dict[str, Any]]:
+    """Connect `code` once its group was evicted: the hello its group's rebuild sent.
+
+    The gauges are the whole service's (earlier tests' groups are evicted meanwhile too), so
+    the proof that this group was evicted is its own rebuild: after each eviction sweep the
+    member connects; a hello without a rebuild means the group was still held (the sweep took
+    others'), and the member leaves and waits for the next sweep."""
+    async with asyncio.timeout(EVICTION_TIMEOUT):
+        while True:
+            await until_evicted_at_least(decisions_url, evicted_before + 1)  # a sweep
+            evicted_before = await sample(decisions_url, EVICTED)
+            rebuilds = await sample(decisions_url, REBUILDS)
+            member = await Participant.connect(gateway_url, code)
+            hello: dict[str, Any] = await member.expect("hello")
+            if await sample(decisions_url, REBUILDS) > rebuilds:
+                return member, hello
+            await member.close()
+
+
 async def test_ended_groups_are_evicted_and_come_back_from_the_log(
     api: httpx.AsyncClient, gateway_url: str, stack: Any
 ) -> None:
     decisions_url = stack.urls.decisions_url
-    before = await groups_held(decisions_url)
+    evicted = await sample(decisions_url, EVICTED)
     sessions = [await run_to_the_end(api, gateway_url) for _ in range(SESSIONS)]
-    assert await groups_held(decisions_url) >= before + 1  # they were held while they ran
-
-    await until_groups_at_most(decisions_url, before)
-    rebuilds = await sample(decisions_url, "canopy_decisions_rebuilds_total")
+    # Every group of the service that is over gets evicted: the gauge comes down to at most
+    # the groups still held by someone (none of ours).
+    await until_evicted_at_least(decisions_url, evicted + SESSIONS)
 
     # A member back after the end: its group is rebuilt from the log, with the final state.
     first = sessions[0]
-    a = await Participant.connect(gateway_url, first["codes"][0])
-    hello = await a.expect("hello")
+    a, hello = await evicted_and_back(decisions_url, gateway_url, first["codes"][0], evicted)
     assert hello["group_decisions"] == first["final"]
     assert hello["period"]["number"] == 1 and hello["period"]["state"] == "ended"
     assert hello["last_seq"] == 2
     assert hello["presence"] == {first["codes"][0]: True, first["codes"][1]: False}
-    assert await sample(decisions_url, "canopy_decisions_rebuilds_total") == rebuilds + 1
     # Its inputs are still answered (and logged): a decision now is refused, the seq counted.
     await a.send(0.4, seq=3)
     assert (await a.error(3))["code"] == "period_not_running"
+    evicted = await sample(decisions_url, EVICTED)
     await a.close()
 
     # Evicted again once it left; and back again with the seq it sent after the end.
-    await until_groups_at_most(decisions_url, before)
-    a = await Participant.connect(gateway_url, first["codes"][0])
-    hello = await a.expect("hello")
+    a, hello = await evicted_and_back(decisions_url, gateway_url, first["codes"][0], evicted)
     assert hello["last_seq"] == 3 and hello["group_decisions"] == first["final"]
     await a.close()
