@@ -48,6 +48,10 @@ class GroupConfig(BaseModel):
     on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
     carry_decisions: bool = True
     post_period_delay: float = 0.0
+    # PROTOCOL v2 "Online studies": members' labels known when this was read (code → label),
+    # and where each outcome sends a person (services.common.outcomes).
+    labels: dict[str, str] = {}
+    completion: dict[str, dict[str, Any]] = {}
 
     def id_in_group(self, code: str) -> int:
         return self.members.index(code) + 1

@@ -24,6 +24,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from services.common import experiments
 from services.common.directory import GroupConfig
 from services.common.messages import LogRecord
+from services.common.outcomes import Completion, Outcome, Payment
 from services.common.seats import new_key
 
 EXPORT_COLUMNS = ("ts", "session", "group", "participant", "direction", "channel", "seq", "value")
@@ -103,6 +104,14 @@ class CreateSession(BaseModel):
     on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
     carry_decisions: bool = True
     post_period_delay: float = Field(default=0.0, ge=0, le=86_400)
+    # PROTOCOL v2 "Online studies" (services/common/outcomes.py): seat i's external id, the
+    # study link's label parameter, where each outcome sends the person, and the money.
+    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=10_000
+    )
+    label_param: str = Field(default="label", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    completion: dict[Outcome, Completion] = Field(default_factory=dict)
+    payment: Payment = Field(default_factory=Payment)
 
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
@@ -112,6 +121,11 @@ class CreateSession(BaseModel):
             )
         if self.num_participants % self.group_size:
             raise ValueError("num_participants must be a multiple of group_size")
+        if self.labels is not None:
+            if len(self.labels) != self.num_participants:
+                _refuse("labels", "give exactly num_participants labels", self.labels)
+            if len(set(self.labels)) != len(self.labels):
+                _refuse("labels", "labels must be distinct", self.labels)
         if self.num_subperiods > 0 and self.period_length < MIN_SUBPERIOD_SECONDS * (
             self.num_subperiods * (1 - 1e-9)  # 0.3 s in 6 is 0.05 s, whatever floats say
         ):
@@ -200,7 +214,13 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
     public code and secret seat key (services.common.seats), its link made of the key."""
     session_id = new_session_id()
     created_at = datetime.now(UTC)
-    config = request.model_dump()
+    config = request.model_dump(exclude={"completion"})
+    # Each outcome's one way on: {"url": …} or {"code": …}, as given.
+    config["completion"] = {
+        outcome: target.model_dump(exclude_none=True)
+        for outcome, target in request.completion.items()
+    }
+    labels = iter(request.labels or [])
     groups, participants = [], []
     for _ in range(request.num_participants // request.group_size):
         group_id = new_group_id()
@@ -215,22 +235,27 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
         )
         for index, code in enumerate(codes, start=1):
             key = new_key(seat_secret)
-            participants.append(
-                {
-                    "_id": code,
-                    "key": key,
-                    "session": session_id,
-                    "group": group_id,
-                    "id_in_group": index,
-                    "experiment": request.experiment,
-                    "url": participant_url(public_url, key),
-                    "connected": False,
-                }
-            )
+            participant = {
+                "_id": code,
+                "key": key,
+                "session": session_id,
+                "group": group_id,
+                "id_in_group": index,
+                "experiment": request.experiment,
+                "url": participant_url(public_url, key),
+                "connected": False,
+            }
+            label = next(labels, None)
+            if label is not None:
+                participant["label"] = label
+            participants.append(participant)
+    join_key = new_key(seat_secret)  # the study link's: secret like a seat key
     session = {
         "_id": session_id,
         "created_at": created_at,
         **config,
+        "join_key": join_key,
+        "join_url": f"{public_url.rstrip('/')}/join/{join_key}",
         "groups": [g["_id"] for g in groups],
     }
     return {"session": session, "groups": groups, "participants": participants}
@@ -256,10 +281,15 @@ def iso_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def group_config(session: dict[str, Any], group: dict[str, Any]) -> GroupConfig:
+def group_config(
+    session: dict[str, Any], group: dict[str, Any], labels: dict[str, str] | None = None
+) -> GroupConfig:
     """A group's configuration from its session's and group's documents (what decisions asks
-    for over /internal, and what the replay folds the group's log with)."""
+    for over /internal, and what the replay folds the group's log with); `labels`: the
+    members' labels known now (code → label; a study link gives labels as people arrive)."""
     return GroupConfig(
+        labels=labels or {},
+        completion=session.get("completion") or {},
         session=session["_id"],
         group=group["_id"],
         experiment=session["experiment"],
