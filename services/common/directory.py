@@ -151,6 +151,24 @@ class Directory:
         rows: list[dict[str, Any]] = orjson.loads(response.content)
         return rows
 
+    async def join(self, join_key: str, query: dict[str, str], seat: str | None) -> dict[str, Any]:
+        """A seat through a session's study link (PROTOCOL v2 "Online studies"): the store's
+        answer, `{"key", "finished", "label"}` or `{"full": true, "redirect", "code"}`.
+
+        Never cached: every arrival may take a seat. `query` is the link's whole query (the
+        store knows which parameter is the label); `seat` the key from the browser's cookie.
+        NotFound for a join key the store does not know."""
+        response = await self._client.post(
+            f"/internal/join/{quote(join_key, safe='')}",
+            content=orjson.dumps({"query": query, "seat": seat}),
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code == 404:
+            raise NotFound("unknown join key") from None  # the path would hold the key
+        response.raise_for_status()
+        body: dict[str, Any] = orjson.loads(response.content)
+        return body
+
     async def barrier_passed(self, barrier: str) -> bool:
         response = await self._client.get(f"/internal/barriers/{quote(barrier, safe='')}")
         if response.status_code == 404:

@@ -43,6 +43,7 @@ from services.common.messages import (
 from services.common.seats import well_formed
 from services.gateway.domain import MAX_SEQ_JUMP, SeatLimits, parse_frame
 from services.gateway.handlers import Connection, Hub
+from services.gateway.join import join_router
 from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import UNPARSED, GatewayMetrics
 from services.gateway.pages import page_router
@@ -350,6 +351,7 @@ def participant_router(participants: Participants) -> APIRouter:
         await participants.serve(websocket, key)
 
     router.include_router(page_router(participants._directory, participants._seat_secret))
+    router.include_router(join_router(participants._directory, participants._seat_secret))
 
     @router.get("/", response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
