@@ -3,7 +3,10 @@
  * public_goods.js, double_auction.js, generic.js): the connection badge and notices, the
  * period with its countdown on the server's clock and sub-period progress, the waiting screen
  * until the group is complete, the paused banner (on_disconnect "pause"), the group's members,
- * the payoffs at period end, the errors, and a live uPlot chart of the period.
+ * the payoffs at period end, the errors, a live uPlot chart of the period, and the finished
+ * screen (PROTOCOL v2 "The end for everyone": the seat's outcome, its payoffs, the completion
+ * code with a Copy button, and the countdown to the completion site), shown over everything
+ * else once the `finished` message came.
  *
  * An experiment's module calls startPage(spec) once; the shell owns the client (canopy.js) and
  * calls the spec back:
@@ -17,9 +20,11 @@
  *                 sample(page) -> [y per series]}  (what the chart records on a change)
  * `page` (also window.canopyPage) has: client, config (from the gateway: experiment, params,
  * members, period_length, num_subperiods, …), me(), members(), el, chart (record(values),
- * reset()), running(), elapsed(ts), slider(options), showError(error).
+ * reset()), running(), elapsed(ts), slider(options), showError(error), finished (the
+ * `finished` payload once it came, else null).
  */
 import { connect, pageKey, socketUrl } from "./canopy.js";
+import { LEAVE_SECONDS, leaveAfter, safeTarget } from "./leave.js";
 import uPlot from "./vendor/uplot/uPlot.esm.js";
 
 var MAX_ERRORS_SHOWN = 5;
@@ -27,6 +32,17 @@ var SEND_INTERVAL_MS = 33; // at most ~30 decisions per second while a slider is
 var TICK_MS = 250;
 var COLORS = ["#0f766e", "#1d4ed8", "#b45309", "#9333ea", "#be123c", "#4d7c0f", "#0369a1",
   "#a16207"];
+var FINISHED_TEXT = {
+  completed: ["You have finished", "Thank you for taking part."],
+  again: ["You have already taken part", "You finished this study already; here is what you " +
+    "earned and your completion code again."],
+  dropout: ["The study has ended", "Your group's last period ended while you were away, so " +
+    "your part could not be completed. Thank you for your time."],
+  lobby_timeout: ["The study has ended", "No group could be formed in time. Thank you for " +
+    "waiting."],
+  full: ["This study is full", "All places in this study are taken. Thank you for your " +
+    "interest."],
+};
 var STATUS_TEXT = {
   connecting: "Connecting…",
   connected: "Connected",
@@ -106,6 +122,19 @@ export function startPage(spec) {
     chartCaption: byId("chart-caption"),
     members: byId("members"),
     errors: byId("errors"),
+    finished: byId("finished"),
+    finishedHeading: byId("finished-heading"),
+    finishedText: byId("finished-text"),
+    finishedTotal: byId("finished-total"),
+    finishedPeriods: byId("finished-periods"),
+    finishedCode: byId("finished-code"),
+    completionCode: byId("completion-code"),
+    copyCode: byId("copy-code"),
+    copyNote: byId("copy-note"),
+    leaving: byId("leaving"),
+    leavingSeconds: byId("leaving-seconds"),
+    leaveNow: byId("leave-now"),
+    finishedClose: byId("finished-close"),
   };
   var key = pageKey(); // the seat's secret: only in this page's own address
   var client = connect(socketUrl(key), key, null, { code: code });
@@ -117,6 +146,7 @@ export function startPage(spec) {
     el: el,
     spec: spec,
     periodPayoffs: periodPayoffs,
+    finished: null,
     me: function () {
       var hello = client.state.hello;
       return hello && hello.participant ? hello.participant : code;
@@ -248,7 +278,7 @@ export function startPage(spec) {
         "Waiting for everyone in your group to join: " + here + " of " + members + " here." :
         "Everyone is here: period " + n + " starts in a moment.";
     }
-    document.body.dataset.phase = !p ? "connecting" :
+    document.body.dataset.phase = page.finished ? "finished" : !p ? "connecting" :
       state === "waiting" && n === 1 ? "waiting" : state;
 
     el.paused.hidden = state !== "paused";
@@ -314,6 +344,98 @@ export function startPage(spec) {
     });
     el.resultBody.replaceChildren.apply(el.resultBody, rows);
   }
+
+  // ---- the finished screen -------------------------------------------------------
+
+  // Whether this page load saw the study being played: a `finished` that comes without it
+  // (a seat that opened its link again after the end) says "you have already taken part".
+  var sawPlay = false;
+  var stopLeaving = null;
+
+  function notePlay() {
+    var p = client.state.period;
+    if (p && (p.state === "running" || p.state === "paused")) sawPlay = true;
+  }
+
+  function onFinished(payload) {
+    if (!payload || typeof payload !== "object") return;
+    var first = page.finished === null;
+    page.finished = payload;
+    renderFinished();
+    var target = safeTarget(payload.redirect);
+    if (target !== null && stopLeaving === null) {
+      el.leaveNow.href = target;
+      stopLeaving = leaveAfter(target, LEAVE_SECONDS, el.leavingSeconds);
+    }
+    document.body.dataset.phase = "finished";
+    // Move focus to the screen's heading once, so a screen reader reads it and the Tab key
+    // goes on from there (the Copy button, the link); a repeat (reconnect) leaves focus be.
+    if (first) el.finishedHeading.focus();
+  }
+
+  function renderFinished() {
+    var f = page.finished;
+    el.finished.hidden = !f;
+    if (!f) return;
+    var outcome = typeof f.outcome === "string" ? f.outcome : "";
+    var kind = outcome === "completed" && !sawPlay ? "again" : outcome;
+    var text = FINISHED_TEXT[kind] || ["The study has ended", "Thank you for taking part."];
+    el.finished.dataset.outcome = outcome;
+    el.finishedHeading.textContent = text[0];
+    el.finishedText.textContent = text[1];
+    var total = typeof f.total_payoff === "number" ? f.total_payoff : null;
+    el.finishedTotal.textContent = "Your total payoff: " + formatNumber(total) + ".";
+    el.finishedTotal.dataset.payoff = total === null ? "" : String(total);
+
+    // The period payoffs this page heard of (period_end), in period order.
+    var me = page.me();
+    var rows = Object.keys(periodPayoffs).map(Number).sort(function (a, b) {
+      return a - b;
+    }).filter(function (n) {
+      return typeof periodPayoffs[n][me] === "number";
+    }).map(function (n) {
+      return h("tr", { "data-period": String(n) },
+        h("th", { scope: "row", text: "Period " + n }),
+        h("td", { class: "payoff", text: formatNumber(periodPayoffs[n][me]) }));
+    });
+    var body = el.finishedPeriods.querySelector("tbody");
+    body.replaceChildren.apply(body, rows);
+    el.finishedPeriods.hidden = rows.length < 2; // one period: the total says it all
+
+    var code = typeof f.code === "string" && f.code ? f.code : null;
+    el.finishedCode.hidden = code === null;
+    if (el.completionCode.textContent !== (code || "")) el.completionCode.textContent = code || "";
+    var target = safeTarget(f.redirect);
+    el.leaving.hidden = target === null;
+    el.finishedClose.hidden = code !== null || target !== null;
+  }
+
+  function selectCode() {
+    var range = document.createRange();
+    range.selectNodeContents(el.completionCode);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+  }
+
+  el.copyCode.addEventListener("click", function () {
+    var code = el.completionCode.textContent;
+    function fallback() {
+      // No clipboard access (an old browser, a page not served over https, a refusal): the
+      // code is selected, ready for the keyboard's copy.
+      selectCode();
+      el.copyNote.textContent = "Selected: press Ctrl+C (⌘C on a Mac) to copy it.";
+      el.copyNote.dataset.copied = "false";
+    }
+    if (!navigator.clipboard || !navigator.clipboard.writeText) {
+      fallback();
+      return;
+    }
+    navigator.clipboard.writeText(code).then(function () {
+      el.copyNote.textContent = "Copied.";
+      el.copyNote.dataset.copied = "true";
+    }, fallback);
+  });
 
   // ---- members -------------------------------------------------------------------
 
@@ -401,6 +523,7 @@ export function startPage(spec) {
     renderStatus();
     renderPeriod();
     renderMembers();
+    renderFinished();
     if (spec.render) spec.render(page);
   }
 
@@ -424,6 +547,7 @@ export function startPage(spec) {
     if (!p || p.number !== chartPeriod) page.chart.reset(p ? p.number : null);
     chartPeriod = p ? p.number : null;
     page.chart.record();
+    notePlay();
     scheduleRender();
   });
   client.on("message", function (channel, payload, ts) {
@@ -435,6 +559,9 @@ export function startPage(spec) {
       channel === "period_end") {
       page.chart.record(ts);
     }
+    notePlay();
+    if (channel === "period_end") sawPlay = true;
+    if (channel === "finished") onFinished(payload);
     scheduleRender();
   });
   client.on("error", function (err) {
