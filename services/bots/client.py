@@ -17,7 +17,8 @@ A bot's link holds the seat's secret key (PROTOCOL v2); the bot learns its publi
 name every payload gives it, from its `hello` (or is told it up front: `code`).
 
 `Bot` adds a player on top: while its period runs it asks its strategy what to send, at a
-steady pace (`rate` turns per second), until `num_periods` periods have ended. It skips the
+steady pace (`rate` turns per second), until `num_periods` periods have ended or its seat got
+`finished` (its `outcome` then holds that message). It skips the
 turns of the period's last END_MARGIN seconds, by the server's clock (estimated from the
 frames' `ts` as canopy.js does), whose frames would come too late. It keeps what
 it was told (with arrival times) and counts what it sent, had acknowledged and had refused.
@@ -120,6 +121,9 @@ class Bot:
     period: int = 0
     running: bool = False
     periods_ended: int = 0  # number of the last period whose period_end arrived
+    # The seat's end (PROTOCOL v2 "Online studies"): the latest `finished` payload, {"outcome",
+    # "total_payoff", "redirect", "code"}; None until one arrived.
+    outcome: dict[str, Any] | None = None
     ends_at: float | None = None  # the running period's end, server epoch seconds
     clock_offset: float | None = None  # server clock − ours, estimated as canopy.js does
     _ws: ClientConnection | None = None
@@ -164,7 +168,8 @@ class Bot:
 
     @property
     def finished(self) -> bool:
-        """Done playing: its last period ended, or it cannot connect any more."""
+        """Done playing: its last period ended (or its seat got `finished`), or it cannot
+        connect any more."""
         return self._finished.is_set()
 
     async def wait_for(self, what: str, check: Any, timeout: float) -> None:
@@ -346,6 +351,9 @@ class Bot:
             self.running = False
             self.decisions.update(payload.get("group_decisions") or {})
             self._period_ended(int(payload["period"]))
+        elif channel == "finished":  # the seat is over, whatever num_periods the bot was given
+            self.outcome = dict(payload) if isinstance(payload, dict) else {"outcome": payload}
+            self._finished.set()
 
     def _clock_sample(self, ts: Any) -> None:
         # A frame's ts is at most "now" on the server when it arrives, so the largest offset

@@ -2,7 +2,8 @@
 
 The gateway asks "whose seat is key <key>?" when a WebSocket or a page opens; decisions asks
 "how is group <id> configured?" before it handles the group's first message. Both answers never
-change once a session exists, so they are cached for the life of the process. A key the store
+change once a session exists, so they are cached for the life of the process (but for a group's
+labels, given as people arrive: `group_fresh` reads past the cache). A key the store
 does not know is remembered too (a bounded negative cache), so asking again costs nothing;
 the gateway checks each key's tag before asking at all (services.common.seats).
 
@@ -135,6 +136,17 @@ class Directory:
             await self._get(f"/internal/groups/{quote(group, safe='')}")
         )
         self._groups[group] = config
+        return config
+
+    async def group_fresh(self, group: str) -> GroupConfig:
+        """The group's configuration as the store has it now, past the cache: its `labels`
+        grow as people arrive through the study link (decisions reads them as the last period
+        ends). Replaces the cached entry, if there is one."""
+        config = GroupConfig.model_validate(
+            await self._get(f"/internal/groups/{quote(group, safe='')}")
+        )
+        if group in self._groups:
+            self._groups[group] = config
         return config
 
     def forget_group(self, group: str) -> None:

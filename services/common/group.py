@@ -32,6 +32,23 @@ a fold also takes the log's word for an `in` row answered by `experiment_error` 
 skips it), in case the hook is not as deterministic as it must be. Each failure is logged once
 with its traceback (a fold, which re-runs it, logs one line at debug level); logs name the
 participant's public code, never a key.
+
+The end for everyone (PROTOCOL v2 "Online studies"): when the group's last period ends, each
+member's outcome is decided right there, `completed` if connected then (on a connection its
+gateway announced) and `dropout` if away, and each gets a logged `finished` row addressed to
+them, right after `period_end`, in member order. `finished` keeps what was sent, so a member
+who connects later gets it again after `hello`. The `{label}` of a redirect comes from
+`labels`, which the adapter refreshes from the store just before applying an input that can
+end the last period (`may_finish`): labels are given as people arrive through the study link,
+so the configuration read when the group started may not have them yet. The state builds the
+payloads itself from that mapping, rather than emitting an effect for the adapter to turn into
+broadcasts later, because effects are carried out synchronously after the input while the
+read needs an await: done after the input, it would let another input of the group (a flush,
+a gateway's death) go out between `period_end` and its `finished` rows. Read before, the
+labels are just one more input, like time, and the state stays pure, one place that decides
+and stamps the rows. A fold never decides outcomes: it takes them from the logged `finished`
+rows (a log written before outcomes existed gives none, and a label given after the end
+cannot rewrite what was sent), so it needs no store.
 """
 
 from __future__ import annotations
@@ -44,6 +61,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from services.common import outcomes
 from services.common.directory import GroupConfig
 from services.common.errors import ErrorCode
 from services.common.experiments import Experiment
@@ -96,7 +114,7 @@ class Broadcast:
 
 @dataclass(frozen=True)
 class Control:
-    """An unlogged frame for one connection (`hello`, `replaced`)."""
+    """An unlogged frame for one connection (`hello`, `finished` again, `replaced`)."""
 
     channel: str
     payload: Any
@@ -175,6 +193,11 @@ class GroupState:
     # "subperiods": [{"index", "group_decisions", "payoffs"}]}.
     history: list[dict[str, Any]] = field(default_factory=list)
     subperiods: list[dict[str, Any]] = field(default_factory=list)
+    # Members' labels (code → label) for the `finished` redirect: the config's, refreshed by
+    # the adapter before an input that may end the last period (see the module docstring).
+    labels: dict[str, str] = field(default_factory=dict)
+    # The `finished` payload each member was sent when the last period ended (code → payload).
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The params every hook gets: `config.params` as the experiment's model validates them.
     params: dict[str, Any] = field(init=False, default_factory=dict)
     # (participant, seq) of inputs the log answers with `experiment_error` (set by `rebuild`):
@@ -184,6 +207,7 @@ class GroupState:
 
     def __post_init__(self) -> None:
         self.params = validated_params(self.experiment, self.config)
+        self.labels = {**self.config.labels, **self.labels}
         for code, decision in self._initial_decisions().items():
             self.decisions.setdefault(code, decision)
             self.last_seq.setdefault(code, 0)
@@ -310,6 +334,9 @@ class GroupState:
         if connected:
             self.connections[participant] = connection
             effects.append(Control(Channel.HELLO, self.hello(participant), participant, connection))
+            finished = self.finished.get(participant)
+            if finished is not None:  # over for them: the end again, not logged again
+                effects.append(Control(Channel.FINISHED, finished, participant, connection))
             if current is None:
                 effects.append(self._presence(participant, connected=True, now=now))
             elif current not in (connection, UNKNOWN):
@@ -446,6 +473,39 @@ class GroupState:
         if self.period < self.config.num_periods:
             self.period, self.state, self.ends_at = self.period + 1, "waiting", None
             effects.extend(self._maybe_start())
+        elif not self.folding:  # a fold takes the outcomes from the logged `finished` rows
+            effects.extend(self._finish(now))
+        return effects
+
+    def may_finish(self, event: Literal["period_end", "disconnect"]) -> bool:
+        """Whether a `period_end` tick, or a member's disconnection, would now end the group's
+        last period: the adapter refreshes `labels` before applying such an input."""
+        if self.state != "running" or self.period != self.config.num_periods:
+            return False
+        return event == "period_end" or self.config.on_disconnect == "end_period"
+
+    def _finish(self, now: float) -> list[Effect]:
+        """Each member's outcome as the last period ends, in member order: `completed` if
+        connected now on an announced connection, else `dropout`; total payoff = the sum of
+        their period payoffs. Logged `finished` rows, each addressed to its member."""
+        config = self.config
+        effects: list[Effect] = []
+        for code in config.members:
+            connection = self.connections.get(code)
+            outcome = "completed" if connection not in (None, UNKNOWN) else "dropout"
+            total = sum(float(period["payoffs"].get(code, 0.0)) for period in self.history)
+            payload = outcomes.finished_payload(
+                outcome,
+                total,
+                config.completion,
+                label=self.labels.get(code),
+                code=code,
+                session=config.session,
+            )
+            self.finished[code] = payload
+            effects.append(
+                Broadcast(Channel.FINISHED, payload, participant=code, ts=self.stamp(now))
+            )
         return effects
 
     def flush(self, now: float) -> list[Effect]:
@@ -493,6 +553,8 @@ class GroupState:
                 self.connections.setdefault(participant, UNKNOWN)
             else:
                 self.connections.pop(participant, None)
+        elif channel == Channel.FINISHED and row.get("participant"):
+            self.finished[str(row["participant"])] = value
         # `error` rows follow from the frames they answer (an `experiment_error` one: see
         # `failed_inputs`); other channels carry no state.
 

@@ -13,7 +13,7 @@ events (past tense):
     TimerFired        timers → decisions: a period started / a sub-period tick / a period ended
     Broadcast         decisions → gateways: a server frame for a group (or one member)
     Control           decisions → gateways: a frame for one connection that is not logged
-                      (`hello` snapshots, `replaced` notices)
+                      (`hello` snapshots, `finished` again, `replaced` notices)
     GatewayAlive      gateway → every decisions worker, each second: this gateway (its queue)
                       is alive; silence means its participants are gone (liveness)
     Resync            decisions → every gateway: announce each open connection again (a
@@ -73,6 +73,8 @@ class Channel(StrEnum):
     PERIOD_PAUSED = "period_paused"
     PERIOD_RESUMED = "period_resumed"
     PRESENCE = "presence"
+    # PROTOCOL v2 "Online studies": a seat's outcome, addressed to its participant.
+    FINISHED = "finished"
     # Internal control channel: tells a gateway to close a connection that was replaced.
     REPLACED = "replaced"
 

@@ -24,6 +24,16 @@ barrier passed. A later input for it (a late presence, a reconnect, a redelivery
 from the log, as after a restart, so a participant back after the end gets the final `hello`.
 A member still connected keeps the group in memory: a state rebuilt from the log could not tell
 an open socket from a gone one without asking the gateways again.
+
+The end for everyone (PROTOCOL v2 "Online studies"): the input that ends a group's last period
+also decides each member's outcome and sends their `finished` (`GroupState._finish`), whose
+redirect holds the member's label. Labels are given as people arrive through the study link,
+after the group's configuration was cached, so before applying an input that may end the last
+period (a `period_end` tick, a disconnection under `on_disconnect: end_period`, a gateway's
+death, a member not announced again), the worker reads the group's configuration afresh
+(`Directory.group_fresh`) and hands its labels to the state. Read before the input, not after:
+its effects are then carried out in the same step as the input, so nothing else of the group
+comes between `period_end` and the `finished` rows.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
@@ -83,6 +93,10 @@ from services.decisions.metrics import DecisionsMetrics
 log = logging.getLogger(__name__)
 
 RETIRED_CONNECTIONS = 10_000
+# Reads of a group's labels before its last period ends: tries, and the first retry's delay
+# (doubling). A store away longer does not hold the group's end: the labels known so far go.
+LABEL_READS = 5
+LABEL_RETRY_DELAY = 0.1
 
 
 class Routes:
@@ -165,6 +179,17 @@ def _timers_command(effect: TimersCommand) -> tuple[MessageType, dict[str, Any]]
         "ends_at": effect.ends_at,
         "next_tick": effect.next_tick,
     }
+
+
+def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None:
+    """What kind of input that may end a group's last period `envelope` is (None: not one)."""
+    if envelope.type is MessageType.TIMER_FIRED:
+        payload = envelope.payload if isinstance(envelope.payload, dict) else {}
+        return "period_end" if payload.get("event") == "period_end" else None
+    if envelope.type is MessageType.PRESENCE_CHANGED:
+        payload = envelope.payload if isinstance(envelope.payload, dict) else {}
+        return None if payload.get("connected") else "disconnect"
+    return None
 
 
 def _stamp(state: GroupState, broadcast: Broadcast) -> float:
@@ -369,6 +394,9 @@ class DecisionsWorker:
         self._metrics.gateways_lost.inc()
         for group, participant, connection in gone:
             state = self.groups.get(group)
+            if state is not None and state.may_finish("disconnect"):
+                await self._refresh_labels(state)
+                state = self.groups.get(group)
             if state is not None:
                 await self._apply_now(state, state.disconnect(participant, connection, now=now()))
 
@@ -383,6 +411,11 @@ class DecisionsWorker:
         """
         started = time.perf_counter()
         state = await self._state(envelope.group)
+        finishing = _finishing(envelope)
+        if state is not None and finishing is not None and state.may_finish(finishing):
+            await self._refresh_labels(state)
+            if self.groups.get(envelope.group) is not state:  # dropped meanwhile: rebuilt
+                state = await self._state(envelope.group)
         if state is None:
             log.warning(
                 "input for unknown group %s dropped",
@@ -538,7 +571,34 @@ class DecisionsWorker:
             loop.call_later(wait, lambda: self._start_task(self._expire_unknown(state)))
         return state
 
+    async def _refresh_labels(self, state: GroupState) -> None:
+        """The group's labels as the store has them now, into its state (see the module
+        docstring); the labels known so far if the store stays unreachable."""
+        config = state.config
+        delay = LABEL_RETRY_DELAY
+        for attempt in range(1, LABEL_READS + 1):
+            try:
+                fresh = await self._directory.group_fresh(config.group)
+            except NotFound:
+                return  # the session was deleted: it ends with what it has
+            except httpx.HTTPError as exc:
+                if attempt == LABEL_READS:
+                    log.error(
+                        "store unreachable (%s): group %s ends with the labels it knows",
+                        exc,
+                        config.group,
+                        extra=context(config.session, config.group),
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                state.labels = {**state.labels, **fresh.labels}
+                return
+
     async def _expire_unknown(self, state: GroupState) -> None:
+        if UNKNOWN in state.connections.values() and state.may_finish("disconnect"):
+            await self._refresh_labels(state)
         effects = state.expire_unknown(now())
         if effects:
             log.info("group %s: members not announced again are disconnected", state.config.group)

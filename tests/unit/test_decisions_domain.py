@@ -122,6 +122,8 @@ def test_rate_limit_coalesces_and_never_drops_the_last_change() -> None:
     assert channels(state.on_timer("period_end", 1, 0, ends_at=None, now=100.0)) == [
         "group_decisions",
         "period_end",
+        "finished",  # the last period: each member's outcome (tests/unit/test_finished.py)
+        "finished",
     ]
 
 

@@ -91,6 +91,9 @@ class FakeDirectory:
             raise NotFound(group)
         return self.config
 
+    async def group_fresh(self, group: str) -> GroupConfig:
+        return await self.group(group)
+
     async def group_log(self, group: str) -> list[dict[str, Any]]:
         return sorted(self.store.rows, key=lambda row: float(row["ts"]))
 

@@ -176,7 +176,8 @@ def test_decisions_has_no_payoffs() -> None:
     start_period(rec)
     rec.frame("a", 1, 3.0)
     rec.tick("period_end")
-    assert rec.rows[-1]["value"]["payoffs"] == {}
+    end = [row for row in rec.rows if row["channel"] == "period_end"][-1]
+    assert end["value"]["payoffs"] == {}
 
 
 def test_public_goods_pays_the_endowment_kept_plus_a_share_of_the_pot() -> None:
