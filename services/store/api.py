@@ -35,11 +35,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common import experiments
+from services.common import experiments, outcomes
 from services.common.errors import ApiCode, ApiError
 from services.store.domain import (
     EXPORT_COLUMNS,
@@ -283,6 +283,11 @@ def session_summary(
                 "id_in_group": p["id_in_group"],
                 "url": p["url"],
                 "connected": bool(p.get("connected")),
+                # PROTOCOL v2 "Online studies": the seat's external id, where its person is.
+                "label": p.get("label"),
+                "status": seat_status(p),
+                "outcome": p.get("outcome"),
+                "finished_at": iso_ts(p["finished_at"]) if p.get("finished_at") else None,
                 # Ended periods' payoffs (PROTOCOL v1.1), keyed by the period's number.
                 "payoffs": {
                     period: _finite_or_none(payoff)
@@ -296,6 +301,65 @@ def session_summary(
         ],
         "connected": len(connected),
     }
+
+
+def seat_status(participant: dict[str, Any]) -> str:
+    """`finished` (it has an outcome), `playing` (seen connected, or given by the study
+    link), else `unassigned` (`lobby` comes with grouping by arrival)."""
+    if participant.get("outcome"):
+        return "finished"
+    if participant.get("seen") or participant.get("taken"):
+        return "playing"
+    return "unassigned"
+
+
+PAYMENT_COLUMNS = (
+    "label", "code", "outcome", "total_payoff", "bonus", "show_up_fee", "currency",
+)  # fmt: skip
+
+
+def payment_rows(
+    session: dict[str, Any], participants: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The payments file (PROTOCOL v2 "Payments"): one row per seat with a label or an
+    outcome, in seat order (`participants` as `Repository.session_participants` gives them);
+    the total payoff is the session detail's `total_payoff`."""
+    payment = session.get("payment") or {}
+    rate = float(payment.get("exchange_rate", 1.0))
+    rows = []
+    for p in participants:
+        if p.get("label") is None and not p.get("outcome"):
+            continue
+        total = _total(p.get("payoffs", {}).values())
+        rows.append(
+            {
+                "label": p.get("label"),
+                "code": p["_id"],
+                "outcome": p.get("outcome"),
+                "total_payoff": total,
+                "bonus": outcomes.bonus(total, rate),
+                "show_up_fee": float(payment.get("show_up_fee", 0.0)),
+                "currency": payment.get("currency"),
+            }
+        )
+    return rows
+
+
+def payments_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PAYMENT_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in PAYMENT_COLUMNS])
+    return buffer.getvalue()
+
+
+def payments_prolific(rows: list[dict[str, Any]]) -> str:
+    """Prolific's bulk-bonus text: `<label>,<bonus>` a line, no header, labelled seats with
+    a bonus over 0 only."""
+    return "".join(
+        f"{row['label']},{row['bonus']:.2f}\n" for row in rows if row["label"] and row["bonus"] > 0
+    )
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -389,6 +453,8 @@ def api_router(
         metrics.sessions.inc()
         return {
             "session": layout["session"]["_id"],
+            # The study link: one link for everyone (PROTOCOL v2 "Online studies").
+            "join_url": layout["session"]["join_url"],
             "groups": [{"group": g["_id"], "participants": g["members"]} for g in layout["groups"]],
             "participants": [
                 {
@@ -397,6 +463,7 @@ def api_router(
                     "group": p["group"],
                     "id_in_group": p["id_in_group"],
                     "url": p["url"],
+                    "label": p.get("label"),
                 }
                 for p in layout["participants"]
             ],
@@ -465,6 +532,47 @@ def api_router(
             chunks = _jsonl_chunks(repository.session_events(session_id))
         return StreamingResponse(
             chunks,
+            media_type=media,
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+
+    @router.get(
+        "/sessions/{session_id}/payments",
+        responses={
+            200: {
+                "description": "one row per seat with a label or an outcome, in seat order",
+                "content": {
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["payments"],
+                            "properties": {"payments": {"type": "array", "items": {}}},
+                        }
+                    },
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            },
+            **_documented(404),
+        },
+    )
+    async def payments(
+        session_id: str, format: Annotated[Literal["csv", "json", "prolific"], Query()] = "csv"
+    ) -> Response:
+        """The payments file: `label`, `code`, `outcome`, `total_payoff`, `bonus`,
+        `show_up_fee`, `currency` per seat (csv, json), or Prolific's bulk-bonus text
+        (`<label>,<bonus>` a line, seats with a label and a bonus over 0)."""
+        session = await load(session_id)
+        rows = payment_rows(session, await repository.session_participants(session_id))
+        if format == "json":
+            return JSONResponse({"payments": rows})
+        if format == "csv":
+            text, media, suffix = payments_csv(rows), "text/csv; charset=utf-8", "csv"
+        else:
+            text, media, suffix = payments_prolific(rows), "text/plain; charset=utf-8", "txt"
+        filename = f"canopy-{session_id}-payments.{suffix}"
+        return Response(
+            text,
             media_type=media,
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
@@ -543,9 +651,69 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         session = await repository.session(document["session"]) if document else None
         if document is None or session is None:
             raise ApiError(404, ApiCode.NOT_FOUND, "unknown group")
-        return group_config(session, document).model_dump()
+        labels = await repository.group_labels(session["_id"], group_id)
+        return group_config(session, document, labels).model_dump()
+
+    @router.post("/join/{join_key}")
+    async def join(join_key: str, request: JoinRequest) -> dict[str, Any]:
+        """A seat for someone who opened the study link (the gateway checked the join key's
+        tag already): `{"key", "finished"}`, or `{"full": true, "redirect", "code"}`."""
+        session = await repository.session_by_join_key(join_key)
+        if session is None:
+            raise ApiError(404, ApiCode.NOT_FOUND, "unknown join key")
+        label = request.label_in(str(session.get("label_param") or "label"))
+        seat = await repository.join(session["_id"], label, request.seat)
+        if seat is None:
+            redirect, code = outcomes.destination(
+                "full",
+                session.get("completion") or {},
+                label=label,
+                code="",
+                session=session["_id"],
+            )
+            return {"full": True, "redirect": redirect, "code": code}
+        return {"key": seat["key"], "finished": bool(seat.get("outcome")), "label": label}
 
     return router
+
+
+MAX_LABEL = 128  # as a label in `labels` (CreateSession)
+
+
+class JoinRequest(BaseModel):
+    """Body of `POST /internal/join/{join_key}`: the label the link carried (`label`, null:
+    none), or the link's whole query (`query`: only the store knows the session's
+    `label_param`, so the gateway may pass it all), and the seat key of the browser's cookie
+    (`seat`, for label-less arrivals). An empty label is none; a longer one than a label can
+    be is a 422."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    label: Annotated[str, Field(max_length=MAX_LABEL)] | None = None
+    query: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]],
+            Field(max_length=20),
+        ]
+        | None
+    ) = None
+    seat: Annotated[str, Field(max_length=64)] | None = None
+
+    def label_in(self, label_param: str) -> str | None:
+        """The label this arrival carries: `label`, else the query's `label_param`."""
+        label = self.label
+        if label is None and self.query is not None:
+            label = self.query.get(label_param)
+        if not label:
+            return None
+        if len(label) > MAX_LABEL:
+            error = {
+                "loc": ("body", "query", label_param),
+                "msg": f"a label is at most {MAX_LABEL} characters",
+                "type": "value_error",
+            }
+            raise RequestValidationError([error])
+        return label
 
 
 def monitor_page() -> Response:

@@ -56,15 +56,25 @@ from services.store.repository import (
 
 log = logging.getLogger(__name__)
 
+# The channel of a seat's `finished` message: an `out` row addressed to that participant.
+FINISHED = "finished"
+
 
 def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
-    """The live status (monitor, session detail) that a logged broadcast changes: presence,
-    each group's period, and at a period's end each member's payoff for it."""
+    """The live status (monitor, session detail) that a logged broadcast changes: presence
+    (and that a seat was ever seen), each group's period, at a period's end each member's
+    payoff for it, and a seat's outcome when it finished (PROTOCOL v2 "Online studies")."""
     if record.direction != "out" or not isinstance(record.value, dict):
         return []
     value = record.value
     if record.channel == Channel.PRESENCE:
-        return [("participants", str(value["participant"]), {"connected": value["connected"]})]
+        fields: dict[str, Any] = {"connected": value["connected"]}
+        if value["connected"] is True:
+            fields["seen"] = True  # the session detail's status `playing`
+        return [("participants", str(value["participant"]), fields)]
+    if record.channel == FINISHED and record.participant:
+        finished = {"outcome": value.get("outcome"), "finished_at": record.ts}
+        return [("participants", record.participant, finished)]
     if record.channel == Channel.PERIOD_START:
         period = {"number": value["period"], "state": "running", "ends_at": value["ends_at"]}
         return [("groups", record.group, {"period": period})]

@@ -10,8 +10,8 @@ from typing import Any
 
 import bson
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ class Repository:
         self.participants = self._db["participants"]
         self.events = self._db["events"]
         self.barriers = self._db["log_barriers"]
+        # The study link's labels (PROTOCOL v2 "Online studies"): `_id` "<session>:<label>",
+        # `participant` the seat that label has. The unique `_id` is what gives a label one
+        # seat, also when two gateways bring the same label at the same moment.
+        self.study_labels = self._db["study_labels"]
         # Events no retry can write (see `quarantine_events`), set aside for an operator.
         self.quarantine = self._db["quarantine"]
         self._transactions = True  # until the server says it has none (a standalone mongod)
@@ -144,6 +148,9 @@ class Repository:
         # A seat key names one seat (PROTOCOL v2): the gateway looks seats up by it.
         await self.participants.create_index([("key", ASCENDING)], unique=True, sparse=True)
         await self.groups.create_index([("session", ASCENDING)])
+        # The study link names its session by join key; seats are taken in seat order.
+        await self.sessions.create_index([("join_key", ASCENDING)], unique=True, sparse=True)
+        await self.participants.create_index([("session", ASCENDING), ("seat", ASCENDING)])
 
     async def close(self) -> None:
         await self._client.close()
@@ -154,8 +161,12 @@ class Repository:
     # -- sessions ----------------------------------------------------------------------------
 
     async def create_session(self, layout: dict[str, Any]) -> None:
+        # `seat`: the participant's place in group order (the session's groups in order, then
+        # id_in_group), the order the study link gives seats in and the payments file lists
+        # them in (group ids are random: sorting by them is no order).
+        participants = [{**p, "seat": i} for i, p in enumerate(layout["participants"])]
         await self.groups.insert_many(layout["groups"])
-        await self.participants.insert_many(layout["participants"])
+        await self.participants.insert_many(participants)
         await self.sessions.insert_one(layout["session"])
 
     async def list_sessions(self) -> list[dict[str, Any]]:
@@ -168,8 +179,121 @@ class Repository:
         return [g async for g in self.groups.find({"session": session_id})]
 
     async def session_participants(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's participants in seat order (sessions older than `seat`: by group)."""
         cursor = self.participants.find({"session": session_id})
-        return [p async for p in cursor.sort([("group", ASCENDING), ("id_in_group", ASCENDING)])]
+        order = [("seat", ASCENDING), ("group", ASCENDING), ("id_in_group", ASCENDING)]
+        return [p async for p in cursor.sort(order)]
+
+    async def group_labels(self, session_id: str, group_id: str) -> dict[str, str]:
+        """The labels a group's members have now (code → label; the study link adds them)."""
+        cursor = self.participants.find(
+            {"session": session_id, "group": group_id, "label": {"$exists": True}},
+            projection={"label": True},
+        )
+        return {str(p["_id"]): str(p["label"]) async for p in cursor}
+
+    async def session_by_join_key(self, join_key: str) -> dict[str, Any] | None:
+        return await self.sessions.find_one({"join_key": join_key})
+
+    # -- the study link (PROTOCOL v2 "Online studies") ----------------------------------------
+    #
+    # A label's seat is decided by the `study_labels` document of "<session>:<label>": the
+    # first insert wins, a duplicate key means another caller (another gateway, another
+    # store replica) gave that label a seat a moment ago, and its seat is the one. A seat is
+    # claimed with one `find_one_and_update` on `taken` (or on `label`, for a label given in
+    # `labels`), so two callers never claim the same free seat. The order (claim, then
+    # insert the label's document) makes every crash harmless: a seat claimed for a label
+    # whose document never got written carries that label, and the next call with that label
+    # finds it by label again.
+
+    async def join(
+        self, session_id: str, label: str | None, seat_key: str | None
+    ) -> dict[str, Any] | None:
+        """The seat the study link gives: by `label` (its seat from before, the seat listed
+        for it in `labels`, else the first free seat), or without a label the seat of the
+        browser's cookie (`seat_key`) when it is one of this session's, else the first free
+        seat. None: no seat left (the session is full)."""
+        if label is None:
+            if seat_key:
+                seat = await self.seat(seat_key)
+                if seat is not None and seat.get("session") == session_id:
+                    if not seat.get("taken"):
+                        await self.take_seat(seat["_id"])
+                    return seat
+            return await self.claim_free_seat(session_id)
+        seat = await self.label_seat(session_id, label)
+        if seat is not None:
+            return seat
+        fresh = False
+        seat = await self.claim_labelled_seat(session_id, label)
+        if seat is None:
+            seat = await self.claim_free_seat(session_id, label)
+            fresh = True
+        if seat is None:
+            return None
+        code = await self.record_label(session_id, label, seat["_id"])
+        if code == seat["_id"]:
+            return seat
+        if fresh:  # another caller gave this label its seat first: ours goes back
+            await self.release_seat(seat["_id"], label)
+        return await self.participants.find_one({"_id": code})
+
+    async def label_seat(self, session_id: str, label: str) -> dict[str, Any] | None:
+        """The seat `label` has in the session (given by the study link before), if any."""
+        mapping = await self.study_labels.find_one({"_id": f"{session_id}:{label}"})
+        if mapping is None:
+            return None
+        return await self.participants.find_one({"_id": mapping["participant"]})
+
+    async def claim_labelled_seat(self, session_id: str, label: str) -> dict[str, Any] | None:
+        """The seat that carries `label` already (listed in `labels`, or claimed for it by a
+        call that did not finish), now marked taken."""
+        return await self.participants.find_one_and_update(
+            {"session": session_id, "label": label},
+            {"$set": {"taken": True}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def claim_free_seat(
+        self, session_id: str, label: str | None = None
+    ) -> dict[str, Any] | None:
+        """The first free seat in seat order (no label, not taken), taken now and labelled
+        `label` when one is given; None when the session has no free seat left."""
+        fields: dict[str, Any] = {"taken": True}
+        if label is not None:
+            fields["label"] = label
+        # `taken` false or absent: `$in` [false, null], not `$ne: true`, which nx-27017 (the
+        # local MongoDB-wire server) does not match against a document without the field in
+        # an update or findAndModify (its finds do; real MongoDB matches it in all of them).
+        return await self.participants.find_one_and_update(
+            {"session": session_id, "label": {"$exists": False}, "taken": {"$in": [False, None]}},
+            {"$set": fields},
+            sort=[("seat", ASCENDING), ("group", ASCENDING), ("id_in_group", ASCENDING)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def record_label(self, session_id: str, label: str, code: str) -> str:
+        """Give `label` the seat `code` unless another caller gave it one first; the seat
+        the label has now (`code`, or the other caller's)."""
+        key = f"{session_id}:{label}"
+        try:
+            await self.study_labels.insert_one({"_id": key, "participant": code})
+            return code
+        except DuplicateKeyError:
+            existing = await self.study_labels.find_one({"_id": key})
+            if existing is None:  # cannot be: a document with that _id refused ours
+                raise
+            return str(existing["participant"])
+
+    async def release_seat(self, code: str, label: str) -> None:
+        """Give back a seat claimed for `label` that another caller's seat won."""
+        await self.participants.update_one(
+            {"_id": code, "label": label}, {"$unset": {"label": ""}, "$set": {"taken": False}}
+        )
+
+    async def take_seat(self, code: str) -> None:
+        """Mark a seat taken (one a label-less browser comes back to with its cookie)."""
+        await self.participants.update_one({"_id": code}, {"$set": {"taken": True}})
 
     async def participant(self, code: str) -> dict[str, Any] | None:
         return await self.participants.find_one({"_id": code})
