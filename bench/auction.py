@@ -30,7 +30,7 @@ import orjson
 import websockets
 
 from bench.loadgen import StackTarget, percentiles
-from bench.procstats import Sample, usage
+from bench.procstats import Sample, machine_usage, usage
 from bench.report import machine_info, now_iso, repo_commit
 
 PERIOD_MARGIN = 30.0  # seconds of period after the load (connect, drain)
@@ -209,6 +209,11 @@ async def run_auction(target: StackTarget, params: AuctionParams) -> dict[str, A
                 if decisions is None or not inputs
                 else round(decisions / inputs * 1000, 3),
                 "stack_cpu_ms_per_input": round(stack / inputs * 1000, 3) if inputs else None,
+                # The whole machine meanwhile, and its part not spent by the stack or the load
+                # generator (other work on a shared machine), in % of one core.
+                "machine_cpu": machine_usage(first, last, cpu)
+                if first is not None and last is not None
+                else {},
             }
         )
     return {
@@ -232,7 +237,7 @@ def format_auction(result: dict[str, Any]) -> str:
         f"auction: {p['traders']} traders x {p['rate']:g} orders/s, up to {p['max_open']} "
         f"resting each, book_depth {p['book_depth']}, {p['duration']:g} s",
         f"{'half':<8}{'inputs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'decisions ms CPU/input':>24}{'stack ms CPU/input':>20}",
+        f"{'decisions ms CPU/input':>24}{'stack ms CPU/input':>20}{'other CPU %':>13}",
     ]
     for name, half in zip(("first", "second"), result["halves"], strict=True):
         lat = half["latency_ms"]
@@ -240,6 +245,7 @@ def format_auction(result: dict[str, Any]) -> str:
             f"{name:<8}{half['orders_per_s']:>10}{_ms(lat['p50']):>9}{_ms(lat['p99']):>9}"
             f"{_ms(half['decisions_cpu_ms_per_input']):>24}"
             f"{_ms(half['stack_cpu_ms_per_input']):>20}"
+            f"{_ms((half.get('machine_cpu') or {}).get('other_pct')):>13}"
         )
     lines.append(
         f"errors {result['errors'] or 'none'}; orders never seen applied {result['unseen']}"
