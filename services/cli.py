@@ -6,6 +6,7 @@ researchers' HTTP API (PROTOCOL.md), except `reset`, which wipes the local stack
     canopy create-session [CONFIG] [--name N] [--experiment E ...]   a session, its links
     canopy sessions                                                  the list, live status
     canopy export SESSION [--format csv|jsonl] [-o FILE]              the event log
+    canopy payments SESSION [--format csv|json|prolific] [-o FILE]   what to pay each seat
     canopy replay SESSION                                            ended periods rebuilt
     canopy bots SESSION... [--strategy S --rate HZ --count N | --all-but N --duration S]
     canopy reset [--yes]                                             wipe .run/'s data
@@ -197,7 +198,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.group(context_settings=CONTEXT)
 @connection_options
 def main() -> None:
-    """Canopy's command line: sessions, exports, replays, bots, reset.
+    """Canopy's command line: sessions, exports, payments, replays, bots, reset.
 
     Each command talks to the researchers' API: --api / --token, else CANOPY_STORE_URL /
     CANOPY_ADMIN_TOKEN, else the running `make run` (.run/devstack-state.json)."""
@@ -295,6 +296,8 @@ def print_links(answer: dict[str, Any], label: str, out: Console) -> None:
     session = answer["session"]
     # The id alone after "Session": scripts take it with `awk 'NR==1 {print $2}'`.
     out.print(f"Session {session}" + (f" ({label})" if label else ""), soft_wrap=True)
+    if answer.get("join_url"):  # one link for everyone (PROTOCOL v2 "Online studies")
+        out.print(f"  study link: {answer['join_url']}", soft_wrap=True)
     by_group: dict[str, list[dict[str, Any]]] = {}
     for participant in answer["participants"]:
         by_group.setdefault(participant["group"], []).append(participant)
@@ -494,6 +497,53 @@ def export(ctx: click.Context, session: str, fmt: str, output: Path | None) -> N
         sink.replace(output)  # a complete file or none: never half an export under its name
         lines = rows - 1 if fmt == "csv" else rows
         stderr.print(f"{lines} events ({size} bytes) written to {output}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# payments
+
+
+@main.command(context_settings=CONTEXT)
+@connection_options
+@click.argument("session")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json", "prolific"]),
+    default="csv",
+    show_default=True,
+    help="prolific: Prolific's bulk-bonus text (<label>,<bonus> a line)",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="file (default: stdout)"
+)
+@click.pass_context
+def payments(ctx: click.Context, session: str, fmt: str, output: Path | None) -> None:
+    """Download the session's payments file (label, outcome, payoff, bonus per seat), exactly
+    as `GET /api/sessions/{id}/payments` sends it."""
+    target = _target(ctx)
+    try:
+        with _client(target) as client:
+            response = client.get(f"/api/sessions/{session}/payments", params={"format": fmt})
+    except httpx.HTTPError as exc:
+        raise Failure(f"payments from {target.api_url} failed: {exc}") from exc
+    if response.status_code >= 400:
+        _api_failure(response)
+    if output is None:
+        sys.stdout.buffer.write(response.content)
+        sys.stdout.buffer.flush()
+        return
+    sink = output.with_name(f".{output.name}.part")
+    try:
+        sink.write_bytes(response.content)
+        sink.replace(output)  # a complete file or none
+    except OSError as exc:
+        sink.unlink(missing_ok=True)
+        raise Failure(f"cannot write {output}: {exc.strerror}") from exc
+    rows = response.content.count(b"\n") - (1 if fmt == "csv" else 0)
+    if fmt == "json":
+        rows = len(response.json().get("payments", []))
+    stderr.print(f"{rows} payment rows written to {output}", highlight=False)
 
 
 @contextlib.contextmanager

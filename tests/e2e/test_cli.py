@@ -1,7 +1,9 @@
 """The `canopy` command, run as the installed console script against real stacks: create a
 session from a JSON and a TOML session-config file (and refuse a bad one, creating nothing),
 list sessions, play a session with `canopy bots`, export it byte for byte as the API does,
-replay it, and reset a `make run` folder (refused while it runs, asked first, then empty)."""
+replay it, take an online study's settings from a file and download its payments file in each
+format as the API sends it, and reset a `make run` folder (refused while it runs, asked first,
+then empty)."""
 
 from __future__ import annotations
 
@@ -205,6 +207,75 @@ def test_bots_play_then_export_and_replay_equal_the_api(
             assert code in table and f"{payoff:.4f}" in table
 
     result = canopy("export", "no-such-session", api=stack)
+    assert result.returncode == 1 and "404 not_found" in result.stderr
+
+
+STUDY_CONFIG = """
+name = "prolific pilot"
+experiment = "public_goods"
+num_participants = 4
+group_size = 2
+period_length = 2.0
+labels = ["P1", "P2", "P3", "P4"]
+label_param = "PROLIFIC_PID"
+[params]
+endowment = 10
+mpcr = 0.5
+[completion.completed]
+url = "https://app.prolific.com/submissions/complete?cc=C0DE"
+[payment]
+exchange_rate = 0.1
+show_up_fee = 1.5
+currency = "GBP"
+"""
+
+
+def test_an_online_studys_settings_from_a_file_then_its_payments_in_each_format(
+    stack: Any, client: httpx.Client, tmp_path: Path
+) -> None:
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY_CONFIG)
+    out = ok(canopy("create-session", str(config), api=stack))
+    session = out.split()[1]
+    detail = client.get(f"/api/sessions/{session}").json()
+    assert f"study link: {detail['join_url']}" in out
+    assert detail["label_param"] == "PROLIFIC_PID"
+    assert detail["completion"] == {
+        "completed": {"url": "https://app.prolific.com/submissions/complete?cc=C0DE"}
+    }
+    assert detail["payment"] == {"exchange_rate": 0.1, "show_up_fee": 1.5, "currency": "GBP"}
+    assert [p["label"] for p in detail["participants"]] == ["P1", "P2", "P3", "P4"]
+
+    ok(canopy("bots", session, "--rate", "10", "--seed", "5", api=stack))
+
+    def paid() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = client.get(
+            f"/api/sessions/{session}/payments", params={"format": "json"}
+        ).json()["payments"]
+        return rows
+
+    deadline = time.monotonic() + TIMEOUT
+    while not all(row["bonus"] > 0 for row in paid()):  # public goods: every payoff ≥ 5
+        assert time.monotonic() < deadline, f"payoffs never reached the payments: {paid()}"
+        time.sleep(0.05)  # polling the store's API: it has no event to wait on
+    rows = paid()
+    assert [row["label"] for row in rows] == ["P1", "P2", "P3", "P4"]
+    for fmt in ("csv", "json", "prolific"):
+        expected = client.get(f"/api/sessions/{session}/payments", params={"format": fmt})
+        target = tmp_path / f"payments.{fmt}"
+        result = canopy("payments", session, "--format", fmt, "-o", str(target), api=stack)
+        ok(result)
+        assert target.read_bytes() == expected.content
+        assert "4 payment rows" in result.stderr
+        assert ok(canopy("payments", session, "--format", fmt, api=stack)) == expected.text
+    assert (tmp_path / "payments.prolific").read_text().splitlines() == [
+        f"{row['label']},{row['bonus']:.2f}" for row in rows
+    ]
+    assert (tmp_path / "payments.csv").read_text().splitlines()[0] == (
+        "label,code,outcome,total_payoff,bonus,show_up_fee,currency"
+    )
+    assert not list(tmp_path.glob(".*.part"))
+    result = canopy("payments", "no-such-session", api=stack)
     assert result.returncode == 1 and "404 not_found" in result.stderr
 
 
