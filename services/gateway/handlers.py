@@ -283,6 +283,10 @@ class Hub:
             self._deliver(connection, server_frame(Channel.HELLO, payload, envelope.ts))
             if not connection.hello.done():
                 connection.hello.set_result(None)
+        elif envelope.channel == Channel.FINISHED:
+            # A seat back after its end (PROTOCOL v2 "Online studies"): its `finished` again,
+            # to this connection only, right after its hello.
+            self._deliver(connection, server_frame(Channel.FINISHED, envelope.payload, envelope.ts))
         elif envelope.channel == Channel.REPLACED:
             self._metrics.replacements.inc()
             connection.replaced = True
