@@ -54,7 +54,9 @@ def query_of(request: Request) -> dict[str, str] | None:
     return query if len(query) <= MAX_PARAMS else None
 
 
-def page(title: str, body: str, *, status: int = 200, head: str = "") -> HTMLResponse:
+def page(
+    title: str, body: str, *, status: int = 200, head: str = "", outcome: str = ""
+) -> HTMLResponse:
     """A small page in the participant pages' style (static/participant.css), no seat data."""
     text = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -63,7 +65,8 @@ def page(title: str, body: str, *, status: int = 200, head: str = "") -> HTMLRes
         f'<title>{html.escape(title)} · Canopy</title><link rel="icon" href="data:,">'
         f'<link rel="stylesheet" href="/static/participant.css">{head}</head>'
         '<body data-phase="study-link"><header class="topbar"><h1><span>Canopy</span></h1>'
-        f'</header><main><section class="card finished" aria-labelledby="study-heading">'
+        f'</header><main><section class="card finished" data-outcome="{outcome}" '
+        'aria-labelledby="study-heading">'
         f'<h2 id="study-heading" class="finished-heading" tabindex="-1">{html.escape(title)}'
         f"</h2>{body}</section></main></body></html>"
     )
@@ -115,7 +118,7 @@ def full_page(redirect: str | None, code: str | None) -> HTMLResponse:
         )
     if not code and not head:
         parts.append("<p>You can close this page.</p>")
-    return page("This study is full", "".join(parts), head=head)
+    return page("This study is full", "".join(parts), head=head, outcome="full")
 
 
 def to_seat(key: str, join_key: str, *, remember: bool, secure: bool) -> Response:
