@@ -21,6 +21,11 @@ one implementation of each rule), and the held records are folded on top, those 
 already had skipped by their ids. After a broker reconnection (records may have been missed
 meanwhile) every view is rebuilt the same way.
 
+Seats (PROTOCOL v2 "Online studies"): the view lists each participant with its `label`,
+`status` and `outcome`, as the session detail does. A logged `presence` or `finished` row
+changes them in the view at once (a `participants` event); a label the study link gave (the
+store's join, not the log) is read from MongoDB when its seat is first seen connected.
+
 Time left is never sent as a number that goes stale: a view carries the period's `ends_at`
 (the server timestamp of its period_start plus its length) and every event carries the
 server's `now`, so the console counts down on the server's clock; a running period past its
@@ -57,7 +62,7 @@ from services.common.errors import ApiCode, ApiError
 from services.common.group import GroupState
 from services.common.messages import LogBatch, new_id
 from services.store.api import _documented as documented
-from services.store.api import bearer_auth, token_first_route, token_matches
+from services.store.api import bearer_auth, seat_status, token_first_route, token_matches
 from services.store.domain import group_config
 from services.store.repository import Repository
 
@@ -149,6 +154,8 @@ class LiveSession:
         self.watchers: set[asyncio.Queue[ServerSentEvent]] = set()
         self.groups: dict[str, GroupState] = {}
         self.participants: list[dict[str, Any]] = []
+        self.changed_seats = False  # a participants event is due
+        self.unread_labels = False  # a seat first seen: its label may be new in MongoDB
         self.document: dict[str, Any] = {}
         self.ready = False
         self.held: list[dict[str, Any]] = []  # records that arrived before the snapshot
@@ -173,6 +180,7 @@ class LiveSession:
 
     def fold(self, record: dict[str, Any]) -> bool:
         """Apply one log record to its group; whether it changed anything we show."""
+        self.fold_seat(record)
         state = self.groups.get(str(record.get("group")))
         if state is None:
             return False
@@ -184,6 +192,33 @@ class LiveSession:
         self.dirty.add(state.config.group)
         return True
 
+    def fold_seat(self, record: dict[str, Any]) -> None:
+        """A seat's status and outcome from a logged `presence` or `finished` row (the same
+        fields the store's writer sets on the participant document)."""
+        value = record.get("value")
+        if record.get("direction") != "out" or not isinstance(value, dict):
+            return
+        fields: dict[str, Any]
+        if record.get("channel") == "presence" and value.get("connected") is True:
+            code, fields = value.get("participant"), {"seen": True}
+        elif record.get("channel") == "finished" and record.get("participant"):
+            code, fields = record["participant"], {"outcome": value.get("outcome")}
+        else:
+            return
+        for seat in self.participants:
+            if seat["code"] == code:
+                if seat["label"] is None and seat["status"] == "unassigned":
+                    self.unread_labels = True
+                seat.update(fields)
+                status = seat_status(seat)
+                if (seat["status"], seat["outcome"]) != (status, seat.get("outcome")):
+                    self.changed_seats = True
+                seat["status"], seat["outcome"] = status, seat.get("outcome")
+                return
+
+    def participants_view(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in p.items() if k != "seen"} for p in self.participants]
+
     def snapshot(self, now: float) -> ServerSentEvent:
         document = self.document
         data = {
@@ -193,7 +228,7 @@ class LiveSession:
             "label": document.get("label", ""),
             "num_participants": document.get("num_participants"),
             "groups": [group_view(state, now) for state in self.groups.values()],
-            "participants": self.participants,
+            "participants": self.participants_view(),
             "events_per_second": self.events_per_second(now),
         }
         return _event("snapshot", data)
@@ -353,6 +388,13 @@ class LiveHub:
                     groups = [group_view(live.groups[g], now) for g in sorted(live.dirty)]
                     live.dirty.clear()
                     _push(live, _event("groups", {"now": now, "groups": groups}))
+                if live.ready and live.unread_labels:
+                    live.unread_labels = False
+                    await self._read_labels(live)
+                if live.ready and live.changed_seats:
+                    live.changed_seats = False
+                    seats = {"now": now, "participants": live.participants_view()}
+                    _push(live, _event("participants", seats))
             if now - last_stats >= STATS_INTERVAL:
                 last_stats = now
                 for live in list(self._sessions.values()):
@@ -384,13 +426,7 @@ class LiveHub:
                 states[group_id] = state
             live.document, live.groups, live.seen = document, states, seen
             live.participants = [
-                {
-                    "code": p["_id"],
-                    "group": p["group"],
-                    "id_in_group": p["id_in_group"],
-                    "url": p["url"],
-                }
-                for p in await self._repository.session_participants(live.id)
+                seat_view(p) for p in await self._repository.session_participants(live.id)
             ]
             held, live.held = live.held, []
             for record in held:
@@ -405,6 +441,22 @@ class LiveHub:
             log.exception("live view of session %s could not be built", live.id)
             message = "the store could not build the view (see its log)"
             _push(live, _event("failed", {"session": live.id, "message": message}))
+
+    async def _read_labels(self, live: LiveSession) -> None:
+        """Labels the study link gave since the view was built (not in the log)."""
+        try:
+            documents = await self._repository.session_participants(live.id)
+        except Exception as exc:  # MongoDB away: the labels come with the next snapshot
+            log.warning("live view of session %s: labels not read (%r)", live.id, exc)
+            return
+        labels = {p["_id"]: p.get("label") for p in documents}
+        taken = {p["_id"] for p in documents if p.get("taken")}
+        for seat in live.participants:
+            label = labels.get(seat["code"], seat["label"])
+            status = seat_status({**seat, "taken": seat["code"] in taken})
+            if (label, status) != (seat["label"], seat["status"]):
+                seat["label"], seat["status"] = label, status
+                live.changed_seats = True
 
     async def _wait_for_log(self) -> None:
         """Until everything published to the log before now is in MongoDB (a barrier)."""
@@ -421,6 +473,20 @@ class LiveHub:
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def seat_view(document: dict[str, Any]) -> dict[str, Any]:
+    """A participant as the live view lists it (`seen` is kept for the status, not sent)."""
+    return {
+        "code": document["_id"],
+        "group": document["group"],
+        "id_in_group": document["id_in_group"],
+        "url": document["url"],
+        "label": document.get("label"),
+        "status": seat_status(document),
+        "outcome": document.get("outcome"),
+        "seen": bool(document.get("seen") or document.get("taken")),
+    }
 
 
 def tickets_router(token: str) -> APIRouter:

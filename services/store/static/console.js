@@ -1,6 +1,7 @@
 // The researcher console (console.html): sign-in, the session form built from the experiments'
 // schemas (GET /api/experiments), the session list, the live monitor (SSE, GET
-// /api/sessions/{id}/live with a ticket), exports, the replay chart (uPlot, vendored) and bots.
+// /api/sessions/{id}/live with a ticket), exports and payments, the replay chart (uPlot,
+// vendored), bots, and an online study's link (PROTOCOL v2 "Online studies").
 // One ES module, no build step. docs/console.md describes what it does.
 import uPlot from "/static/vendor/uplot/uPlot.esm.js";
 
@@ -98,6 +99,11 @@ const SETTING_LABELS = {
   carry_decisions: ["Carry decisions to the next period", ""],
   post_period_delay: ["Pause between periods (s)", ""],
   label: ["Label", ""],
+  // Online studies. No "label" in these names or hints: tests find the session's Label field by that word.
+  labels: ["External ids, one per seat", 'e.g. ["5f3a…", "60b1…"]: seat i gets the i-th id'],
+  label_param: ["Id parameter of the study link", "PROLIFIC_PID for Prolific"],
+  completion: ["Completion", 'where each outcome sends people: {"completed": {"url": "https://…"}} or {"code": "…"}; URL placeholders: docs/console.md'],
+  payment: ["Payment", '{"exchange_rate": 0.01, "show_up_fee": 1.5, "currency": "GBP"}'],
 };
 const STARTING_VALUES = {num_participants: 4, group_size: 2, period_length: 60};
 let experiments = {};
@@ -237,8 +243,10 @@ $("#create").addEventListener("submit", async (event) => {
   event.preventDefault();
   $("#create-error").textContent = "";
   let created;
+  let body;
   try {
-    created = await (await api("/api/sessions", {json: formBody()})).json();
+    body = formBody();
+    created = await (await api("/api/sessions", {json: body})).json();
   } catch (error) {
     $("#create-error").textContent = error.message;
     markInvalid(error.field);
@@ -249,12 +257,39 @@ $("#create").addEventListener("submit", async (event) => {
   $("#created-id").textContent = created.session;
   // Each link holds its seat's secret key (PROTOCOL v2): hand each one to its own participant.
   $("#created-links").innerHTML = createdLinks.map((p) => `<li data-code="${esc(p.code)}"><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">group ${esc(short(p.group))}, player ${esc(p.id_in_group)}, code <code title="${esc(p.code)}">${esc(short(p.code))}</code></span></li>`).join("");
+  showStudyLink(created.join_url, body.label_param || "label");
   $("#created").hidden = false;
   $("#create-box").open = false; // the links and the monitor matter now; the form is one click away
   $("#copy-status").textContent = "";
   await loadSessions();
   openMonitor(created.session);
 });
+
+// The study link: one link for everyone; a recruiting site appends each person's id to it.
+function showStudyLink(joinUrl, labelParam) {
+  $("#study-link").hidden = !joinUrl;
+  if (!joinUrl) return;
+  $("#join-url").textContent = joinUrl;
+  const prolific = labelParam === "PROLIFIC_PID";
+  $("#prolific-what").textContent = prolific ? "URL to paste into Prolific:" : `With each person's id (parameter ${labelParam}):`;
+  $("#prolific-url").textContent = prolific ? `${joinUrl}?PROLIFIC_PID={{%PROLIFIC_PID%}}` : `${joinUrl}?${encodeURIComponent(labelParam)}=…`;
+  $("#join-status").textContent = "";
+}
+
+async function copyText(element, status, what) {
+  try {
+    await navigator.clipboard.writeText(element.textContent);
+    status.textContent = `${what} copied.`;
+  } catch {
+    const range = document.createRange();
+    range.selectNodeContents(element);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    status.textContent = `${what} selected: press Ctrl-C to copy.`;
+  }
+}
+$("#copy-join").addEventListener("click", () => copyText($("#join-url"), $("#join-status"), "Study link"));
+$("#copy-prolific").addEventListener("click", () => copyText($("#prolific-url"), $("#join-status"), "URL"));
 
 $("#copy-links").addEventListener("click", async () => {
   const text = createdLinks.map((p) => p.url).join("\n");
@@ -303,7 +338,8 @@ function renderSessions() {
       <td>${esc(s.num_participants)} in groups of ${esc(s.group_size)}</td>
       <td><button type="button" class="quiet" data-monitor="${esc(s.session)}">Monitor</button>
         <button type="button" class="link" data-export="csv" data-session="${esc(s.session)}">CSV</button>
-        <button type="button" class="link" data-export="jsonl" data-session="${esc(s.session)}">JSONL</button></td>
+        <button type="button" class="link" data-export="jsonl" data-session="${esc(s.session)}">JSONL</button>
+        · <button type="button" class="link" data-payments="csv" data-session="${esc(s.session)}">Payments</button> <span class="muted">(CSV)</span></td>
     </tr>`).join("");
   $("#sessions").hidden = sessions.length === 0;
   $("#sessions-message").textContent = sessions.length ? `${sessions.length} session(s), newest first.` : "No sessions yet: create one above.";
@@ -313,20 +349,22 @@ $("#refresh").addEventListener("click", loadSessions);
 document.addEventListener("click", async (event) => {
   const monitor = event.target.closest("[data-monitor]");
   if (monitor) openMonitor(monitor.dataset.monitor);
-  const exporter = event.target.closest("[data-export]");
+  const exporter = event.target.closest("[data-export], [data-payments]");
   if (!exporter) return;
+  const what = exporter.dataset.export ? "events" : "payments";
   try {
-    await download(exporter.dataset.session || monitored, exporter.dataset.export);
+    await download(exporter.dataset.session || monitored, what, exporter.dataset.export || exporter.dataset.payments);
   } catch (error) {
-    alert(`The export failed: ${error.message}`);
+    alert(`The ${what} download failed: ${error.message}`);
   }
 });
 
 // The export routes need the Authorization header, so the file is fetched and saved as a blob.
-async function download(session, format) {
-  const response = await api(`/api/sessions/${encodeURIComponent(session)}/events?format=${format}`);
+async function download(session, what, format) {
+  const response = await api(`/api/sessions/${encodeURIComponent(session)}/${what}?format=${format}`);
   const url = URL.createObjectURL(await response.blob());
-  const a = Object.assign(document.createElement("a"), {href: url, download: `canopy-${session}-events.${format}`});
+  const suffix = format === "prolific" ? "txt" : format;
+  const a = Object.assign(document.createElement("a"), {href: url, download: `canopy-${session}-${what}.${suffix}`});
   document.body.append(a);
   a.click();
   a.remove();
@@ -401,6 +439,14 @@ async function openMonitor(session) {
     for (const group of data.groups) view.groups[group.group] = group;
     renderGroups(false, data.groups.map((g) => g.group));
   });
+  // Seats' labels, status and outcome (online studies): the whole list, when one changes.
+  source.addEventListener("participants", (event) => {
+    const data = JSON.parse(event.data);
+    serverOffset = data.now - Date.now() / 1000;
+    if (!view) return;
+    view.participants = Object.fromEntries(data.participants.map((p) => [p.code, p]));
+    renderGroups(true);
+  });
   source.addEventListener("stats", (event) => {
     const data = JSON.parse(event.data);
     serverOffset = data.now - Date.now() / 1000;
@@ -450,16 +496,24 @@ function decisionText(value) {
   return JSON.stringify(value);
 }
 
+// A seat's place in an online study: unassigned, playing, finished (with its outcome).
+function seatText(seat) {
+  if (!seat) return "–";
+  return seat.outcome ? `finished · ${seat.outcome}` : seat.status;
+}
+
 function groupHtml(group) {
   const connected = new Set(group.connected);
+  const seats = (view && view.participants) || {};
   const period = group.period;
   const state = displayState(period);
   const progress = state === "running" ? Math.min(1, Math.max(0, 1 - (period.ends_at - serverNow()) / period.length)) : state === "ended" || state === "ending" ? 1 : 0;
   const members = group.members.map((code, index) => `
-      <tr data-participant="${esc(code)}" data-connected="${connected.has(code)}">
+      <tr data-participant="${esc(code)}" data-connected="${connected.has(code)}" data-seat="${esc(seats[code] ? seats[code].status : "")}">
         <td><span class="dot" aria-hidden="true"></span> ${index + 1}</td>
-        <td><code title="${esc(code)}">${esc(short(code))}</code></td>
+        <td><code title="${esc(code)}">${esc(short(code))}</code>${seats[code] && seats[code].label ? `<br><span class="seat-label" title="${esc(seats[code].label)}">${esc(seats[code].label)}</span>` : ""}</td>
         <td>${connected.has(code) ? "connected" : "away"}</td>
+        <td class="seat">${esc(seatText(seats[code]))}</td>
         <td class="decision">${esc(decisionText(group.decisions[code]))}</td>
         <td class="payoff">${code in group.total_payoffs ? esc(group.total_payoffs[code].toFixed(2)) : "–"}</td>
       </tr>`).join("");
@@ -469,7 +523,7 @@ function groupHtml(group) {
     <h3><span>Group <code title="${esc(group.group)}">${esc(short(group.group))}</code></span><span class="muted">${connected.size}/${group.members.length} connected</span></h3>
     <p class="period" data-state="${esc(state)}">${esc(periodText(period))}${esc(sub)}</p>
     <progress max="1" value="${progress}" aria-label="period progress"></progress>
-    <table><thead><tr><th>#</th><th>Participant</th><th>Status</th><th>Decision</th><th>Payoff</th></tr></thead><tbody>${members}</tbody></table>
+    <table><thead><tr><th>#</th><th>Participant</th><th>Status</th><th>Seat</th><th>Decision</th><th>Payoff</th></tr></thead><tbody>${members}</tbody></table>
     ${book}`;
 }
 
