@@ -190,3 +190,19 @@ async def test_the_full_page_counts_down_to_the_full_outcomes_redirect(
     await expect(page.locator("#leave-now")).to_have_attribute("href", destination)
     await expect(page.locator("#leaving")).to_contain_text("You will be taken back in")
     await page.wait_for_url(destination, timeout=10_000)
+
+
+async def test_a_session_label_param_names_the_label_in_the_link(
+    stack: Any, new_context: NewContext
+) -> None:
+    # Prolific's link: the label is PROLIFIC_PID, among parameters the study does not use.
+    _, link = await create_study(stack, label_param="PROLIFIC_PID")
+    query = "?PROLIFIC_PID=5f0c&STUDY_ID=st1&SESSION_ID=se1"
+    one = await new_context()
+    _, seat = await arrive(one, link + query)
+    _, again = await arrive(await new_context(), link + query.replace("se1", "se2"))
+    assert again == seat
+    assert await one.cookies() == []  # a labelled arrival needs no cookie
+    # `label` means nothing in this session: a label-less arrival, the other seat.
+    _, other = await arrive(await new_context(), f"{link}?label=5f0c")
+    assert other != seat
