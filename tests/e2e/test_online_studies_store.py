@@ -5,8 +5,9 @@ left); the groups' config carries the labels the study link gave; a seat's `fini
 `presence` rows, published to the log as decisions publishes them, become its status and
 outcome in the session detail; and the payments file comes as CSV, JSON and Prolific text.
 
-(Decisions emits `finished` itself in another change: here the rows are published by hand on
-the `canopy.log` exchange, so the path from the log to the documents is the real one.)"""
+The first test publishes the rows by hand on the `canopy.log` exchange (every case at once);
+the second lets decisions end a real group and checks that the session detail and the
+payments file say what each member's `finished` said."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -22,20 +22,11 @@ import httpx
 import pytest
 
 from services.common.messages import LogBatch, LogRecord, new_id
+from tests.e2e.protocol import connect_group, create_session
 
 pytestmark = [pytest.mark.e2e]
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-async def api(stack: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=stack.urls.store_url,
-        headers={"Authorization": f"Bearer {stack.urls.admin_token}"},
-        timeout=TIMEOUT,
-    ) as client:
-        yield client
 
 
 async def publish_log(stack: Any, records: list[LogRecord]) -> None:
@@ -219,3 +210,42 @@ async def test_study_link_status_outcome_and_payments(stack: Any, api: httpx.Asy
     assert prolific.text == "A1,2.50\nA2,0.50\n"
     assert (await api.get(url, params={"format": "xlsx"})).status_code == 422
     assert (await api.get("/api/sessions/nope/payments")).status_code == 404
+
+
+async def test_decisions_finished_rows_become_the_detail_and_the_payments(
+    stack: Any, api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(
+        api,
+        experiment="public_goods",
+        num_periods=1,
+        period_length=1.5,
+        labels=["X1", "X2"],
+        completion={"completed": {"code": "DONE"}},
+        payment={"exchange_rate": 0.1, "currency": "EUR"},
+    )
+    codes = [p["code"] for p in session["participants"]]
+    a, b = await connect_group(gateway_url, codes)
+    await a.send(10, seq=1)
+    await a.ack(1)
+    await b.close()  # away when the last period ends: dropout
+    done = await a.expect("finished")
+    assert (done["outcome"], done["code"]) == ("completed", "DONE")
+
+    async def outcomes() -> list[Any] | None:
+        detail = (await api.get(f"/api/sessions/{session['session']}")).json()
+        rows = [(p["status"], p["outcome"]) for p in detail["participants"]]
+        return rows if all(outcome for _, outcome in rows) else None
+
+    assert await wait_for(outcomes) == [("finished", "completed"), ("finished", "dropout")]
+    payments = (
+        await api.get(f"/api/sessions/{session['session']}/payments", params={"format": "json"})
+    ).json()["payments"]
+    assert [(r["label"], r["code"], r["outcome"]) for r in payments] == [
+        ("X1", codes[0], "completed"),
+        ("X2", codes[1], "dropout"),
+    ]
+    assert payments[0]["total_payoff"] == pytest.approx(done["total_payoff"])
+    assert payments[0]["bonus"] == round(max(0.0, done["total_payoff"]) * 0.1, 2)
+    assert {r["currency"] for r in payments} == {"EUR"}
+    await a.close()
