@@ -342,12 +342,14 @@ def test_ingress_sends_each_path_to_the_service_that_serves_it(
     assert {path: backend for path, (_, backend, _) in routes.items()} == {
         "/ws": "gateway",
         "/p": "gateway",
+        "/join": "gateway",
         "/static": "gateway",
         "/static/console": "store",
         "/api": "store",
         "/": "store",
     }
     samples = {"/ws": "/ws/abc", "/p": "/p/abc", "/static": "/static/canopy.js"}
+    samples |= {"/join": "/join/abc"}
     samples |= {"/static/console": "/static/console/console.js", "/api": "/api/sessions"}
     samples |= {"/": "/"}
     for path, (path_type, backend, port) in routes.items():
