@@ -29,7 +29,8 @@ help:
 	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs;"
-	@echo "              ARGS=--auction: a market of 8 traders; ARGS=--group-sizes: groups of 2, 50, 500)"
+	@echo "              ARGS=--auction: a market of 8 traders; ARGS=--group-sizes: groups of 2, 50, 500;"
+	@echo "              ARGS=--launch: 1,000 people open the study link within 10 s for 800 seats)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
 	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
 

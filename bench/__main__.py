@@ -10,6 +10,9 @@
     python -m bench --group-sizes [--duration D] [--sizes 2,50,500] [--participants 500]
                     [--total-rate 10] [--idle 5] [--experiment bimatrix|decisions]
                     (bench/groupsize.py: CPU per input in groups of 2, 50, 500)
+    python -m bench --launch [--people 1000] [--seats 800] [--group-size 4] [--within 10]
+                    [--arrivals even|poisson] [--seed 19] [--period 5]
+                    (bench/launch.py: the study link opened by 1,000 people in 10 s)
 
 After each row, the same load runs against the one-process floor (bench/floor.py) and the row
 shows Canopy's p50 / p99 and CPU per decision as multiples of the floor's (`--no-floor`: not).
@@ -43,6 +46,7 @@ from bench.groupsize import GROUP_SIZES
 from bench.groupsize import IDLE as GROUP_IDLE
 from bench.groupsize import PARTICIPANTS as GROUP_PARTICIPANTS
 from bench.groupsize import TOTAL_RATE as GROUP_TOTAL_RATE
+from bench.launch import ARRIVALS, LaunchParams, format_launch, run_launch
 from bench.loadgen import (
     DECISION_SCALE,
     LoadParams,
@@ -100,6 +104,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the group-size rows: same participants and total rate in groups of --sizes "
         "(bench/groupsize.py; --duration, 30 a row)",
+    )
+    parser.add_argument(
+        "--launch",
+        action="store_true",
+        help="the study-link launch row: --people open the study link within --within s "
+        "(bench/launch.py)",
+    )
+    launch = parser.add_argument_group("study-link launch (--launch)")
+    launch.add_argument("--people", type=int, default=LaunchParams.people, help="people (1000)")
+    launch.add_argument(
+        "--seats", type=int, default=LaunchParams.seats, help="seats of the session (800)"
+    )
+    launch.add_argument(
+        "--group-size", type=int, default=LaunchParams.group_size, help="seats per group (4)"
+    )
+    launch.add_argument(
+        "--within",
+        type=float,
+        default=LaunchParams.within,
+        help="seconds over which the people arrive (10)",
+    )
+    launch.add_argument(
+        "--arrivals",
+        choices=ARRIVALS,
+        default=LaunchParams.arrivals,
+        help="evenly spread (default) or a seeded Poisson process",
+    )
+    launch.add_argument("--seed", type=int, default=LaunchParams.seed, help="for ids, arrivals")
+    launch.add_argument(
+        "--period", type=float, default=LaunchParams.period, help="the one period's seconds (5)"
     )
     sizes = parser.add_argument_group("group sizes (--group-sizes)")
     sizes.add_argument(
@@ -191,9 +225,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--url needs --store-url and --token")
     if args.command == "micro" and args.matrix:
         parser.error("micro and --matrix do not combine")
-    if sum((args.matrix, args.auction, args.group_sizes)) > 1:
-        parser.error("--matrix, --auction and --group-sizes do not combine")
+    if sum((args.matrix, args.auction, args.group_sizes, args.launch)) > 1:
+        parser.error("--matrix, --auction, --group-sizes and --launch do not combine")
+    if args.launch:
+        try:
+            launch_params(args).check()
+        except ValueError as e:
+            parser.error(str(e))
     return args
+
+
+def launch_params(args: argparse.Namespace) -> LaunchParams:
+    return LaunchParams(
+        people=args.people,
+        seats=args.seats,
+        group_size=args.group_size,
+        within=args.within,
+        arrivals=args.arrivals,
+        seed=args.seed,
+        period=args.period,
+    )
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -275,6 +326,21 @@ def run_auction_row(args: argparse.Namespace, target: StackTarget) -> list[dict[
     return [result]
 
 
+def run_launch_row(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
+    """The study-link launch row (bench/launch.py), then its table."""
+    params = launch_params(args)
+    print(
+        f"launch: {params.people} people within {params.within:g} s ({params.arrivals}), "
+        f"{params.seats} seats in groups of {params.group_size} ...",
+        file=sys.stderr,
+    )
+    result = run_async(functools.partial(run_launch, target, params))
+    print(format_launch(result))
+    if not args.no_save:
+        print(f"(appended to {append_result(result, args.results)})")
+    return [result]
+
+
 def run_group_size_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
     """The group-size rows (bench/groupsize.py) on one stack, then their table."""
     from bench.groupsize import attach_ratios, format_group_sizes, group_size_rows, summarize
@@ -323,6 +389,8 @@ def run_group_size_rows(args: argparse.Namespace, target: StackTarget) -> list[d
 def run_rows(args: argparse.Namespace, target: StackTarget) -> list[dict[str, Any]]:
     if args.auction:
         return run_auction_row(args, target)
+    if args.launch:
+        return run_launch_row(args, target)
     if args.group_sizes:
         return run_group_size_rows(args, target)
     rows = MATRIX if args.matrix else ((args.groups, args.size, args.rate, None),)

@@ -1,10 +1,11 @@
 """Benchmark smoke test: the load generator runs against the test stack and loses nothing,
 then the same load against the one-process floor (bench/floor.py, a real child process).
 
-A few seconds of small load (2 groups of 4 at 5 Hz for 2 s; the floor for 1 s). Only that it
-runs, that every acknowledged decision reached every member (and, for Canopy, the export), and
-the shape of the results are asserted; timing targets are never asserted here
-(docs/performance.md has the numbers).
+A few seconds of small load (2 groups of 4 at 5 Hz for 2 s; the floor for 1 s), and the
+study-link launch row in small (20 people within 2 s for 16 seats). Only that it runs, that
+every acknowledged decision reached every member (and, for Canopy, the export), that every
+person got one seat or "full" in arrival order, and the shape of the results are asserted;
+timing targets are never asserted here (docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from bench.floor import floor_process
+from bench.launch import LaunchParams, format_launch, run_launch
 from bench.loadgen import LoadParams, StackTarget, period_length, run_load
 from bench.procstats import ProcessSet, discover
 from bench.report import append_result, attach_floor, format_matrix, format_run
@@ -118,3 +120,43 @@ async def test_load_generator_loses_nothing_on_canopy_and_on_the_floor(
     attach_floor(result, floor_result)
     assert result["vs_floor"]["p99"] is not None and result["vs_floor"]["p99"] > 0
     assert "one-process floor" in format_matrix([result])
+
+
+async def test_the_launch_row_seats_each_person_once_in_arrival_order(
+    stack: StackHandle,
+) -> None:
+    """bench/launch.py on the test stack, tiny: 20 people within 2 s for 16 seats (4 groups
+    of 4): 16 seats, 4 "full" pages, every group started, every check 0."""
+    urls = stack.urls
+    processes, _ = discover(urlsplit(urls.gateway_url).port or 80)
+    target = StackTarget(
+        gateway_url=urls.gateway_url,
+        store_url=urls.store_url,
+        token=urls.admin_token,
+        processes=processes,
+        info={"own_stack": False},
+    )
+    params = LaunchParams(people=20, seats=16, group_size=4, within=2, period=2, seed=5)
+
+    result = await run_launch(target, params)
+
+    assert result["counts"] | {"finished": 0} == {
+        "people": 20,
+        "seated": 16,
+        "full": 4,
+        "errors": 0,
+        "hello": 16,
+        "started": 16,
+        "finished": 0,  # only if a group's period ended before the last group started
+        "groups_complete": 4,
+        "groups_started": 4,
+        "first_answered_seated": 16,
+    }, result
+    assert not any(result["seat_checks"].values()), result["seat_checks"]
+    assert result["order_violations"] == {"seat_after_full": 0, "seat_order": 0}
+    assert result["ok"], result
+    assert result["group_formed_ms"]["count"] == 4
+    assert result["join_to_hello_ms"]["count"] == 16
+    assert {"gateway", "store", "loadgen"} <= set(result["processes"])
+    assert result["rss_mib"]["gateway"]["before"] is not None
+    assert "Study-link launch: 20 people" in format_launch(result)

@@ -1,0 +1,585 @@
+"""The "Prolific launch" row of `python -m bench --launch` (issue 19): a study goes live and
+`people` open its study link within `within` seconds; the session has `seats` seats in groups
+of `group_size`, fewer than the people, so the last ones get the "this study is full" page.
+
+Each simulated person does what a browser does up to the experiment: `GET /join/{join_key}`
+with a Prolific-like query (`PROLIFIC_PID` = a unique 24-hex id, the session's `label_param`,
+plus `STUDY_ID` and `SESSION_ID`), one new TCP connection each, redirects not followed; a 303
+to `/p/{key}` is a seat, a 200 page with `data-outcome="full"` is "full", anything else an
+error. A seated person then opens `/ws/{key}` (bench/wsclient.py, as the load generator does:
+a browser does not fetch the page's assets faster than this), waits for `hello`, and stays
+connected until every group that can form has had its `period_start` (fixed grouping: a
+group's period starts once all its members are connected). Nobody retries.
+
+Measured: `/join` → 303 and → full page, `/join` → `hello`, and per group the time from its
+last member's `hello` to the `period_start` that member receives (and from that member's
+`/join`); each process's CPU over the burst (first arrival → last group started) and the
+gateway's and store's RSS before and after; the load generator's own CPU as well.
+
+Checked from the outside, after the burst, against the session as the store lays it out
+(seat i is the i-th participant of `POST /api/sessions`, in group order) and its detail
+(`GET /api/sessions/{id}`: each seat's label):
+- no seat twice: no two people got the same key, every key is one of the session's, each
+  seated person's label is on exactly the seat they were sent to, no seat carries a label
+  nobody was given;
+- seats filled in group order: the seats given are seats 0..n-1;
+- arrival order, as far as the outside can tell it: when A's answer came back before B's
+  request left, the store handled A first, so B must not have a seat if A got "full", and
+  B's seat must come after A's (`order_violations`: both must be 0). Requests that overlap
+  in time may be handled in either order, so "the first `seats` answered are the seated
+  ones" is reported (`first_answered_seated`) but not required.
+
+Arrivals are spread evenly over `within` seconds, or (`--arrivals poisson`) as a Poisson
+process with a seed: given its count, a Poisson process's arrival times are independent and
+uniform over the window, so the schedule is `people` sorted uniform draws.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import orjson
+
+from bench.loadgen import StackTarget, percentiles
+from bench.procstats import Sample, machine_usage, usage
+from bench.report import _fmt, machine_info, now_iso, repo_commit, table
+from bench.wsclient import WsClient, parse_ws_target
+
+ARRIVALS = ("even", "poisson")
+PROLIFIC_ID_HEX = 24  # Prolific's participant ids are 24 hex digits (MongoDB ObjectIds)
+POLL = 0.02  # s between looks at whether every group has started
+FULL_MARK = 'data-outcome="full"'  # the full page's card (services/gateway/join.py)
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    people: int = 1000
+    seats: int = 800
+    group_size: int = 4
+    within: float = 10.0  # seconds over which the people arrive
+    arrivals: str = "even"  # or "poisson" (seeded)
+    seed: int = 19
+    period: float = 5.0  # the session's one period
+    join_timeout: float = 30.0  # per person: the /join answer, then the socket's hello
+    start_timeout: float = 60.0  # after the last arrival, for every group's period_start
+    label_param: str = "PROLIFIC_PID"
+
+    @property
+    def groups(self) -> int:
+        return self.seats // self.group_size
+
+    def check(self) -> None:
+        if self.people < 1 or self.seats < 1 or self.group_size < 1:
+            raise ValueError("--people, --seats and --group-size must be at least 1")
+        if self.seats % self.group_size:
+            raise ValueError("--seats must be a multiple of --group-size")
+        if not (self.within >= 0 and self.period > 0):
+            raise ValueError("--within must be >= 0 and the period > 0")
+        if self.arrivals not in ARRIVALS:
+            raise ValueError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
+
+
+# -- pure pieces --------------------------------------------------------------------------------
+
+
+def arrival_schedule(people: int, within: float, kind: str = "even", seed: int = 19) -> list[float]:
+    """When each person opens the link, seconds after the start, ascending, all in
+    [0, within): evenly spaced, or a seeded Poisson process with `people` arrivals (uniform
+    order statistics)."""
+    if kind == "even":
+        return [i * within / people for i in range(people)]
+    if kind == "poisson":
+        rng = random.Random(seed)
+        return (
+            sorted(rng.uniform(0, within) for _ in range(people)) if within > 0 else [0.0] * people
+        )
+    raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {kind!r}")
+
+
+def prolific_ids(people: int, seed: int = 19) -> list[str]:
+    """`people` distinct Prolific-like participant ids (24 lower-case hex digits), seeded."""
+    rng = random.Random(seed)
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < people:
+        candidate = f"{rng.getrandbits(4 * PROLIFIC_ID_HEX):0{PROLIFIC_ID_HEX}x}"
+        if candidate not in seen:  # 96 random bits: a repeat is all but impossible, still
+            seen.add(candidate)
+            ids.append(candidate)
+    return ids
+
+
+@dataclass
+class Person:
+    """One person of the launch: what they sent, what came back, and when (perf_counter)."""
+
+    index: int
+    label: str
+    due: float  # seconds after the start
+    sent: float | None = None
+    answered: float | None = None
+    outcome: str = "pending"  # "seated" | "full" | "error"
+    error: str | None = None
+    key: str | None = None
+    hello: float | None = None
+    started: float | None = None  # period_start received
+    finished: bool = False  # `finished` received (the period ended while still connected)
+    close_code: int | None = None
+
+
+def order_violations(people: Iterable[Person], seat_of: Mapping[str, int]) -> dict[str, int]:
+    """Arrival order as the outside can tell it: when A's answer arrived before B's request
+    left, the store handled A before B. Then B must not be seated if A got "full"
+    (`seat_after_full`), and a seated B's seat must come after every such seated A's
+    (`seat_order`)."""
+    answered = sorted(
+        (p for p in people if p.answered is not None and p.outcome in ("seated", "full")),
+        key=lambda p: p.answered or 0.0,
+    )
+    times = [p.answered or 0.0 for p in answered]
+    any_full: list[bool] = []
+    max_seat: list[int] = []
+    full_so_far, highest = False, -1
+    for p in answered:
+        full_so_far = full_so_far or p.outcome == "full"
+        seat = seat_of.get(p.key or "") if p.outcome == "seated" else None
+        if seat is not None:
+            highest = max(highest, seat)
+        any_full.append(full_so_far)
+        max_seat.append(highest)
+    counts = {"seat_after_full": 0, "seat_order": 0}
+    for p in answered:
+        if p.outcome != "seated" or p.sent is None:
+            continue
+        before = bisect.bisect_left(times, p.sent)  # answered strictly before p was sent
+        if before == 0:
+            continue
+        if any_full[before - 1]:
+            counts["seat_after_full"] += 1
+        seat = seat_of.get(p.key or "")
+        if seat is not None and max_seat[before - 1] >= seat:
+            counts["seat_order"] += 1
+    return counts
+
+
+def seat_checks(
+    people: Sequence[Person],
+    layout_keys: Sequence[str],
+    detail: Sequence[Mapping[str, Any]],
+) -> dict[str, int]:
+    """No seat twice, and seats in group order. `layout_keys`: the seats' keys in seat order
+    (POST /api/sessions); `detail`: the session detail's participants (key, label)."""
+    seat_of = {key: i for i, key in enumerate(layout_keys)}
+    given = Counter(p.key for p in people if p.outcome == "seated" and p.key)
+    label_on = {str(d.get("key")): d.get("label") for d in detail}
+    seated = [p for p in people if p.outcome == "seated" and p.key]
+    labels_given = {p.key: p.label for p in seated}
+    seats_given = {seat_of[k] for k in given if k in seat_of}
+    return {
+        "keys_twice": sum(n - 1 for n in given.values() if n > 1),
+        "unknown_keys": sum(1 for k in given if k not in seat_of),
+        "label_mismatch": sum(1 for p in seated if label_on.get(p.key or "") != p.label),
+        "orphan_labels": sum(
+            1
+            for d in detail
+            if d.get("label") is not None and str(d.get("key")) not in labels_given
+        ),
+        "seats_out_of_order": len(seats_given - set(range(len(seats_given)))),
+    }
+
+
+def first_answered_seated(people: Iterable[Person], seats: int) -> int:
+    """Of the first `seats` people whose /join was answered (seat or full), how many are
+    seated (all of them when answers came back in the order the store handled them)."""
+    answered = sorted(
+        (p for p in people if p.answered is not None and p.outcome in ("seated", "full")),
+        key=lambda p: p.answered or 0.0,
+    )
+    return sum(1 for p in answered[:seats] if p.outcome == "seated")
+
+
+def group_formation(
+    people: Iterable[Person], seat_of: Mapping[str, int], group_size: int
+) -> dict[str, Any]:
+    """Per group whose members all got `hello` and `period_start`: seconds from its last
+    member's hello to the period_start that member received (`from_hello`), and from that
+    last-arriving member's /join (`from_join`: the person whose request left last). Also how
+    many groups were complete (every member connected) and how many of them started."""
+    groups: dict[int, list[Person]] = {}
+    for p in people:
+        seat = seat_of.get(p.key or "") if p.outcome == "seated" else None
+        if seat is not None:
+            groups.setdefault(seat // group_size, []).append(p)
+    from_hello: list[float] = []
+    from_join: list[float] = []
+    complete = started = 0
+    for members in groups.values():
+        if len(members) != group_size or any(m.hello is None for m in members):
+            continue
+        complete += 1
+        if any(m.started is None for m in members):
+            continue
+        started += 1
+        last = max(members, key=lambda m: m.hello or 0.0)
+        from_hello.append((last.started or 0.0) - (last.hello or 0.0))
+        arrived = max(members, key=lambda m: m.sent or 0.0)
+        from_join.append((arrived.started or 0.0) - (arrived.sent or 0.0))
+    return {
+        "complete": complete,
+        "started": started,
+        "from_hello": from_hello,
+        "from_join": from_join,
+    }
+
+
+def summarize(
+    people: Sequence[Person],
+    params: LaunchParams,
+    layout_keys: Sequence[str],
+    detail: Sequence[Mapping[str, Any]],
+    start: float,
+) -> dict[str, Any]:
+    """The row's counts, checks and latencies (ms) from what each person saw."""
+    seat_of = {key: i for i, key in enumerate(layout_keys)}
+    outcomes = Counter(p.outcome for p in people)
+    errors = Counter(p.error or "unknown" for p in people if p.outcome == "error")
+    seated = [p for p in people if p.outcome == "seated"]
+    full = [p for p in people if p.outcome == "full"]
+    formation = group_formation(people, seat_of, params.group_size)
+    sent = [p.sent for p in people if p.sent is not None]
+
+    def spans(items: Iterable[Person], a: str, b: str) -> list[float]:
+        found = []
+        for p in items:
+            first, last = getattr(p, a), getattr(p, b)
+            if first is not None and last is not None:
+                found.append(last - first)
+        return found
+
+    checks = seat_checks(people, layout_keys, detail)
+    violations = order_violations(people, seat_of)
+    expected_seated = min(params.people, params.seats)
+    counts = {
+        "people": len(people),
+        "seated": outcomes["seated"],
+        "full": outcomes["full"],
+        "errors": sum(errors.values()),
+        "hello": sum(1 for p in seated if p.hello is not None),
+        "started": sum(1 for p in seated if p.started is not None),
+        "finished": sum(1 for p in seated if p.finished),
+        "groups_complete": formation["complete"],
+        "groups_started": formation["started"],
+        "first_answered_seated": first_answered_seated(people, params.seats),
+    }
+    ok = (
+        not errors
+        and counts["seated"] == expected_seated
+        and counts["full"] == params.people - expected_seated
+        and counts["hello"] == counts["seated"]
+        and formation["started"] == formation["complete"] == expected_seated // params.group_size
+        and not any(checks.values())
+        and not any(violations.values())
+    )
+    return {
+        "counts": counts,
+        "error_kinds": dict(errors),
+        "seat_checks": checks,
+        "order_violations": violations,
+        "join_seat_ms": percentiles(spans(seated, "sent", "answered")),
+        "join_full_ms": percentiles(spans(full, "sent", "answered")),
+        "join_to_hello_ms": percentiles(spans(seated, "sent", "hello")),
+        "group_formed_ms": percentiles(formation["from_hello"]),
+        "group_formed_from_join_ms": percentiles(formation["from_join"]),
+        # How late each request left against its schedule (the load generator's own delay).
+        "send_lag_ms": percentiles(
+            [p.sent - (start + p.due) for p in people if p.sent is not None]
+        ),
+        "arrivals_s": round(max(sent) - min(sent), 3) if sent else None,
+        "ok": ok,
+    }
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class SeatSocket(WsClient):
+    """A seated person's socket: notes when hello, period_start and finished arrive."""
+
+    def __init__(self, host: str, port: int, path: str, person: Person) -> None:
+        super().__init__(host, port, path)
+        self.person = person
+        self.hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, raw: bytes, now: float) -> None:
+        channel = orjson.loads(raw).get("channel")
+        person = self.person
+        if channel == "hello" and person.hello is None:
+            person.hello = now
+            if not self.hello.done():
+                self.hello.set_result(None)
+        elif channel == "period_start" and person.started is None:
+            person.started = now
+        elif channel == "finished":
+            person.finished = True
+
+    def on_closed(self, expected: bool) -> None:
+        self.person.close_code = self.close_code
+        if not self.hello.done():
+            self.hello.set_exception(ConnectionError(f"closed before hello ({self.close_code})"))
+
+
+def _query(person: Person, params: LaunchParams) -> dict[str, str]:
+    """What Prolific appends to a study URL: the participant's, the study's and the
+    session's ids (only `label_param`'s is the label)."""
+    return {
+        params.label_param: person.label,
+        "STUDY_ID": "6571bench0000000000launch",
+        "SESSION_ID": f"launch{person.index:018d}",
+    }
+
+
+async def _create_session(api: httpx.AsyncClient, params: LaunchParams) -> dict[str, Any]:
+    response = await api.post(
+        "/api/sessions",
+        json={
+            "experiment": "decisions",
+            "num_participants": params.seats,
+            "group_size": params.group_size,
+            "period_length": params.period,
+            "num_periods": 1,
+            "label": f"bench launch {params.people} people, {params.seats} seats",
+            "label_param": params.label_param,
+            "completion": {
+                "completed": {"url": "https://app.prolific.com/submissions/complete?cc=BENCH"},
+                "full": {"code": "FULLBENCH"},
+            },
+        },
+    )
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /api/sessions: {response.status_code} {response.text[:500]}")
+    session: dict[str, Any] = response.json()
+    return session
+
+
+@dataclass
+class _Run:
+    """What the people share while the burst runs."""
+
+    host: str
+    port: int
+    prefix: str
+    join_path: str
+    params: LaunchParams
+    client: httpx.AsyncClient
+    sockets: list[SeatSocket] = field(default_factory=list)
+
+
+async def _arrive(run: _Run, person: Person, start: float) -> None:
+    """One person: the study link, then (with a seat) the socket until hello."""
+    delay = start + person.due - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    params = run.params
+    person.sent = time.perf_counter()
+    try:
+        async with asyncio.timeout(params.join_timeout):
+            response = await run.client.get(run.join_path, params=_query(person, params))
+    except (httpx.HTTPError, TimeoutError) as exc:
+        person.outcome, person.error = "error", f"join {type(exc).__name__}"
+        return
+    person.answered = time.perf_counter()
+    path = urlsplit(response.headers.get("location", "")).path
+    if response.status_code == 303 and path.startswith("/p/"):
+        person.outcome, person.key = "seated", unquote(path.removeprefix("/p/"))
+    elif response.status_code == 200 and FULL_MARK in response.text:
+        person.outcome = "full"
+        return
+    else:
+        person.outcome, person.error = "error", f"join HTTP {response.status_code}"
+        return
+    loop = asyncio.get_running_loop()
+    sock = SeatSocket(run.host, run.port, f"{run.prefix}/ws/{person.key}", person)
+    run.sockets.append(sock)
+    try:
+        async with asyncio.timeout(params.join_timeout):
+            await loop.create_connection(lambda: sock, run.host, run.port)
+            await sock.opened
+            await sock.hello
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        person.outcome = "error"
+        person.error = f"ws {sock.close_code or type(exc).__name__}"
+
+
+async def _wait_for_groups(
+    people: Sequence[Person], seat_of: Mapping[str, int], params: LaunchParams
+) -> None:
+    """Until every complete group (all members connected) has started at each member, or
+    the bound; polled, since what is awaited is many sockets' state."""
+    deadline = time.perf_counter() + params.start_timeout
+    while time.perf_counter() < deadline:
+        formation = group_formation(people, seat_of, params.group_size)
+        if formation["started"] >= formation["complete"]:
+            return
+        await asyncio.sleep(POLL)
+
+
+async def _close(sockets: Sequence[SeatSocket], timeout: float = 10.0) -> None:
+    for sock in sockets:
+        if not sock.closed.done():
+            sock.close()
+    pending = [s.closed for s in sockets if not s.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    for sock in sockets:
+        if not sock.closed.done():
+            sock.abort()
+        if sock.hello.done() and not sock.hello.cancelled():
+            sock.hello.exception()  # retrieved: no "never retrieved" warning
+
+
+def _rss_mib(target: StackTarget, role: str) -> float | None:
+    rss = target.processes.rss(role) if target.processes else None
+    return None if rss is None else round(rss / 2**20, 1)
+
+
+async def run_launch(target: StackTarget, params: LaunchParams) -> dict[str, Any]:
+    """One launch on `target`; the row's result (the JSON line's content)."""
+    params.check()
+    if not (target.store_url and target.token):
+        raise ValueError("the launch row needs the store's URL and token")
+    host, port, prefix = parse_ws_target(target.gateway_url)
+    procs = target.processes
+    async with contextlib.AsyncExitStack() as scope:
+        api = await scope.enter_async_context(
+            httpx.AsyncClient(
+                base_url=target.store_url,
+                headers={"Authorization": f"Bearer {target.token}"},
+                timeout=30,
+            )
+        )
+        session = await _create_session(api, params)
+        layout_keys = [str(p["key"]) for p in session["participants"]]
+        seat_of = {key: i for i, key in enumerate(layout_keys)}
+        join_key = str(session["join_url"]).rpartition("/join/")[2]
+        # Each person on a connection of their own, as separate browsers are: no keep-alive.
+        client = await scope.enter_async_context(
+            httpx.AsyncClient(
+                base_url=target.gateway_url,
+                follow_redirects=False,
+                timeout=params.join_timeout,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+            )
+        )
+        run = _Run(host, port, prefix, f"/join/{join_key}", params, client)
+        labels = prolific_ids(params.people, params.seed)
+        schedule = arrival_schedule(params.people, params.within, params.arrivals, params.seed)
+        people = [Person(i, labels[i], due) for i, due in enumerate(schedule)]
+        rss_before = {role: _rss_mib(target, role) for role in ("gateway", "store")}
+        start = time.perf_counter() + 0.2
+        sample_start: Sample | None = procs.sample() if procs else None
+        tasks = [asyncio.create_task(_arrive(run, p, start)) for p in people]
+        try:
+            await asyncio.gather(*tasks)
+            await _wait_for_groups(people, seat_of, params)
+            sample_end: Sample | None = procs.sample() if procs else None
+            burst_s = time.perf_counter() - start
+            rss_after = {role: _rss_mib(target, role) for role in ("gateway", "store")}
+        finally:
+            for task in tasks:
+                task.cancel()
+            await _close(run.sockets)
+        response = await api.get(f"/api/sessions/{session['session']}")
+        response.raise_for_status()
+        detail = response.json()["participants"]
+
+    summary = summarize(people, params, layout_keys, detail, start)
+    processes: dict[str, dict[str, float]] = {}
+    machine: dict[str, float] = {}
+    if sample_start is not None and sample_end is not None:
+        processes = usage(sample_start, sample_end)
+        machine = machine_usage(sample_start, sample_end, processes)
+        # The CPU's window: from just before the first arrival's due time.
+        burst_s = sample_end.at - sample_start.at
+    stack_cpu_s = sum(v["cpu_s"] for role, v in processes.items() if role != "loadgen")
+    window = max(burst_s, 1e-9)
+    return {
+        "kind": "launch",
+        "timestamp": now_iso(),
+        "commit": repo_commit(),
+        "machine": machine_info(),
+        "params": asdict(params),
+        "stack": target.info,
+        "session": session["session"],
+        **summary,
+        # The burst: the first arrival (its due time, or the CPU sample just before it) until
+        # every complete group had started.
+        "burst_s": round(burst_s, 3),
+        "processes": processes,
+        "stack_cpu_s": round(stack_cpu_s, 3) if processes else None,
+        "stack_cpu_pct": round(100 * stack_cpu_s / window, 1) if processes else None,
+        "machine_cpu": machine,
+        "rss_mib": {
+            role: {"before": rss_before[role], "after": rss_after[role]}
+            for role in ("gateway", "store")
+        },
+    }
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def format_launch(result: dict[str, Any]) -> str:
+    p = result["params"]
+    c = result["counts"]
+    rows = []
+    for name, key, unit in (
+        ("/join -> 303 (seat)", "join_seat_ms", "people"),
+        ("/join -> full page", "join_full_ms", "people"),
+        ("/join -> hello", "join_to_hello_ms", "people"),
+        ("last hello -> period_start", "group_formed_ms", "groups"),
+        ("last /join -> period_start", "group_formed_from_join_ms", "groups"),
+    ):
+        lat = result[key]
+        rows.append([name, f"{lat['count']} {unit}", lat["p50"], lat["p99"], lat["max"]])
+    lines = [
+        f"Study-link launch: {p['people']} people within {p['within']:g} s ({p['arrivals']}), "
+        f"{p['seats']} seats in groups of {p['group_size']}, one {p['period']:g} s period",
+        table(["", "n", "p50 ms", "p99 ms", "max ms"], rows),
+        f"seated {c['seated']}, full {c['full']}, errors {c['errors']}"
+        + (f" {result['error_kinds']}" if result["error_kinds"] else "")
+        + f"; groups started {c['groups_started']}/{c['groups_complete']} complete; "
+        f"first {p['seats']} answered seated: {c['first_answered_seated']}",
+        "checks (all 0): "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {v}"
+            for k, v in {**result["seat_checks"], **result["order_violations"]}.items()
+        ),
+    ]
+    processes = result.get("processes") or {}
+    if processes:
+        parts = [
+            f"{role} {v['cpu_s']:.2f} s ({v['cpu_pct']:.0f} %)" for role, v in processes.items()
+        ]
+        machine = result.get("machine_cpu") or {}
+        lines.append(
+            f"CPU over the burst ({result['burst_s']:.1f} s): " + ", ".join(parts) + f"; stack "
+            f"{result['stack_cpu_s']:.2f} s ({result['stack_cpu_pct']:.0f} % of one core); "
+            f"machine {_fmt(machine.get('busy_pct'))} %, other {_fmt(machine.get('other_pct'))} %"
+        )
+    rss = result["rss_mib"]
+    lines.append(
+        "RSS MiB before -> after: "
+        + ", ".join(f"{role} {_fmt(v['before'])} -> {_fmt(v['after'])}" for role, v in rss.items())
+    )
+    lines.append(f"send lag p99 {_fmt(result['send_lag_ms']['p99'])} ms; ok {result['ok']}")
+    return "\n".join(lines)
