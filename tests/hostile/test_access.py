@@ -42,6 +42,7 @@ PUBLIC = {
     "/",
     "/p/{key}",
     "/ws/{key}",
+    "/join/{join_key}",  # the study link: its key is the credential (PROTOCOL v2)
     "/static",
     "/static/vendor",  # uPlot, for the participant pages and the console
     "/static/plugins/{experiment}.js",  # a plug-in experiment's participant page module
