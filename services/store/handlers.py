@@ -71,6 +71,9 @@ def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
         fields: dict[str, Any] = {"connected": value["connected"]}
         if value["connected"] is True:
             fields["seen"] = True  # the session detail's status `playing`
+            # A seat someone played (its own link, or a bot) is nobody else's: the study link
+            # never gives it to a newcomer, who would take over that play and its payoffs.
+            fields["taken"] = True
         return [("participants", str(value["participant"]), fields)]
     if record.channel == FINISHED and record.participant:
         finished = {"outcome": value.get("outcome"), "finished_at": record.ts}

@@ -207,3 +207,27 @@ async def test_logged_presence_and_finished_rows_make_status_outcome_and_payment
         ("L4", None, 0, 0.0),
     ]
     assert {(r["show_up_fee"], r["currency"]) for r in payments} == {(2.0, "GBP")}
+
+
+async def test_a_seat_someone_played_is_never_given_to_a_newcomer(repository: Repository) -> None:
+    """A seat connected through its own link (a person given it directly, or a bot filling
+    an open slot) has a player: the study link must not hand it to a new label, who would take
+    over that play and its payoffs (found writing docs/online-studies.md: a bot's finished
+    seat went to a newcomer as `completed`)."""
+    layout = await new_session(repository, 4)
+    session = layout["session"]["_id"]
+    order = seat_order(layout)
+    played = LogRecord(
+        id="presence-1",
+        participant=None,
+        seq=None,
+        session=session,
+        group=layout["groups"][0]["_id"],
+        direction="out",
+        channel="presence",
+        value={"participant": order[0], "connected": True},
+        ts=1.0,
+    )
+    await repository.apply_status(status_updates(played))
+    seat = await repository.join(session, "newcomer", None)
+    assert seat is not None and seat["_id"] == order[1]  # the next free one, not the played one

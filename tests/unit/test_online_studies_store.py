@@ -35,7 +35,7 @@ def test_a_finished_row_sets_the_seats_outcome_and_when() -> None:
 
 def test_presence_marks_a_seat_seen_once_connected() -> None:
     assert status_updates(row("presence", {"participant": "p1", "connected": True})) == [
-        ("participants", "p1", {"connected": True, "seen": True})
+        ("participants", "p1", {"connected": True, "seen": True, "taken": True})
     ]
     assert status_updates(row("presence", {"participant": "p1", "connected": False})) == [
         ("participants", "p1", {"connected": False})
