@@ -3,10 +3,11 @@
 Decisions sees every input and output of its groups in their one order, so it is where the log
 is written from: every accepted frame (in) and every broadcast (out) becomes a record, and
 records are published together every `interval` seconds, or sooner once a batch holds
-`max_records` records or `max_bytes` of them. An input is acknowledged to the broker only after
-the batch holding its records was confirmed (every batch, when its records span two), so the
-log misses nothing; one message per batch instead of one per event keeps the broker's and the
-store's work per decision low.
+`max_records` records or `max_bytes` of them. One input's records go in one batch (the current
+one is sent first if they do not fit in what is left of it), unless they alone exceed a batch.
+An input is acknowledged to the broker only after the batch holding its records was confirmed
+(every batch, when its records span two), so the log misses nothing; one message per batch
+instead of one per event keeps the broker's and the store's work per decision low.
 
 Batches are cut by size, not only by count: with records of up to 256 KiB each (PROTOCOL v2
 "Size"), a count alone lets one message grow past what the broker accepts (RabbitMQ's
@@ -75,11 +76,22 @@ class LogWriter:
 
     def add(self, records: list[LogRecord]) -> asyncio.Future[None]:
         """Queue records; the future completes when the broker confirmed every batch holding
-        them (one, or several when they did not fit in what was left of one)."""
+        them (one, or several when they alone exceed one)."""
         batches: list[asyncio.Future[None]] = []
-        for record in records:
-            size = record_size(record)
-            if self._records and self._bytes + size > self._max_bytes - BATCH_OVERHEAD_BYTES:
+        sizes = [record_size(record) for record in records]
+        budget, total = self._max_bytes - BATCH_OVERHEAD_BYTES, sum(sizes)
+        # One input's records travel together when they fit in one batch: the one being
+        # filled, else a new one. Split, a crash between the two publishes would leave a
+        # prefix of them logged (`period_end` without its `finished` rows), and the input,
+        # redelivered, is then seen as applied: the rest would never be written.
+        fits_alone = len(records) <= self._max_records and total <= budget
+        fits_here = (
+            len(self._records) + len(records) <= self._max_records and self._bytes + total <= budget
+        )
+        if self._records and fits_alone and not fits_here:
+            self.flush()
+        for record, size in zip(records, sizes, strict=True):
+            if self._records and self._bytes + size > budget:
                 self.flush()
             batch = self._batch()
             if not batches or batches[-1] is not batch:

@@ -78,8 +78,9 @@ async def test_many_big_records_leave_in_batches_under_the_default_budget() -> N
 async def test_an_input_whose_records_span_two_batches_waits_for_both() -> None:
     broker = HeldBroker()
     log = writer(broker, max_bytes=100_000)
-    first = log.add([record(1, 60_000)])
-    spanning = log.add([record(2, 30_000), record(3, 30_000)])  # the 2nd does not fit
+    first = log.add([record(1, 20_000)])
+    # Together more than a batch holds: the first fills the batch, the second goes next.
+    spanning = log.add([record(2, 60_000), record(3, 60_000)])
     await broker.wait_batches(1)
     assert [r.id for r in broker.batches[0].records] == ["out:1", "out:2"]
     broker.confirms[0].set_result(None)
@@ -91,6 +92,31 @@ async def test_an_input_whose_records_span_two_batches_waits_for_both() -> None:
     broker.confirms[1].set_result(None)
     await asyncio.wait_for(spanning, 5)
     assert all(size <= 100_000 for size in broker.sizes)
+
+
+async def test_one_inputs_records_are_never_split_when_they_fit_in_a_batch() -> None:
+    """A `period_end` and its `finished` rows leave in one batch: split, a crash between the
+    two publishes would log `period_end` alone, and the redelivered tick, seen as applied,
+    would never send the `finished` rows (by count and by bytes)."""
+    broker = HeldBroker()
+    log = writer(broker, max_records=4)
+    earlier = log.add([record(1, 10), record(2, 10)])
+    end = log.add([record(3, 10), record(4, 10, "a"), record(5, 10, "b")])  # 5 > 4 records
+    by_bytes = writer(broker, max_bytes=100_000)
+    before = by_bytes.add([record(6, 50_000)])
+    ending = by_bytes.add([record(7, 30_000), record(8, 30_000)])  # only a new batch holds both
+    log.flush()
+    by_bytes.flush()
+    await broker.wait_batches(4)
+    assert sorted([r.id for r in b.records] for b in broker.batches) == [
+        ["out:1", "out:2"],
+        ["out:3", "out:4", "out:5"],
+        ["out:6"],
+        ["out:7", "out:8"],
+    ]
+    for confirm in broker.confirms:
+        confirm.set_result(None)
+    await asyncio.wait_for(asyncio.gather(earlier, end, before, ending), 5)
 
 
 async def test_a_failed_batch_fails_every_input_with_records_in_it() -> None:
