@@ -34,9 +34,15 @@ with its traceback (a fold, which re-runs it, logs one line at debug level); log
 participant's public code, never a key.
 
 The end for everyone (PROTOCOL v2 "Online studies"): when the group's last period ends, each
-member's outcome is decided right there, `completed` if connected then (on a connection its
-gateway announced) and `dropout` if away, and each gets a logged `finished` row addressed to
-them, right after `period_end`, in member order. `finished` keeps what was sent, so a member
+member's outcome is decided right there, `completed` if connected then and `dropout` if away,
+and each gets a logged `finished` row addressed to them, right after `period_end`, in member
+order. "Connected" is what the group's own order of inputs says: after a rebuild, a member the
+log says is connected and whose gateway has not announced it again yet (`UNKNOWN`) counts as
+connected. The end cannot wait for the announcements: they are inputs queued behind the
+`period_end` tick that fired while the worker was down, so waiting for them would end every
+such group with dropouts only; and a member who left meanwhile has their disconnection queued
+ahead of the tick (only a gateway that died with the worker, unseen, is taken for connected,
+as a live worker does for its liveness timeout). `finished` keeps what was sent, so a member
 who connects later gets it again after `hello`. The `{label}` of a redirect comes from
 `labels`, which the adapter refreshes from the store just before applying an input that can
 end the last period (`may_finish`): labels are given as people arrive through the study link,
@@ -486,13 +492,14 @@ class GroupState:
 
     def _finish(self, now: float) -> list[Effect]:
         """Each member's outcome as the last period ends, in member order: `completed` if
-        connected now on an announced connection, else `dropout`; total payoff = the sum of
-        their period payoffs. Logged `finished` rows, each addressed to its member."""
+        connected now (UNKNOWN included: see the module docstring), else `dropout`; total
+        payoff = the sum of their period payoffs. Logged `finished` rows, each addressed to
+        its member."""
         config = self.config
         effects: list[Effect] = []
         for code in config.members:
             connection = self.connections.get(code)
-            outcome = "completed" if connection not in (None, UNKNOWN) else "dropout"
+            outcome = "completed" if connection is not None else "dropout"
             total = sum(float(period["payoffs"].get(code, 0.0)) for period in self.history)
             payload = outcomes.finished_payload(
                 outcome,

@@ -260,17 +260,20 @@ def test_may_finish_only_in_the_running_last_period() -> None:
     assert not rec.state.may_finish("period_end")
 
 
-def test_a_member_not_announced_again_after_a_restart_counts_as_away() -> None:
+def test_a_member_not_announced_again_yet_after_a_restart_counts_as_connected() -> None:
     """After a rebuild, a member the log says is connected is UNKNOWN until its gateway
-    announces it: at the end it has no known connection, so it is a dropout."""
+    announces it again; the `period_end` tick that fired while the worker was down comes
+    before every announcement (tests/faults/test_outcomes.py), so UNKNOWN at the end counts
+    as connected: `completed`. A member whose disconnection came before the tick, in the
+    group's order, is a dropout."""
     cfg = config(num_periods=1)
     rec = Recorder(cfg)
     rec.presence("a", "ca", True)
     rec.presence("b", "cb", True)
     rec.tick("period_start")
     rebuilt = rebuild(cfg, experiments.get(cfg.experiment), rec.rows)
-    rebuilt.on_presence("a", "ca2", connected=True)
-    assert rebuilt.connections == {"a": "ca2", "b": UNKNOWN}
+    assert rebuilt.connections == {"a": UNKNOWN, "b": UNKNOWN}
+    rebuilt.on_presence("b", "cb", connected=False)  # b's gateway saw it go before the end
     effects = rebuilt.on_timer("period_end", 1, 0, None, now=rec.now + 10)
     outcome = {
         e.participant: e.payload["outcome"]
@@ -278,6 +281,9 @@ def test_a_member_not_announced_again_after_a_restart_counts_as_away() -> None:
         if isinstance(e, Broadcast) and e.channel == Channel.FINISHED
     }
     assert outcome == {"a": "completed", "b": "dropout"}
+    # Its gateway announces a afterwards: hello, then the same finished again.
+    again = rebuilt.on_presence("a", "ca2", connected=True)
+    assert channels(again) == ["hello", "finished"]
 
 
 # -- the worker ------------------------------------------------------------------------------
