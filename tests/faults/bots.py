@@ -15,7 +15,7 @@ import random
 from typing import Any
 
 from services.bots import client
-from tests.e2e.protocol import ws_url
+from tests.e2e.protocol import raw_ws_url, ws_url
 
 Received = client.Received
 
@@ -29,13 +29,20 @@ class _Uniform:
 
 class Bot(client.Bot):
     """A fault-test bot on `gateway_url` for participant `code`: `rate` decisions per second
-    while its period runs, until period `num_periods` ended."""
+    while its period runs, until period `num_periods` ended. `key`: the seat's key as the
+    study link gave it (then `code` may be empty: the bot learns it from `hello`)."""
 
     def __init__(
-        self, gateway_url: str, code: str, rate: float = 10.0, num_periods: int = 1
+        self,
+        gateway_url: str,
+        code: str,
+        rate: float = 10.0,
+        num_periods: int = 1,
+        *,
+        key: str | None = None,
     ) -> None:
         super().__init__(
-            ws_url(gateway_url, code),
+            raw_ws_url(gateway_url, key) if key is not None else ws_url(gateway_url, code),
             strategy=_Uniform(),
             rate=rate,
             num_periods=num_periods,
