@@ -10,7 +10,6 @@ subprocess, and what oTree stored is read from its CSV export.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from devstack.stack import PROJECT_ROOT, StackHandle
+from tests.otree.conftest import otree_env
 
 pytestmark = pytest.mark.otree
 
@@ -27,16 +27,6 @@ OTREE = PROJECT_ROOT / ".venv-otree" / "bin" / "otree"
 EXAMPLE = PROJECT_ROOT / "integrations" / "otree" / "example"
 CONFIG = "canopy_bimatrix_quick"
 PARTICIPANTS = 4  # two groups of 2, in each of the bots' two cases
-
-
-def otree_env(stack: StackHandle) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CANOPY_", "OTREE_"))}
-    env.update(
-        CANOPY_URL=stack.urls.store_url,
-        CANOPY_TOKEN=stack.urls.admin_token,
-        OTREE_PRODUCTION="0",
-    )
-    return env
 
 
 def canopy_detail(stack: StackHandle, session: str) -> dict[str, Any]:
