@@ -26,6 +26,7 @@ pytestmark = pytest.mark.otree
 OTREE = PROJECT_ROOT / ".venv-otree" / "bin" / "otree"
 EXAMPLE = PROJECT_ROOT / "integrations" / "otree" / "example"
 CONFIG = "canopy_bimatrix_quick"
+RETURN_URL = "http://127.0.0.1:9"  # where oTree would be: `otree test` has no server
 PARTICIPANTS = 4  # two groups of 2, in each of the bots' two cases
 
 
@@ -48,7 +49,7 @@ def test_otree_bots_get_canopys_payoffs(stack: StackHandle, tmp_path: Path) -> N
     run = subprocess.run(
         [str(OTREE), "test", CONFIG, str(PARTICIPANTS), "--export", str(export)],
         cwd=EXAMPLE,
-        env=otree_env(stack),
+        env=otree_env(stack, CANOPY_RETURN_URL=RETURN_URL),
         capture_output=True,
         text=True,
         timeout=240,
@@ -84,6 +85,8 @@ def test_otree_bots_get_canopys_payoffs(stack: StackHandle, tmp_path: Path) -> N
         }
         assert detail["experiment"] == "bimatrix"
         assert detail["params"]["game"] == "stag_hunt"
+        back = {"url": f"{RETURN_URL}/InitializeParticipant/{{label}}"}
+        assert detail["completion"] == {"completed": back, "dropout": back}
         assert detail["labels"] == [
             r["participant.code"]
             for r in sorted(members, key=lambda r: int(r["canopy_bimatrix.1.player.id_in_group"]))

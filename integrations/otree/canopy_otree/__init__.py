@@ -80,10 +80,15 @@ def create_stage(group: Any, client: Canopy | None = None) -> dict[str, Any]:
     players = sorted(group.get_players(), key=lambda p: p.id_in_group)
     settings = stage_settings(group.session)
     body = {k: v for k, v in settings.items() if k not in OWN_KEYS}
-    return_url = (
-        settings.get("return_url") or os.environ.get("CANOPY_RETURN_URL") or "http://localhost:8000"
-    ).rstrip("/") + RETURN_PATH
-    back = {"url": return_url}
+    base = settings.get("return_url") or os.environ.get("CANOPY_RETURN_URL")
+    if not base:
+        # No default: a guess (oTree's port 8000 is also Canopy's gateway's) would send
+        # participants to the wrong server at the very end of the stage.
+        raise CanopyError(
+            "CANOPY_RETURN_URL is not set: the public address of this oTree server "
+            "(e.g. https://otree.example.org), where Canopy sends participants back"
+        )
+    back = {"url": base.rstrip("/") + RETURN_PATH}
     body.update(
         num_participants=len(players),
         group_size=len(players),
