@@ -60,9 +60,12 @@ async def test_two_participants_from_otree_to_canopy_and_back(
     gateway = stack.urls.gateway_url
     for page in pages:
         await page.wait_for_url(f"{gateway}/p/*", timeout=FLOW_TIMEOUT_MS)
-    # A real move: the first participant hunts the stag for sure.
-    slider = pages[0].locator("input[type=range]").first
-    await slider.fill("1")
+    # A real move once the period runs: the first participant (the row player) hunts the stag
+    # for sure. fill() on the range input fires `input` and `change`, like a drag ending.
+    await expect(pages[0].locator("#period")).to_have_attribute(
+        "data-state", "running", timeout=FLOW_TIMEOUT_MS
+    )
+    await pages[0].locator("#slider").fill("1")
     # Canopy's finished screen, then its redirect to oTree's resume link, the stage page
     # submitting itself, and the results.
     for page in pages:
@@ -93,6 +96,9 @@ async def test_two_participants_from_otree_to_canopy_and_back(
         assert shown_total == round(seat["total_payoff"], 2)
         shown = [number(t) for t in await page.locator(".period-payoff").all_inner_texts()]
         assert shown == [round(seat["payoffs"][k], 2) for k in sorted(seat["payoffs"], key=int)]
+    # The move counted: stag for sure against a 50 % mix earns the row player 2 per second
+    # and the column player 3.5, from the move on (decisions carry over into period 2).
+    assert seats[codes[0]]["total_payoff"] < seats[codes[1]]["total_payoff"]
     # oTree's own record, through its REST API: the payoff a lab pays from.
     for p in session["participants"]:
         assert p["payoff_in_real_world_currency"] == pytest.approx(
