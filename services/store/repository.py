@@ -122,6 +122,11 @@ def refused_documents(exc: BaseException) -> dict[int, tuple[str, str]] | None:
     return refused or None
 
 
+# Sessions whose study link was opened, remembered (`session_by_join_key`); beyond it the
+# oldest is asked again: a few KiB each, and only live studies are being joined.
+JOIN_KEYS_REMEMBERED = 1024
+
+
 class Repository:
     def __init__(self, url: str, database: str) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
@@ -140,6 +145,7 @@ class Repository:
         # Events no retry can write (see `quarantine_events`), set aside for an operator.
         self.quarantine = self._db["quarantine"]
         self._transactions = True  # until the server says it has none (a standalone mongod)
+        self._join_keys: dict[str, dict[str, Any]] = {}  # join key → its session document
 
     async def setup(self) -> None:
         await self.events.create_index([("session", ASCENDING), ("ts", ASCENDING)])
@@ -193,7 +199,19 @@ class Repository:
         return {str(p["_id"]): str(p["label"]) async for p in cursor}
 
     async def session_by_join_key(self, join_key: str) -> dict[str, Any] | None:
-        return await self.sessions.find_one({"join_key": join_key})
+        """The session whose study link this is. Cached: every arrival of a launch asks, and
+        a session document is written once and never changed (nothing updates or deletes
+        `sessions`), so a session found stays right; an unknown key is asked again (its
+        session may be created later)."""
+        cached = self._join_keys.get(join_key)
+        if cached is not None:
+            return cached
+        session = await self.sessions.find_one({"join_key": join_key})
+        if session is not None:
+            if len(self._join_keys) >= JOIN_KEYS_REMEMBERED:
+                self._join_keys.pop(next(iter(self._join_keys)))  # the oldest
+            self._join_keys[join_key] = session
+        return session
 
     # -- the study link (PROTOCOL v2 "Online studies") ----------------------------------------
     #

@@ -231,3 +231,23 @@ async def test_a_seat_someone_played_is_never_given_to_a_newcomer(repository: Re
     await repository.apply_status(status_updates(played))
     seat = await repository.join(session, "newcomer", None)
     assert seat is not None and seat["_id"] == order[1]  # the next free one, not the played one
+
+
+async def test_a_study_links_session_is_looked_up_once(repository: Repository) -> None:
+    """Every arrival of a launch names its session by join key; a session document never
+    changes, so the store asks the server once (docs/performance.md, "Study-link launch").
+    An unknown key is asked again: its session may be created after."""
+    unknown = "k" * 32
+    assert await repository.session_by_join_key(unknown) is None
+    layout = await new_session(repository, 2)
+    join_key = layout["session"]["join_key"]
+    first = await repository.session_by_join_key(join_key)
+    assert first is not None and first["_id"] == layout["session"]["_id"]
+    # Gone from the server (nothing in Canopy deletes a session; here only to tell a cached
+    # answer from a fresh one), still known here.
+    await repository.sessions.delete_one({"join_key": join_key})
+    again = await repository.session_by_join_key(join_key)
+    assert again is not None and again["_id"] == first["_id"]
+    await repository.sessions.insert_one({"_id": "later", "join_key": unknown})
+    later = await repository.session_by_join_key(unknown)
+    assert later is not None and later["_id"] == "later"
