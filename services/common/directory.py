@@ -169,7 +169,8 @@ class Directory:
 
         Never cached: every arrival may take a seat. `query` is the link's whole query (the
         store knows which parameter is the label); `seat` the key from the browser's cookie.
-        NotFound for a join key the store does not know."""
+        NotFound for a join key the store does not know. The seat given is cached for
+        `seat` (the answer's `seat`, its participant)."""
         response = await self._client.post(
             f"/internal/join/{quote(join_key, safe='')}",
             content=orjson.dumps({"query": query, "seat": seat}),
@@ -179,7 +180,20 @@ class Directory:
             raise NotFound("unknown join key") from None  # the path would hold the key
         response.raise_for_status()
         body: dict[str, Any] = orjson.loads(response.content)
+        self._remember_seat(body)
         return body
+
+    def _remember_seat(self, answer: dict[str, Any]) -> None:
+        """The seat a join answer gives, cached as `seat` would cache it: the person's
+        socket opens next, usually on this gateway, and a seat's facts never change."""
+        key, info = answer.get("key"), answer.get("seat")
+        if not isinstance(key, str) or not isinstance(info, dict) or key in self._seats:
+            return
+        try:
+            self._seats[key] = ParticipantInfo.model_validate(info)
+        except ValueError:
+            return  # a store that answers otherwise: the socket asks `/internal/seats`
+        self._unknown_seats.pop(key, None)
 
     async def barrier_passed(self, barrier: str) -> bool:
         response = await self._client.get(f"/internal/barriers/{quote(barrier, safe='')}")

@@ -637,13 +637,7 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         document = await repository.seat(key)
         if document is None:
             raise ApiError(404, ApiCode.NOT_FOUND, "unknown seat")
-        return {
-            "participant": document["_id"],
-            "session": document["session"],
-            "group": document["group"],
-            "id_in_group": document["id_in_group"],
-            "experiment": document["experiment"],
-        }
+        return seat_info(document)
 
     @router.get("/groups/{group_id}")
     async def group(group_id: str) -> dict[str, Any]:
@@ -657,7 +651,8 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
     @router.post("/join/{join_key}")
     async def join(join_key: str, request: JoinRequest) -> dict[str, Any]:
         """A seat for someone who opened the study link (the gateway checked the join key's
-        tag already): `{"key", "finished"}`, or `{"full": true, "redirect", "code"}`."""
+        tag already): `{"key", "finished", "label", "seat"}`, or `{"full": true, "redirect",
+        "code"}`."""
         session = await repository.session_by_join_key(join_key)
         if session is None:
             raise ApiError(404, ApiCode.NOT_FOUND, "unknown join key")
@@ -672,9 +667,27 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
                 session=session["_id"],
             )
             return {"full": True, "redirect": redirect, "code": code}
-        return {"key": seat["key"], "finished": bool(seat.get("outcome")), "label": label}
+        # `seat`: what `/internal/seats/{key}` would answer, so the gateway that sends the
+        # person there knows the seat when their socket opens, without asking again.
+        return {
+            "key": seat["key"],
+            "finished": bool(seat.get("outcome")),
+            "label": label,
+            "seat": seat_info(seat),
+        }
 
     return router
+
+
+def seat_info(document: dict[str, Any]) -> dict[str, Any]:
+    """A seat as the gateway knows it (services.common.directory.ParticipantInfo)."""
+    return {
+        "participant": document["_id"],
+        "session": document["session"],
+        "group": document["group"],
+        "id_in_group": document["id_in_group"],
+        "experiment": document["experiment"],
+    }
 
 
 MAX_LABEL = 128  # as a label in `labels` (CreateSession)

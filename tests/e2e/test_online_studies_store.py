@@ -102,6 +102,8 @@ async def test_study_link_status_outcome_and_payments(stack: Any, api: httpx.Asy
         "key": seats[2]["key"],
         "finished": False,
         "label": "A3",
+        # The seat as `/internal/seats` has it: the gateway caches it for the socket.
+        "seat": (await api.get(f"/internal/seats/{seats[2]['key']}")).json(),
     }
     # The gateway may pass the link's whole query: the label is the session's label_param.
     by_query = {"query": {"PROLIFIC_PID": "A3", "STUDY_ID": "s1"}, "seat": None}
@@ -173,6 +175,7 @@ async def test_study_link_status_outcome_and_payments(stack: Any, api: httpx.Asy
         "key": seats[0]["key"],
         "finished": True,
         "label": "A1",
+        "seat": (await api.get(f"/internal/seats/{seats[0]['key']}")).json(),
     }
 
     # Payments: csv (the default), json, prolific.
