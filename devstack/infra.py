@@ -426,13 +426,13 @@ class InfraHandle:
             db_args = ["--data-dir", str(data_dir)]
         else:
             db_args = ["--db", "memory"]
-        # The venv of the running interpreter first: `make` does not activate the venv.
-        nx = Path(sys.executable).parent / "nx-27017"
-        if not nx.exists():
-            nx = Path(shutil.which("nx-27017") or "nx-27017")
+        # nx-27017 through devstack.nx_server (a dead client's open transaction rolled back),
+        # with the interpreter of the running venv: `make` does not activate the venv.
         self._commands["mongo"] = _Command(
             args=[
-                str(nx),
+                sys.executable,
+                "-m",
+                "devstack.nx_server",
                 *db_args,
                 "--host",
                 "127.0.0.1",

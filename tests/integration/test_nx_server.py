@@ -1,0 +1,88 @@
+"""The local MongoDB-wire server as devstack runs it (devstack/nx_server.py): a client killed
+in the middle of a transaction leaves nothing open behind it.
+
+Before, nx-27017 kept that transaction open for good and every later write of every client
+went inside it, uncommitted: a SIGKILL of the server then lost writes acknowledged long before
+(the fault suite saw a whole session vanish: the store killed mid-batch, then nx-27017)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from devstack.infra import free_port, wait_until
+
+pytestmark = [pytest.mark.integration]
+
+# A client that opens a transaction, writes in it, says so, and waits to be killed.
+DYING_CLIENT = """
+import sys, time
+from pymongo import MongoClient
+client = MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000)
+session = client.start_session()
+session.start_transaction()
+client.canopy.things.insert_one({"_id": "uncommitted"}, session=session)
+print("in transaction", flush=True)
+time.sleep(60)
+"""
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "devstack.nx_server", "--data-dir", str(data_dir)]
+    args += ["--host", "127.0.0.1", "-p", str(port), "--log-file", str(data_dir / "nx.log")]
+    args += ["--pid-file", str(data_dir / "nx.pid")]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"mongodb://127.0.0.1:{port}/"
+
+    def answers() -> bool:
+        try:
+            with MongoClient(url, serverSelectionTimeoutMS=300) as probe:
+                probe.admin.command("ping")
+            return True
+        except Exception:
+            return False
+
+    wait_until(answers, timeout=15, what="nx-27017")
+    return server
+
+
+def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Path) -> None:
+    data_dir = tmp_path
+    port = free_port()
+    url = f"mongodb://127.0.0.1:{port}/"
+    server = start_server(data_dir, port)
+    try:
+        dying = subprocess.Popen(
+            [sys.executable, "-c", DYING_CLIENT, url], stdout=subprocess.PIPE, text=True
+        )
+        assert dying.stdout is not None
+        assert dying.stdout.readline().strip() == "in transaction"
+        with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+            things = client.canopy.things
+            # nx-27017 shows a transaction's writes to everyone (one SQLite connection).
+            assert things.find_one({"_id": "uncommitted"}) is not None
+            os.kill(dying.pid, signal.SIGKILL)
+            dying.wait(timeout=10)
+            dying.stdout.close()
+            # Rolled back once its connection closed (a condition with a deadline).
+            wait_until(
+                lambda: things.find_one({"_id": "uncommitted"}) is None,
+                timeout=10,
+                what="the dead client's transaction rolled back",
+            )
+            things.insert_one({"_id": "acknowledged"})
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        server = start_server(data_dir, port)
+        with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+            assert client.canopy.things.find_one({"_id": "acknowledged"}) is not None
+            assert client.canopy.things.find_one({"_id": "uncommitted"}) is None
+    finally:
+        server.kill()
+        server.wait(timeout=10)
