@@ -20,16 +20,17 @@ from devstack.infra import free_port, wait_until
 
 pytestmark = [pytest.mark.integration]
 
-# A client that opens a transaction, writes in it, says so, and waits to be killed.
+# A client that opens a transaction, writes in it, says so, and blocks until it is killed
+# (reading a stdin that the test never writes to).
 DYING_CLIENT = """
-import sys, time
+import sys
 from pymongo import MongoClient
 client = MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000)
 session = client.start_session()
 session.start_transaction()
 client.canopy.things.insert_one({"_id": "uncommitted"}, session=session)
 print("in transaction", flush=True)
-time.sleep(60)
+sys.stdin.read()
 """
 
 
@@ -59,7 +60,10 @@ def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Pa
     server = start_server(data_dir, port)
     try:
         dying = subprocess.Popen(
-            [sys.executable, "-c", DYING_CLIENT, url], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", DYING_CLIENT, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert dying.stdout is not None
         assert dying.stdout.readline().strip() == "in transaction"
@@ -70,6 +74,8 @@ def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Pa
             os.kill(dying.pid, signal.SIGKILL)
             dying.wait(timeout=10)
             dying.stdout.close()
+            assert dying.stdin is not None
+            dying.stdin.close()
             # Rolled back once its connection closed (a condition with a deadline).
             wait_until(
                 lambda: things.find_one({"_id": "uncommitted"}) is None,
