@@ -132,3 +132,17 @@ async def open_page(context: BrowserContext, url: str) -> Page:
 async def screenshot(page: Page, experiment: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOTS / f"{experiment}.png"), full_page=True)
+
+
+@pytest.fixture
+async def console(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh desktop-sized context for the researcher console; fails the test if the page
+    threw."""
+    context = await browser.new_context(viewport={"width": 1150, "height": 900})
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    await context.close()
+    assert not errors, errors

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Page, expect
 
 from tests.browser.conftest import CHROMIUM
 from tests.e2e.protocol import KEYS, Participant
@@ -31,19 +30,6 @@ pytestmark = [
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshots" / "monitor.png"
 PERIOD_SECONDS = 6
 SECOND_MS = 1_000
-
-
-@pytest.fixture
-async def console(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh context on the console; fails the test if the page threw."""
-    context = await browser.new_context(viewport={"width": 1150, "height": 900})
-    page = await context.new_page()
-    page.set_default_timeout(10_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    await context.close()
-    assert not errors, errors
 
 
 async def test_console_creates_a_session_and_monitors_it_live(console: Page, stack: Any) -> None:

@@ -7,13 +7,12 @@ the live monitor lists each seat's id and status, and a seat the study link give
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Page, expect
 
 from tests.browser.conftest import CHROMIUM
 from tests.e2e.protocol import Participant, remember
@@ -25,19 +24,6 @@ pytestmark = [
         not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: apt-get install -y chromium"
     ),
 ]
-
-
-@pytest.fixture
-async def console(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh context on the console; fails the test if the page threw."""
-    context = await browser.new_context(viewport={"width": 1150, "height": 900})
-    page = await context.new_page()
-    page.set_default_timeout(10_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    await context.close()
-    assert not errors, errors
 
 
 async def test_console_shows_the_study_link_seats_and_payments(console: Page, stack: Any) -> None:

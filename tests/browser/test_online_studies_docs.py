@@ -21,14 +21,13 @@ import csv
 import io
 import re
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Page, expect
 
 from services.bots.runner import BotFleet, start_bots
 from tests.browser.conftest import CHROMIUM, SCREENSHOTS, NewContext, open_page
@@ -111,19 +110,6 @@ async def test_the_walkthroughs_config_creates_a_study(stack: Any, tmp_path: Pat
             "playing",
             None,
         )
-
-
-@pytest.fixture
-async def console(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh desktop-sized context on the console; fails the test if the page threw."""
-    context = await browser.new_context(viewport={"width": 1150, "height": 900})
-    page = await context.new_page()
-    page.set_default_timeout(10_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    await context.close()
-    assert not errors, errors
 
 
 async def arrive(link: str, prolific_id: str) -> str:
