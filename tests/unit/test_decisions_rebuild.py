@@ -25,6 +25,7 @@ from services.common.group import (
     StartPeriod,
     rebuild,
 )
+from tests.unit.recording import out_rows
 
 
 def config(**overrides: Any) -> GroupConfig:
@@ -51,21 +52,8 @@ class Recorder:
         self.started: list[StartPeriod] = []
 
     def _log(self, effects: list[Effect]) -> list[Effect]:
-        for effect in effects:
-            if isinstance(effect, Broadcast):
-                ts = effect.ts if effect.ts is not None else self.state.stamp(self.now)
-                self.rows.append(
-                    {
-                        "ts": ts,
-                        "participant": effect.participant,
-                        "direction": "out",
-                        "channel": effect.channel,
-                        "seq": effect.seq,
-                        "value": effect.payload,
-                    }
-                )
-            elif isinstance(effect, StartPeriod):
-                self.started.append(effect)
+        self.rows.extend(out_rows(self.state, effects, self.now))
+        self.started.extend(e for e in effects if isinstance(e, StartPeriod))
         return effects
 
     def frame(self, participant: str, seq: int, value: Any, channel: str = "decisions") -> None:

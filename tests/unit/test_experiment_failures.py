@@ -22,6 +22,7 @@ from services.common import experiments
 from services.common.directory import GroupConfig
 from services.common.experiments import Outcome
 from services.common.group import Broadcast, Effect, GroupState, rebuild
+from tests.unit.recording import out_rows
 
 MAX_PAYLOAD_BYTES = 262_144  # PROTOCOL v2 "Size": 256 KiB
 
@@ -132,19 +133,7 @@ class Recorder:
         self.out: list[Effect] = []
 
     def _log(self, effects: list[Effect]) -> list[Effect]:
-        for effect in effects:
-            if isinstance(effect, Broadcast):
-                ts = effect.ts if effect.ts is not None else self.state.stamp(self.now)
-                self.rows.append(
-                    {
-                        "ts": ts,
-                        "participant": effect.participant,
-                        "direction": "out",
-                        "channel": effect.channel,
-                        "seq": effect.seq,
-                        "value": effect.payload,
-                    }
-                )
+        self.rows.extend(out_rows(self.state, effects, self.now))
         self.out = effects
         return effects
 

@@ -24,6 +24,7 @@ from services.common.messages import Channel, Envelope, MessageType, now
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
+from tests.unit.recording import out_rows
 from tests.unit.test_bot_client import ScriptedSocket, hello, read
 from tests.unit.test_decisions_eviction import FakeBus, FakeDirectory, FakeStore, presence
 
@@ -62,19 +63,7 @@ class Recorder:
         self.now = 100.0
 
     def _log(self, effects: list[Effect]) -> list[Effect]:
-        for effect in effects:
-            if isinstance(effect, Broadcast):
-                ts = effect.ts if effect.ts is not None else self.state.stamp(self.now)
-                self.rows.append(
-                    {
-                        "ts": ts,
-                        "participant": effect.participant,
-                        "direction": "out",
-                        "channel": effect.channel,
-                        "seq": effect.seq,
-                        "value": effect.payload,
-                    }
-                )
+        self.rows.extend(out_rows(self.state, effects, self.now))
         self.effects = effects
         return effects
 
