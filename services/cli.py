@@ -40,6 +40,7 @@ import click
 import httpx
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -651,6 +652,10 @@ async def _run_bots(
                 highlight=False,
                 soft_wrap=True,
             )
+            if fleet.note:
+                stderr.print(
+                    f"[yellow]warning:[/] {escape(fleet.note)}", highlight=False, soft_wrap=True
+                )
         everyone = [bot for fleet in fleets.values() for bot in fleet.bots]
         deadline = None if duration is None else time.monotonic() + duration
         progress = Progress(

@@ -38,6 +38,7 @@ class BotFleet:
     experiment: str
     strategy: str
     rate: float
+    note: str = ""  # the strategy's warning (a plug-in's guessed range), for whoever started it
     _stopped: bool = field(default=False, repr=False)
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -125,7 +126,8 @@ async def start_bots(
     ]
     for bot in bots:
         bot.start()
-    return BotFleet(bots, experiment=experiment, strategy=strategy, rate=rate)
+    note = str(getattr(chosen, "note", ""))
+    return BotFleet(bots, experiment=experiment, strategy=strategy, rate=rate, note=note)
 
 
 def open_slots(

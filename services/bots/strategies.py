@@ -20,6 +20,13 @@ caller passes, so a seeded test gets the same moves every time.
 
 `make_strategy(experiment, name, params, options)` builds one; `default` is random_walk for
 the decision experiments and zi for the auction. Bad combinations raise `StrategyError`.
+
+The range of random_walk (and fixed's default value): the built-ins' own ([0, 1] for a plain
+decision and a bimatrix mix, [0, endowment] for public goods), or `low` / `high`. A plug-in
+declares no decision range yet, so its bots take the range from its params only when one pair
+says it plainly (`max_<x>`, with `min_<x>` or else 0; e.g. Cournot's `max_quantity`), with
+a `note` that the CLI prints as a warning; with none or several such pairs they refuse
+(StrategyError) rather than play on a scale the experiment does not use.
 """
 
 from __future__ import annotations
@@ -157,6 +164,7 @@ class RandomWalk:
     low: float
     high: float
     step: float = WALK_STEP
+    note: str = field(default="", compare=False)  # a warning for whoever starts the bots
 
     def act(self, view: View, rng: random.Random) -> list[Action]:
         width = self.high - self.low
@@ -172,6 +180,7 @@ class RandomWalk:
 @dataclass(frozen=True)
 class Fixed:
     value: float
+    note: str = field(default="", compare=False)
 
     def act(self, view: View, rng: random.Random) -> list[Action]:
         return [] if _number(view.mine) == self.value else [("decisions", self.value)]
@@ -275,15 +284,44 @@ class ZeroIntelligence:
 
 def _range(
     experiment: str, params: Mapping[str, Any], options: Mapping[str, Any]
-) -> tuple[float, float]:
+) -> tuple[float, float, str]:
+    """(low, high, note): the decisions' range, and a warning when it is a guess."""
+    note = ""
     if experiment == "public_goods":
         low, high = 0.0, float(PublicGoodsParams.model_validate(params).endowment)
-    else:  # bimatrix: a probability; decisions (and plug-ins): the slider's [0, 1] by default
+    elif experiment in ("decisions", "bimatrix"):  # the slider's [0, 1]; a probability
         low, high = 0.0, 1.0
+    elif options.get("low") is not None and options.get("high") is not None:
+        low, high = 0.0, 1.0  # both given: nothing to guess
+    else:
+        low, high, note = _plugin_range(experiment, params)
     low, high = _option(options, "low", low), _option(options, "high", high)
     if not low < high:
         raise StrategyError(f"the range needs low < high, not [{low:g}, {high:g}]")
-    return low, high
+    if note:
+        note += f": [{low:g}, {high:g}]; give --low and --high to choose"
+    return low, high, note
+
+
+def _plugin_range(experiment: str, params: Mapping[str, Any]) -> tuple[float, float, str]:
+    """A plug-in's range from the one `max_<x>` of its params (and `min_<x>`, else 0)."""
+    bounds = sorted(
+        key
+        for key, value in params.items()
+        if key.startswith("max_") and len(key) > 4 and _number(value) is not None
+    )
+    if len(bounds) != 1:
+        among = f" (its params have {', '.join(bounds)})" if bounds else ""
+        raise StrategyError(
+            f"{experiment!r} declares no range for its decisions{among}, and bots do not "
+            "guess one: give --low and --high (options low / high)"
+        )
+    top = bounds[0]
+    bottom = "min_" + top.removeprefix("max_")
+    low = _number(params.get(bottom))
+    where = f"params.{bottom} to params.{top}" if low is not None else f"0 to params.{top}"
+    note = f"{experiment!r} declares no range for its decisions; bots play {where}"
+    return (0.0 if low is None else low), float(params[top]), note
 
 
 def make_strategy(
@@ -329,11 +367,12 @@ def make_strategy(
             raise StrategyError(
                 f"best_response needs payoffs: bimatrix or public_goods, not {experiment!r}"
             )
-        low, high = _range(experiment, params, options)
+        if name == "fixed" and options.get("value") is not None:
+            return Fixed(_option(options, "value", 0.0))
+        low, high, note = _range(experiment, params, options)
         if name == "fixed":
-            value = _option(options, "value", low + (high - low) / 2)
-            return Fixed(value)
-        return RandomWalk(low, high)
+            return Fixed(low + (high - low) / 2, note=note)
+        return RandomWalk(low, high, note=note)
     except ValueError as exc:  # the params models' own complaints
         if isinstance(exc, StrategyError):
             raise
