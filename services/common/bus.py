@@ -11,7 +11,7 @@ Topology (declared in one place, `Topology.declare`, idempotently by every servi
         └─▶ canopy.store.events          (LogBatch messages from decisions: the event log)
     canopy.commands direct  timers
         └─▶ canopy.timers
-    canopy.dead     fanout  └─▶ canopy.dead   (messages a consumer rejected as malformed)
+    canopy.dead     fanout  └─▶ canopy.dead   (dead letters: kept by the store, deadletters.py)
     canopy.gateways fanout  └─▶ every canopy.gateway.<instance> (Resync requests)
     canopy.liveness fanout  └─▶ canopy.liveness.<instance> of every decisions worker
                                           (exclusive; GatewayAlive heartbeats)
@@ -26,6 +26,30 @@ batch is with the broker leave together in the next one. An idle stack therefore
 and a busy one sends fewer, larger messages, because the broker's and aio-pika's cost is per
 message, not per envelope. A batch is an AMQP message of type `canopy.batch` whose body is a JSON
 array of envelopes; consumers accept batches and single envelopes alike.
+
+Dead letters, queue by queue. A message goes to `canopy.dead` only when no retry can ever
+succeed: its consumer rejects it at once (a body that is no envelope or log batch, or one of a
+newer major version than the reader's, see `messages`). No durable queue has a delivery limit
+(`x-delivery-limit`) any more: RabbitMQ counts a delivery each time a consumer's channel closes
+with the message unacked, so a worker in a crash loop dead-lettered, after 50 crashes, every
+message it held, and each of these queues' consumers fails only transiently:
+
+- `canopy.decisions.shard.<i>` (decisions): an input that makes experiment code raise is
+  logged with its error and acked; what is left is the broker, MongoDB or the store away,
+  which a redelivery cures. A dead-lettered input would be a frame already acknowledged to
+  its participant, and re-driving it later could not give it back its place in the group's
+  order. A handler bug that raises on one input every time stalls that shard instead, loudly
+  (an ERROR per attempt): a stall a deploy cures, where a dead letter would be a loss.
+- `canopy.store.events` (store): the writer holds a batch and retries MongoDB for as long as
+  it is away; a record MongoDB can never take goes to the quarantine, not the whole batch.
+- `canopy.timers` (timers): commands whose handling fails only while MongoDB is away.
+- gateway and liveness queues are exclusive, have no dead-letter exchange, and hold nothing
+  that outlives their consumer (a gateway counts and drops what it cannot forward; heartbeats
+  expire after 10 s).
+
+Queues that an older Canopy declared with the limit keep it (RabbitMQ refuses to redeclare a
+queue with other arguments): `Topology.declare` keeps them as they are and logs a warning;
+docs/operations.md "Dead letters" says how to recreate them.
 """
 
 from __future__ import annotations
@@ -121,6 +145,10 @@ def gateway_queue(instance: str) -> str:
     return f"canopy.gateway.{instance}"
 
 
+# What Canopy declared its quorum queues with before (see "Dead letters, queue by queue").
+LEGACY_DELIVERY_LIMIT = 50
+
+
 @dataclass(frozen=True)
 class Topology:
     shards: int
@@ -130,10 +158,41 @@ class Topology:
         args: dict[str, Any] = {"x-queue-type": self.queue_type, "x-dead-letter-exchange": DEAD}
         if single_active:
             args["x-single-active-consumer"] = True
-        if self.queue_type == "quorum":
-            # A message whose handler keeps failing is dead-lettered instead of looping forever.
-            args["x-delivery-limit"] = 50
         return args
+
+    async def _durable_queues(
+        self, channel: AbstractChannel, queues: list[tuple[str, dict[str, Any]]]
+    ) -> list[AbstractQueue]:
+        """Declare durable queues; one an older Canopy declared with a delivery limit is kept
+        with it. Each is tried first on a probe channel, since RabbitMQ answers a declaration
+        whose arguments differ from the queue's by closing the channel."""
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        probe: aiormq.abc.AbstractChannel | None = None
+        declared = []
+        try:
+            for name, arguments in queues:
+                if probe is None or probe.is_closed:
+                    probe = await underlay.connection.channel(publisher_confirms=False)
+                try:
+                    await probe.queue_declare(name, durable=True, arguments=arguments)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    if "x-delivery-limit" not in str(exc) or self.queue_type != "quorum":
+                        raise
+                    log.warning(
+                        "queue %s keeps the delivery limit an older Canopy gave it (%d): a "
+                        "consumer in a crash loop would dead-letter its messages; recreate it "
+                        "when it is empty (docs/operations.md, 'Dead letters')",
+                        name,
+                        LEGACY_DELIVERY_LIMIT,
+                    )
+                    arguments = arguments | {"x-delivery-limit": LEGACY_DELIVERY_LIMIT}
+                declared.append(
+                    await channel.declare_queue(name, durable=True, arguments=arguments)
+                )
+        finally:
+            if probe is not None and not probe.is_closed:
+                await probe.close()
+        return declared
 
     async def declare(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
         exchanges = {
@@ -149,21 +208,17 @@ class Topology:
             DEAD, durable=True, arguments={"x-queue-type": self.queue_type}
         )
         await dead.bind(exchanges[DEAD])
-        for index in range(self.shards):
-            queue = await channel.declare_queue(
-                shard_queue(index), durable=True, arguments=self._durable_args(single_active=True)
-            )
-            await queue.bind(exchanges[INPUTS], routing_key=f"shard.{index}.*")
-        store = await channel.declare_queue(
-            STORE_QUEUE, durable=True, arguments=self._durable_args()
+        *shards, store, timers = await self._durable_queues(
+            channel,
+            [(shard_queue(i), self._durable_args(single_active=True)) for i in range(self.shards)]
+            + [(STORE_QUEUE, self._durable_args()), (TIMERS_QUEUE, self._durable_args())],
         )
+        for index, queue in enumerate(shards):
+            await queue.bind(exchanges[INPUTS], routing_key=f"shard.{index}.*")
         await store.bind(exchanges[LOG], routing_key=LOG_KEY)
         # Before log batches, the store read frames and broadcasts straight off these
         # exchanges; a broker kept from then (make run's) must stop copying them to it.
         await store.unbind(exchanges[INPUTS], routing_key="shard.*.frame")
-        timers = await channel.declare_queue(
-            TIMERS_QUEUE, durable=True, arguments=self._durable_args()
-        )
         await timers.bind(exchanges[COMMANDS], routing_key=TIMERS_KEY)
         return exchanges
 
