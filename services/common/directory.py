@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict
+
+from services.common.messages import is_lobby, lobby_group
+
+if TYPE_CHECKING:
+    from services.common.lobby import LobbyConfig
 
 
 class ParticipantInfo(BaseModel):
@@ -60,6 +65,14 @@ class GroupConfig(BaseModel):
 
 class NotFound(LookupError):
     pass
+
+
+def _seat_info(body: dict[str, Any]) -> ParticipantInfo:
+    """A seat as the store answers it; a seat with no group yet (arrival grouping) is in its
+    session's lobby, addressed as `lobby_group(session)` with `id_in_group` 0."""
+    if body.get("group") is None and isinstance(body.get("session"), str):
+        body = {**body, "group": lobby_group(body["session"]), "id_in_group": 0}
+    return ParticipantInfo.model_validate(body)
 
 
 UNKNOWN_SEATS_REMEMBERED = 10_000
@@ -124,8 +137,9 @@ class Directory:
             if len(self._unknown_seats) > UNKNOWN_SEATS_REMEMBERED:
                 self._unknown_seats.popitem(last=False)
             raise NotFound("unknown seat") from None  # the path would hold the key
-        info = ParticipantInfo.model_validate(body)
-        self._seats[key] = info
+        info = _seat_info(body)
+        if not is_lobby(info.group):  # a seat in the lobby gets its group later
+            self._seats[key] = info
         return info
 
     async def group(self, group: str) -> GroupConfig:
@@ -163,6 +177,40 @@ class Directory:
         rows: list[dict[str, Any]] = orjson.loads(response.content)
         return rows
 
+    async def lobby(self, session: str) -> LobbyConfig:
+        """An arrival session's lobby as the store has it now (never cached: `formed` and
+        `labels` change as people arrive)."""
+        from services.common.lobby import LobbyConfig
+
+        return LobbyConfig.model_validate(
+            await self._get(f"/internal/lobbies/{quote(session, safe='')}")
+        )
+
+    async def lobby_log(self, session: str) -> list[dict[str, Any]]:
+        """The lobby's event log (its rows have the group ""), in its order."""
+        response = await self._client.get(
+            f"/internal/lobbies/{quote(session, safe='')}/log", timeout=60.0
+        )
+        if response.status_code == 404:
+            raise NotFound("unknown lobby")
+        response.raise_for_status()
+        rows: list[dict[str, Any]] = orjson.loads(response.content)
+        return rows
+
+    async def form_group(self, session: str, group: str, members: list[str]) -> list[str]:
+        """Form `group` of an arrival session with `members`, unless it was formed before:
+        the members it has now (MongoDB's word: a group is formed once)."""
+        response = await self._client.post(
+            f"/internal/lobbies/{quote(session, safe='')}/groups/{quote(group, safe='')}",
+            content=orjson.dumps({"members": members}),
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code == 404:
+            raise NotFound("unknown lobby or group")
+        response.raise_for_status()
+        body: dict[str, Any] = orjson.loads(response.content)
+        return [str(m) for m in body["members"]]
+
     async def join(self, join_key: str, query: dict[str, str], seat: str | None) -> dict[str, Any]:
         """A seat through a session's study link (PROTOCOL v2 "Online studies"): the store's
         answer, `{"key", "finished", "label"}` or `{"full": true, "redirect", "code"}`.
@@ -190,9 +238,11 @@ class Directory:
         if not isinstance(key, str) or not isinstance(info, dict) or key in self._seats:
             return
         try:
-            self._seats[key] = ParticipantInfo.model_validate(info)
+            seat = _seat_info(info)
         except ValueError:
             return  # a store that answers otherwise: the socket asks `/internal/seats`
+        if not is_lobby(seat.group):  # a seat in the lobby gets its group later
+            self._seats[key] = seat
         self._unknown_seats.pop(key, None)
 
     async def barrier_passed(self, barrier: str) -> bool:

@@ -6,6 +6,8 @@ commands (imperative, one handler):
     StartPeriod       decisions → timers: run period `payload.period` of a group now
     PausePeriod       decisions → timers: stop that period's clock (on_disconnect pause)
     ResumePeriod      decisions → timers: run its remaining ticks so that it ends at `ends_at`
+    WakeAt            decisions → timers: send a lobby a `lobby_timeout` tick for one person
+                      at `payload.at` (PROTOCOL v2 "The lobby"), once, durably
 
 events (past tense):
     FrameAccepted     gateway → decisions + store: a participant frame the broker confirmed
@@ -51,6 +53,7 @@ class MessageType(StrEnum):
     START_PERIOD = "StartPeriod"
     PAUSE_PERIOD = "PausePeriod"
     RESUME_PERIOD = "ResumePeriod"
+    WAKE_AT = "WakeAt"
     FRAME_ACCEPTED = "FrameAccepted"
     PRESENCE_CHANGED = "PresenceChanged"
     TIMER_FIRED = "TimerFired"
@@ -77,6 +80,20 @@ class Channel(StrEnum):
     FINISHED = "finished"
     # Internal control channel: tells a gateway to close a connection that was replaced.
     REPLACED = "replaced"
+
+
+# PROTOCOL v2 "The lobby": a session's lobby is addressed on the bus like a group, by this
+# prefix and the session's id (services/common/lobby.py); its log rows carry the group "".
+LOBBY_PREFIX = "lobby:"
+
+
+def lobby_group(session: str) -> str:
+    """The bus address of a session's lobby (its shard, its routes, its state)."""
+    return f"{LOBBY_PREFIX}{session}"
+
+
+def is_lobby(group: str) -> bool:
+    return group.startswith(LOBBY_PREFIX)
 
 
 _ID_PREFIX = os.urandom(10).hex()  # 80 random bits per process

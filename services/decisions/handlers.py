@@ -75,6 +75,8 @@ from services.common.group import (
     TimersCommand,
     rebuild,
 )
+from services.common.lobby import LobbyEffect, LobbyState, Record, WakeAt
+from services.common.lobby import rebuild as rebuild_lobby
 from services.common.logs import context
 from services.common.messages import (
     Channel,
@@ -83,6 +85,8 @@ from services.common.messages import (
     LogRecord,
     MessageType,
     inbound_record,
+    is_lobby,
+    lobby_group,
     new_id,
     now,
     outbound_record,
@@ -192,7 +196,13 @@ def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None
     return None
 
 
-def _stamp(state: GroupState, broadcast: Broadcast) -> float:
+def _out_record(envelope: Envelope) -> LogRecord:
+    """The log row of a frame out; a lobby's rows have the group "" (PROTOCOL v2)."""
+    record = outbound_record(envelope)
+    return record.model_copy(update={"group": ""}) if is_lobby(record.group) else record
+
+
+def _stamp(state: GroupState | LobbyState, broadcast: Broadcast) -> float:
     """A broadcast's row `ts`: the state machine's (ticks), or the group's next one."""
     return broadcast.ts if broadcast.ts is not None else state.stamp(now())
 
@@ -216,6 +226,8 @@ class DecisionsWorker:
         self._resync_window = resync_window
         self._liveness_timeout = liveness_timeout
         self.groups: dict[str, GroupState] = {}
+        # Arrival sessions' lobbies by their bus address (services.common.lobby).
+        self.lobbies: dict[str, LobbyState] = {}
         self.routes = Routes()
         self._outputs: dict[str, Batcher] = {}  # gateway queue → its batcher
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
@@ -274,6 +286,7 @@ class DecisionsWorker:
         Called once the shard's consumer stopped and everything it handled is acknowledged;
         if the shard comes back, its groups are rebuilt from the log like after a restart."""
         gone = [group for group in self.groups if shard_of(group, shards) == index]
+        gone += [lobby for lobby in self.lobbies if shard_of(lobby, shards) == index]
         for group in gone:
             self._forget(group)
         self._metrics.groups.set(len(self.groups))
@@ -281,6 +294,10 @@ class DecisionsWorker:
 
     def _forget(self, group: str) -> None:
         """Drop a group's state (its shard moved, or it ended): the log can rebuild it."""
+        if is_lobby(group):
+            del self.lobbies[group]
+            self.routes.forget(group)
+            return
         del self.groups[group]
         handle = self._flush_handles.pop(group, None)
         if handle is not None:
@@ -393,6 +410,12 @@ class DecisionsWorker:
         log.warning("gateway %s is silent: %d participants disconnected", gateway, len(gone))
         self._metrics.gateways_lost.inc()
         for group, participant, connection in gone:
+            if is_lobby(group):
+                lobby = self.lobbies.get(group)
+                if lobby is not None:
+                    effects = lobby.on_presence(participant, connection, False, now=now())
+                    await self._apply_now(lobby, effects)
+                continue
             state = self.groups.get(group)
             if state is not None and state.may_finish("disconnect"):
                 await self._refresh_labels(state)
@@ -409,6 +432,8 @@ class DecisionsWorker:
         batch holding this input's records; the caller acknowledges the input then, while the
         next input is already being handled.
         """
+        if is_lobby(envelope.group):
+            return await self._handle_lobby(envelope)
         started = time.perf_counter()
         state = await self._state(envelope.group)
         finishing = _finishing(envelope)
@@ -450,7 +475,7 @@ class DecisionsWorker:
 
     async def _confirmed(
         self,
-        state: GroupState,
+        state: GroupState | LobbyState,
         publishes: list[asyncio.Future[None]],
         written: asyncio.Future[None] | None,
         started: float,
@@ -466,7 +491,7 @@ class DecisionsWorker:
                 await written
         except BaseException:
             group = state.config.group
-            if self.groups.get(group) is state:
+            if self._held(group) is state:
                 log.warning(
                     "outputs of an input of group %s failed: its state is rebuilt from the log",
                     group,
@@ -477,6 +502,132 @@ class DecisionsWorker:
                 self._metrics.groups.set(len(self.groups))
             raise
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
+
+    def _held(self, group: str) -> GroupState | LobbyState | None:
+        """The state this worker holds for a group or a lobby, if any."""
+        return self.lobbies.get(group) if is_lobby(group) else self.groups.get(group)
+
+    async def _await_tainted(self, group: str) -> None:
+        """Before rebuilding a group whose dropped state sent rows that may still be on their
+        way to the store: until the log holds them."""
+        if group in self._tainted:
+            unlogged = list(self._unlogged)
+            if unlogged:
+                await asyncio.wait(unlogged)
+            await self._log_barrier()
+            self._tainted.discard(group)
+
+    # -- lobbies (PROTOCOL v2 "The lobby") -----------------------------------------------------
+
+    async def _handle_lobby(self, envelope: Envelope) -> Awaitable[None]:
+        """Apply one input of a lobby, form the groups it makes possible, and publish.
+
+        A group is formed in the store first (`Directory.form_group`: MongoDB decides, once),
+        then logged and announced; the store's members win over the proposal."""
+        started = time.perf_counter()
+        found = await self._lobby(envelope.session)
+        if found is None:
+            log.warning(
+                "input for the lobby of unknown session %s dropped",
+                envelope.session,
+                extra=context(envelope.session, "", message_id=envelope.id),
+            )
+            return completed()
+        lobby, effects = found
+        self.routes.learn(envelope)
+        effects.extend(self._apply_lobby_input(lobby, envelope, now()))
+        effects.extend(await self._form_groups(lobby))
+        records: list[LogRecord] = []
+        publishes = self._carry_out(lobby, effects, records)
+        self._metrics.input[envelope.type].inc()
+        written = self._add_to_log(records) if records else None
+        return self._confirmed(lobby, publishes, written, started)
+
+    def _apply_lobby_input(
+        self, lobby: LobbyState, envelope: Envelope, ts: float
+    ) -> list[LobbyEffect]:
+        payload: Any = envelope.payload if isinstance(envelope.payload, dict) else {}
+        if envelope.type is MessageType.PRESENCE_CHANGED:
+            if envelope.participant is None or envelope.connection is None:
+                return []
+            connected = bool(payload.get("connected"))
+            return lobby.on_presence(envelope.participant, envelope.connection, connected, now=ts)
+        if envelope.type is MessageType.TIMER_FIRED:
+            participant = str(payload.get("participant") or envelope.participant or "")
+            return lobby.on_timer(str(payload.get("event")), participant, now=ts)
+        # Frames never come here: the gateway answers a lobby connection's frames itself.
+        log.error("unexpected %s for a lobby: %s", envelope.type, envelope.id)
+        return []
+
+    async def _form_groups(self, lobby: LobbyState) -> list[LobbyEffect]:
+        """Every group the people waiting now can form, formed in the store, in order."""
+        effects: list[LobbyEffect] = []
+        session = lobby.config.session
+        while (proposal := lobby.proposal()) is not None:
+            group, members = proposal
+            delay = 0.1
+            while True:  # the store is briefly unreachable: wait, keeping the lobby's order
+                try:
+                    formed = await self._directory.form_group(session, group, members)
+                    break
+                except NotFound:  # the session was deleted, or the store has no such group
+                    log.error("group %s of the lobby of %s cannot be formed", group, session)
+                    return effects
+                except httpx.HTTPError as exc:
+                    log.warning("store unreachable forming group %s (%s); retrying", group, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            effects.extend(lobby.form(group, formed, now=now()))
+            log.info(
+                "group %s formed from the lobby: %s",
+                group,
+                ", ".join(formed),
+                extra=context(session, group),
+            )
+        return effects
+
+    async def _lobby(self, session: str) -> tuple[LobbyState, list[LobbyEffect]] | None:
+        """The lobby's state, rebuilt from its log if this worker does not hold it; with the
+        effects a rebuild owes: groups the store formed that the log does not show (a worker
+        died between the two), and every waiting person's wake-up, asked for again."""
+        group = lobby_group(session)
+        held = self.lobbies.get(group)
+        if held is not None:
+            return held, []
+        await self._await_tainted(group)
+        delay = 0.1
+        while True:
+            try:
+                config = await self._directory.lobby(session)
+                rows = await self._directory.lobby_log(session)
+                break
+            except NotFound:
+                return None
+            except httpx.HTTPError as exc:
+                log.warning("store unreachable for the lobby of %s (%s); retrying", session, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        held = self.lobbies.get(group)  # another shard consumer may have raced us here
+        if held is not None:
+            return held, []
+        lobby = rebuild_lobby(config, rows)
+        self.lobbies[group] = lobby
+        effects: list[LobbyEffect] = []
+        for formed_group in config.groups:
+            members = config.formed.get(formed_group)
+            if members and formed_group not in lobby.formed:
+                effects.extend(lobby.form(formed_group, members, now=now()))
+        effects.extend(WakeAt(code, lobby.deadline(code)) for code in lobby.waiting)
+        if any(w.connection == UNKNOWN for w in lobby.waiting.values()):
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, self._started + self._resync_window - loop.time())
+            loop.call_later(wait, lambda: self._start_task(self._expire_lobby(lobby)))
+        if rows:
+            log.info("lobby of %s rebuilt from %d log rows", session, len(rows))
+        return lobby, effects
+
+    async def _expire_lobby(self, lobby: LobbyState) -> None:
+        await self._apply_now(lobby, lobby.expire_unknown(now()))
 
     def _count_frame(
         self, state: GroupState, envelope: Envelope, effects: list[Effect], origin: float
@@ -521,13 +672,7 @@ class DecisionsWorker:
         state = self.groups.get(group)
         if state is not None:
             return state
-        if group in self._tainted:
-            # Its dropped state had sent rows that may still be on their way to the store.
-            unlogged = list(self._unlogged)
-            if unlogged:
-                await asyncio.wait(unlogged)
-            await self._log_barrier()
-            self._tainted.discard(group)
+        await self._await_tainted(group)  # its dropped state's rows may be on their way
         delay = 0.1
         while True:  # the store is briefly unreachable: wait, keeping the group's order
             try:
@@ -605,10 +750,13 @@ class DecisionsWorker:
         await self._apply_now(state, effects)
 
     async def _apply_now(
-        self, state: GroupState, effects: list[Effect], origin: float | None = None
+        self,
+        state: GroupState | LobbyState,
+        effects: list[Effect] | list[LobbyEffect],
+        origin: float | None = None,
     ) -> None:
         """Carry out effects produced outside the shard queue's order (timers of our own)."""
-        if not effects or self.groups.get(state.config.group) is not state:
+        if not effects or self._held(state.config.group) is not state:
             return  # nothing to do, or the group moved to another worker meanwhile
         group = state.config.group
         self._applying[group] = self._applying.get(group, 0) + 1
@@ -623,7 +771,8 @@ class DecisionsWorker:
                 del self._applying[group]
             else:
                 self._applying[group] -= 1
-        self._consider_eviction(state)
+        if isinstance(state, GroupState):
+            self._consider_eviction(state)
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -632,8 +781,8 @@ class DecisionsWorker:
 
     def _carry_out(
         self,
-        state: GroupState,
-        effects: list[Effect],
+        state: GroupState | LobbyState,
+        effects: list[Effect] | list[LobbyEffect],
         records: list[LogRecord],
         origin: float | None = None,
     ) -> list[asyncio.Future[None]]:
@@ -663,7 +812,7 @@ class DecisionsWorker:
                 )
                 tasks.extend(self._send(envelope))
                 if logged:
-                    records.append(outbound_record(envelope))
+                    records.append(_out_record(envelope))
                 if to_group and origin is not None:  # handed to the batchers: out right away
                     self._metrics.end_to_end_seconds.observe(envelope.ts - origin)
                 self._metrics.broadcast(effect.channel).inc()
@@ -673,8 +822,28 @@ class DecisionsWorker:
                     type=kind, session=config.session, group=config.group, payload=payload
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
-            elif isinstance(effect, FlushAt):
+            elif isinstance(effect, FlushAt) and isinstance(state, GroupState):
                 self._schedule_flush(state, effect.at)
+            elif isinstance(effect, Record):  # a lobby's own event: logged, sent to nobody
+                envelope = Envelope(
+                    type=MessageType.BROADCAST,
+                    session=config.session,
+                    group=config.group,
+                    participant=effect.participant,
+                    channel=effect.channel,
+                    ts=effect.ts if effect.ts is not None else state.stamp(now()),
+                    payload=effect.payload,
+                )
+                records.append(_out_record(envelope))
+            elif isinstance(effect, WakeAt):
+                envelope = Envelope(
+                    type=MessageType.WAKE_AT,
+                    session=config.session,
+                    group=config.group,
+                    participant=effect.participant,
+                    payload={"at": effect.at, "event": "lobby_timeout"},
+                )
+                tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
         return tasks
 
     def _send(self, envelope: Envelope) -> list[asyncio.Future[None]]:

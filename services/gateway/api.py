@@ -38,6 +38,7 @@ from services.common.messages import (
     Envelope,
     InboundFrame,
     MessageType,
+    is_lobby,
     server_frame,
 )
 from services.common.seats import well_formed
@@ -304,6 +305,14 @@ class Participants:
                     self._settings.hello_timeout,
                 )
         seq = frame.seq
+        if is_lobby(connection.group) and seq > connection.last_seq:
+            # PROTOCOL v2 "The lobby": no group yet, so nothing to decide. Refused here, not
+            # acknowledged (an acknowledged frame would have to reach a group's log).
+            self._metrics.frame_outcome(frame.channel, ErrorCode.PERIOD_NOT_RUNNING).inc()
+            message = "you are in the lobby: your group has not formed yet"
+            payload = {"code": ErrorCode.PERIOD_NOT_RUNNING, "message": message, "seq": seq}
+            self._reply(connection, server_frame(Channel.ERROR, payload))
+            return
         if seq <= connection.last_seq:
             self._metrics.frame_outcome(frame.channel, "duplicate").inc()
             self._metrics.acks.inc()

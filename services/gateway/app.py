@@ -29,12 +29,13 @@ from services.common.bus import (
     shard_of,
 )
 from services.common.directory import Directory
+from services.common.errors import CloseCode
 from services.common.health import VitalTasks, health_router
 from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
 from services.gateway.api import SOCKET_PATH, Participants, participant_router
-from services.gateway.handlers import Hub
+from services.gateway.handlers import Connection, Hub
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
@@ -107,6 +108,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 log.exception("could not announce %s again", connection.participant)
 
     hub.on_resync = resync
+
+    async def regroup(connection: Connection) -> None:
+        try:
+            await participants.announce(connection)
+        except Exception:
+            # Its socket is closed instead: the browser reconnects to the seat, which the
+            # store now gives its group.
+            log.exception("could not announce %s in its new group", connection.participant)
+            connection.close(CloseCode.INTERNAL_ERROR, "server error; reconnect")
+
+    hub.on_regroup = regroup
 
     async def heartbeat() -> None:
         alive = Envelope(type=MessageType.GATEWAY_ALIVE, session="", group="", gateway=me)

@@ -24,8 +24,17 @@ from starlette.websockets import WebSocket, WebSocketState
 from services.common.bus import decode_message
 from services.common.directory import ParticipantInfo
 from services.common.errors import CloseCode
+from services.common.lobby import GROUP_FORMED, LOBBY
 from services.common.logs import context
-from services.common.messages import Channel, Envelope, MessageType, new_id, now, server_frame
+from services.common.messages import (
+    Channel,
+    Envelope,
+    MessageType,
+    is_lobby,
+    new_id,
+    now,
+    server_frame,
+)
 from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import GatewayMetrics
 
@@ -179,6 +188,9 @@ class Hub:
         # Announce connections again (set by the composition root); see `Resync`. The argument
         # is the shards whose groups to announce (a worker took them over), None for all.
         self.on_resync: Callable[[list[int] | None], Coroutine[Any, Any, None]] | None = None
+        # Announce a connection in the group the lobby just gave it (set by the composition
+        # root, like `on_resync`): its presence there brings the group's `hello`.
+        self.on_regroup: Callable[[Connection], Coroutine[Any, Any, None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Computed when Prometheus scrapes, not on every frame.
         metrics.outbox_frames.set_function(
@@ -291,6 +303,37 @@ class Hub:
             self._metrics.replacements.inc()
             connection.replaced = True
             connection.close(CloseCode.REPLACED, "replaced by a newer connection")
+        elif envelope.channel == LOBBY:
+            self._deliver(connection, server_frame(LOBBY, envelope.payload, envelope.ts))
+        elif envelope.channel == GROUP_FORMED:
+            self._regroup(connection, envelope.payload)
+
+    def _regroup(self, connection: Connection, payload: Any) -> None:
+        """The lobby formed this connection's group (PROTOCOL v2 "The lobby"): from now on
+        the connection belongs to that group (its frames, its presence, its broadcasts), and
+        it says so to the group, whose `hello` the browser gets next."""
+        members = payload.get("members") if isinstance(payload, dict) else None
+        group = payload.get("group") if isinstance(payload, dict) else None
+        participant = connection.participant
+        if not isinstance(group, str) or not isinstance(members, list):
+            return
+        if participant not in members or not is_lobby(connection.group):
+            return  # not this person's group, or moved already (a repeated notice)
+        old = connection.group
+        connection.info = connection.info.model_copy(
+            update={"group": group, "id_in_group": members.index(participant) + 1}
+        )
+        if self.connections.get(participant) is connection:
+            waiting = self._members_here[old]
+            waiting.discard(participant)
+            if not waiting:
+                del self._members_here[old]
+            self._members_here[group].add(participant)
+            self._metrics.groups.set(len(self._members_here))
+        if self.on_regroup is not None:
+            task = asyncio.get_running_loop().create_task(self.on_regroup(connection))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _broadcast(self, envelope: Envelope) -> None:
         self._metrics.broadcasts.inc()

@@ -30,8 +30,10 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
 from services.common import experiments
-from services.common.directory import Directory, NotFound
+from services.common.directory import Directory, GroupConfig, NotFound
 from services.common.experiments import BimatrixParams
+from services.common.lobby import LobbyConfig
+from services.common.messages import is_lobby
 from services.common.seats import well_formed
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,28 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
         return None
     try:
         info = await directory.seat(key)
-        group = await directory.group(info.group)
+        group: GroupConfig | LobbyConfig
+        if is_lobby(info.group):  # no group yet: the session's settings, from its lobby
+            group = await directory.lobby(info.session)
+        else:
+            group = await directory.group(info.group)
     except NotFound:
         return None
+    if isinstance(group, LobbyConfig):
+        return {
+            "participant": info.participant,
+            "experiment": group.experiment,
+            "grouping": "arrival",
+            "id_in_group": None,
+            "members": [],
+            "group_size": group.group_size,
+            "lobby_timeout": group.lobby_timeout,
+            "num_periods": group.num_periods,
+            "period_length": group.period_length,
+            "num_subperiods": group.num_subperiods,
+            "on_disconnect": group.on_disconnect,
+            "params": page_params(group.experiment, group.params),
+        }
     config: dict[str, Any] = {"participant": info.participant}
     config.update(
         experiment=group.experiment,

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Annotated, Any, Literal
 
 import orjson
+from aio_pika.exceptions import AMQPError, PublishError
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,12 +42,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common import experiments, outcomes
 from services.common.errors import ApiCode, ApiError
+from services.store.deadletters import DeadLetterKeeper, NotRedrivable
 from services.store.domain import (
     EXPORT_COLUMNS,
     CreateSession,
     group_config,
     iso_ts,
     layout_session,
+    lobby_config,
 )
 from services.store.metrics import StoreMetrics
 from services.store.replay import replay_session
@@ -288,6 +291,8 @@ def session_summary(
                 "status": seat_status(p),
                 "outcome": p.get("outcome"),
                 "finished_at": iso_ts(p["finished_at"]) if p.get("finished_at") else None,
+                # Arrival grouping: when the person first came to the lobby.
+                "lobby_since": iso_ts(p["lobby_since"]) if p.get("lobby_since") else None,
                 # Ended periods' payoffs (PROTOCOL v1.1), keyed by the period's number.
                 "payoffs": {
                     period: _finite_or_none(payoff)
@@ -304,11 +309,14 @@ def session_summary(
 
 
 def seat_status(participant: dict[str, Any]) -> str:
-    """`finished` (it has an outcome), `playing` (seen connected, or given by the study
-    link), else `unassigned` (`lobby` comes with grouping by arrival)."""
+    """`finished` (it has an outcome); `lobby` (arrival grouping: given to someone, no group
+    yet); `playing` (seen connected, or given by the study link); else `unassigned`."""
     if participant.get("outcome"):
         return "finished"
-    if participant.get("seen") or participant.get("taken"):
+    taken = participant.get("seen") or participant.get("taken")
+    if taken and "group" in participant and participant["group"] is None:
+        return "lobby"
+    if taken:
         return "playing"
     return "unassigned"
 
@@ -648,6 +656,25 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
         labels = await repository.group_labels(session["_id"], group_id)
         return group_config(session, document, labels).model_dump()
 
+    @router.get("/lobbies/{session_id}")
+    async def lobby(session_id: str) -> dict[str, Any]:
+        """An arrival session's lobby (services.common.lobby.LobbyConfig), as it is now."""
+        session = await repository.session(session_id)
+        if session is None or session.get("grouping") != "arrival":
+            raise ApiError(404, ApiCode.NOT_FOUND, "no lobby")
+        groups = await repository.session_groups(session_id)
+        labels = await repository.session_labels(session_id)
+        return lobby_config(session, groups, labels).model_dump()
+
+    @router.post("/lobbies/{session_id}/groups/{group_id}")
+    async def form_group(session_id: str, group_id: str, request: FormGroup) -> dict[str, Any]:
+        """Form a group of the lobby (decisions, once `group_size` people wait): the members
+        it has now, the request's or those of whoever formed it first."""
+        members = await repository.form_group(session_id, group_id, request.members)
+        if not members:
+            raise ApiError(404, ApiCode.NOT_FOUND, "unknown group")
+        return {"group": group_id, "members": members}
+
     @router.post("/join/{join_key}")
     async def join(join_key: str, request: JoinRequest) -> dict[str, Any]:
         """A seat for someone who opened the study link (the gateway checked the join key's
@@ -691,6 +718,16 @@ def seat_info(document: dict[str, Any]) -> dict[str, Any]:
 
 
 MAX_LABEL = 128  # as a label in `labels` (CreateSession)
+
+
+class FormGroup(BaseModel):
+    """Body of `POST /internal/lobbies/{session}/groups/{group}`: the members, in order."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    members: Annotated[
+        list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=1_000)
+    ]
 
 
 class JoinRequest(BaseModel):

@@ -23,6 +23,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.common import experiments
 from services.common.directory import GroupConfig
+from services.common.lobby import LobbyConfig
 from services.common.messages import LogRecord
 from services.common.outcomes import Completion, Outcome, Payment
 from services.common.seats import new_key
@@ -112,6 +113,10 @@ class CreateSession(BaseModel):
     label_param: str = Field(default="label", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     completion: dict[Outcome, Completion] = Field(default_factory=dict)
     payment: Payment = Field(default_factory=Payment)
+    # PROTOCOL v2 "The lobby" (services/common/lobby.py): groups formed as people arrive.
+    grouping: Literal["fixed", "arrival"] = "fixed"
+    lobby_timeout: float = Field(default=300.0, gt=0, le=86_400)
+    on_lobby_timeout: Literal["release", "bots"] = "release"
 
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
@@ -221,6 +226,7 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
         for outcome, target in request.completion.items()
     }
     labels = iter(request.labels or [])
+    arrival = request.grouping == "arrival"
     groups, participants = [], []
     for _ in range(request.num_participants // request.group_size):
         group_id = new_group_id()
@@ -229,7 +235,9 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
             {
                 "_id": group_id,
                 "session": session_id,
-                "members": codes,
+                # Arrival grouping: no members until the lobby forms the group.
+                "members": [] if arrival else codes,
+                **({"formed": False} if arrival else {}),
                 "period": {"number": 1, "state": "waiting", "ends_at": None},
             }
         )
@@ -239,8 +247,8 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
                 "_id": code,
                 "key": key,
                 "session": session_id,
-                "group": group_id,
-                "id_in_group": index,
+                "group": None if arrival else group_id,
+                "id_in_group": None if arrival else index,
                 "experiment": request.experiment,
                 "url": participant_url(public_url, key),
                 "connected": False,
@@ -259,6 +267,32 @@ def layout_session(request: CreateSession, public_url: str, seat_secret: bytes) 
         "groups": [g["_id"] for g in groups],
     }
     return {"session": session, "groups": groups, "participants": participants}
+
+
+def lobby_config(
+    session: dict[str, Any],
+    groups: list[dict[str, Any]],
+    labels: dict[str, str] | None = None,
+) -> LobbyConfig:
+    """An arrival session's lobby (what decisions asks for over /internal): its groups in
+    order, those formed already with their members, and the settings a seat's page shows."""
+    order = list(session["groups"])
+    return LobbyConfig(
+        session=session["_id"],
+        experiment=session["experiment"],
+        group_size=session["group_size"],
+        lobby_timeout=float(session.get("lobby_timeout", 300.0)),
+        on_lobby_timeout=session.get("on_lobby_timeout", "release"),
+        groups=order,
+        formed={g["_id"]: list(g["members"]) for g in groups if g.get("members")},
+        completion=session.get("completion") or {},
+        labels=labels or {},
+        num_periods=session["num_periods"],
+        period_length=session["period_length"],
+        num_subperiods=session["num_subperiods"],
+        on_disconnect=session.get("on_disconnect", "continue"),
+        params=session["params"],
+    )
 
 
 def event_document(record: LogRecord) -> dict[str, Any]:

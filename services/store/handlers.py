@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 # The channel of a seat's `finished` message: an `out` row addressed to that participant.
 FINISHED = "finished"
+LOBBY_JOIN, LOBBY_LEAVE = "lobby_join", "lobby_leave"  # services.common.lobby's rows
 
 
 def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
@@ -75,6 +76,12 @@ def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
             # never gives it to a newcomer, who would take over that play and its payoffs.
             fields["taken"] = True
         return [("participants", str(value["participant"]), fields)]
+    if record.channel == LOBBY_JOIN and record.group == "":
+        # PROTOCOL v2 "The lobby": waiting for a group (the session detail's status `lobby`).
+        fields = {"connected": True, "seen": True, "taken": True, "lobby_since": value["arrived"]}
+        return [("participants", str(value["participant"]), fields)]
+    if record.channel == LOBBY_LEAVE and record.group == "":
+        return [("participants", str(value["participant"]), {"connected": False})]
     if record.channel == FINISHED and record.participant:
         finished = {"outcome": value.get("outcome"), "finished_at": record.ts}
         return [("participants", record.participant, finished)]

@@ -4,6 +4,7 @@
 everything published to the log before it is in MongoDB too (404 until then).
 `GET /internal/groups/{group}/log`: the group's log in its one order, as a JSON array of
 `{"ts", "participant", "direction", "channel", "seq", "value"}` (value as it was sent).
+`GET /internal/lobbies/{session}/log`: the same for an arrival session's lobby (group "").
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def recovery_router(repository: Repository, token: str) -> APIRouter:
     async def group_log(group_id: str) -> StreamingResponse:
         return StreamingResponse(
             _log_chunks(repository.group_events(group_id)), media_type="application/json"
+        )
+
+    @router.get("/lobbies/{session_id}/log")
+    async def lobby_log(session_id: str) -> StreamingResponse:
+        return StreamingResponse(
+            _log_chunks(repository.lobby_events(session_id)), media_type="application/json"
         )
 
     return router

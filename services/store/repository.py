@@ -340,6 +340,47 @@ class Repository:
     async def group(self, group_id: str) -> dict[str, Any] | None:
         return await self.groups.find_one({"_id": group_id})
 
+    # -- the lobby (PROTOCOL v2 "The lobby") ---------------------------------------------------
+
+    async def form_group(self, session_id: str, group_id: str, members: list[str]) -> list[str]:
+        """Form an arrival session's group with `members` unless it was formed already; the
+        members it has. The group document decides: only an update of a group not `formed`
+        yet succeeds, so a group is formed once, whoever asks and however often. The seats
+        are given their group after it (again on a repeated call: a worker that died between
+        the two finishes it when it asks again). An empty list: no such group."""
+        # `formed` false, not `members: []`: nx-27017 does not match an empty array that way.
+        document = await self.groups.find_one_and_update(
+            {"_id": group_id, "session": session_id, "formed": False},
+            {"$set": {"members": members, "formed": True, "formed_at": time.time()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if document is None:
+            document = await self.groups.find_one({"_id": group_id, "session": session_id})
+            if document is None:
+                return []
+        formed = [str(code) for code in document["members"]]
+        for index, code in enumerate(formed, start=1):
+            await self.participants.update_one(
+                {"_id": code, "session": session_id},
+                {"$set": {"group": group_id, "id_in_group": index}},
+            )
+        return formed
+
+    async def session_labels(self, session_id: str) -> dict[str, str]:
+        """Every label a session's seats have now (code → label)."""
+        cursor = self.participants.find(
+            {"session": session_id, "label": {"$exists": True}}, projection={"label": True}
+        )
+        return {str(p["_id"]): str(p["label"]) async for p in cursor}
+
+    async def lobby_events(
+        self, session_id: str, *, batch_size: int = 2000
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A session's lobby log (its rows have the group "") in its order."""
+        cursor = self.events.find({"session": session_id, "group": ""}, batch_size=batch_size)
+        async for document in cursor.sort([("ts", ASCENDING)]):
+            yield document
+
     # -- the event log -----------------------------------------------------------------------
 
     async def insert_events(self, documents: list[dict[str, Any]]) -> int:

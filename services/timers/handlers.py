@@ -117,6 +117,8 @@ class TimersWorker:
             await self._pause_period(envelope)
         elif envelope.type is MessageType.RESUME_PERIOD:
             await self._resume_period(envelope)
+        elif envelope.type is MessageType.WAKE_AT:
+            await self._wake_at(envelope)
         else:
             log.error("unexpected %s on the timers queue: %s", envelope.type, envelope.id)
 
@@ -180,16 +182,44 @@ class TimersWorker:
         if not document["done"] and not document.get("paused"):
             self._start(document)  # a repeated command for a running period changes nothing
 
+    async def _wake_at(self, envelope: Envelope) -> None:
+        """A lobby's wake-up for one person: claimed durably, then run (see the repository)."""
+        payload = envelope.payload
+        claimed: dict[str, Any] = {}
+
+        async def claim() -> None:
+            claimed.update(
+                await self._repository.claim_wakeup(
+                    session=envelope.session,
+                    group=envelope.group,
+                    participant=str(envelope.participant or payload["participant"]),
+                    at=float(payload["at"]),
+                    event=str(payload.get("event", "lobby_timeout")),
+                )
+            )
+
+        await retry_forever(claim, f"claiming a wake-up of {envelope.group}")
+        if not claimed["done"]:
+            self._start(claimed)
+
     def _start(self, document: dict[str, Any]) -> None:
         key = str(document["_id"])
         if key in self._periods:
             return
         task = asyncio.create_task(self._run(document))
-        log.info(
-            "period %s: ticks scheduled",
-            document["period"],
-            extra=context(str(document["session"]), str(document["group"])),
-        )
+        if document.get("kind") == "wakeup":
+            log.info(
+                "wake-up for %s at %.3f scheduled",
+                document["participant"],
+                document["at"],
+                extra=context(str(document["session"]), str(document["group"])),
+            )
+        else:
+            log.info(
+                "period %s: ticks scheduled",
+                document["period"],
+                extra=context(str(document["session"]), str(document["group"])),
+            )
         self._periods[key] = task
         self._metrics.running.set(len(self._periods))
         task.add_done_callback(lambda _: self._finished(key))
@@ -199,6 +229,9 @@ class TimersWorker:
         self._metrics.running.set(len(self._periods))
 
     async def _run(self, document: dict[str, Any]) -> None:
+        if document.get("kind") == "wakeup":
+            await self._run_wakeup(document)
+            return
         ticks = schedule(
             int(document["period"]),
             float(document["starts_at"]),
@@ -218,6 +251,37 @@ class TimersWorker:
                 self._repository.record_fired, str(document["_id"]), fired, done=fired == len(ticks)
             )
             await retry_forever(record, f"recording {tick.event}", first_delay=0.1)
+
+    async def _run_wakeup(self, document: dict[str, Any]) -> None:
+        """Sleep until the wake-up's time, send its one tick, record it done."""
+        at = float(document["at"])
+        await asyncio.sleep(max(0.0, at - now()))
+        group = str(document["group"])
+        payload: dict[str, Any] = {
+            "event": str(document["event"]),
+            "participant": str(document["participant"]),
+            "at": at,
+        }
+        if at < self._led_since:
+            payload["late"] = True
+        envelope = Envelope(
+            type=MessageType.TIMER_FIRED,
+            session=str(document["session"]),
+            group=group,
+            participant=str(document["participant"]),
+            channel=str(document["event"]),
+            payload=payload,
+        )
+
+        async def fire() -> None:
+            await self._bus.publish(
+                INPUTS, input_key(group, self._bus.topology.shards, "timer"), envelope
+            )
+
+        await retry_forever(fire, str(document["event"]))
+        self._metrics.ticks.labels(str(document["event"])).inc()
+        record = partial(self._repository.record_fired, str(document["_id"]), 1, done=True)
+        await retry_forever(record, f"recording {document['event']}", first_delay=0.1)
 
     async def _fire(self, document: dict[str, Any], tick: Tick, *, late: bool) -> None:
         group = str(document["group"])

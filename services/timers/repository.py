@@ -8,6 +8,10 @@ may go out twice; decisions applies a tick once). The first `StartPeriod` for a 
 its schedule; a repeated one finds it. A paused period (on_disconnect pause) is not run; its
 resumption moves `starts_at` by the pause, so the remaining ticks keep their spacing.
 
+A lobby's wake-up (PROTOCOL v2 "The lobby": one person's deadline) is a schedule of one tick:
+`{_id: "<lobby>:wake:<participant>", kind: "wakeup", session, group, participant, at, event,
+fired, done}`; the first `WakeAt` creates it, a repeated one finds it.
+
 `timer_leases`: `{_id: "timers", owner, expires_at}`: only the owner runs schedules, so two
 replicas never tick the same period. MongoDB decides who holds it (a conditional update, and
 the unique `_id` when two try to create it at once); nothing of Canopy's own.
@@ -65,6 +69,30 @@ class TimersRepository:
             "starts_at": now,
             "length": length,
             "num_subperiods": num_subperiods,
+            "fired": 0,
+            "done": False,
+        }
+        try:
+            await self.schedules.insert_one(document)
+        except DuplicateKeyError:
+            existing = await self.schedules.find_one({"_id": document["_id"]})
+            if existing is not None:
+                return existing
+            raise
+        return document
+
+    async def claim_wakeup(
+        self, *, session: str, group: str, participant: str, at: float, event: str
+    ) -> dict[str, Any]:
+        """A wake-up's schedule: created now or as created before (see `claim`)."""
+        document = {
+            "_id": f"{group}:wake:{participant}",
+            "kind": "wakeup",
+            "session": session,
+            "group": group,
+            "participant": participant,
+            "at": at,
+            "event": event,
             "fired": 0,
             "done": False,
         }

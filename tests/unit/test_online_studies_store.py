@@ -17,7 +17,7 @@ def row(channel: str, value: Any, participant: str | None = None, direction: str
         session="s",
         group="g",
         participant=participant,
-        direction=direction,  # type: ignore[arg-type]
+        direction=direction,
         channel=channel,
         seq=None,
         value=value,
@@ -48,6 +48,10 @@ def test_seat_status() -> None:
     assert seat_status({"taken": True}) == "playing"
     assert seat_status({"seen": True}) == "playing"
     assert seat_status({"seen": True, "outcome": "completed"}) == "finished"
+    # Arrival grouping: someone came, and the lobby has not given their seat a group yet.
+    assert seat_status({"group": None, "taken": True}) == "lobby"
+    assert seat_status({"group": None}) == "unassigned"
+    assert seat_status({"group": "g1", "taken": True}) == "playing"
 
 
 def test_payments_rows_csv_and_prolific_text() -> None:
