@@ -29,10 +29,11 @@ array of envelopes; consumers accept batches and single envelopes alike.
 
 Dead letters, queue by queue. A message goes to `canopy.dead` only when no retry can ever
 succeed: its consumer rejects it at once (a body that is no envelope or log batch, or one of a
-newer major version than the reader's, see `messages`). No durable queue has a delivery limit
-(`x-delivery-limit`) any more: RabbitMQ counts a delivery each time a consumer's channel closes
-with the message unacked, so a worker in a crash loop dead-lettered, after 50 crashes, every
-message it held, and each of these queues' consumers fails only transiently:
+newer major version than the reader's, see `messages`). No durable queue dead-letters after a
+number of deliveries that a failure could reach any more. RabbitMQ counts a delivery each time
+a consumer's channel closes with the message unacked, so with the old `x-delivery-limit` of 50
+a worker in a crash loop dead-lettered, at its 51st crash, every message it held; and each of
+these queues' consumers fails only transiently:
 
 - `canopy.decisions.shard.<i>` (decisions): an input that makes experiment code raise is
   logged with its error and acked; what is left is the broker, MongoDB or the store away,
@@ -47,7 +48,14 @@ message it held, and each of these queues' consumers fails only transiently:
   that outlives their consumer (a gateway counts and drops what it cannot forward; heartbeats
   expire after 10 s).
 
-Queues that an older Canopy declared with the limit keep it (RabbitMQ refuses to redeclare a
+The limit is still declared, as `DELIVERY_LIMIT` (10^9): RabbitMQ 3.10-3.13 put a message
+that a consumer nacks back at the tail of a quorum queue that has no delivery limit (at the
+head of one that has), which would reorder a group's inputs whenever a handler fails once
+(tests/integration/test_bus.py, test_no_delivery_limit.py); RabbitMQ 4 sets a limit of 20
+where none is declared. 10^9 deliveries: a worker crashing every half second for 15 years, a
+handler failing on every attempt for days.
+
+Queues that an older Canopy declared with the limit of 50 keep it (RabbitMQ refuses to redeclare a
 queue with other arguments): `Topology.declare` keeps them as they are and logs a warning;
 docs/operations.md "Dead letters" says how to recreate them.
 """
@@ -145,7 +153,8 @@ def gateway_queue(instance: str) -> str:
     return f"canopy.gateway.{instance}"
 
 
-# What Canopy declared its quorum queues with before (see "Dead letters, queue by queue").
+# Quorum queues' delivery limit (see "Dead letters, queue by queue"), and the one before.
+DELIVERY_LIMIT = 1_000_000_000
 LEGACY_DELIVERY_LIMIT = 50
 
 
@@ -158,6 +167,8 @@ class Topology:
         args: dict[str, Any] = {"x-queue-type": self.queue_type, "x-dead-letter-exchange": DEAD}
         if single_active:
             args["x-single-active-consumer"] = True
+        if self.queue_type == "quorum":
+            args["x-delivery-limit"] = DELIVERY_LIMIT  # keeps a nacked message at the head
         return args
 
     async def _durable_queues(

@@ -1,11 +1,12 @@
 """No queue whose consumer can only fail transiently dead-letters after N deliveries (issue 23).
 
 A worker in a crash loop takes its prefetch of messages, dies before acking them, and the
-broker counts a delivery for each every time. With `x-delivery-limit` 50 on the shard, store
-and timers queues, the 51st crash sent the in-flight inputs of every group on its shards
-(frames already acknowledged to participants), log batches or period commands to
-`canopy.dead`. Here a consumer dies 60 times holding one message of each queue, against a
-real RabbitMQ node (a vhost of its own): every message is still in its queue afterwards.
+broker counts a delivery for each every time; a handler that fails nacks them, which counts
+too. With `x-delivery-limit` 50 on the shard, store and timers queues, the 51st sent the
+in-flight inputs of every group on its shards (frames already acknowledged to participants),
+log batches or period commands to `canopy.dead`. Here a consumer fails 60 times on the first
+of two messages in each queue, dying or nacking in turn, against a real RabbitMQ node (a vhost
+of its own): every message is still in its queue afterwards, and still first.
 
 A broker that kept queues declared by an older Canopy (with the limit) must still serve: the
 topology keeps such a queue as it is (RabbitMQ refuses a redeclaration with other arguments)
@@ -62,22 +63,29 @@ async def test_a_consumer_dying_sixty_times_dead_letters_nothing(vhost_url: str)
         channel = await connection.channel()
         await Topology(2, "quorum").declare(channel)
         for name in queues:
-            await channel.default_exchange.publish(
-                aio_pika.Message(name.encode(), message_id=name), routing_key=name
-            )
+            for n in (1, 2):  # two, so that the test sees their order too
+                await channel.default_exchange.publish(
+                    aio_pika.Message(f"{name} {n}".encode()), routing_key=name
+                )
         for crash in range(1, CRASHES + 1):
-            # A consumer that takes the message and dies before its ack: its channel closes.
+            # A consumer that takes the message, then nacks it (a handler failed) or dies
+            # before its ack (its channel closes).
             doomed = await connection.channel()
             await doomed.set_qos(prefetch_count=1)
             for name in queues:
                 try:
-                    await take(doomed, name)
+                    taken = await take(doomed, name)
                 except TimeoutError:
                     dead = await doomed.declare_queue(DEAD, passive=True)
                     raise AssertionError(
                         f"{name} lost its message after {crash - 1} crashes "
                         f"({dead.declaration_result.message_count} in {DEAD})"
                     ) from None
+                # Still first: a message returned to a quorum queue without a delivery limit
+                # goes to the back (RabbitMQ 3.10-3.13), which would break a group's order.
+                assert taken.body == f"{name} 1".encode(), f"{name} reordered at crash {crash}"
+                if crash % 2:
+                    await taken.nack(requeue=True)
             await doomed.close()
 
         survivor = await connection.channel()
@@ -87,7 +95,7 @@ async def test_a_consumer_dying_sixty_times_dead_letters_nothing(vhost_url: str)
                 message = await take(survivor, name)
             except TimeoutError:
                 raise AssertionError(f"{name} lost its message after {CRASHES} crashes") from None
-            assert message.body == name.encode()
+            assert message.body == f"{name} 1".encode()
             assert (message.headers or {}).get("x-delivery-count", 0) >= CRASHES
             await message.ack()
         dead = await survivor.declare_queue(DEAD, passive=True)
