@@ -42,7 +42,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common import experiments, outcomes
 from services.common.errors import ApiCode, ApiError
-from services.store.deadletters import DeadLetterKeeper, NotRedrivable
 from services.store.domain import (
     EXPORT_COLUMNS,
     CreateSession,
