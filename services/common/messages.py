@@ -31,6 +31,16 @@ log batches (decisions → store):
                       one message per batch, not per event, keeps the broker's work per
                       decision low
 
+Versions (a rolling upgrade runs two side by side). `version` is the MAJOR version of these
+schemas, `SCHEMA_VERSION`. A change an older reader can ignore (a new optional field) keeps it,
+so readers ignore fields they do not know (`extra="ignore"` on `Envelope`, `LogRecord` and
+`LogBatch`): before, a newer gateway's frames, already acknowledged to their participants,
+went to the dead-letter queue of an older decisions worker. A change that gives a known field
+another meaning raises it, and a reader refuses a version above its own (validation fails, so
+the consumer dead-letters the message at once, where the store keeps it and an alert fires):
+guessing would be worse. A new `MessageType` is neither: an older reader refuses it as
+malformed, so its readers must be deployed before its senders.
+
 Frames on the participants' WebSocket are described in PROTOCOL.md; `InboundFrame` validates
 the browser → server ones, `server_frame()` builds the server → browser ones.
 """
@@ -46,7 +56,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the major version of the bus schemas (see "Versions" above)
+# Bus messages: unknown fields (from a newer sender of the same major version) are ignored.
+_BUS_MODEL = ConfigDict(frozen=True, extra="ignore")
 
 
 class MessageType(StrEnum):
@@ -114,11 +126,12 @@ def now() -> float:
 
 
 class Envelope(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _BUS_MODEL
 
     id: str = Field(default_factory=new_id, min_length=1, max_length=64)
     type: MessageType
-    version: int = SCHEMA_VERSION
+    # A newer major version fails validation (checked in pydantic-core, no Python call).
+    version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     session: str
     group: str
     participant: str | None = None
@@ -152,7 +165,7 @@ _ENVELOPE_JSON = Envelope.__pydantic_serializer__
 class LogRecord(BaseModel):
     """One row of the event log (PROTOCOL.md export): a frame in, or a server frame out."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _BUS_MODEL
 
     id: str  # unique: `in:<participant>:<seq>` for frames in, the broadcast's id for frames out
     ts: float  # when the event entered the bus
@@ -166,11 +179,11 @@ class LogRecord(BaseModel):
 
 
 class LogBatch(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _BUS_MODEL
 
     id: str = Field(default_factory=new_id)
     type: Literal["LogBatch"] = "LogBatch"
-    version: int = SCHEMA_VERSION
+    version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     ts: float = Field(default_factory=now)
     records: list[LogRecord]
     # A marker the store records once everything before it in the log queue is written: a

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common import experiments, outcomes
 from services.common.errors import ApiCode, ApiError
+from services.store.deadletters import DeadLetterKeeper, NotRedrivable
 from services.store.domain import (
     EXPORT_COLUMNS,
     CreateSession,
@@ -771,3 +772,55 @@ def monitor_page() -> Response:
 
     html = files("services.store").joinpath("static/console.html").read_text()
     return Response(html, media_type="text/html; charset=utf-8")
+
+
+def dead_letters_router(dead_letters: DeadLetterKeeper, token: str) -> APIRouter:
+    """Dead letters (services/store/deadletters.py): what consumers gave up on, and a redrive.
+
+    `GET /api/dead-letters?state=dead|redriven&limit=N`: `{"total", "dead", "dead_letters"}`,
+    newest first, each body cut to 4 KiB of text. `POST /api/dead-letters/{id}/redrive`:
+    publishes it again where it came from; 404 unknown, 409 `not_redrivable`, 503
+    `unavailable` when the broker did not take it."""
+    router = APIRouter(
+        prefix="/api",
+        dependencies=[bearer_auth(token)],
+        route_class=token_first_route(token),
+        responses=_documented(401, 422),
+    )
+
+    @router.get("/dead-letters")
+    async def list_dead_letters(
+        state: Annotated[Literal["dead", "redriven"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        found = await dead_letters.list(limit=limit, state=state)
+        return {**await dead_letters.summary(), "dead_letters": found}
+
+    @router.post(
+        "/dead-letters/{dead_letter_id}/redrive",
+        responses={
+            status: {"model": ErrorBody, "description": description}
+            for status, description in (
+                (404, "no such dead letter"),
+                (409, "it cannot be published as it was, or nothing takes it there now"),
+                (503, "the broker did not take it"),
+            )
+        },
+    )
+    async def redrive_dead_letter(dead_letter_id: str) -> dict[str, Any]:
+        try:
+            redriven = await dead_letters.redrive(dead_letter_id)
+        except NotRedrivable as exc:
+            raise ApiError(409, "not_redrivable", str(exc)) from exc
+        except PublishError as exc:  # unroutable: no queue is bound there any more
+            raise ApiError(409, "not_redrivable", f"unroutable now: {exc!r}"[:300]) from exc
+        except (AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            log.warning("redrive of dead letter %s failed: %r", dead_letter_id, exc)
+            raise ApiError(
+                503, "unavailable", f"the broker did not take it: {exc!r}"[:300]
+            ) from exc
+        if redriven is None:
+            raise ApiError(404, ApiCode.NOT_FOUND, f"no dead letter {dead_letter_id[:100]!r}")
+        return redriven
+
+    return router

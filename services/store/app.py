@@ -12,13 +12,20 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 
-from services.common.bus import STORE_QUEUE, Bus, Topology, running
+from services.common.bus import DEAD, STORE_QUEUE, Bus, Topology, running
 from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
 from services.common.serve import instance_name
 from services.common.vendor import mount_vendor
-from services.store.api import api_router, install_error_handlers, internal_router, monitor_page
+from services.store.api import (
+    api_router,
+    dead_letters_router,
+    install_error_handlers,
+    internal_router,
+    monitor_page,
+)
 from services.store.bots import Fleets, bots_router
+from services.store.deadletters import COLLECTION, DeadLetterKeeper
 from services.store.handlers import EventWriter
 from services.store.metrics import StoreMetrics
 from services.store.monitor import LiveHub, live_router, tickets_router
@@ -42,6 +49,9 @@ def create_app(settings: StoreSettings) -> FastAPI:
         on_reconnect=metrics.bus_reconnects.inc,
     )
     hub = LiveHub(bus, repository, instance=instance_name(settings))
+    dead_letters = DeadLetterKeeper(
+        repository.quarantine.database[COLLECTION], bus, metrics.registry
+    )
     fleets = Fleets()
     vital = VitalTasks()
     writer = EventWriter(
@@ -61,7 +71,12 @@ def create_app(settings: StoreSettings) -> FastAPI:
         channel = await bus.channel(prefetch=2 * settings.store_batch_size)
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
         task = vital.watch("the event writer", asyncio.create_task(writer.run(queue)))
-        async with running([task]):
+        await dead_letters.setup()
+        dead_queue = await (await bus.channel(prefetch=16)).declare_queue(DEAD, passive=True)
+        keeper = vital.watch(
+            "the dead-letter keeper", asyncio.create_task(dead_letters.run(dead_queue))
+        )
+        async with running([task, keeper]):
             yield
         await fleets.stop_all()
         await hub.close()
@@ -103,6 +118,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
     app.include_router(live_router(hub, repository, token))
     app.include_router(internal_router(repository, token))
     app.include_router(recovery_router(repository, token))
+    app.include_router(dead_letters_router(dead_letters, token))
     mount_vendor(app)
     console_files = Path(str(files("services.store").joinpath("static")))
     app.mount("/static/console", StaticFiles(directory=console_files), name="console")
