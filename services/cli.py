@@ -320,7 +320,7 @@ def print_links(answer: dict[str, Any], label: str, out: Console) -> None:
 @click.option("--num-subperiods", type=int, help="0: continuous time")
 @click.option("--rate-limit", type=float, help="seconds between two group_decisions")
 @click.option("--label")
-@click.option("--on-disconnect", type=click.Choice(["continue", "pause", "end_period"]))
+@click.option("--on-disconnect", type=click.Choice(["continue", "pause", "end_period", "bots"]))
 @click.option("--carry-decisions/--no-carry-decisions", default=None)
 @click.option("--post-period-delay", type=float, help="seconds")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="a param (JSON value)")

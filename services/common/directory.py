@@ -51,8 +51,12 @@ class GroupConfig(BaseModel):
     rate_limit: float
     params: dict[str, Any]
     # PROTOCOL v1.1 session settings (defaults: a session created before they existed).
-    on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
+    on_disconnect: Literal["continue", "pause", "end_period", "bots"] = "continue"
     carry_decisions: bool = True
+    # PROTOCOL v2 "Online studies": `on_disconnect: bots` lets a bot play a member away this
+    # long; `bots`: seats a bot plays from the start (free seats the lobby filled).
+    dropout_grace: float = 15.0
+    bots: list[str] = []
     post_period_delay: float = 0.0
     # PROTOCOL v2 "Online studies": members' labels known when this was read (code → label),
     # and where each outcome sends a person (services.common.outcomes).

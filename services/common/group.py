@@ -160,8 +160,17 @@ class FlushAt:
     at: float
 
 
+@dataclass(frozen=True)
+class BotAfter:
+    """Call `GroupState.bot_takes_over(participant)` at epoch time `at` (on_disconnect bots:
+    the member's `dropout_grace` is over then, unless they came back)."""
+
+    participant: str
+    at: float
+
+
 TimersCommand = StartPeriod | PausePeriod | ResumePeriod
-Effect = Broadcast | Control | StartPeriod | PausePeriod | ResumePeriod | FlushAt
+Effect = Broadcast | Control | StartPeriod | PausePeriod | ResumePeriod | FlushAt | BotAfter
 
 
 @dataclass
@@ -204,6 +213,12 @@ class GroupState:
     labels: dict[str, str] = field(default_factory=dict)
     # The `finished` payload each member was sent when the last period ended (code → payload).
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # PROTOCOL v2 "Online studies", bots: the members a bot plays now, when each member who is
+    # away left (the grace before a bot takes over counts from it), and the members the log
+    # has a presence row of (a seat in `config.bots` without one is seated on the first input).
+    bots: set[str] = field(default_factory=set)
+    away_since: dict[str, float] = field(default_factory=dict)
+    present_once: set[str] = field(default_factory=set)
     # The params every hook gets: `config.params` as the experiment's model validates them.
     params: dict[str, Any] = field(init=False, default_factory=dict)
     # (participant, seq) of inputs the log answers with `experiment_error` (set by `rebuild`):
@@ -335,9 +350,12 @@ class GroupState:
     ) -> list[Effect]:
         if participant not in self.last_seq:
             return []
-        effects: list[Effect] = []
+        effects: list[Effect] = self._seat_bots(now)
         current = self.connections.get(participant)
+        self.present_once.add(participant)
         if connected:
+            self.away_since.pop(participant, None)
+            self.bots.discard(participant)  # back: the person takes the seat from its bot
             self.connections[participant] = connection
             effects.append(Control(Channel.HELLO, self.hello(participant), participant, connection))
             finished = self.finished.get(participant)
@@ -353,13 +371,67 @@ class GroupState:
         elif current in (connection, UNKNOWN):
             # UNKNOWN: the log said connected, and its gateway saw it go; it was this one.
             del self.connections[participant]
-            effects.append(self._presence(participant, connected=False, now=now))
+            left = self._presence(participant, connected=False, now=now)
+            effects.append(left)
+            if self.config.on_disconnect == "bots" and not self._over():
+                assert left.ts is not None
+                self.away_since[participant] = left.ts
+                effects.append(BotAfter(participant, left.ts + self.config.dropout_grace))
             if self.state == "running" and self.config.on_disconnect == "end_period":
                 effects.extend(self._end_period(now, {}))  # the payoffs so far
             elif self.state == "running" and self.config.on_disconnect == "pause":
                 effects.extend(self._pause(now))
         # else: a replaced connection closed; the participant is still connected.
         return effects
+
+    # -- bots (PROTOCOL v2 "Online studies") ---------------------------------------------------
+
+    def _over(self) -> bool:
+        """The group's last period ended: nobody is played any more."""
+        return self.state == "ended" and self.period == self.config.num_periods
+
+    def _seat_bots(self, now: float) -> list[Effect]:
+        """Seats a bot plays from the start (`config.bots`): seated, and logged as such, on
+        the group's first input."""
+        effects: list[Effect] = []
+        for code in self.config.bots:
+            if code in self.last_seq and code not in self.present_once and not self._over():
+                self.present_once.add(code)
+                self.bots.add(code)
+                effects.append(self._presence(code, connected=True, now=now, bot=True))
+        return effects
+
+    def bot_takes_over(self, participant: str, now: float) -> list[Effect]:
+        """A member away for `dropout_grace` is played by a bot until they come back: a
+        `presence` with `"bot": true`; a group that waited for them starts."""
+        if (
+            participant not in self.away_since
+            or participant in self.connections
+            or participant in self.bots
+            or self._over()
+        ):
+            return []
+        del self.away_since[participant]
+        self.bots.add(participant)
+        effects: list[Effect] = [self._presence(participant, connected=True, now=now, bot=True)]
+        effects.extend(self._maybe_start())
+        if self.state == "paused" and self._complete():
+            effects.extend(self._resume(now))
+        return effects
+
+    def on_bot_input(
+        self, participant: str, channel: str, payload: Any, now: float
+    ) -> list[Effect]:
+        """A bot's input for the member it plays (logged as an `in` row without a seq): applied
+        as the member's frame would be, a refusal answered to nobody."""
+        if participant not in self.bots:
+            return []
+        try:
+            effects = self._apply_frame(participant, 0, channel, payload, now)
+        except Exception as exc:  # experiment code; nothing was changed before it raised
+            self._report("a hook", exc, participant=participant, seq=0)
+            return []
+        return [e for e in effects if not (isinstance(e, Broadcast) and e.channel == Channel.ERROR)]
 
     def expire_unknown(self, now: float = 0.0) -> list[Effect]:
         """Members still UNKNOWN after the gateways re-announced theirs are gone."""
@@ -498,6 +570,8 @@ class GroupState:
         config = self.config
         effects: list[Effect] = []
         for code in config.members:
+            if code in config.bots and code in self.bots:
+                continue  # a seat only a bot ever played: nobody to tell, nobody to pay
             connection = self.connections.get(code)
             outcome = "completed" if connection is not None else "dropout"
             total = sum(float(period["payoffs"].get(code, 0.0)) for period in self.history)
@@ -551,15 +625,26 @@ class GroupState:
             return
         self.clock = max(self.clock, ts)
         if row["direction"] == "in":
-            self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
+            if row.get("seq") is None:  # a bot's input (PROTOCOL v2 "Online studies")
+                self.on_bot_input(str(row["participant"]), channel, value, ts)
+            else:
+                self.on_frame(str(row["participant"]), int(row["seq"]), channel, value, ts)
         elif channel == Channel.GROUP_DECISIONS:
             self.last_broadcast_at, self.flush_pending = ts, False
         elif channel == Channel.PRESENCE:
             participant = str(value["participant"])
-            if value["connected"]:
+            self.present_once.add(participant)
+            if value.get("bot"):
+                self.bots.add(participant)
+                self.away_since.pop(participant, None)
+            elif value["connected"]:
+                self.bots.discard(participant)
+                self.away_since.pop(participant, None)
                 self.connections.setdefault(participant, UNKNOWN)
             else:
                 self.connections.pop(participant, None)
+                if self.config.on_disconnect == "bots" and not self._over():
+                    self.away_since[participant] = ts
         elif channel == Channel.FINISHED and row.get("participant"):
             self.finished[str(row["participant"])] = value
         # `error` rows follow from the frames they answer (an `experiment_error` one: see
@@ -581,7 +666,11 @@ class GroupState:
                 **({"remaining": self.remaining} if self.state == "paused" else {}),
             },
             "last_seq": self.last_seq[participant],
-            "presence": {code: code in self.connections for code in self.config.members},
+            "presence": {
+                code: code in self.connections or code in self.bots for code in self.config.members
+            },
+            # Members a bot plays now (PROTOCOL v2 "Online studies"): present, but not a person.
+            **({"bots": sorted(self.bots)} if self.bots else {}),
             **(self.hello_extra() if hasattr(self.experiment, "hello") else {}),
         }
 
@@ -602,10 +691,12 @@ class GroupState:
         return [FlushAt(self.last_broadcast_at + rate_limit)]
 
     def _complete(self) -> bool:
-        """Every member connected (and known: after a rebuild, announced again)."""
-        return len(self.connections) == len(self.config.members) and (
-            UNKNOWN not in self.connections.values()
-        )
+        """Every member connected or played by a bot (and known: after a rebuild, announced
+        again)."""
+        return self._everyone_here() and UNKNOWN not in self.connections.values()
+
+    def _everyone_here(self) -> bool:
+        return all(c in self.connections or c in self.bots for c in self.config.members)
 
     def _pause(self, now: float) -> list[Effect]:
         """Stop the running period's clock (a member dropped under on_disconnect pause)."""
@@ -631,7 +722,7 @@ class GroupState:
         ]
 
     def _maybe_start(self) -> list[Effect]:
-        if self.state != "waiting" or len(self.connections) < len(self.config.members):
+        if self.state != "waiting" or not self._everyone_here():
             return []
         if UNKNOWN in self.connections.values():
             return []  # after a rebuild: wait until every member was announced again
@@ -640,8 +731,12 @@ class GroupState:
         delay = config.post_period_delay if self.period > 1 else 0.0
         return [StartPeriod(self.period, config.period_length, config.num_subperiods, delay)]
 
-    def _presence(self, participant: str, *, connected: bool, now: float) -> Broadcast:
-        payload = {"participant": participant, "connected": connected}
+    def _presence(
+        self, participant: str, *, connected: bool, now: float, bot: bool = False
+    ) -> Broadcast:
+        payload: dict[str, Any] = {"participant": participant, "connected": connected}
+        if bot:
+            payload["bot"] = True
         return Broadcast(Channel.PRESENCE, payload, ts=self.stamp(now))
 
     def _error(self, participant: str, seq: int, code: ErrorCode, message: Any) -> Broadcast:

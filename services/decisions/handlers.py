@@ -64,6 +64,7 @@ from services.common.bus import (
 from services.common.directory import Directory, GroupConfig, NotFound
 from services.common.group import (
     UNKNOWN,
+    BotAfter,
     Broadcast,
     Control,
     Effect,
@@ -91,6 +92,7 @@ from services.common.messages import (
     now,
     outbound_record,
 )
+from services.decisions.botplay import BotPlayer
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 
@@ -228,6 +230,10 @@ class DecisionsWorker:
         self.groups: dict[str, GroupState] = {}
         # Arrival sessions' lobbies by their bus address (services.common.lobby).
         self.lobbies: dict[str, LobbyState] = {}
+        # Seats bots play (on_disconnect / on_lobby_timeout bots), and the grace timers
+        # before a bot takes over a member who left (group → member → handle).
+        self.bots = BotPlayer(self._apply_bot, self._held)
+        self._grace: dict[str, dict[str, asyncio.TimerHandle]] = {}
         self.routes = Routes()
         self._outputs: dict[str, Batcher] = {}  # gateway queue → its batcher
         self._flush_handles: dict[str, asyncio.TimerHandle] = {}
@@ -299,6 +305,9 @@ class DecisionsWorker:
             self.routes.forget(group)
             return
         del self.groups[group]
+        self.bots.stop(group)
+        for grace in self._grace.pop(group, {}).values():
+            grace.cancel()
         handle = self._flush_handles.pop(group, None)
         if handle is not None:
             handle.cancel()
@@ -714,6 +723,8 @@ class DecisionsWorker:
             loop = asyncio.get_running_loop()
             wait = max(0.0, self._started + self._resync_window - loop.time())
             loop.call_later(wait, lambda: self._start_task(self._expire_unknown(state)))
+        for code, since in state.away_since.items():  # grace timers are not in the log
+            self._grace_for(state, code, since + config.dropout_grace)
         return state
 
     async def _refresh_labels(self, state: GroupState) -> None:
@@ -754,14 +765,17 @@ class DecisionsWorker:
         state: GroupState | LobbyState,
         effects: list[Effect] | list[LobbyEffect],
         origin: float | None = None,
+        *,
+        first: list[LogRecord] | None = None,
     ) -> None:
-        """Carry out effects produced outside the shard queue's order (timers of our own)."""
-        if not effects or self._held(state.config.group) is not state:
+        """Carry out effects produced outside the shard queue's order (timers of our own, a
+        bot's input); `first`: rows to log before theirs (the bot's `in` row)."""
+        if not (effects or first) or self._held(state.config.group) is not state:
             return  # nothing to do, or the group moved to another worker meanwhile
         group = state.config.group
         self._applying[group] = self._applying.get(group, 0) + 1
         try:
-            records: list[LogRecord] = []
+            records: list[LogRecord] = list(first or [])
             publishes = self._carry_out(state, effects, records, origin)
             await asyncio.gather(*publishes)
             if records:
@@ -824,6 +838,8 @@ class DecisionsWorker:
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
             elif isinstance(effect, FlushAt) and isinstance(state, GroupState):
                 self._schedule_flush(state, effect.at)
+            elif isinstance(effect, BotAfter) and isinstance(state, GroupState):
+                self._grace_for(state, effect.participant, effect.at)
             elif isinstance(effect, Record):  # a lobby's own event: logged, sent to nobody
                 envelope = Envelope(
                     type=MessageType.BROADCAST,
@@ -844,7 +860,49 @@ class DecisionsWorker:
                     payload={"at": effect.at, "event": "lobby_timeout"},
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
+        if isinstance(state, GroupState) and state.bots:
+            self.bots.ensure(state)
         return tasks
+
+    # -- bots (PROTOCOL v2 "Online studies"; services.decisions.botplay) ----------------------
+
+    def _grace_for(self, state: GroupState, participant: str, at: float) -> None:
+        """A bot takes over `participant` at `at`, unless they are back by then."""
+        group = state.config.group
+        handles = self._grace.setdefault(group, {})
+        if participant in handles:
+            handles[participant].cancel()
+
+        def due() -> None:
+            handles.pop(participant, None)
+            self._start_task(self._bot_takes_over(state, participant))
+
+        handles[participant] = asyncio.get_running_loop().call_later(max(0.0, at - now()), due)
+
+    async def _bot_takes_over(self, state: GroupState, participant: str) -> None:
+        if self.groups.get(state.config.group) is state:
+            await self._apply_now(state, state.bot_takes_over(participant, now()))
+
+    async def _apply_bot(self, state: GroupState, code: str, channel: str, payload: Any) -> None:
+        """One input of a bot for the member it plays: its `in` row (no seq), then its
+        effects, like a frame's."""
+        if self.groups.get(state.config.group) is not state:
+            return
+        config = state.config
+        ts = state.stamp(now())
+        record = LogRecord(
+            id=f"bot:{new_id()}",
+            ts=ts,
+            session=config.session,
+            group=config.group,
+            participant=code,
+            direction="in",
+            channel=channel,
+            seq=None,
+            value=payload,
+        )
+        effects = state.on_bot_input(code, channel, payload, ts)
+        await self._apply_now(state, effects, first=[record])
 
     def _send(self, envelope: Envelope) -> list[asyncio.Future[None]]:
         """Queue a frame out to the gateways that hold its addressees (none: nobody is here)."""
@@ -904,6 +962,10 @@ class DecisionsWorker:
             self._schedule_flush(state, now() + 0.5)
 
     async def close(self) -> None:
+        await self.bots.close()
+        for handles in self._grace.values():
+            for handle in handles.values():
+                handle.cancel()
         for handle in self._flush_handles.values():
             handle.cancel()
         if isinstance(self._sweep, asyncio.TimerHandle):

@@ -102,7 +102,7 @@ class CreateSession(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # defaults too
     label: str = Field(default="", max_length=200)
     # PROTOCOL v1.1 "Session settings".
-    on_disconnect: Literal["continue", "pause", "end_period"] = "continue"
+    on_disconnect: Literal["continue", "pause", "end_period", "bots"] = "continue"
     carry_decisions: bool = True
     post_period_delay: float = Field(default=0.0, ge=0, le=86_400)
     # PROTOCOL v2 "Online studies" (services/common/outcomes.py): seat i's external id, the
@@ -117,6 +117,8 @@ class CreateSession(BaseModel):
     grouping: Literal["fixed", "arrival"] = "fixed"
     lobby_timeout: float = Field(default=300.0, gt=0, le=86_400)
     on_lobby_timeout: Literal["release", "bots"] = "release"
+    # `on_disconnect: bots`: how long a member is away before a bot plays for them.
+    dropout_grace: float = Field(default=15.0, gt=0, le=3_600)
 
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
@@ -336,4 +338,6 @@ def group_config(
         on_disconnect=session.get("on_disconnect", "continue"),
         carry_decisions=session.get("carry_decisions", True),
         post_period_delay=session.get("post_period_delay", 0.0),
+        dropout_grace=float(session.get("dropout_grace", 15.0)),
+        bots=list(group.get("bots") or []),
     )
