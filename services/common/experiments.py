@@ -5,12 +5,18 @@ with bad params is refused with 422 when it is created), what a group must be li
 (`check_group`), a member's initial decision, whether a decision is valid, and the payoffs of a
 set of group decisions (oTree / otree_redwood's `initial_decision`, validation and payoff
 functions). Register new ones with `register()`.
+
+Plug-ins are loaded once per process, on first use (the services ask at start, `load()`): each
+is logged with where it came from, and one that fails to load is logged with its error and
+left out, the others still served. A params model names the field of a check across fields
+with `params_error` (the 422's `field`). docs/experiments.md is the contract, written out.
 """
 
 from __future__ import annotations
 
 import bisect
 import importlib
+import logging
 import math
 import os
 import types
@@ -26,9 +32,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+log = logging.getLogger(__name__)
 
 
 class Experiment(Protocol):
@@ -40,7 +50,12 @@ class Experiment(Protocol):
     allow, such as a non-finite payoff) changes nothing: on a participant's input the input is
     still logged and answered with an `experiment_error` error, the group's state staying as it
     was; on a tick or a connection the hook's result counts as empty (see
-    `services.common.group`)."""
+    `services.common.group`).
+
+    Optional, looked up with getattr: `description` (text for `GET /api/experiments` and the
+    console; else the class docstring), `page` (its participant page, docs/pages.md),
+    `on_input` / `initial_state` / `hello` / `event_payoffs` (channels of its own, see
+    `DoubleAuction`). docs/experiments.md writes the contract out."""
 
     @property
     def name(self) -> str: ...
@@ -54,7 +69,8 @@ class Experiment(Protocol):
         """The session's `params`: unknown keys and bad values are refused (422)."""
 
     def check_group(self, params: BaseModel, group_size: int) -> tuple[str, str] | None:
-        """(field, message) if a group of `group_size` cannot play with these params."""
+        """(field, message) if a group of `group_size` cannot play with these params. The one
+        hook that gets the validated `params_model` instance, not the dumped dict."""
 
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
         """A member's decision before it sends one (plain JSON); raises: `None`."""
@@ -572,13 +588,39 @@ def _crosses(side: str, price: float, resting_price: float) -> bool:
 
 
 _REGISTRY: dict[str, Experiment] = {}
+_SOURCES: dict[str, str] = {}  # name → where it came from ("built-in", "entry point …", …)
+_FAILURES: dict[str, str] = {}  # plug-in spec → why it is not registered
 _plugins_loaded = False
+_loading_from: str | None = None  # the plug-in being loaded, for its own register() calls
 ENTRY_POINT_GROUP = "canopy.experiments"
+# What every experiment has (the `Experiment` protocol); the rest is optional (getattr).
+REQUIRED = (
+    "name",
+    "channels",
+    "params_model",
+    "check_group",
+    "initial_decision",
+    "validate",
+    "payoffs",
+)
 MODULES_ENV = "CANOPY_EXPERIMENT_MODULES"
 
 
 class PluginError(RuntimeError):
     """A plug-in experiment could not be loaded (the message says which and why)."""
+
+
+def params_error(field: str, message: str, value: Any = None) -> ValidationError:
+    """The error a params model raises to refuse a value at one of its fields, for a check
+    that pydantic cannot pin to a field itself (one across fields, in a `model_validator`):
+    `raise params_error("cost", "cost must be below a", self.cost)` is answered by
+    `POST /api/sessions` with a 422 whose `field` is `params.cost` (a plain `ValueError`
+    there would name just `params`). `field` is dotted for nested values ("matrix.0.1")."""
+    loc = tuple(int(part) if part.isdigit() else part for part in field.split("."))
+    return ValidationError.from_exception_data(
+        "params",
+        [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)],
+    )
 
 
 def register(experiment: Experiment) -> None:
@@ -589,6 +631,7 @@ def register(experiment: Experiment) -> None:
     if known is not None:
         raise PluginError(f"an experiment named {experiment.name!r} is registered already")
     _REGISTRY[experiment.name] = experiment
+    _SOURCES[experiment.name] = _loading_from or f"module {type(experiment).__module__}"
 
 
 def get(name: str) -> Experiment:
@@ -601,30 +644,78 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def source(name: str) -> str:
+    """Where experiment `name` came from: "built-in", "entry point <module:attr>,
+    <distribution> <version>", "CANOPY_EXPERIMENT_MODULES <module:attr>", or "module <name>"
+    (a module that called `register()` itself)."""
+    _load_plugins()
+    return _SOURCES[name]
+
+
+def failures() -> dict[str, str]:
+    """The plug-ins that failed to load (spec → error): they are left out, and logged."""
+    _load_plugins()
+    return dict(_FAILURES)
+
+
+def load() -> list[str]:
+    """Load the plug-ins now (the services call this at start, so that the log says at once
+    which experiments they serve); the registered names."""
+    return names()
+
+
 def _load_plugins() -> None:
     """Plug-ins, once per process: every entry point of the `canopy.experiments` group (an
     installed package's `[project.entry-points."canopy.experiments"]`, naming a class or an
     instance), and each `module:attribute` (or a module that calls `register()` itself) of
-    CANOPY_EXPERIMENT_MODULES, comma-separated."""
-    global _plugins_loaded
+    CANOPY_EXPERIMENT_MODULES, comma-separated.
+
+    Logged once: one line naming every experiment and its source, and an error (with its
+    traceback) for each plug-in that failed to load or to register. Such a plug-in is left out
+    and the others are served: a service that stopped instead would take down every study on
+    it for one broken package, and its sessions are refused at creation as an unknown
+    experiment, which the log explains."""
+    global _plugins_loaded, _loading_from
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    targets = [(ep.value, ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    targets = [
+        (f"entry point {ep.value}{_distribution(ep)}", ep.value, ep.load)
+        for ep in entry_points(group=ENTRY_POINT_GROUP)
+    ]
     for spec in filter(None, (s.strip() for s in os.environ.get(MODULES_ENV, "").split(","))):
-        targets.append((spec, partial(_import, spec)))
-    for spec, load in targets:
+        targets.append((f"{MODULES_ENV} {spec}", spec, partial(_import, spec)))
+    for where, spec, load_target in targets:
+        _loading_from = where
         try:
-            found = load()
+            found = load_target()
+            if isinstance(found, types.ModuleType):
+                continue  # a module named without an attribute registers its experiments itself
+            experiment = found() if isinstance(found, type) else found
+            for attribute in REQUIRED:
+                if not hasattr(experiment, attribute):
+                    raise PluginError(f"it has no {attribute!r}")
+            register(experiment)
         except Exception as exc:
-            raise PluginError(f"experiment plug-in {spec!r} failed to load: {exc!r}") from exc
-        if isinstance(found, types.ModuleType):
-            continue  # a module named without an attribute registers its experiments itself
-        experiment = found() if isinstance(found, type) else found
-        for attribute in ("name", "channels", "params_model", "payoffs", "validate"):
-            if not hasattr(experiment, attribute):
-                raise PluginError(f"experiment plug-in {spec!r} has no {attribute!r}")
-        register(experiment)
+            _FAILURES[spec] = repr(exc)
+            log.error(
+                "experiment plug-in %r failed to load, left out (%s): %r",
+                spec,
+                where,
+                exc,
+                exc_info=exc,
+            )
+        finally:
+            _loading_from = None
+    log.info(
+        "experiments: %s",
+        ", ".join(f"{name} ({_SOURCES[name]})" for name in sorted(_REGISTRY)),
+    )
+
+
+def _distribution(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return f", {dist.name} {dist.version}" if dist is not None else ""
 
 
 def _import(spec: str) -> Any:
@@ -634,5 +725,7 @@ def _import(spec: str) -> Any:
 
 
 # The built-ins use the plug-ins' surface, nothing more.
+_loading_from = "built-in"
 for _experiment in (PlainDecisions(), Bimatrix(), PublicGoods(), DoubleAuction()):
     register(_experiment)
+_loading_from = None

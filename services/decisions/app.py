@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from aio_pika.abc import AbstractChannel
 from fastapi import FastAPI
 
+from services.common import experiments
 from services.common.bus import Bus, Topology, consume_pipelined, running, shard_queue
 from services.common.directory import Directory
 from services.common.health import VitalTasks, health_router
@@ -107,6 +108,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        experiments.load()  # logs which experiments this worker runs, and broken plug-ins
         await bus.connect()
         channel = await bus.channel(prefetch=settings.decisions_prefetch)
         channels.append(channel)

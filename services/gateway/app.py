@@ -19,6 +19,7 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from services.common import experiments
 from services.common.bus import (
     HEARTBEAT_INTERVAL,
     LIVENESS,
@@ -131,6 +132,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        experiments.load()  # logs which experiments' channels and pages it serves
         await bus.connect()
         channel = await bus.channel(prefetch=0)
         queue = await bus.declare_gateway_queue(channel, instance)

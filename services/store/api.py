@@ -393,12 +393,19 @@ PROBED_GROUP_SIZES = range(1, 9)
 
 
 def experiment_info(name: str) -> dict[str, Any]:
-    """What the console's form needs to know of one experiment (`GET /api/experiments`)."""
+    """What the console's form needs to know of one experiment (`GET /api/experiments`).
+
+    `description`: the experiment's `description` attribute when it has one (a string), else
+    its class docstring (docs/experiments.md); the console shows its first paragraph."""
     experiment = experiments.get(name)
     model = experiment.params_model
-    doc = inspect.getdoc(type(experiment)) or ""
-    if doc.startswith(f"{type(experiment).__name__}("):
-        doc = ""  # a dataclass's generated signature, not a description
+    described = getattr(experiment, "description", None)
+    if isinstance(described, str):
+        doc = inspect.cleandoc(described)
+    else:
+        doc = inspect.getdoc(type(experiment)) or ""
+        if doc.startswith(f"{type(experiment).__name__}("):
+            doc = ""  # a dataclass's generated signature, not a description
     rules: list[str] = []
     allowed: list[int] = []
     try:
@@ -415,6 +422,7 @@ def experiment_info(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "description": doc,
+        "source": experiments.source(name),  # "built-in", "entry point …" (with its version)
         "channels": sorted(experiment.channels),
         "params_schema": model.model_json_schema(),
         "min_group_size": min(allowed) if allowed else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 
+from services.common import experiments
 from services.common.bus import DEAD, STORE_QUEUE, Bus, Topology, running
 from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
@@ -63,6 +64,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        experiments.load()  # logs which experiments this store serves, and broken plug-ins
         await repository.setup()
         keyed = await repository.give_seats_keys(lambda: new_key(seat_secret))
         if keyed:
