@@ -9,6 +9,8 @@ researchers' HTTP API (PROTOCOL.md), except `reset`, which wipes the local stack
     canopy payments SESSION [--format csv|json|prolific] [-o FILE]   what to pay each seat
     canopy replay SESSION                                            ended periods rebuilt
     canopy bots SESSION... [--strategy S --rate HZ --count N | --all-but N --duration S]
+    canopy dead-letters list [--state dead|redriven] [--json]         what consumers gave up on
+    canopy dead-letters redrive ID... | --all                         send them back again
     canopy reset [--yes]                                             wipe .run/'s data
 
 Where the API is, strongest first: `--api` / `--token`, then `CANOPY_STORE_URL` /
@@ -691,6 +693,77 @@ async def _run_bots(
             loop.remove_signal_handler(sig)
         await asyncio.gather(*(fleet.stop() for fleet in fleets.values()))
     return fleets
+
+
+# --------------------------------------------------------------------------------------------
+# dead-letters
+
+
+@main.group("dead-letters", context_settings=CONTEXT)
+@connection_options
+def dead_letters() -> None:
+    """Messages a consumer gave up on (malformed, a newer version), kept by the store.
+
+    The alert CanopyDeadLetters says when one comes; docs/operations.md "Dead letters" says
+    what to do."""
+
+
+def _when(ts: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+@dead_letters.command("list", context_settings=CONTEXT)
+@connection_options
+@click.option("--state", type=click.Choice(["dead", "redriven"]), help="only these")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the API's answer as JSON")
+@click.pass_context
+def dead_letters_list(ctx: click.Context, state: str | None, limit: int, as_json: bool) -> None:
+    """The kept dead letters, newest first: where each died, why, and whether it was redriven."""
+    params: dict[str, Any] = {"limit": limit} | ({"state": state} if state else {})
+    answer = _call(_target(ctx), "GET", "/api/dead-letters", params=params)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    table = _table("id", "kept", "state", "queue", "reason", "cause", ids=("id",))
+    for letter in answer["dead_letters"]:
+        redrives = f" ×{letter['redrives']}" if letter.get("redrives") else ""
+        table.add_row(
+            letter["id"],
+            _when(letter.get("kept_at")),
+            f"{letter['state']}{redrives}",
+            letter.get("queue") or "",
+            letter.get("reason") or "",
+            letter.get("cause") or "",
+        )
+    out = _stdout()
+    out.print(table if answer["dead_letters"] else "No dead letters.")
+    out.print(f"{answer['dead']} dead, {answer['total']} kept in all.")
+
+
+@dead_letters.command("redrive", context_settings=CONTEXT)
+@connection_options
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="every dead letter still dead, oldest first")
+@click.pass_context
+def dead_letters_redrive(ctx: click.Context, ids: tuple[str, ...], every: bool) -> None:
+    """Publish dead letters again to the exchange and routing key they came by, and mark them
+    redriven. Do it once their cause is gone: one that fails again comes back as a new one."""
+    target = _target(ctx)
+    if every == bool(ids):
+        raise click.UsageError("give dead-letter ids, or --all")
+    if every:
+        found = _call(target, "GET", "/api/dead-letters", params={"state": "dead", "limit": 1000})
+        ids = tuple(letter["id"] for letter in reversed(found["dead_letters"]))
+    for dead_letter in ids:
+        answer = _call(target, "POST", f"/api/dead-letters/{dead_letter}/redrive")
+        where = answer.get("exchange") or "the default exchange"
+        click.echo(
+            f"Redrove {dead_letter} to {where} with key {answer.get('routing_key')!r} "
+            f"(redrive {answer.get('redrives')})."
+        )
+    if not ids:
+        click.echo("No dead letters to redrive.")
 
 
 # --------------------------------------------------------------------------------------------

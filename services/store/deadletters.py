@@ -21,8 +21,9 @@ gone (every reader upgraded, a bug fixed). `GET /api/dead-letters`,
 A redriven message that dies again comes back as a new dead letter: the header
 `x-canopy-redrive` (its dead letter's id and the redrive's number) keeps the two apart.
 
-A dead letter's id is a hash of its body and headers, so one the broker delivers twice (the
-store died before its ack) is kept once.
+A dead letter's id is a hash of its body and headers (but `x-delivery-count`, which
+`canopy.dead` itself adds), so one the broker delivers twice (the store's channel died before
+its ack) is kept once.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ MAX_BODY_BYTES = 15 * 1024 * 1024
 CUT_BODY_BYTES = 64 * 1024
 # What a listing shows of each body (the whole one is in MongoDB).
 LISTED_BODY_CHARS = 4096
+PER_DELIVERY_HEADERS = ("x-delivery-count",)
 REASONS = ("rejected", "delivery_limit", "expired", "maxlen")
 DEAD_STATE, REDRIVEN_STATE = "dead", "redriven"
 
@@ -140,7 +142,9 @@ def dead_letter_document(message: AbstractIncomingMessage, kept_at: float) -> di
     routing_keys = death.get("routing-keys") or []
     body = message.body
     digest = hashlib.sha256(body)
-    digest.update(orjson.dumps(headers, option=orjson.OPT_SORT_KEYS))
+    # Not what the dead-letter queue adds to each delivery (a quorum queue counts them).
+    stable = {key: value for key, value in headers.items() if key not in PER_DELIVERY_HEADERS}
+    digest.update(orjson.dumps(stable, option=orjson.OPT_SORT_KEYS))
     cut = len(body) > MAX_BODY_BYTES
     return {
         "_id": digest.hexdigest()[:32],

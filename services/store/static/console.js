@@ -327,6 +327,25 @@ async function loadSessions() {
     return;
   }
   renderSessions();
+  showDeadLetters();
+}
+
+// Dead letters (messages a service gave up on, kept by the store): a count under the list, only
+// when there are some; `canopy dead-letters list` and docs/operations.md say what to do.
+async function showDeadLetters() {
+  let box = $("#dead-letters");
+  if (!box) {
+    box = Object.assign(document.createElement("p"), {id: "dead-letters", className: "error", hidden: true});
+    box.setAttribute("role", "status");
+    $("#sessions-message").after(box);
+  }
+  try {
+    const {dead} = await (await api("/api/dead-letters?state=dead&limit=1")).json();
+    box.textContent = `${dead} dead letter${dead === 1 ? "" : "s"}: messages a service gave up on. See them with \`canopy dead-letters list\`.`;
+    box.hidden = dead === 0;
+  } catch (error) {
+    box.hidden = true; // the sessions' own message says when the store is away
+  }
 }
 
 function renderSessions() {
