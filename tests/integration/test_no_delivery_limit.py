@@ -119,7 +119,7 @@ async def test_queues_an_older_canopy_declared_with_a_limit_still_serve(
         assert not channel.is_closed
         warned = " ".join(r.getMessage() for r in caplog.records)
         assert shard_queue(0) in warned and STORE_QUEUE in warned
-        assert TIMERS_QUEUE not in warned  # declared afresh, without a limit
+        assert TIMERS_QUEUE not in warned  # declared afresh, with today's limit
         # The kept queue is routed to as before.
         await exchanges["canopy.log"].publish(aio_pika.Message(b"{}"), routing_key="log")
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
