@@ -71,6 +71,10 @@ class NotFound(LookupError):
     pass
 
 
+class NoFreeSeats(LookupError):
+    """The lobby asked for bots in free seats, and the session has too few left."""
+
+
 def _seat_info(body: dict[str, Any]) -> ParticipantInfo:
     """A seat as the store answers it; a seat with no group yet (arrival grouping) is in its
     session's lobby, addressed as `lobby_group(session)` with `id_in_group` 0."""
@@ -201,19 +205,24 @@ class Directory:
         rows: list[dict[str, Any]] = orjson.loads(response.content)
         return rows
 
-    async def form_group(self, session: str, group: str, members: list[str]) -> list[str]:
-        """Form `group` of an arrival session with `members`, unless it was formed before:
-        the members it has now (MongoDB's word: a group is formed once)."""
+    async def form_group(
+        self, session: str, group: str, members: list[str], bots: int = 0
+    ) -> tuple[list[str], list[str]]:
+        """Form `group` of an arrival session with `members` and `bots` free seats for bots,
+        unless it was formed before: its members and which of them bots play (MongoDB's word:
+        a group is formed once). NoFreeSeats: not enough free seats for the bots."""
         response = await self._client.post(
             f"/internal/lobbies/{quote(session, safe='')}/groups/{quote(group, safe='')}",
-            content=orjson.dumps({"members": members}),
+            content=orjson.dumps({"members": members, "bots": bots}),
             headers={"Content-Type": "application/json"},
         )
         if response.status_code == 404:
             raise NotFound("unknown lobby or group")
+        if response.status_code == 409:
+            raise NoFreeSeats(group)
         response.raise_for_status()
         body: dict[str, Any] = orjson.loads(response.content)
-        return [str(m) for m in body["members"]]
+        return [str(m) for m in body["members"]], [str(b) for b in body.get("bots") or []]
 
     async def join(self, join_key: str, query: dict[str, str], seat: str | None) -> dict[str, Any]:
         """A seat through a session's study link (PROTOCOL v2 "Online studies"): the store's

@@ -115,6 +115,10 @@ class LobbyState:
     formed: dict[str, list[str]] = field(default_factory=dict)  # group → members
     grouped: dict[str, str] = field(default_factory=dict)  # code → its group
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # code → `finished`
+    # `on_lobby_timeout: bots`: people whose deadline passed, for whom a group with bots is to
+    # be formed now (the adapter asks the store: `bot_proposal`). Not logged: the tick that
+    # put them here is acknowledged only once their group (or their release) is.
+    overdue: list[str] = field(default_factory=list)
     clock: float = float("-inf")
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -208,14 +212,24 @@ class LobbyState:
         return effects
 
     def on_timer(self, event: str, participant: str, *, now: float) -> list[LobbyEffect]:
-        """A person's deadline passed (`lobby_timeout`). Idempotent: a person no longer
-        waiting (grouped, released) or a tick early for them (cannot be: the deadline never
-        moves) changes nothing."""
+        """A person's deadline passed (`lobby_timeout`). `release`: they finish with outcome
+        `lobby_timeout`; `bots`: a group is to form at once with them (see `bot_proposal`).
+        Idempotent: a person no longer waiting (grouped, released) changes nothing."""
         if event != LOBBY_TIMEOUT or participant not in self.waiting:
             return []
-        if now < self.deadline(participant) - 1e-3:
+        if self.config.on_lobby_timeout == "bots" and self.next_group() is not None:
+            if participant not in self.overdue:
+                self.overdue.append(participant)
             return []
-        waiter = self.waiting.pop(participant)
+        return self.release(participant, now=now)
+
+    def release(self, participant: str, *, now: float) -> list[LobbyEffect]:
+        """`participant` leaves the lobby without a group: outcome `lobby_timeout`."""
+        if participant in self.overdue:
+            self.overdue.remove(participant)
+        waiter = self.waiting.pop(participant, None)
+        if waiter is None:
+            return []
         effects: list[LobbyEffect] = [
             Record(LOBBY_TIMEOUT, {"participant": participant}, participant, self.stamp(now))
         ]
@@ -223,6 +237,20 @@ class LobbyState:
         if waiter.connection not in (None, UNKNOWN):
             effects.extend(self._counts())
         return effects
+
+    def bot_proposal(self) -> tuple[str, list[str], int] | None:
+        """`on_lobby_timeout: bots`: the group to form now for the first overdue person, its
+        people (them and the longest-waiting others connected, in order of arrival) and how
+        many bots fill it; None when nobody is overdue."""
+        self.overdue = [code for code in self.overdue if code in self.waiting]
+        group = self.next_group()
+        if not self.overdue or group is None:
+            return None
+        first = self.overdue[0]
+        others = [code for code in self.present() if code != first]
+        chosen = {first, *others[: self.config.group_size - 1]}
+        people = [code for code in self.waiting if code in chosen]  # in order of arrival
+        return group, people, self.config.group_size - len(people)
 
     # -- forming groups ----------------------------------------------------------------------
 
@@ -246,18 +274,32 @@ class LobbyState:
             return None
         return group, present[: self.config.group_size]
 
-    def form(self, group: str, members: list[str], *, now: float) -> list[LobbyEffect]:
-        """`group` was formed with `members` (as the store holds it): log it, and tell each
-        member's connection that waits here. Idempotent."""
+    def form(
+        self, group: str, members: list[str], *, now: float, bots: list[str] | None = None
+    ) -> list[LobbyEffect]:
+        """`group` was formed with `members` (as the store holds it; `bots`: those of them
+        bots play): log it, and tell each member's connection that waits here. Idempotent."""
         if group in self.formed:
             return []
         present_before = len(self.present())
         self.formed[group] = list(members)
-        effects: list[LobbyEffect] = [
-            Record(GROUP_FORMED, {"group": group, "members": list(members)}, None, self.stamp(now))
-        ]
+        formed: dict[str, Any] = {"group": group, "members": list(members)}
+        if bots:
+            formed["bots"] = list(bots)
+        # A member the store grouped whose arrival this lobby never saw: a worker died after
+        # the store formed the group, before the log held that input's rows (the arrival's
+        # `lobby_join` with the `group_formed`). Their arrival is logged now, before the group.
+        unseen = [c for c in members if c not in self.waiting and c not in (bots or [])]
+        effects: list[LobbyEffect] = []
+        for code in unseen:
+            arrived = self.stamp(now)
+            join = {"participant": code, "arrived": arrived}
+            effects.append(Record(LOBBY_JOIN, join, code, arrived))
+        effects.append(Record(GROUP_FORMED, formed, None, self.stamp(now)))
         for code in members:
             self.grouped[code] = group
+            if code in self.overdue:
+                self.overdue.remove(code)
             waiter = self.waiting.pop(code, None)
             if waiter is not None and waiter.connection not in (None, UNKNOWN):
                 payload = {"group": group, "members": list(members)}

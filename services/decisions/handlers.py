@@ -42,8 +42,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
@@ -61,7 +62,7 @@ from services.common.bus import (
     completed,
     shard_of,
 )
-from services.common.directory import Directory, GroupConfig, NotFound
+from services.common.directory import Directory, GroupConfig, NoFreeSeats, NotFound
 from services.common.group import (
     UNKNOWN,
     BotAfter,
@@ -97,6 +98,8 @@ from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RETIRED_CONNECTIONS = 10_000
 # Reads of a group's labels before its last period ends: tries, and the first retry's delay
@@ -569,31 +572,50 @@ class DecisionsWorker:
         return []
 
     async def _form_groups(self, lobby: LobbyState) -> list[LobbyEffect]:
-        """Every group the people waiting now can form, formed in the store, in order."""
+        """Every group the lobby can form now, formed in the store, in order: with bots for
+        people whose deadline passed (`on_lobby_timeout: bots`; released when the session has
+        no free seat left for them), then from the people waiting."""
         effects: list[LobbyEffect] = []
         session = lobby.config.session
-        while (proposal := lobby.proposal()) is not None:
-            group, members = proposal
-            delay = 0.1
-            while True:  # the store is briefly unreachable: wait, keeping the lobby's order
-                try:
-                    formed = await self._directory.form_group(session, group, members)
-                    break
-                except NotFound:  # the session was deleted, or the store has no such group
-                    log.error("group %s of the lobby of %s cannot be formed", group, session)
+        while True:
+            with_bots = lobby.bot_proposal()
+            if with_bots is not None:
+                group, members, bots = with_bots
+            else:
+                proposal = lobby.proposal()
+                if proposal is None:
                     return effects
-                except httpx.HTTPError as exc:
-                    log.warning("store unreachable forming group %s (%s); retrying", group, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            effects.extend(lobby.form(group, formed, now=now()))
+                (group, members), bots = proposal, 0
+            try:
+                formed, played = await self._store_call(
+                    partial(self._directory.form_group, session, group, members, bots), group
+                )
+            except NotFound:  # the session was deleted, or the store has no such group
+                log.error("group %s of the lobby of %s cannot be formed", group, session)
+                return effects
+            except NoFreeSeats:
+                log.info("no free seats for bots in %s: releasing %s", session, members[0])
+                effects.extend(lobby.release(members[0], now=now()))
+                continue
+            effects.extend(lobby.form(group, formed, now=now(), bots=played))
             log.info(
-                "group %s formed from the lobby: %s",
+                "group %s formed from the lobby: %s%s",
                 group,
                 ", ".join(formed),
+                f" (bots: {', '.join(played)})" if played else "",
                 extra=context(session, group),
             )
-        return effects
+
+    async def _store_call(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """`call` retried while the store is unreachable (keeping the lobby's order)."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except httpx.HTTPError as exc:
+                log.warning("store unreachable for %s (%s); retrying", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _lobby(self, session: str) -> tuple[LobbyState, list[LobbyEffect]] | None:
         """The lobby's state, rebuilt from its log if this worker does not hold it; with the

@@ -286,6 +286,9 @@ def session_summary(
                 "id_in_group": p["id_in_group"],
                 "url": p["url"],
                 "connected": bool(p.get("connected")),
+                # A bot plays (or played) this seat: a free seat the lobby gave a bot, or a
+                # member's seat while they were away (on_disconnect bots).
+                "bot": bool(p.get("bot") or p.get("bot_played")),
                 # PROTOCOL v2 "Online studies": the seat's external id, where its person is.
                 "label": p.get("label"),
                 "status": seat_status(p),
@@ -678,10 +681,13 @@ def internal_router(repository: Repository, token: str) -> APIRouter:
     async def form_group(session_id: str, group_id: str, request: FormGroup) -> dict[str, Any]:
         """Form a group of the lobby (decisions, once `group_size` people wait): the members
         it has now, the request's or those of whoever formed it first."""
-        members = await repository.form_group(session_id, group_id, request.members)
-        if not members:
+        formed = await repository.form_group(session_id, group_id, request.members, request.bots)
+        if formed is None:
+            if request.bots and await repository.group(group_id) is not None:
+                raise ApiError(409, "no_free_seats", "not enough free seats for the bots")
             raise ApiError(404, ApiCode.NOT_FOUND, "unknown group")
-        return {"group": group_id, "members": members}
+        members, bots = formed
+        return {"group": group_id, "members": members, "bots": bots}
 
     @router.post("/join/{join_key}")
     async def join(join_key: str, request: JoinRequest) -> dict[str, Any]:
@@ -736,6 +742,7 @@ class FormGroup(BaseModel):
     members: Annotated[
         list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=1_000)
     ]
+    bots: Annotated[int, Field(ge=0, le=1_000)] = 0  # free seats to fill with bots
 
 
 class JoinRequest(BaseModel):

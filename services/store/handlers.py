@@ -69,6 +69,9 @@ def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
         return []
     value = record.value
     if record.channel == Channel.PRESENCE:
+        if value.get("bot"):  # a bot plays the seat (PROTOCOL v2): no person is connected
+            played = {"connected": False, "bot_played": True, "taken": True}
+            return [("participants", str(value["participant"]), played)]
         fields: dict[str, Any] = {"connected": value["connected"]}
         if value["connected"] is True:
             fields["seen"] = True  # the session detail's status `playing`

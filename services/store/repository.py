@@ -273,13 +273,16 @@ class Repository:
         )
 
     async def claim_free_seat(
-        self, session_id: str, label: str | None = None
+        self, session_id: str, label: str | None = None, *, bot: bool = False
     ) -> dict[str, Any] | None:
         """The first free seat in seat order (no label, not taken), taken now and labelled
-        `label` when one is given; None when the session has no free seat left."""
+        `label` when one is given (`bot`: for a bot the lobby seats); None when the session
+        has no free seat left."""
         fields: dict[str, Any] = {"taken": True}
         if label is not None:
             fields["label"] = label
+        if bot:
+            fields["bot"] = True
         # `taken` false or absent: `$in` [false, null], not `$ne: true`, which nx-27017 (the
         # local MongoDB-wire server) does not match against a document without the field in
         # an update or findAndModify (its finds do; real MongoDB matches it in all of them).
@@ -342,29 +345,59 @@ class Repository:
 
     # -- the lobby (PROTOCOL v2 "The lobby") ---------------------------------------------------
 
-    async def form_group(self, session_id: str, group_id: str, members: list[str]) -> list[str]:
-        """Form an arrival session's group with `members` unless it was formed already; the
-        members it has. The group document decides: only an update of a group not `formed`
+    async def form_group(
+        self, session_id: str, group_id: str, members: list[str], bots: int = 0
+    ) -> tuple[list[str], list[str]] | None:
+        """Form an arrival session's group with `members` and `bots` free seats that bots
+        play (after the members), unless it was formed already: the members it has and which
+        of them bots play. The group document decides: only an update of a group not `formed`
         yet succeeds, so a group is formed once, whoever asks and however often. The seats
         are given their group after it (again on a repeated call: a worker that died between
-        the two finishes it when it asks again). An empty list: no such group."""
+        the two finishes it when it asks again). None: no such group, or not enough free
+        seats for the bots (those claimed go back)."""
+        existing = await self.groups.find_one({"_id": group_id, "session": session_id})
+        if existing is None:
+            return None
+        claimed: list[str] = []
+        if not existing.get("formed", True) and bots:
+            for _ in range(bots):
+                seat = await self.claim_free_seat(session_id, bot=True)
+                if seat is None:
+                    await self._unclaim(claimed)
+                    return None
+                claimed.append(str(seat["_id"]))
         # `formed` false, not `members: []`: nx-27017 does not match an empty array that way.
         document = await self.groups.find_one_and_update(
             {"_id": group_id, "session": session_id, "formed": False},
-            {"$set": {"members": members, "formed": True, "formed_at": time.time()}},
+            {
+                "$set": {
+                    "members": members + claimed,
+                    "bots": claimed,
+                    "formed": True,
+                    "formed_at": time.time(),
+                }
+            },
             return_document=ReturnDocument.AFTER,
         )
-        if document is None:
+        if document is None:  # formed by an earlier call: its members stand
+            await self._unclaim(claimed)
             document = await self.groups.find_one({"_id": group_id, "session": session_id})
             if document is None:
-                return []
+                return None
         formed = [str(code) for code in document["members"]]
         for index, code in enumerate(formed, start=1):
             await self.participants.update_one(
                 {"_id": code, "session": session_id},
                 {"$set": {"group": group_id, "id_in_group": index}},
             )
-        return formed
+        return formed, [str(code) for code in document.get("bots") or []]
+
+    async def _unclaim(self, codes: list[str]) -> None:
+        """Give back free seats claimed for bots of a group that was not formed with them."""
+        for code in codes:
+            await self.participants.update_one(
+                {"_id": code}, {"$set": {"taken": False}, "$unset": {"bot": ""}}
+            )
 
     async def session_labels(self, session_id: str) -> dict[str, str]:
         """Every label a session's seats have now (code → label)."""

@@ -178,3 +178,59 @@ async def test_a_person_whose_time_runs_out_is_released(
     assert hello["period"]["state"] == "lobby"
     assert await back.expect("finished") == finished
     await back.close()
+
+
+async def test_with_bots_a_person_whose_time_runs_out_plays_with_bots_in_free_seats(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(
+        api,
+        experiment="public_goods",
+        num_participants=4,
+        group_size=2,
+        period_length=3,
+        grouping="arrival",
+        lobby_timeout=1.0,
+        on_lobby_timeout="bots",
+    )
+    sid = session["session"]
+    codes = [p["code"] for p in session["participants"]]
+    person, _ = await arrive(gateway_url, codes[2])
+    hello = await person.expect("hello", lambda h: h["group"] is not None, timeout=15)
+    bot = codes[0]  # the first free seat in seat order
+    assert hello["members"] == [codes[2], bot] and hello["bots"] == [bot]
+    assert hello["presence"] == {codes[2]: True, bot: True}
+    await person.expect("period_start")
+    finished = await person.expect("finished", timeout=15)
+    assert finished["outcome"] == "completed"
+
+    rows = await export_until(api, sid, lambda r: any(x["channel"] == "finished" for x in r))
+    played = [r for r in rows if r["direction"] == "in" and r["participant"] == bot]
+    assert played and all(r["seq"] == "" for r in played), [
+        (r["channel"], r["participant"], r["seq"]) for r in rows
+    ]
+    formed = next(json.loads(r["value"]) for r in rows if r["channel"] == "group_formed")
+    assert formed == {"group": hello["group"], "members": [codes[2], bot], "bots": [bot]}
+    assert not [r for r in rows if r["channel"] == "finished" and r["participant"] == bot]
+    detail = await detail_until(api, sid, lambda d: seats(d)[codes[2]]["outcome"] is not None)
+    assert seats(detail)[bot]["bot"] is True and seats(detail)[codes[2]]["bot"] is False
+    assert seats(detail)[bot]["outcome"] is None  # nobody to pay
+    await person.close()
+
+
+async def test_with_bots_and_no_free_seat_a_person_is_released(
+    api: httpx.AsyncClient, gateway_url: str
+) -> None:
+    session = await create_session(
+        api,
+        num_participants=2,
+        group_size=2,
+        grouping="arrival",
+        lobby_timeout=0.5,
+        on_lobby_timeout="bots",
+        labels=["L1", "L2"],  # every seat is someone's: none is free for a bot
+    )
+    person, _ = await arrive(gateway_url, session["participants"][0]["code"])
+    finished = await person.expect("finished", timeout=15)
+    assert finished["outcome"] == "lobby_timeout"
+    await person.close()

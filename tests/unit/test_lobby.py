@@ -155,3 +155,25 @@ def test_a_rebuild_from_the_log_arrives_at_the_live_state() -> None:
     assert rebuilt.proposal() is None  # an UNKNOWN connection forms no group
     # Not announced again within the resync window: they left (and keep their place).
     assert [r["channel"] for r in rows_of(rebuilt.expire_unknown(now=70.0))] == [LOBBY_LEAVE]
+
+
+def test_with_bots_an_overdue_person_gets_a_group_with_bots_at_once() -> None:
+    lobby = LobbyState(config(group_size=3, on_lobby_timeout="bots", lobby_timeout=10.0))
+    lobby.on_presence("a", "c1", True, now=1.0)
+    lobby.on_presence("b", "c2", True, now=2.0)
+    lobby.on_presence("b", "c2", False, now=3.0)  # away: not taken along
+    lobby.on_presence("c", "c3", True, now=4.0)
+    assert lobby.on_timer(LOBBY_TIMEOUT, "a", now=11.0) == []  # the adapter forms it
+    assert lobby.bot_proposal() == ("g1", ["a", "c"], 1)
+    effects = lobby.form("g1", ["a", "c", "z"], now=11.1, bots=["z"])
+    assert rows_of(effects)[0]["value"] == {
+        "group": "g1",
+        "members": ["a", "c", "z"],
+        "bots": ["z"],
+    }
+    assert lobby.bot_proposal() is None and list(lobby.waiting) == ["b"]
+    # No free seat for the bots: released as under `release`.
+    lobby.on_timer(LOBBY_TIMEOUT, "b", now=12.0)
+    released = lobby.release("b", now=12.0)
+    assert [r["channel"] for r in rows_of(released)] == [LOBBY_TIMEOUT, "finished"]
+    assert lobby.bot_proposal() is None
