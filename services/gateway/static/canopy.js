@@ -18,6 +18,7 @@
  *   client.send("orders", {side: "bid", price: 40, quantity: 1});
  *   client.serverNow()                       // server clock, epoch seconds
  *   client.state                             // live view, see the constructor
+ *   client.inLobby()                         // waiting for a group (grouping "arrival")
  *
  * `on` returns a function that removes the listener. "status" and "message" are the client's
  * own events; every other name is a server channel. The older `handlers` object
@@ -42,6 +43,13 @@
  *   flood limit, so a long offline queue does not come back as `too_many_messages`.
  * - A connection that leaves sent frames without any answer for `ackTimeoutMs` is treated as
  *   dead (a browser cannot ping) and replaced by a new one.
+ * - The lobby (PROTOCOL v2, `grouping: "arrival"`): a seat without a group gets a `hello` with
+ *   `group` null, `members` [] and `period.state` "lobby", then `lobby` frames
+ *   ({waiting, group_size, timeout_at}: `state.lobby`, the latest). When the group forms, the
+ *   same connection gets a second `hello`, the group's: `state` is rebuilt from it and "hello"
+ *   is emitted again (listen to "hello" for every change of group, not just reconnects). The
+ *   group's own frames (presence, period_start) may come before its hello: they are kept
+ *   and applied over it, as before a first hello.
  * - The server clock: every server frame's `ts` was stamped before it arrived, so
  *   `ts - arrival` is a lower bound of the offset (server minus local clock); a `hello`, `ack`
  *   or `error` was stamped after the connect or frame that caused it left, so
@@ -67,7 +75,7 @@ var CLOSE_REFUSED = 4403;
 var CLOSE_REPLACED = 4409;
 var CLOSE_TOO_MANY_CONNECTIONS = 4429; // a reconnect storm: wait the longest backoff
 var CLOSE_CLIENT_GAVE_UP = 4000;
-var PERIOD_RANK = { waiting: 0, running: 1, paused: 1, ended: 2 };
+var PERIOD_RANK = { lobby: -1, waiting: 0, running: 1, paused: 1, ended: 2 };
 // Names of the handlers object (the older API) for the events of `on`.
 var LEGACY_HANDLER = {
   status: "onStatus",
@@ -125,6 +133,7 @@ export class CanopyClient {
       nextSeq: 1,
       pending: this._loadPending(),
       hello: null,
+      lobby: null, // the latest `lobby` frame while in the lobby, else null
       groupDecisions: {},
       period: null, // {number, state, ends_at, length?, payoffs?}
       subperiod: null,
@@ -153,6 +162,7 @@ export class CanopyClient {
     this._tokensAt = Date.now();
     this._pausedUntil = 0;
     this._preHello = null;
+    this._inLobby = false; // the last hello was a lobby hello: the group's frames may come first
     this._listeners = new Map(); // event name -> [fn]
     this._openedAt = 0; // local ms when the current socket was opened
     this._sentAt = new Map(); // seq -> local ms it first left on the current connection
@@ -218,6 +228,11 @@ export class CanopyClient {
     return seq;
   }
 
+  /** Whether this seat waits in the lobby for its group (its hello had no group). */
+  inLobby() {
+    return this._inLobby;
+  }
+
   /** Server time now (epoch seconds), from the offset seen in the server's `ts`. */
   serverNow() {
     return Date.now() / 1000 + (this.state.serverOffset || 0);
@@ -261,6 +276,7 @@ export class CanopyClient {
     this._sentSeqs.clear();
     this._sentAt.clear();
     this._preHello = { period: null, presence: [] };
+    this._inLobby = false;
     this._setStatus(this._everConnected ? "reconnecting" : "connecting");
     var ws;
     this._openedAt = Date.now();
@@ -411,6 +427,12 @@ export class CanopyClient {
     if (typeof p.participant === "string" && p.participant) this.code = p.participant;
     if (this.code) presence[this.code] = true;
 
+    // A lobby hello (PROTOCOL v2 "The lobby"): no group yet. Until the group's hello comes,
+    // the group's frames are kept as before a first hello (see _setPeriod, _presenceChange).
+    this._inLobby = p.group === null || (isObject(p.period) && p.period.state === "lobby");
+    this._preHello = { period: null, presence: [] };
+    if (!this._inLobby) st.lobby = null;
+
     this._dropPendingUpTo(last);
     if (st.nextSeq <= last) this._setNextSeq(last + 1);
 
@@ -504,14 +526,19 @@ export class CanopyClient {
       }
     } else if (channel === "presence" && isObject(p) && typeof p.participant === "string") {
       this._presenceChange(p.participant, !!p.connected);
+    } else if (channel === "lobby" && isObject(p) && this._inLobby) {
+      st.lobby = p; // one that was on its way when the group formed is not kept
     }
     this._emit("message", channel, p, ts);
     if (channel !== "message" && channel !== "status") this._emit(channel, p, ts);
   }
 
   _presenceChange(participant, connected) {
-    // participant null: every member. Before the hello, also kept to replay onto it.
-    if (!this._helloReceived) this._preHello.presence.push([participant, connected]);
+    // participant null: every member. Before the hello (or the group's, in the lobby), also
+    // kept to replay onto it.
+    if (!this._helloReceived || this._inLobby) {
+      this._preHello.presence.push([participant, connected]);
+    }
     this._applyPresence(participant, connected);
   }
 
@@ -525,7 +552,7 @@ export class CanopyClient {
   }
 
   _setPeriod(period) {
-    if (!this._helloReceived) this._preHello.period = period;
+    if (!this._helloReceived || this._inLobby) this._preHello.period = period;
     if (!periodIsOlder(period, this.state.period)) this.state.period = period;
   }
 
@@ -752,4 +779,4 @@ export function connectHere(handlers, options) {
   return connect(socketUrl(key), key, handlers, options);
 }
 
-export const version = "3";
+export const version = "4";

@@ -14,6 +14,9 @@
  * (the whole side is listed, or it is better than the last entry listed) says it is gone.
  * They are kept in sessionStorage with the period, so a reload keeps them; "Your open orders"
  * lists them, with Cancel, whether or not the book's depth reaches them.
+ *
+ * The role (buyer or seller) follows from id_in_group, which a seat in the lobby (grouping
+ * "arrival") learns only from its group's hello: the texts that name it are set in render.
  */
 import { formatNumber, h, startPage } from "./page.js";
 
@@ -238,8 +241,27 @@ function renderTape(page) {
   el.tape.replaceChildren.apply(el.tape, items);
 }
 
+/** The texts that depend on the role, when it is known or changed (the group's hello). */
+function renderRole(page) {
+  var role = page.idInGroup(page.me()) < 1 ? "" : isBuyer(page) ? "buyer" : "seller";
+  if (el.form.dataset.role === role) return;
+  el.form.dataset.role = role;
+  var buyer = role === "buyer";
+  var v = values(page);
+  el.submit.textContent = buyer ? "Place bid" : "Place ask";
+  el.form.setAttribute("aria-label", buyer ? "Place a bid" : "Place an ask");
+  el.priceLabel.textContent = buyer ? "Price you pay" : "Price you ask";
+  el.unitsLabel.textContent = buyer ? "Units bought" : "Units sold";
+  el.role.textContent = role === "" ? "Your role comes with your group." : buyer ?
+    "You are a buyer: each unit is worth " + formatNumber(v.buyerValue) + " to you, so you " +
+      "earn that minus the price for every unit you buy." :
+    "You are a seller: each unit costs you " + formatNumber(v.sellerCost) + ", so you earn " +
+      "the price minus that for every unit you sell.";
+}
+
 function render(page) {
   if (!el.mine) return; // not mounted yet
+  renderRole(page);
   var running = page.running();
   el.price.disabled = el.quantity.disabled = el.submit.disabled = !running;
   ["bids", "asks"].forEach(function (side) {
@@ -277,39 +299,31 @@ function best(side) {
 startPage({
   title: "Double auction",
   mount: function (page) {
-    var buyer = isBuyer(page);
-    var v = values(page);
     el.role = h("p", { id: "role", class: "help" });
     el.price = h("input", { id: "order-price", type: "number", min: "0.01", step: "0.01",
       inputmode: "decimal", required: true, disabled: true });
     el.quantity = h("input", { id: "order-quantity", type: "number", min: "1", step: "1",
       value: "1", inputmode: "numeric", required: true, disabled: true });
-    el.submit = h("button", { type: "submit", id: "order-submit",
-      text: buyer ? "Place bid" : "Place ask", disabled: true });
+    el.submit = h("button", { type: "submit", id: "order-submit", disabled: true });
     el.note = h("p", { id: "order-note", class: "help", "aria-live": "polite" });
-    var form = h("form", { class: "inline-form", id: "order-form", novalidate: true,
-      "aria-label": buyer ? "Place a bid" : "Place an ask" },
-      h("div", { class: "field" }, h("label", { for: "order-price",
-        text: buyer ? "Price you pay" : "Price you ask" }), el.price),
+    el.priceLabel = h("label", { for: "order-price" });
+    var form = h("form", { class: "inline-form", id: "order-form", novalidate: true },
+      h("div", { class: "field" }, el.priceLabel, el.price),
       h("div", { class: "field" }, h("label", { for: "order-quantity", text: "Units" }),
         el.quantity),
       el.submit);
+    el.form = form;
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       placeOrder(page);
     });
-    el.role.textContent = buyer ?
-      "You are a buyer: each unit is worth " + formatNumber(v.buyerValue) + " to you, so you " +
-        "earn that minus the price for every unit you buy." :
-      "You are a seller: each unit costs you " + formatNumber(v.sellerCost) + ", so you earn " +
-        "the price minus that for every unit you sell.";
 
     el.units = h("dd", { id: "position-units", text: "0" });
     el.profit = h("dd", { id: "position-profit", text: "0.00" });
     el.spread = h("dd", { id: "spread", text: "–" });
+    el.unitsLabel = h("dt");
     var stats = h("dl", { class: "stats" },
-      h("div", { class: "stat" }, h("dt", { text: buyer ? "Units bought" : "Units sold" }),
-        el.units),
+      h("div", { class: "stat" }, el.unitsLabel, el.units),
       h("div", { class: "stat" }, h("dt", { text: "Your profit" }), el.profit),
       h("div", { class: "stat" }, h("dt", { text: "Best bid / ask" }), el.spread));
 
@@ -339,6 +353,7 @@ startPage({
     var tape = h("div", { class: "tape-box" }, h("h3", { text: "Trades" }), el.tape);
     page.el.experiment.querySelector("h2").textContent = "Your orders";
     page.el.experiment.append(el.role, form, el.note, stats, own, market, tape);
+    renderRole(page);
 
     var client = page.client;
     client.on("hello", function (p) {

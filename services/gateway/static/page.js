@@ -1,8 +1,10 @@
 /*
  * The participant page's shell, shared by every experiment's page (decisions.js, bimatrix.js,
  * public_goods.js, double_auction.js, generic.js): the connection badge and notices, the
- * period with its countdown on the server's clock and sub-period progress, the waiting screen
- * until the group is complete, the paused banner (on_disconnect "pause"), the group's members,
+ * period with its countdown on the server's clock and sub-period progress, the lobby (PROTOCOL
+ * v2 "The lobby", `grouping: "arrival"`: how many wait, how many are needed, how long at most,
+ * until the group's own `hello` comes), the waiting screen until the group is complete, the
+ * paused banner (on_disconnect "pause"), the group's members,
  * the payoffs at period end, the errors, a live uPlot chart of the period, and the finished
  * screen (PROTOCOL v2 "The end for everyone": the seat's outcome, its payoffs, the completion
  * code with a Copy button, and the countdown to the completion site), shown over everything
@@ -21,7 +23,11 @@
  * `page` (also window.canopyPage) has: client, config (from the gateway: experiment, params,
  * members, period_length, num_subperiods, …), me(), members(), el, chart (record(values),
  * reset()), running(), elapsed(ts), slider(options), showError(error), finished (the
- * `finished` payload once it came, else null).
+ * `finished` payload once it came, else null), inLobby().
+ *
+ * In the lobby a page's members() is empty and idInGroup() 0; the group's `hello` brings them
+ * (not the embedded config, which has none for a lobby seat), and spec.render runs again, so a
+ * spec must derive anything that depends on the member (a role, a side) in render, not mount.
  */
 import { connect, pageKey, socketUrl } from "./canopy.js";
 import { LEAVE_SECONDS, leaveAfter, safeTarget } from "./leave.js";
@@ -43,6 +49,7 @@ var FINISHED_TEXT = {
   full: ["This study is full", "All places in this study are taken. Thank you for your " +
     "interest."],
 };
+var LOBBY_DOTS_MAX = 12; // beyond this group size, the count alone
 var STATUS_TEXT = {
   connecting: "Connecting…",
   connected: "Connected",
@@ -114,6 +121,12 @@ export function startPage(spec) {
     progress: byId("progress"),
     waiting: byId("waiting"),
     waitingText: byId("waiting-text"),
+    lobby: byId("lobby"),
+    lobbyCount: byId("lobby-count"),
+    lobbySeats: byId("lobby-seats"),
+    lobbyDeadline: byId("lobby-deadline"),
+    lobbyCountdown: byId("lobby-countdown"),
+    lobbyAnnounce: byId("lobby-announce"),
     result: byId("result"),
     resultText: byId("result-text"),
     resultBody: byId("result-table").querySelector("tbody"),
@@ -170,7 +183,14 @@ export function startPage(spec) {
     },
     running: function () {
       var p = client.state.period;
-      return !!p && p.state === "running";
+      return !!p && p.state === "running" && !client.inLobby();
+    },
+    /** Waiting in the lobby for a group: its hello had no group, or (before any hello) the
+     * gateway gave this arrival seat no members. */
+    inLobby: function () {
+      if (page.finished) return false;
+      if (client.state.hello) return client.inLobby();
+      return config.grouping === "arrival" && !(config.members && config.members.length);
     },
     periodLength: function () {
       var p = client.state.period;
@@ -200,7 +220,8 @@ export function startPage(spec) {
   window.canopyPage = page;
 
   el.title.textContent = spec.title || "";
-  if (spec.title) document.title = spec.title + " · Canopy";
+  var baseTitle = spec.title ? spec.title + " · Canopy" : document.title;
+  document.title = baseTitle;
 
   // ---- status and notices ----------------------------------------------------------
 
@@ -253,6 +274,8 @@ export function startPage(spec) {
     if (!p) {
       text = st.status === "refused" || st.status === "replaced" ? "Not connected." :
         st.hello ? "Waiting for the experiment to start." : "Connecting to the experiment…";
+    } else if (state === "lobby") {
+      text = "Waiting for your group to form.";
     } else if (state === "waiting") {
       text = "Period " + n + of + ": waiting for everyone in your group to join.";
     } else if (state === "running") {
@@ -278,8 +301,8 @@ export function startPage(spec) {
         "Waiting for everyone in your group to join: " + here + " of " + members + " here." :
         "Everyone is here: period " + n + " starts in a moment.";
     }
-    document.body.dataset.phase = page.finished ? "finished" : !p ? "connecting" :
-      state === "waiting" && n === 1 ? "waiting" : state;
+    document.body.dataset.phase = page.finished ? "finished" : page.inLobby() ? "lobby" :
+      !p ? "connecting" : state === "waiting" && n === 1 ? "waiting" : state;
 
     el.paused.hidden = state !== "paused";
     if (state === "paused") {
@@ -300,6 +323,76 @@ export function startPage(spec) {
     }
     renderCountdown();
     renderResult();
+  }
+
+  // ---- the lobby (grouping "arrival") ---------------------------------------------
+
+  var wasInLobby = false;
+  var lobbyCountText = "";
+
+  function people(n) {
+    return n === 1 ? "1 more person" : n + " more people";
+  }
+
+  function renderLobby() {
+    var inLobby = page.inLobby();
+    el.lobby.hidden = !inLobby;
+    if (wasInLobby && !inLobby && !page.finished) {
+      // The lobby's live region is hidden now: say it where a screen reader still listens.
+      el.lobbyAnnounce.textContent = "Your group is complete. The study starts when " +
+        "everyone is connected.";
+    }
+    wasInLobby = inLobby;
+    if (!inLobby) {
+      if (document.title !== baseTitle) document.title = baseTitle;
+      return;
+    }
+    var lobby = client.state.lobby;
+    var size = lobby && typeof lobby.group_size === "number" ? lobby.group_size :
+      config.group_size;
+    var waiting = lobby && typeof lobby.waiting === "number" ? lobby.waiting : null;
+    var text;
+    if (waiting === null || typeof size !== "number") {
+      text = client.state.status === "connected" ? "Counting who is here…" :
+        "Joining the waiting room…";
+    } else if (waiting < size) {
+      text = waiting + " of " + size + " people are here. Waiting for " +
+        people(size - waiting) + ".";
+    } else {
+      text = waiting + " of " + size + " people are here. Your group is being formed…";
+    }
+    // Set only when it changes: a live region may read out even an unchanged text again.
+    if (text !== lobbyCountText) {
+      lobbyCountText = text;
+      el.lobbyCount.textContent = text;
+    }
+    el.lobbyCount.dataset.waiting = waiting === null ? "" : String(waiting);
+    el.lobbyCount.dataset.groupSize = typeof size === "number" ? String(size) : "";
+    var dots = typeof size === "number" && size <= LOBBY_DOTS_MAX ? size : 0;
+    if (el.lobbySeats.children.length !== dots) {
+      var seats = [];
+      for (var i = 0; i < dots; i++) seats.push(h("span", { class: "lobby-seat" }));
+      el.lobbySeats.replaceChildren.apply(el.lobbySeats, seats);
+    }
+    el.lobbySeats.hidden = dots === 0;
+    Array.prototype.forEach.call(el.lobbySeats.children, function (dot, i) {
+      dot.classList.toggle("here", waiting !== null && i < waiting);
+    });
+    var title = waiting !== null && typeof size === "number" ?
+      "(" + Math.min(waiting, size) + "/" + size + ") Waiting · Canopy" : "Waiting · Canopy";
+    if (document.title !== title) document.title = title;
+    renderLobbyCountdown();
+  }
+
+  function renderLobbyCountdown() {
+    var lobby = client.state.lobby;
+    var at = lobby && typeof lobby.timeout_at === "number" ? lobby.timeout_at : null;
+    el.lobbyDeadline.hidden = at === null || !page.inLobby();
+    if (el.lobbyDeadline.hidden) return;
+    var left = at - client.serverNow();
+    el.lobbyCountdown.textContent = formatSeconds(left);
+    el.lobbyCountdown.dataset.remaining = String(Math.max(0, Math.round(left)));
+    el.lobbyDeadline.dataset.over = left <= 0 ? "true" : "false";
   }
 
   function renderCountdown() {
@@ -386,6 +479,8 @@ export function startPage(spec) {
     var total = typeof f.total_payoff === "number" ? f.total_payoff : null;
     el.finishedTotal.textContent = "Your total payoff: " + formatNumber(total) + ".";
     el.finishedTotal.dataset.payoff = total === null ? "" : String(total);
+    // Released from the lobby: no group ever played, so a total of 0.00 would only puzzle.
+    el.finishedTotal.hidden = outcome === "lobby_timeout" && !total;
 
     // The period payoffs this page heard of (period_end), in period order.
     var me = page.me();
@@ -521,6 +616,7 @@ export function startPage(spec) {
 
   function renderAll() {
     renderStatus();
+    renderLobby();
     renderPeriod();
     renderMembers();
     renderFinished();
@@ -540,12 +636,18 @@ export function startPage(spec) {
 
   if (spec.mount) spec.mount(page);
   var chartPeriod = null;
+  var chartGroup = null;
 
   client.on("status", scheduleRender);
-  client.on("hello", function () {
+  client.on("hello", function (hello) {
     var p = client.state.period;
-    if (!p || p.number !== chartPeriod) page.chart.reset(p ? p.number : null);
+    // A new group (the lobby formed it) starts a new chart, whatever its period's number.
+    var group = hello && typeof hello.group === "string" ? hello.group : null;
+    if (!p || p.number !== chartPeriod || group !== chartGroup) {
+      page.chart.reset(p ? p.number : null);
+    }
     chartPeriod = p ? p.number : null;
+    chartGroup = group;
     page.chart.record();
     notePlay();
     scheduleRender();
@@ -572,6 +674,7 @@ export function startPage(spec) {
   renderAll();
   setInterval(function () {
     renderCountdown();
+    renderLobbyCountdown();
     page.chart.draw();
   }, TICK_MS);
   return page;
@@ -670,7 +773,7 @@ function makeChart(page, chartSpec) {
     /** Record the current values (chartSpec.sample, or `values`) at server time `ts`. */
     record: function (ts, values) {
       var p = page.client.state.period;
-      if (!p || p.state === "waiting") return;
+      if (!p || p.state === "waiting" || p.state === "lobby") return;
       build();
       var row = values || chartSpec.sample(page);
       var x = page.elapsed(ts);
