@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright
+from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, async_playwright
 
 from tests.e2e.protocol import remember, session_body
 
@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-VIEWPORT = {"width": 420, "height": 860}
+VIEWPORT: ViewportSize = {"width": 420, "height": 860}
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 SOON_MS = 5_000  # how long a change may take to show up on another page
 

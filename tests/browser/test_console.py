@@ -109,9 +109,9 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
         await member.expect("period_start")
     for value, member in zip((0.8, 0.3), members, strict=True):
         await member.ack(await member.send(value))
-    for value, code in zip(("0.80", "0.30"), codes, strict=True):
+    for shown, code in zip(("0.80", "0.30"), codes, strict=True):
         decision = monitor.locator(f'[data-participant="{code}"] .decision')
-        await expect(decision).to_have_text(value, timeout=SECOND_MS)
+        await expect(decision).to_have_text(shown, timeout=SECOND_MS)
     # The other group's slots, filled with bots from the console.
     await monitor.get_by_role("button", name="Fill empty slots with bots").click()
     await expect(monitor.locator("#bots-status")).to_contain_text("2 bot(s) playing")

@@ -64,7 +64,9 @@ def cluster_stack(cluster: ClusterHandle) -> Iterator[StackHandle]:
 
 def owners(stack: StackHandle) -> dict[str, str]:
     """shard lease → owner (instance), unexpired ones only."""
-    with MongoClient(stack.env["CANOPY_MONGO_URL"], serverSelectionTimeoutMS=2000) as client:
+    with MongoClient[dict[str, Any]](
+        stack.env["CANOPY_MONGO_URL"], serverSelectionTimeoutMS=2000
+    ) as client:
         leases = client[stack.env["CANOPY_MONGO_DB"]]["decisions_leases"]
         now = time.time()
         return {d["_id"]: d["owner"] for d in leases.find({"expires_at": {"$gte": now}})}

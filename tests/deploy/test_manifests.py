@@ -18,14 +18,15 @@ import yaml
 from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 
+from services.common.settings import CommonSettings
 from services.decisions.settings import DecisionsSettings
 from services.gateway.settings import GatewaySettings
 from services.store.settings import StoreSettings
 from services.timers.settings import TimersSettings
-from tests.deploy import k8s
+from tests.deploy import crds, k8s
 from tests.deploy.dockerfile import Dockerfile
 
-SETTINGS = {
+SETTINGS: dict[str, type[CommonSettings]] = {
     "gateway": GatewaySettings,
     "store": StoreSettings,
     "decisions": DecisionsSettings,
@@ -91,8 +92,8 @@ def test_validation_refuses_what_the_api_server_would_drop(
 ) -> None:
     """A misspelt field, in a built-in kind and in each operator kind, is a problem."""
     kinds = {(r["apiVersion"], r["kind"]): r for r in rendered["prod"]}
-    assert set(k8s.SCHEMAS) <= set(kinds)  # every CRD kind is used, so every schema is exercised
-    for key in [*k8s.SCHEMAS, ("apps/v1", "Deployment")]:
+    assert set(crds.SCHEMAS) <= set(kinds)  # every CRD kind is used, so every schema is exercised
+    for key in [*crds.SCHEMAS, ("apps/v1", "Deployment")]:
         broken = copy.deepcopy(kinds[key])
         broken["spec"]["replicaz"] = 3
         assert k8s.validate(broken), key
@@ -305,12 +306,18 @@ def _mounts(app: Any) -> list[Mount]:
     return [r for r in app.router.routes if isinstance(r, Mount) and isinstance(r.app, StaticFiles)]
 
 
+def _directory(mount: Mount) -> Path:
+    """The folder a static mount (one of `_mounts`) serves."""
+    assert isinstance(mount.app, StaticFiles) and mount.app.directory is not None
+    return Path(mount.app.directory)
+
+
 def _serves_file(app: Any, path: str) -> bool:
     """The file `path` exists under the first of the app's static mounts it falls under
     (Starlette tries the mounts in order, as nginx would hand them the request)."""
     for mount in _mounts(app):
         if path.startswith(mount.path + "/"):
-            return (Path(mount.app.directory) / path.removeprefix(mount.path + "/")).exists()
+            return (_directory(mount) / path.removeprefix(mount.path + "/")).exists()
     return False
 
 
@@ -373,8 +380,8 @@ def test_ingress_sends_each_path_to_the_service_that_serves_it(
 
     for name, app in apps.items():
         for mount in _mounts(app):
-            for file in sorted(Path(mount.app.directory).rglob("*"))[:3]:
-                sample = f"{mount.path}/{file.relative_to(mount.app.directory)}"
+            for file in sorted(_directory(mount).rglob("*"))[:3]:
+                sample = f"{mount.path}/{file.relative_to(_directory(mount))}"
                 backend = backend_of(sample)
                 assert backend is not None, sample
                 assert _serves_file(apps[backend], sample), (name, sample, backend)

@@ -63,7 +63,12 @@ class Participant:
         return frame
 
     async def expect(
-        self, channel: str, where: Callable[[Any], bool] = lambda _: True, timeout: float = TIMEOUT
+        self,
+        channel: str,
+        # `...`: callers bind loop variables as lambda defaults (`lambda d, v=value: ...`),
+        # which mypy cannot match against a one-argument callable.
+        where: Callable[..., bool] = lambda _: True,
+        timeout: float = TIMEOUT,
     ) -> Any:
         """Read until a frame on `channel` whose payload satisfies `where`; return its payload.
 

@@ -36,7 +36,8 @@ class Stream:
     groups: dict[str, Any] = field(default_factory=dict)
 
     async def next(self) -> tuple[str, Any]:
-        name, data = "message", []
+        name = "message"
+        data: list[str] = []
         async for line in self.lines:
             if line == "":
                 if data:

@@ -64,7 +64,7 @@ async def wait_for(check: Any, timeout: float = TIMEOUT) -> Any:
 
 
 async def test_study_link_status_outcome_and_payments(stack: Any, api: httpx.AsyncClient) -> None:
-    body = {
+    body: dict[str, Any] = {
         "experiment": "bimatrix",
         "num_participants": 4,
         "group_size": 2,

@@ -53,12 +53,12 @@ LEAKS = ("Traceback", 'File "', "services.", "site-packages", "pymongo", "aio_pi
 
 def service_apps() -> dict[str, FastAPI]:
     """Each service's app as its composition root builds it (nothing connects until started)."""
-    token = {"admin_token": "route-enumeration-token-0123456789"}
+    token = "route-enumeration-token-0123456789"
     return {
-        "store": store_app(StoreSettings(**token)),
-        "gateway": gateway_app(GatewaySettings(**token)),
-        "decisions": decisions_app(DecisionsSettings(**token)),
-        "timers": timers_app(TimersSettings(**token)),
+        "store": store_app(StoreSettings(admin_token=token)),
+        "gateway": gateway_app(GatewaySettings(admin_token=token)),
+        "decisions": decisions_app(DecisionsSettings(admin_token=token)),
+        "timers": timers_app(TimersSettings(admin_token=token)),
     }
 
 

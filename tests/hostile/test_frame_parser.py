@@ -49,7 +49,8 @@ json_values = st.recursive(
     ),
     max_leaves=16,
 )
-seqs = (
+# Any: a seq is mostly an int, but also every other JSON value and a few near misses.
+seqs: st.SearchStrategy[Any] = (
     st.integers(min_value=-3, max_value=40)
     | st.integers(min_value=MAX_SEQ - 2, max_value=MAX_SEQ + 2)
     | st.sampled_from([0, -1, 10**30, True, False, 1.0, 1.5, 1e20, "1", None, [], {}])

@@ -34,7 +34,7 @@ BUILT_IN = ("decisions", "bimatrix", "public_goods", "double_auction")
 def refused_at(body: dict[str, Any]) -> str | None:
     """The dotted field of the first error, or None if the session is accepted."""
     try:
-        CreateSession(**body)
+        CreateSession.model_validate(body)
     except ValidationError as exc:
         return ".".join(str(p) for p in exc.errors()[0]["loc"])
     return None
@@ -103,9 +103,10 @@ def test_null_is_refused_for_every_built_in_param(experiment: str, key: str) -> 
 def test_params_are_stored_with_their_defaults() -> None:
     for name in BUILT_IN:
         body = {"experiment": name, "num_participants": 2, "group_size": 2, "period_length": 1}
-        stored = CreateSession(**body).params
+        stored = CreateSession.model_validate(body).params
         assert stored == experiments.get(name).params_model().model_dump(mode="json")
-        assert CreateSession(**body | {"params": stored}).params == stored  # a fixed point
+        again = CreateSession.model_validate(body | {"params": stored}).params
+        assert again == stored  # a fixed point
 
 
 entries = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -139,7 +140,7 @@ def test_an_accepted_payoff_matrix_keeps_every_payoff_finite(
         assert field is not None and field.startswith("params.payoff_matrix")
         return
     assert field is None
-    stored = CreateSession(**body).params
+    stored = CreateSession.model_validate(body).params
     flows = experiments.get("bimatrix").payoffs(
         {"r": decisions[0], "c": decisions[1]}, {"r": 1, "c": 2}, stored
     )
@@ -166,7 +167,7 @@ def test_public_goods_payoffs_stay_finite(
         "period_length": 86_400,
         "params": params,
     }
-    stored = CreateSession(**body).params
+    stored = CreateSession.model_validate(body).params
     contributions = {str(i): endowment * share for i in range(size)}
     flows = experiments.get("public_goods").payoffs(contributions, {}, stored)
     assert all(math.isfinite(v * 86_400 * 1_000) for v in flows.values())

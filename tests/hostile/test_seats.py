@@ -176,8 +176,7 @@ async def replies(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
         while len(found) < count:
             message = json.loads(await ws.recv())
             if message["channel"] == "ack" or (
-                message["channel"] == "error"
-                and message["payload"]["code"] != "period_not_running"
+                message["channel"] == "error" and message["payload"]["code"] != "period_not_running"
             ):
                 found.append(message)
     return found

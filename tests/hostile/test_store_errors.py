@@ -88,7 +88,8 @@ def assert_error_body(response: httpx.Response, status: int, code: str) -> dict[
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     for name in INTERNAL_NAMES:
         assert name not in response.text, response.text
-    return body["error"]
+    error: dict[str, Any] = body["error"]
+    return error
 
 
 async def test_a_failure_inside_a_route_is_a_logged_500(
@@ -174,9 +175,7 @@ async def test_wrong_tokens_are_refused(
 ) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     assert_error_body(await client.get("/api/sessions", headers=headers), 401, "unauthorized")
-    assert_error_body(
-        await client.get("/internal/seats/x", headers=headers), 401, "unauthorized"
-    )
+    assert_error_body(await client.get("/internal/seats/x", headers=headers), 401, "unauthorized")
 
 
 @pytest.mark.parametrize(

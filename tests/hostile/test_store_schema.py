@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import given
 from schemathesis import GenerationMode, checks
+from schemathesis.core.result import Ok
 
 from tests.hostile.conftest import fuzz
 
@@ -39,14 +40,18 @@ OPERATIONS = {
 def test_store_matches_its_schema(stack: Any, mode: GenerationMode) -> None:
     urls = stack.urls
     schema = schemathesis.openapi.from_url(f"{urls.store_url}/openapi.json", timeout=10)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        if not isinstance(result, Ok):
+            raise result.err()  # the store's own schema has an operation schemathesis refuses
+        operations.append(result.ok())
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= OPERATIONS
     auth = {"Authorization": f"Bearer {urls.admin_token}"}
     for operation in operations:
 
         @fuzz(25)
         @given(case=operation.as_strategy(generation_mode=mode))
-        def conforms(case: schemathesis.Case) -> None:
+        def conforms(case: schemathesis.Case[Any]) -> None:
             case.call_and_validate(base_url=urls.store_url, headers=auth, checks=CHECKS, timeout=30)
 
         conforms()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -114,7 +115,7 @@ async def test_rabbitmq_unroutable_mandatory_publish_raises(infra: Infra) -> Non
 
 
 async def test_mongo_insert_find(infra: Infra) -> None:
-    async with AsyncMongoClient(infra.mongo_url) as client:
+    async with AsyncMongoClient[dict[str, Any]](infra.mongo_url) as client:
         db = client[f"devstack_test_{secrets.token_hex(4)}"]
         await db.events.create_index("seq", unique=True)
         await db.events.insert_many([{"seq": i, "value": i * i} for i in range(5)])
@@ -153,7 +154,7 @@ async def test_persistent_infra_keeps_data_and_refuses_a_second_owner(run_dir: P
         with pytest.raises(InfraBusy, match=str(os.getpid())):
             start_infra(run_dir, persistent=True)
         assert _port_open(first.infra.amqp_url)  # the failed second start touched nothing
-        async with AsyncMongoClient(first.infra.mongo_url) as client:
+        async with AsyncMongoClient[dict[str, Any]](first.infra.mongo_url) as client:
             await client.canopy.sessions.insert_one({"_id": "s1", "label": "kept"})
         connection = await aio_pika.connect_robust(first.infra.amqp_url)
         async with connection:
@@ -167,7 +168,7 @@ async def test_persistent_infra_keeps_data_and_refuses_a_second_owner(run_dir: P
     assert owned_processes(run_dir) == []
 
     with start_infra(run_dir, persistent=True, management=False) as second:
-        async with AsyncMongoClient(second.infra.mongo_url) as client:
+        async with AsyncMongoClient[dict[str, Any]](second.infra.mongo_url) as client:
             assert await client.canopy.sessions.find_one({"_id": "s1"}) == {
                 "_id": "s1",
                 "label": "kept",

@@ -24,6 +24,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from pamqp.common import FieldTable
 
 from services.common.bus import DEAD, STORE_QUEUE, TIMERS_QUEUE, Topology, shard_queue
 
@@ -96,7 +97,8 @@ async def test_a_consumer_dying_sixty_times_dead_letters_nothing(vhost_url: str)
             except TimeoutError:
                 raise AssertionError(f"{name} lost its message after {CRASHES} crashes") from None
             assert message.body == f"{name} 1".encode()
-            assert (message.headers or {}).get("x-delivery-count", 0) >= CRASHES
+            delivered = (message.headers or {}).get("x-delivery-count", 0)
+            assert isinstance(delivered, int) and delivered >= CRASHES
             await message.ack()
         dead = await survivor.declare_queue(DEAD, passive=True)
         assert dead.declaration_result.message_count == 0
@@ -109,7 +111,11 @@ async def test_queues_an_older_canopy_declared_with_a_limit_still_serve(
     async with connection:
         channel = await connection.channel()
         # What Canopy before this change declared.
-        legacy = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD, "x-delivery-limit": 50}
+        legacy: FieldTable = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": DEAD,
+            "x-delivery-limit": 50,
+        }
         await channel.declare_queue(
             shard_queue(0), durable=True, arguments=legacy | {"x-single-active-consumer": True}
         )

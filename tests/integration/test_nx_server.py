@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import MongoClient
@@ -43,7 +44,7 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
     def answers() -> bool:
         try:
-            with MongoClient(url, serverSelectionTimeoutMS=300) as probe:
+            with MongoClient[dict[str, Any]](url, serverSelectionTimeoutMS=300) as probe:
                 probe.admin.command("ping")
             return True
         except Exception:
@@ -67,7 +68,7 @@ def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Pa
         )
         assert dying.stdout is not None
         assert dying.stdout.readline().strip() == "in transaction"
-        with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+        with MongoClient[dict[str, Any]](url, serverSelectionTimeoutMS=5000) as client:
             things = client.canopy.things
             # nx-27017 shows a transaction's writes to everyone (one SQLite connection).
             assert things.find_one({"_id": "uncommitted"}) is not None
@@ -86,7 +87,7 @@ def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Pa
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
         server = start_server(data_dir, port)
-        with MongoClient(url, serverSelectionTimeoutMS=5000) as client:
+        with MongoClient[dict[str, Any]](url, serverSelectionTimeoutMS=5000) as client:
             assert client.canopy.things.find_one({"_id": "acknowledged"}) is not None
             assert client.canopy.things.find_one({"_id": "uncommitted"}) is None
     finally:

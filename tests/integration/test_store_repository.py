@@ -30,7 +30,8 @@ async def test_session_layout_round_trip(repository: Repository) -> None:
     layout = layout_session(request, "http://gw", b"k" * 32)
     await repository.create_session(layout)
     session_id = layout["session"]["_id"]
-    assert (await repository.session(session_id))["experiment"] == "bimatrix"
+    stored = await repository.session(session_id)
+    assert stored is not None and stored["experiment"] == "bimatrix"
     participants = await repository.session_participants(session_id)
     assert len(participants) == 6
     assert [p["id_in_group"] for p in participants] == [1, 2, 3, 1, 2, 3]

@@ -22,7 +22,7 @@ from services.common.experiments import GAMES, Bimatrix, DoubleAuction
 
 # An asymmetric game: the row player wants to match, the column player to mismatch
 # ([r][c] = [row's, column's]).
-ASYMMETRIC = [[[4, 1], [0, 3]], [[1, 0], [2, 2]]]
+ASYMMETRIC: list[list[list[float]]] = [[[4, 1], [0, 3]], [[1, 0], [2, 2]]]
 ROLES = {"a": 1, "b": 2}
 
 

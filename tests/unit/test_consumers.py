@@ -29,7 +29,7 @@ class BrokenSocket(Socket):
     """A socket object whose send fails at once, before any write starts: stands for any
     bug on the way to one browser."""
 
-    def send_text(self, text: str) -> Any:  # type: ignore[override]
+    def send_text(self, text: str) -> Any:
         raise RuntimeError("this socket object is broken")
 
 
@@ -70,7 +70,7 @@ async def test_a_delivery_that_raises_costs_one_member_one_frame_not_the_consume
     good, bad = Socket(), BrokenSocket()
     member(hub, "a", good)
     broken = member(hub, "b", bad)
-    hub.on_message(broadcast({"n": 1}))  # type: ignore[arg-type]  (raised before the fix)
+    hub.on_message(broadcast({"n": 1}))  # type: ignore[arg-type]  # raised before the fix
     hub.on_message(broadcast({"n": 2}))  # type: ignore[arg-type]
     assert payloads(good) == [{"n": 1}, {"n": 2}]
     assert broken.closing  # asked to reconnect and resynchronise from hello
@@ -91,7 +91,7 @@ async def test_a_malformed_envelope_is_dropped_and_the_next_one_delivered() -> N
         channel="hello",
         payload={"last_seq": "not a number"},
     )
-    hub.on_message(BusMessage(hello))  # type: ignore[arg-type]  (raised before the fix)
+    hub.on_message(BusMessage(hello))  # type: ignore[arg-type]  # raised before the fix
     hub.on_message(BusMessage(b"{not json"))  # type: ignore[arg-type]
     hub.on_message(broadcast({"n": 1}))  # type: ignore[arg-type]
     assert payloads(socket) == [{"n": 1}]

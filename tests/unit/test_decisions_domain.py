@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from services.common import experiments
@@ -38,7 +40,7 @@ def running_state(**kwargs: object) -> GroupState:
     return state
 
 
-def channels(effects: list[object]) -> list[str]:
+def channels(effects: Sequence[object]) -> list[str]:
     return [e.channel for e in effects if isinstance(e, Broadcast | Control)]
 
 

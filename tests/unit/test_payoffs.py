@@ -17,7 +17,7 @@ from services.common import experiments
 from services.common.directory import GroupConfig
 from tests.unit.test_decisions_rebuild import Recorder
 
-PD = [[[3, 3], [0, 5]], [[5, 0], [1, 1]]]
+PD: list[list[list[float]]] = [[[3, 3], [0, 5]], [[5, 0], [1, 1]]]
 
 
 def config(members: list[str], *, num_subperiods: int = 0, **params: Any) -> GroupConfig:
@@ -34,7 +34,7 @@ def config(members: list[str], *, num_subperiods: int = 0, **params: Any) -> Gro
     )
 
 
-def expected(p: float, q: float, player: int, matrix: Any = PD) -> float:
+def expected(p: float, q: float, player: int, matrix: list[list[list[float]]] = PD) -> float:
     return (
         p * q * matrix[0][0][player]
         + p * (1 - q) * matrix[0][1][player]
