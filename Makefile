@@ -14,15 +14,16 @@ LINTED := services devstack bench tests
 
 .PHONY: help install system-packages stop-system-rabbitmq run test lint clean bench bench-matrix \
 	k8s-check monitoring-check monitoring-tools stop-system-prometheus run-monitoring \
-	cluster-check fault-check otree-check
+	cluster-check fault-check otree-check browser-check lock
 
 help:
 	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
 	@echo "              MONITORING=1 (or make run-monitoring): also Prometheus, with the alert rules"
 	@echo "              BOTS=1: bots in every demo slot but one, so you play them in one tab"
-	@echo "make test     ruff, then every test: unit, integration, e2e, browser"
-	@echo "make lint     ruff check, ruff format --check, mypy"
+	@echo "make test     make lint, then the tests: unit, integration, e2e, packaging"
+	@echo "make lint     ruff format --check, ruff check, mypy --strict (tests too): CI's gates"
+	@echo "make browser-check   the tests in headless Chromium (CI)"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make fault-check   SIGKILL / SIGTERM each process under the real supervisor (CI)"
@@ -33,6 +34,7 @@ help:
 	@echo "              ARGS=--auction: a market of 8 traders; ARGS=--group-sizes: groups of 2, 50, 500;"
 	@echo "              ARGS=--launch: 1,000 people open the study link within 10 s for 800 seats)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
+	@echo "make lock     re-pin requirements*.lock (with hashes) after a change of pyproject.toml"
 	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
 
 # Quiet and fast when everything is there: two file tests and a timestamp comparison.
@@ -75,11 +77,35 @@ stop-system-rabbitmq:
 $(PY):
 	python3 -m venv $(VENV)
 
-# Reinstalled only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml | $(PY)
-	@echo "pip install -e '.[dev]'"
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+# Reinstalled only when pyproject.toml or the lock is newer than the stamp. Every package comes
+# from requirements-dev.lock (pinned, hash-checked), then the project itself, editable, built by
+# the locked setuptools without fetching anything. `pip check` fails when the lock no longer
+# satisfies pyproject.toml (a pin changed without `make lock`).
+$(STAMP): pyproject.toml requirements-dev.lock | $(PY)
+	@echo "pip install -r requirements-dev.lock -e ."
+	@$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@out=$$($(PY) -m pip check --disable-pip-version-check) || \
+		{ echo "$$out"; echo "requirements-dev.lock does not satisfy pyproject.toml: make lock"; exit 1; }
 	@touch $@
+
+# The lock files, made from pyproject.toml by pip-tools (in a venv of its own): every package
+# pinned, with the hashes of all its files on the index. requirements-dev.lock is what
+# `make install` puts in $(VENV); requirements.lock is the runtime alone at the same versions,
+# what the wheel needs (tests/packaging installs it so). Resolved against the index alone
+# (PIP_CONFIG_FILE=/dev/null): a machine's own wheel folders must not add hashes of their files.
+LOCK_VENV := .venv-lock
+PIP_TOOLS := pip-tools==7.7.0
+PIP_COMPILE := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip-compile \
+	--quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links
+
+$(LOCK_VENV)/bin/pip-compile:
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --disable-pip-version-check $(PIP_TOOLS)
+
+lock: $(LOCK_VENV)/bin/pip-compile
+	$(PIP_COMPILE) --allow-unsafe --extra dev --output-file requirements-dev.lock pyproject.toml
+	$(PIP_COMPILE) --constraint requirements-dev.lock --output-file requirements.lock pyproject.toml
 
 # oTree, for the canopy-otree integration's tests, in a venv of its own: its pins (starlette
 # 0.14, uvicorn 0.13) would clash with FastAPI's in $(VENV). Refilled when the package's
@@ -104,14 +130,22 @@ run: install
 run-monitoring: install
 	@exec $(PY) -m devstack run --monitoring
 
-test: install k8s-check monitoring-check
-	$(VENV)/bin/ruff check $(LINTED)
+# The gates first: a type error or an unformatted file fails before any stack starts.
+test: install lint k8s-check monitoring-check
 	$(PY) -m pytest
 
+# CI's gates (.ci/run, and make test first): formatting, lint, and mypy --strict over the
+# services, devstack, bench and the tests (tests with unannotated defs allowed: pyproject.toml).
 lint: install
-	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(VENV)/bin/mypy -p services -p devstack -p bench
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/mypy -p services -p devstack -p bench -p tests
+
+# The tests in headless Chromium (tests/browser/ and the pages' unit tests, marker `browser`,
+# about 2 minutes): a target of their own so that make test stays well under 10 minutes on 2
+# cores; .ci/run calls it. The oTree example's browser test stays in otree-check.
+browser-check: install
+	$(PY) -m pytest -m 'browser and not otree' tests
 
 # Fault injection under the real `make run` supervisor (tests/faults/, about 3 minutes): its own
 # target so that make test stays under 10 minutes on 2 cores; .ci/run calls it.
