@@ -55,14 +55,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from devstack.infra import LOCK_NAME, owned_processes
-from devstack.stack import PROJECT_ROOT
-from devstack.supervisor import STATE_FILE
 from services.bots.runner import BotFleet, BotsError, fill_session
 from services.bots.strategies import STRATEGIES, StrategyError
 
 DEFAULT_API = "http://127.0.0.1:8001"
-RUN_DIR = PROJECT_ROOT / ".run"  # make run's folder (devstack)
+# devstack (make run's supervisor) is imported only by `reset`, which needs it: the installed
+# wheel (the container image) has services/ alone, and `canopy` must start there. Its two names
+# used by every command are written here; tests/packaging/test_dependencies.py checks they agree.
+RUN_DIR = Path(__file__).resolve().parent.parent / ".run"  # devstack.stack.PROJECT_ROOT / ".run"
+STATE_FILE = "devstack-state.json"  # devstack.supervisor.STATE_FILE: make run's state file
 API_ENV, TOKEN_ENV = "CANOPY_STORE_URL", "CANOPY_ADMIN_TOKEN"
 TIMEOUT = 30.0
 REFRESH = 0.25  # seconds between two redraws of a progress display
@@ -779,6 +780,8 @@ def reset(ctx: click.Context, yes: bool) -> None:
 
     Refuses while a `make run` uses the folder: it takes make run's own lock for as long as it
     deletes, so no stack can start on half a database either."""
+    from devstack.infra import LOCK_NAME, owned_processes  # a source checkout's command
+
     run_dir: Path = _settings(ctx)["run_dir"]
     present = [run_dir / p for p in DATA_PATHS if (run_dir / p).exists()]
     lock_path = run_dir / LOCK_NAME
