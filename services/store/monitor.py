@@ -26,6 +26,11 @@ Seats (PROTOCOL v2 "Online studies"): the view lists each participant with its `
 changes them in the view at once (a `participants` event); a label the study link gave (the
 store's join, not the log) is read from MongoDB when its seat is first seen connected.
 
+The lobby (PROTOCOL v2, `grouping: "arrival"`): its rows (group "") set a seat's `lobby_since`
+and `connected` (`lobby_join`, `lobby_leave`, as the store's writer does); `group_formed` gives the
+members their group, and the group's view its members: the group's state is built again with
+them, over the group's rows that came before the view knew its members.
+
 Time left is never sent as a number that goes stale: a view carries the period's `ends_at`
 (the server timestamp of its period_start plus its length) and every event carries the
 server's `now`, so the console counts down on the server's clock; a running period past its
@@ -60,10 +65,11 @@ from services.common import experiments
 from services.common.bus import LOG, LOG_KEY, Bus
 from services.common.errors import ApiCode, ApiError
 from services.common.group import GroupState
+from services.common.lobby import GROUP_FORMED, LOBBY_JOIN, LOBBY_LEAVE
 from services.common.messages import LogBatch, new_id
 from services.store.api import _documented as documented
 from services.store.api import bearer_auth, seat_status, token_first_route, token_matches
-from services.store.domain import group_config
+from services.store.domain import group_config, iso_ts
 from services.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -153,6 +159,8 @@ class LiveSession:
         self.id = session_id
         self.watchers: set[asyncio.Queue[ServerSentEvent]] = set()
         self.groups: dict[str, GroupState] = {}
+        # Arrival grouping: the rows of a group whose members the view does not know yet.
+        self.unformed: dict[str, list[dict[str, Any]]] = {}
         self.participants: list[dict[str, Any]] = []
         self.changed_seats = False  # a participants event is due
         self.unread_labels = False  # a seat first seen: its label may be new in MongoDB
@@ -181,9 +189,13 @@ class LiveSession:
     def fold(self, record: dict[str, Any]) -> bool:
         """Apply one log record to its group; whether it changed anything we show."""
         self.fold_seat(record)
+        if record.get("group") == "" and record.get("channel") == GROUP_FORMED:
+            return self.form(record.get("value"))
         state = self.groups.get(str(record.get("group")))
         if state is None:
             return False
+        if not state.config.members:
+            self.unformed.setdefault(state.config.group, []).append(record)
         try:
             state.fold(record)
         except Exception:  # a record the state machine cannot take must not stop the view
@@ -192,28 +204,69 @@ class LiveSession:
         self.dirty.add(state.config.group)
         return True
 
+    def form(self, value: Any) -> bool:
+        """The lobby formed a group (`group_formed {"group", "members"}`): its view, with them."""
+        if not isinstance(value, dict) or not isinstance(value.get("members"), list):
+            return False
+        state = self.groups.get(str(value.get("group")))
+        if state is None or state.config.members:
+            return False  # not this session's, or known already (the snapshot read it)
+        config = state.config.model_copy(update={"members": [str(m) for m in value["members"]]})
+        formed = GroupState(config, experiments.get(config.experiment))
+        for record in self.unformed.pop(config.group, []):
+            try:
+                formed.fold(record)
+            except Exception:  # as in fold: one record must not stop the view
+                log.exception("live view of session %s: record not folded", self.id)
+        self.groups[config.group] = formed
+        self.dirty.add(config.group)
+        return True
+
     def fold_seat(self, record: dict[str, Any]) -> None:
         """A seat's status and outcome from a logged `presence` or `finished` row (the same
-        fields the store's writer sets on the participant document)."""
+        fields the store's writer sets on the participant document), and its place in the
+        lobby from the lobby's rows."""
         value = record.get("value")
         if record.get("direction") != "out" or not isinstance(value, dict):
             return
-        fields: dict[str, Any]
-        if record.get("channel") == "presence" and value.get("connected") is True:
-            code, fields = value.get("participant"), {"seen": True}
-        elif record.get("channel") == "finished" and record.get("participant"):
-            code, fields = record["participant"], {"outcome": value.get("outcome")}
+        channel, lobby = record.get("channel"), record.get("group") == ""
+        changes: list[tuple[Any, dict[str, Any]]]
+        bot = bool(value.get("bot"))  # a bot's presence: no person is connected
+        if channel == "presence" and value.get("connected") is True:
+            fields: dict[str, Any] = {"seen": True} if bot else {"seen": True, "connected": True}
+            changes = [(value.get("participant"), fields)]
+        elif channel == "presence" and value.get("connected") is False and not bot:
+            changes = [(value.get("participant"), {"connected": False})]
+        elif channel == "finished" and record.get("participant"):
+            changes = [(record["participant"], {"outcome": value.get("outcome")})]
+        elif lobby and channel == LOBBY_JOIN and isinstance(value.get("arrived"), int | float):
+            since = iso_ts(float(value["arrived"]))  # the first arrival, every time
+            changes = [
+                (value.get("participant"), {"seen": True, "connected": True, "lobby_since": since})
+            ]
+        elif lobby and channel == LOBBY_LEAVE:
+            changes = [(value.get("participant"), {"connected": False})]
+        elif lobby and channel == GROUP_FORMED and isinstance(value.get("members"), list):
+            group = value.get("group")
+            changes = [
+                (code, {"group": group, "id_in_group": i + 1})
+                for i, code in enumerate(value["members"])
+            ]
         else:
             return
+        for code, fields in changes:
+            self._change_seat(code, fields)
+
+    def _change_seat(self, code: Any, fields: dict[str, Any]) -> None:
         for seat in self.participants:
             if seat["code"] == code:
                 if seat["label"] is None and seat["status"] == "unassigned":
                     self.unread_labels = True
+                before = dict(seat)
                 seat.update(fields)
-                status = seat_status(seat)
-                if (seat["status"], seat["outcome"]) != (status, seat.get("outcome")):
+                seat["status"], seat["outcome"] = seat_status(seat), seat.get("outcome")
+                if seat != before:
                     self.changed_seats = True
-                seat["status"], seat["outcome"] = status, seat.get("outcome")
                 return
 
     def participants_view(self) -> list[dict[str, Any]]:
@@ -227,6 +280,10 @@ class LiveSession:
             "experiment": document.get("experiment"),
             "label": document.get("label", ""),
             "num_participants": document.get("num_participants"),
+            # PROTOCOL v2 "The lobby": an arrival session's monitor shows who waits.
+            "grouping": document.get("grouping", "fixed"),
+            "group_size": document.get("group_size"),
+            "lobby_timeout": document.get("lobby_timeout"),
             "groups": [group_view(state, now) for state in self.groups.values()],
             "participants": self.participants_view(),
             "events_per_second": self.events_per_second(now),
@@ -485,6 +542,9 @@ def seat_view(document: dict[str, Any]) -> dict[str, Any]:
         "label": document.get("label"),
         "status": seat_status(document),
         "outcome": document.get("outcome"),
+        "connected": bool(document.get("connected")),
+        # Arrival grouping: when the person first came to the lobby (as the session detail).
+        "lobby_since": iso_ts(document["lobby_since"]) if document.get("lobby_since") else None,
         "seen": bool(document.get("seen") or document.get("taken")),
     }
 

@@ -49,6 +49,8 @@ def test_a_seats_view_has_its_label_status_and_outcome() -> None:
         "label": None,
         "status": "unassigned",
         "outcome": None,
+        "connected": False,
+        "lobby_since": None,
         "seen": False,
     }
     done = seat_view(document("b", label="P2", seen=True, outcome="dropout"))
