@@ -12,7 +12,9 @@
                     (bench/groupsize.py: CPU per input in groups of 2, 50, 500)
     python -m bench --launch [--people 1000] [--seats 800] [--group-size 4] [--within 10]
                     [--arrivals even|poisson] [--seed 19] [--period 5]
-                    (bench/launch.py: the study link opened by 1,000 people in 10 s)
+                    [--grouping arrival|fixed] [--lobby-timeout 300]
+                    (bench/launch.py: the study link opened by 1,000 people in 10 s; groups
+                    formed in the arrival lobby by default, as a Prolific study has them)
 
 After each row, the same load runs against the one-process floor (bench/floor.py) and the row
 shows Canopy's p50 / p99 and CPU per decision as multiples of the floor's (`--no-floor`: not).
@@ -46,7 +48,7 @@ from bench.groupsize import GROUP_SIZES
 from bench.groupsize import IDLE as GROUP_IDLE
 from bench.groupsize import PARTICIPANTS as GROUP_PARTICIPANTS
 from bench.groupsize import TOTAL_RATE as GROUP_TOTAL_RATE
-from bench.launch import ARRIVALS, LaunchParams, format_launch, run_launch
+from bench.launch import ARRIVALS, GROUPINGS, LaunchParams, format_launch, run_launch
 from bench.loadgen import (
     DECISION_SCALE,
     LoadParams,
@@ -134,6 +136,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     launch.add_argument("--seed", type=int, default=LaunchParams.seed, help="for ids, arrivals")
     launch.add_argument(
         "--period", type=float, default=LaunchParams.period, help="the one period's seconds (5)"
+    )
+    launch.add_argument(
+        "--grouping",
+        choices=GROUPINGS,
+        default=LaunchParams.grouping,
+        help="groups formed in the lobby as people arrive (default: a Prolific study's), or "
+        "fixed at creation",
+    )
+    launch.add_argument(
+        "--lobby-timeout",
+        type=float,
+        default=LaunchParams.lobby_timeout,
+        help="arrival: the session's lobby_timeout, s (300: nobody released in the burst)",
     )
     sizes = parser.add_argument_group("group sizes (--group-sizes)")
     sizes.add_argument(
@@ -244,6 +259,8 @@ def launch_params(args: argparse.Namespace) -> LaunchParams:
         arrivals=args.arrivals,
         seed=args.seed,
         period=args.period,
+        grouping=args.grouping,
+        lobby_timeout=args.lobby_timeout,
     )
 
 
@@ -331,7 +348,7 @@ def run_launch_row(args: argparse.Namespace, target: StackTarget) -> list[dict[s
     params = launch_params(args)
     print(
         f"launch: {params.people} people within {params.within:g} s ({params.arrivals}), "
-        f"{params.seats} seats in groups of {params.group_size} ...",
+        f"{params.seats} seats in groups of {params.group_size} ({params.grouping} grouping) ...",
         file=sys.stderr,
     )
     result = run_async(functools.partial(run_launch, target, params))

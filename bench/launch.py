@@ -1,18 +1,25 @@
 """The "Prolific launch" row of `python -m bench --launch` (issue 19): a study goes live and
 `people` open its study link within `within` seconds; the session has `seats` seats in groups
 of `group_size`, fewer than the people, so the last ones get the "this study is full" page.
+The session groups people as they arrive (`grouping: "arrival"`, the default: what a Prolific
+study uses) or in fixed groups (`--grouping fixed`: a seat's group is set at creation).
 
 Each simulated person does what a browser does up to the experiment: `GET /join/{join_key}`
 with a Prolific-like query (`PROLIFIC_PID` = a unique 24-hex id, the session's `label_param`,
 plus `STUDY_ID` and `SESSION_ID`), one new TCP connection each, redirects not followed; a 303
 to `/p/{key}` is a seat, a 200 page with `data-outcome="full"` is "full", anything else an
 error. A seated person then opens `/ws/{key}` (bench/wsclient.py, as the load generator does:
-a browser does not fetch the page's assets faster than this), waits for `hello`, and stays
-connected until every group that can form has had its `period_start` (fixed grouping: a
-group's period starts once all its members are connected). Nobody retries.
+a browser does not fetch the page's assets faster than this), waits for the first `hello`, and
+stays connected until every group that can form has had its `period_start`. Fixed grouping: the
+first `hello` is the group's, and a group's period starts once all its members are connected.
+Arrival grouping: the first `hello` is the lobby's (group null), `lobby` counts follow, then,
+when the lobby forms the person's group, the group's `hello` and its `period_start`. Nobody
+retries, nobody leaves.
 
-Measured: `/join` → 303 and → full page, `/join` → `hello`, and per group the time from its
-last member's `hello` to the `period_start` that member receives (and from that member's
+Measured: `/join` → 303 and → full page, `/join` → first `hello` (the lobby's under arrival),
+`/join` → the group's `hello`, and per group, from its last member's arrival (that member's
+first `hello`: under arrival its lobby `hello`) to the group's `hello` that member receives
+(the group formed; 0 under fixed grouping) and to its `period_start` (and from that member's
 `/join`); each process's CPU over the burst (first arrival → last group started) and the
 gateway's and store's RSS before and after; the load generator's own CPU as well.
 
@@ -28,6 +35,19 @@ Checked from the outside, after the burst, against the session as the store lays
   B's seat must come after A's (`order_violations`: both must be 0). Requests that overlap
   in time may be handled in either order, so "the first `seats` answered are the seated
   ones" is reported (`first_answered_seated`) but not required.
+
+Under arrival grouping also (`lobby_checks`, all must be 0), from the sockets and from the
+export's `group_formed` rows, read after the burst:
+- lobby order, as far as the outside can tell it: when A's lobby `hello` came back before B
+  began to open their socket, the lobby had taken A's arrival before B's could exist, so A is
+  never grouped after B: A's group was not formed after B's (in the export's order of
+  `group_formed` rows), and in one group A's place (`id_in_group`) comes first
+  (`grouped_after_later`). Sockets whose openings overlap may be taken in either order;
+- every group formed once (`formed_twice`), nobody in two groups (`in_two_groups`: two
+  `group_formed` rows, or `hello`s naming two groups), every group a person was told of has
+  its row, with the members the `hello` named (`not_logged`, `members_differ`), nobody
+  seated without a group once the burst is over (`left_in_lobby`; the seats are a multiple
+  of the group size and nobody leaves), and no lobby timeout during the burst.
 
 Arrivals are spread evenly over `within` seconds, or (`--arrivals poisson`) as a Poisson
 process with a seed: given its count, a Poisson process's arrival times are independent and
@@ -56,6 +76,7 @@ from bench.report import _fmt, machine_info, now_iso, repo_commit, table
 from bench.wsclient import WsClient, parse_ws_target
 
 ARRIVALS = ("even", "poisson")
+GROUPINGS = ("arrival", "fixed")
 PROLIFIC_ID_HEX = 24  # Prolific's participant ids are 24 hex digits (MongoDB ObjectIds)
 POLL = 0.02  # s between looks at whether every group has started
 FULL_MARK = 'data-outcome="full"'  # the full page's card (services/gateway/join.py)
@@ -70,6 +91,8 @@ class LaunchParams:
     arrivals: str = "even"  # or "poisson" (seeded)
     seed: int = 19
     period: float = 5.0  # the session's one period
+    grouping: str = "arrival"  # or "fixed"
+    lobby_timeout: float = 300.0  # arrival: far past the burst, so nobody is released in it
     join_timeout: float = 30.0  # per person: the /join answer, then the socket's hello
     start_timeout: float = 60.0  # after the last arrival, for every group's period_start
     label_param: str = "PROLIFIC_PID"
@@ -87,6 +110,10 @@ class LaunchParams:
             raise ValueError("--within must be >= 0 and the period > 0")
         if self.arrivals not in ARRIVALS:
             raise ValueError(f"--arrivals must be one of {', '.join(ARRIVALS)}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"--grouping must be one of {', '.join(GROUPINGS)}")
+        if not self.lobby_timeout > 0:
+            raise ValueError("--lobby-timeout must be > 0")
 
 
 # -- pure pieces --------------------------------------------------------------------------------
@@ -131,7 +158,14 @@ class Person:
     outcome: str = "pending"  # "seated" | "full" | "error"
     error: str | None = None
     key: str | None = None
-    hello: float | None = None
+    code: str | None = None  # the seat's participant code, as its first hello names it
+    ws_sent: float | None = None  # the socket's opening began
+    hello: float | None = None  # the first hello (the lobby's under arrival grouping)
+    group_hello: float | None = None  # the first hello that names a group
+    group: str | None = None  # that group
+    members: tuple[str, ...] = ()  # its members, as that hello lists them
+    groups_told: set[str] = field(default_factory=set)  # every group a hello named
+    lobby_frames: int = 0  # `lobby` counts received
     started: float | None = None  # period_start received
     finished: bool = False  # `finished` received (the period ended while still connected)
     close_code: int | None = None
@@ -209,18 +243,29 @@ def first_answered_seated(people: Iterable[Person], seats: int) -> int:
 
 
 def group_formation(
-    people: Iterable[Person], seat_of: Mapping[str, int], group_size: int
+    people: Iterable[Person], seat_of: Mapping[str, int], group_size: int, *, by_seat: bool = True
 ) -> dict[str, Any]:
     """Per group whose members all got `hello` and `period_start`: seconds from its last
-    member's hello to the period_start that member received (`from_hello`), and from that
-    last-arriving member's /join (`from_join`: the person whose request left last). Also how
-    many groups were complete (every member connected) and how many of them started."""
-    groups: dict[int, list[Person]] = {}
+    member's (first) hello to the period_start that member received (`from_hello`) and to the
+    group's hello it received (`to_group_hello`: under arrival grouping its group forming; 0
+    when the first hello is the group's), and from that last-arriving member's /join
+    (`from_join`: the person whose request left last). Also how many groups were complete
+    (every member connected, and under arrival told of the group) and how many started.
+
+    A person's group is the one their hello named; `by_seat` (fixed grouping): one that has
+    not named it yet counts in the group of their seat (seat // group_size)."""
+    groups: dict[int | str, list[Person]] = {}
     for p in people:
-        seat = seat_of.get(p.key or "") if p.outcome == "seated" else None
-        if seat is not None:
-            groups.setdefault(seat // group_size, []).append(p)
+        if p.outcome != "seated":
+            continue
+        seat = seat_of.get(p.key or "")
+        bucket: int | str | None = p.group
+        if bucket is None and by_seat and seat is not None:
+            bucket = seat // group_size
+        if bucket is not None:
+            groups.setdefault(bucket, []).append(p)
     from_hello: list[float] = []
+    to_group_hello: list[float] = []
     from_join: list[float] = []
     complete = started = 0
     for members in groups.values():
@@ -232,13 +277,85 @@ def group_formation(
         started += 1
         last = max(members, key=lambda m: m.hello or 0.0)
         from_hello.append((last.started or 0.0) - (last.hello or 0.0))
+        told = last.group_hello if last.group_hello is not None else last.hello
+        to_group_hello.append((told or 0.0) - (last.hello or 0.0))
         arrived = max(members, key=lambda m: m.sent or 0.0)
         from_join.append((arrived.started or 0.0) - (arrived.sent or 0.0))
     return {
         "complete": complete,
         "started": started,
         "from_hello": from_hello,
+        "to_group_hello": to_group_hello,
         "from_join": from_join,
+    }
+
+
+def lobby_checks(
+    people: Sequence[Person],
+    formed: Sequence[tuple[str, Sequence[str]]],
+    lobby_timeouts: int,
+    group_size: int,
+) -> dict[str, int]:
+    """The arrival lobby seen from outside (all must be 0). `formed`: the export's
+    `group_formed` rows as (group, members), in the log's order; `lobby_timeouts`: its
+    `lobby_timeout` rows.
+
+    `grouped_after_later` counts each person B grouped before someone A whose lobby hello
+    came back before B began to open their socket: the lobby had taken A's arrival before
+    B's presence could exist, and it groups the longest-waiting first, so A's place (its
+    group's rank in `formed`, then its place in the members) must come before B's. People
+    whose sockets opened while the other's arrival was in flight may be taken in either
+    order, so they are not compared."""
+    rank: dict[str, int] = {}
+    rows_of: Counter[str] = Counter()
+    member_rows: Counter[str] = Counter()
+    members_of: dict[str, tuple[str, ...]] = {}
+    for index, (group, members) in enumerate(formed):
+        rows_of[group] += 1
+        rank.setdefault(group, index)
+        members_of.setdefault(group, tuple(members))
+        member_rows.update(members)
+    seated = [p for p in people if p.outcome == "seated" and p.hello is not None]
+    in_two = {code for code, n in member_rows.items() if n > 1}
+    in_two |= {p.code or p.key or "" for p in seated if len(p.groups_told) > 1}
+
+    def place(p: Person) -> tuple[int, int] | None:
+        if p.group not in rank or p.code is None:
+            return None
+        members = members_of[p.group or ""]
+        return (rank[p.group or ""], members.index(p.code) if p.code in members else len(members))
+
+    # Prefix maxima of the places, in order of lobby hello: "the latest place of anyone whose
+    # lobby hello came back before t".
+    by_hello = sorted(seated, key=lambda p: p.hello or 0.0)
+    times = [p.hello or 0.0 for p in by_hello]
+    highest: list[tuple[int, int]] = []
+    best = (-1, -1)
+    for p in by_hello:
+        best = max(best, place(p) or (-1, -1))
+        highest.append(best)
+    after_later = 0
+    for p in seated:
+        mine = place(p)
+        if mine is None or p.ws_sent is None:
+            continue
+        before = bisect.bisect_left(times, p.ws_sent)  # lobby hellos strictly before
+        if before and highest[before - 1] > mine:
+            after_later += 1
+    return {
+        "grouped_after_later": after_later,
+        "formed_twice": sum(n - 1 for n in rows_of.values()),
+        "in_two_groups": len(in_two),
+        "not_logged": sum(1 for p in seated if p.group is not None and p.group not in rank),
+        "members_differ": sum(
+            1 for p in seated if p.group in members_of and members_of[p.group] != p.members
+        ),
+        # Fewer than a group's worth may wait for good (when the seated are no multiple of it).
+        "left_in_lobby": max(
+            0,
+            sum(1 for p in seated if p.group_hello is None) - len(seated) % group_size,
+        ),
+        "lobby_timeouts": lobby_timeouts,
     }
 
 
@@ -248,14 +365,18 @@ def summarize(
     layout_keys: Sequence[str],
     detail: Sequence[Mapping[str, Any]],
     start: float,
+    formed: Sequence[tuple[str, Sequence[str]]] = (),
+    lobby_timeouts: int = 0,
 ) -> dict[str, Any]:
-    """The row's counts, checks and latencies (ms) from what each person saw."""
+    """The row's counts, checks and latencies (ms) from what each person saw; under arrival
+    grouping also the lobby's checks against the export's `formed` groups (`lobby_checks`)."""
     seat_of = {key: i for i, key in enumerate(layout_keys)}
+    arrival = params.grouping == "arrival"
     outcomes = Counter(p.outcome for p in people)
     errors = Counter(p.error or "unknown" for p in people if p.outcome == "error")
     seated = [p for p in people if p.outcome == "seated"]
     full = [p for p in people if p.outcome == "full"]
-    formation = group_formation(people, seat_of, params.group_size)
+    formation = group_formation(people, seat_of, params.group_size, by_seat=not arrival)
     sent = [p.sent for p in people if p.sent is not None]
 
     def spans(items: Iterable[Person], a: str, b: str) -> list[float]:
@@ -268,6 +389,7 @@ def summarize(
 
     checks = seat_checks(people, layout_keys, detail)
     violations = order_violations(people, seat_of)
+    lobby = lobby_checks(people, formed, lobby_timeouts, params.group_size) if arrival else {}
     expected_seated = min(params.people, params.seats)
     counts = {
         "people": len(people),
@@ -289,15 +411,29 @@ def summarize(
         and formation["started"] == formation["complete"] == expected_seated // params.group_size
         and not any(checks.values())
         and not any(violations.values())
+        and not any(lobby.values())
     )
     return {
         "counts": counts,
         "error_kinds": dict(errors),
         "seat_checks": checks,
         "order_violations": violations,
+        # Arrival grouping only (else empty): see lobby_checks.
+        "lobby_checks": lobby,
+        "lobby": {
+            "groups_formed": len({group for group, _ in formed}),
+            "lobby_frames": sum(p.lobby_frames for p in seated),
+        }
+        if arrival
+        else {},
         "join_seat_ms": percentiles(spans(seated, "sent", "answered")),
         "join_full_ms": percentiles(spans(full, "sent", "answered")),
+        # The first hello: the lobby's under arrival grouping, the group's under fixed.
         "join_to_hello_ms": percentiles(spans(seated, "sent", "hello")),
+        "join_to_group_hello_ms": percentiles(spans(seated, "sent", "group_hello")),
+        # Per group, from its last member's arrival (first hello): the group's hello that
+        # member got (the group formed), and its period_start.
+        "group_hello_ms": percentiles(formation["to_group_hello"]),
         "group_formed_ms": percentiles(formation["from_hello"]),
         "group_formed_from_join_ms": percentiles(formation["from_join"]),
         # How late each request left against its schedule (the load generator's own delay).
@@ -321,12 +457,25 @@ class SeatSocket(WsClient):
         self.hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_message(self, raw: bytes, now: float) -> None:
-        channel = orjson.loads(raw).get("channel")
+        frame = orjson.loads(raw)
+        channel = frame.get("channel")
         person = self.person
-        if channel == "hello" and person.hello is None:
-            person.hello = now
-            if not self.hello.done():
-                self.hello.set_result(None)
+        if channel == "hello":
+            payload = frame.get("payload") or {}
+            group = payload.get("group")
+            if person.hello is None:
+                person.hello = now
+                person.code = payload.get("participant")
+                if not self.hello.done():
+                    self.hello.set_result(None)
+            if group is not None:
+                person.groups_told.add(str(group))
+                if person.group_hello is None:
+                    person.group_hello = now
+                    person.group = str(group)
+                    person.members = tuple(str(m) for m in payload.get("members") or ())
+        elif channel == "lobby":
+            person.lobby_frames += 1
         elif channel == "period_start" and person.started is None:
             person.started = now
         elif channel == "finished":
@@ -359,6 +508,8 @@ async def _create_session(api: httpx.AsyncClient, params: LaunchParams) -> dict[
             "num_periods": 1,
             "label": f"bench launch {params.people} people, {params.seats} seats",
             "label_param": params.label_param,
+            "grouping": params.grouping,
+            **({"lobby_timeout": params.lobby_timeout} if params.grouping == "arrival" else {}),
             "completion": {
                 "completed": {"url": "https://app.prolific.com/submissions/complete?cc=BENCH"},
                 "full": {"code": "FULLBENCH"},
@@ -410,6 +561,7 @@ async def _arrive(run: _Run, person: Person, start: float) -> None:
     loop = asyncio.get_running_loop()
     sock = SeatSocket(run.host, run.port, f"{run.prefix}/ws/{person.key}", person)
     run.sockets.append(sock)
+    person.ws_sent = time.perf_counter()
     try:
         async with asyncio.timeout(params.join_timeout):
             await loop.create_connection(lambda: sock, run.host, run.port)
@@ -424,13 +576,44 @@ async def _wait_for_groups(
     people: Sequence[Person], seat_of: Mapping[str, int], params: LaunchParams
 ) -> None:
     """Until every complete group (all members connected) has started at each member, or
-    the bound; polled, since what is awaited is many sockets' state."""
+    the bound; polled, since what is awaited is many sockets' state. Under arrival grouping
+    a group is complete once formed, so also until as many groups are complete as the
+    people in the lobby make (nobody leaves)."""
+    arrival = params.grouping == "arrival"
     deadline = time.perf_counter() + params.start_timeout
     while time.perf_counter() < deadline:
-        formation = group_formation(people, seat_of, params.group_size)
-        if formation["started"] >= formation["complete"]:
+        formation = group_formation(people, seat_of, params.group_size, by_seat=not arrival)
+        connected = sum(1 for p in people if p.outcome == "seated" and p.hello is not None)
+        expected = connected // params.group_size if arrival else 0
+        if formation["started"] >= formation["complete"] >= expected:
             return
         await asyncio.sleep(POLL)
+
+
+async def _lobby_rows(
+    api: httpx.AsyncClient, session: str, groups: int, timeout: float
+) -> tuple[list[tuple[str, list[str]]], int]:
+    """The lobby's `group_formed` rows (group, members) in the log's order and the number of
+    its `lobby_timeout` rows, from the export (`/api/sessions/{id}/events`, JSON lines): polled
+    (bounded) until it holds `groups` formed groups, as the store writes the log in batches."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        response = await api.get(f"/api/sessions/{session}/events", params={"format": "jsonl"})
+        response.raise_for_status()
+        formed: list[tuple[str, list[str]]] = []
+        timeouts = 0
+        for line in response.content.splitlines():
+            row = orjson.loads(line)
+            if row.get("group") != "":
+                continue
+            value = row.get("value")
+            if row.get("channel") == "group_formed" and isinstance(value, dict):
+                formed.append((str(value.get("group")), [str(m) for m in value["members"]]))
+            elif row.get("channel") == "lobby_timeout":
+                timeouts += 1
+        if len(formed) >= groups or time.perf_counter() >= deadline:
+            return formed, timeouts
+        await asyncio.sleep(0.2)
 
 
 async def _close(sockets: Sequence[SeatSocket], timeout: float = 10.0) -> None:
@@ -501,8 +684,15 @@ async def run_launch(target: StackTarget, params: LaunchParams) -> dict[str, Any
         response = await api.get(f"/api/sessions/{session['session']}")
         response.raise_for_status()
         detail = response.json()["participants"]
+        formed: list[tuple[str, list[str]]] = []
+        lobby_timeouts = 0
+        if params.grouping == "arrival":
+            told = {p.group for p in people if p.group is not None}
+            formed, lobby_timeouts = await _lobby_rows(
+                api, session["session"], len(told), params.join_timeout
+            )
 
-    summary = summarize(people, params, layout_keys, detail, start)
+    summary = summarize(people, params, layout_keys, detail, start, formed, lobby_timeouts)
     processes: dict[str, dict[str, float]] = {}
     machine: dict[str, float] = {}
     if sample_start is not None and sample_end is not None:
@@ -541,19 +731,37 @@ async def run_launch(target: StackTarget, params: LaunchParams) -> dict[str, Any
 def format_launch(result: dict[str, Any]) -> str:
     p = result["params"]
     c = result["counts"]
+    grouping = p.get("grouping", "fixed")  # lines written before --grouping were fixed
+    arrival = grouping == "arrival"
     rows = []
-    for name, key, unit in (
-        ("/join -> 303 (seat)", "join_seat_ms", "people"),
-        ("/join -> full page", "join_full_ms", "people"),
-        ("/join -> hello", "join_to_hello_ms", "people"),
-        ("last hello -> period_start", "group_formed_ms", "groups"),
-        ("last /join -> period_start", "group_formed_from_join_ms", "groups"),
-    ):
-        lat = result[key]
-        rows.append([name, f"{lat['count']} {unit}", lat["p50"], lat["p99"], lat["max"]])
+    measures = (
+        (
+            ("/join -> 303 (seat)", "join_seat_ms", "people"),
+            ("/join -> full page", "join_full_ms", "people"),
+            ("/join -> lobby hello", "join_to_hello_ms", "people"),
+            ("/join -> group hello", "join_to_group_hello_ms", "people"),
+            ("last lobby hello -> group hello", "group_hello_ms", "groups"),
+            ("last lobby hello -> period_start", "group_formed_ms", "groups"),
+            ("last /join -> period_start", "group_formed_from_join_ms", "groups"),
+        )
+        if arrival
+        else (
+            ("/join -> 303 (seat)", "join_seat_ms", "people"),
+            ("/join -> full page", "join_full_ms", "people"),
+            ("/join -> hello", "join_to_hello_ms", "people"),
+            ("last hello -> period_start", "group_formed_ms", "groups"),
+            ("last /join -> period_start", "group_formed_from_join_ms", "groups"),
+        )
+    )
+    for name, key, unit in measures:
+        lat = result.get(key) or {}
+        rows.append(
+            [name, f"{lat.get('count', 0)} {unit}", lat.get("p50"), lat.get("p99"), lat.get("max")]
+        )
     lines = [
         f"Study-link launch: {p['people']} people within {p['within']:g} s ({p['arrivals']}), "
-        f"{p['seats']} seats in groups of {p['group_size']}, one {p['period']:g} s period",
+        f"{p['seats']} seats in groups of {p['group_size']} ({grouping} grouping), "
+        f"one {p['period']:g} s period",
         table(["", "n", "p50 ms", "p99 ms", "max ms"], rows),
         f"seated {c['seated']}, full {c['full']}, errors {c['errors']}"
         + (f" {result['error_kinds']}" if result["error_kinds"] else "")
@@ -562,9 +770,19 @@ def format_launch(result: dict[str, Any]) -> str:
         "checks (all 0): "
         + ", ".join(
             f"{k.replace('_', ' ')} {v}"
-            for k, v in {**result["seat_checks"], **result["order_violations"]}.items()
+            for k, v in {
+                **result["seat_checks"],
+                **result["order_violations"],
+                **(result.get("lobby_checks") or {}),
+            }.items()
         ),
     ]
+    lobby = result.get("lobby") or {}
+    if lobby:
+        lines.append(
+            f"lobby: {lobby['groups_formed']} groups formed (export), "
+            f"{lobby['lobby_frames']} lobby frames to the seated"
+        )
     processes = result.get("processes") or {}
     if processes:
         parts = [
@@ -576,6 +794,8 @@ def format_launch(result: dict[str, Any]) -> str:
             f"{result['stack_cpu_s']:.2f} s ({result['stack_cpu_pct']:.0f} % of one core); "
             f"machine {_fmt(machine.get('busy_pct'))} %, other {_fmt(machine.get('other_pct'))} %"
         )
+        per_person = 1000 * result["stack_cpu_s"] / max(p["people"], 1)
+        lines.append(f"stack CPU per person: {per_person:.1f} ms")
     rss = result["rss_mib"]
     lines.append(
         "RSS MiB before -> after: "

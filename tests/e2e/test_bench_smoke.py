@@ -2,10 +2,12 @@
 then the same load against the one-process floor (bench/floor.py, a real child process).
 
 A few seconds of small load (2 groups of 4 at 5 Hz for 2 s; the floor for 1 s), and the
-study-link launch row in small (20 people within 2 s for 16 seats). Only that it runs, that
-every acknowledged decision reached every member (and, for Canopy, the export), that every
-person got one seat or "full" in arrival order, and the shape of the results are asserted;
-timing targets are never asserted here (docs/performance.md has the numbers).
+study-link launch row in small (20 people within 2 s for 16 seats), with groups fixed at
+creation and with the arrival lobby. Only that it runs, that every acknowledged decision
+reached every member (and, for Canopy, the export), that every person got one seat or "full"
+in arrival order (and, in the lobby, one group, formed once, in arrival order), and the shape
+of the results are asserted; timing targets are never asserted here (docs/performance.md has
+the numbers).
 """
 
 from __future__ import annotations
@@ -122,11 +124,13 @@ async def test_load_generator_loses_nothing_on_canopy_and_on_the_floor(
     assert "one-process floor" in format_matrix([result])
 
 
+@pytest.mark.parametrize("grouping", ["fixed", "arrival"])
 async def test_the_launch_row_seats_each_person_once_in_arrival_order(
-    stack: StackHandle,
+    stack: StackHandle, grouping: str
 ) -> None:
     """bench/launch.py on the test stack, tiny: 20 people within 2 s for 16 seats (4 groups
-    of 4): 16 seats, 4 "full" pages, every group started, every check 0."""
+    of 4): 16 seats, 4 "full" pages, every group started, every check 0; under arrival
+    grouping the 4 groups formed by the lobby, each once, as the export shows."""
     urls = stack.urls
     processes, _ = discover(urlsplit(urls.gateway_url).port or 80)
     target = StackTarget(
@@ -136,7 +140,9 @@ async def test_the_launch_row_seats_each_person_once_in_arrival_order(
         processes=processes,
         info={"own_stack": False},
     )
-    params = LaunchParams(people=20, seats=16, group_size=4, within=2, period=2, seed=5)
+    params = LaunchParams(
+        people=20, seats=16, group_size=4, within=2, period=2, seed=5, grouping=grouping
+    )
 
     result = await run_launch(target, params)
 
@@ -160,3 +166,20 @@ async def test_the_launch_row_seats_each_person_once_in_arrival_order(
     assert {"gateway", "store", "loadgen"} <= set(result["processes"])
     assert result["rss_mib"]["gateway"]["before"] is not None
     assert "Study-link launch: 20 people" in format_launch(result)
+    if grouping == "fixed":
+        assert result["lobby_checks"] == {} and result["lobby"] == {}
+        return
+    assert result["lobby_checks"] == {
+        "grouped_after_later": 0,
+        "formed_twice": 0,
+        "in_two_groups": 0,
+        "not_logged": 0,
+        "members_differ": 0,
+        "left_in_lobby": 0,
+        "lobby_timeouts": 0,
+    }, result["lobby_checks"]
+    assert result["lobby"]["groups_formed"] == 4
+    assert result["lobby"]["lobby_frames"] >= 16  # at least one count after each lobby hello
+    assert result["group_hello_ms"]["count"] == 4
+    assert result["join_to_group_hello_ms"]["count"] == 16
+    assert "last lobby hello -> group hello" in format_launch(result)

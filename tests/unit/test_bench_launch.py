@@ -151,7 +151,7 @@ def test_a_group_forms_from_its_last_members_hello_to_its_period_start() -> None
 
 
 def test_the_summary_counts_and_is_ok_only_when_every_check_holds() -> None:
-    params = LaunchParams(people=10, seats=8, group_size=4, within=1.0)
+    params = LaunchParams(people=10, seats=8, group_size=4, within=1.0, grouping="fixed")
     people = [
         seated(i, KEYS[i], sent=i / 10, answered=i / 10 + 0.01, hello=i / 10 + 0.02)
         for i in range(8)
