@@ -1,7 +1,8 @@
 // The researcher console (console.html): sign-in, the session form built from the experiments'
 // schemas (GET /api/experiments), the session list, the live monitor (SSE, GET
 // /api/sessions/{id}/live with a ticket), exports and payments, the replay chart (uPlot,
-// vendored), bots, and an online study's link (PROTOCOL v2 "Online studies").
+// vendored), bots, an online study's link (PROTOCOL v2 "Online studies") and, for a session
+// with groups formed as people arrive (`grouping: "arrival"`), its lobby: who waits since when.
 // One ES module, no build step. docs/console.md describes what it does.
 import uPlot from "/static/vendor/uplot/uPlot.esm.js";
 
@@ -104,7 +105,12 @@ const SETTING_LABELS = {
   label_param: ["Id parameter of the study link", "PROLIFIC_PID for Prolific"],
   completion: ["Completion", 'where each outcome sends people: {"completed": {"url": "https://…"}} or {"code": "…"}; URL placeholders: docs/console.md'],
   payment: ["Payment", '{"exchange_rate": 0.01, "show_up_fee": 1.5, "currency": "GBP"}'],
+  // The lobby (PROTOCOL v2 "The lobby"); the two after grouping are shown for arrival only.
+  grouping: ["Grouping", "fixed: groups as created · arrival: a lobby forms each group from the first people there"],
+  lobby_timeout: ["Lobby timeout (s)", "the longest anyone waits in the lobby"],
+  on_lobby_timeout: ["At the lobby timeout", "release: that person finishes (outcome lobby_timeout) · bots: a group forms at once, bots in the empty places"],
 };
+const ARRIVAL_ONLY = ["lobby_timeout", "on_lobby_timeout"];
 const STARTING_VALUES = {num_participants: 4, group_size: 2, period_length: 60};
 let experiments = {};
 
@@ -180,7 +186,20 @@ function buildForm(catalogue) {
       return control(key, key, property, defs, {label, help, required: required.has(key), prefill});
     })
     .join("");
+  const grouping = $('[name="grouping"]');
+  if (grouping) grouping.addEventListener("change", showGrouping);
+  showGrouping();
   showExperiment();
+}
+
+// The lobby's settings mean something only when the lobby forms the groups.
+function showGrouping() {
+  const grouping = $('[name="grouping"]');
+  const arrival = !!grouping && grouping.value === JSON.stringify("arrival");
+  for (const name of ARRIVAL_ONLY) {
+    const input = $(`[name="${name}"]`);
+    if (input) input.closest("label").hidden = !arrival;
+  }
 }
 
 function showExperiment() {
@@ -206,6 +225,7 @@ function formBody() {
   const body = {experiment: $("#experiment").value, params: {}};
   for (const input of $("#create").querySelectorAll("[data-kind]")) {
     input.removeAttribute("aria-invalid");
+    if (input.closest("[hidden]")) continue; // a setting that does not apply (the lobby's, for fixed groups)
     const name = input.name;
     const kind = input.dataset.kind;
     let value;
@@ -253,10 +273,13 @@ $("#create").addEventListener("submit", async (event) => {
     return;
   }
   const groupOrder = new Map(created.groups.map((g, i) => [g.group, i])); // the monitor's order
-  createdLinks = [...created.participants].sort((a, b) => groupOrder.get(a.group) - groupOrder.get(b.group) || a.id_in_group - b.id_in_group);
+  // Arrival grouping: no seat has a group yet, so the seats keep their order.
+  const place = (p) => (p.group === null ? -1 : groupOrder.get(p.group));
+  createdLinks = [...created.participants].sort((a, b) => place(a) - place(b) || (a.id_in_group || 0) - (b.id_in_group || 0));
   $("#created-id").textContent = created.session;
   // Each link holds its seat's secret key (PROTOCOL v2): hand each one to its own participant.
-  $("#created-links").innerHTML = createdLinks.map((p) => `<li data-code="${esc(p.code)}"><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">group ${esc(short(p.group))}, player ${esc(p.id_in_group)}, code <code title="${esc(p.code)}">${esc(short(p.code))}</code></span></li>`).join("");
+  const where = (p) => (p.group === null ? "no group yet (the lobby forms it)" : `group ${short(p.group)}, player ${p.id_in_group}`);
+  $("#created-links").innerHTML = createdLinks.map((p) => `<li data-code="${esc(p.code)}"><a href="${esc(p.url)}" target="_blank" rel="noopener">${esc(p.url)}</a> <span class="muted">${esc(where(p))}, code <code title="${esc(p.code)}">${esc(short(p.code))}</code></span></li>`).join("");
   showStudyLink(created.join_url, body.label_param || "label");
   $("#created").hidden = false;
   $("#create-box").open = false; // the links and the monitor matter now; the form is one click away
@@ -420,6 +443,7 @@ async function openMonitor(session) {
     view = null;
     replayShown = -1;
     $("#groups").innerHTML = "";
+    $("#lobby").hidden = true;
     $("#replay").hidden = true;
   }
   monitored = session;
@@ -552,6 +576,7 @@ function renderGroups(all, changed = []) {
   if (all) container.innerHTML = "";
   for (const group of Object.values(view.groups)) {
     if (!all && !changed.includes(group.group)) continue;
+    if (!group.members.length) continue; // arrival grouping: not formed yet (the lobby says how many)
     let card = container.querySelector(`[data-group="${CSS.escape(group.group)}"]`);
     if (!card) {
       card = Object.assign(document.createElement("article"), {className: "group"});
@@ -561,14 +586,65 @@ function renderGroups(all, changed = []) {
     card.innerHTML = groupHtml(group);
   }
   const groups = Object.values(view.groups);
-  $("#monitor-connected").textContent = `${groups.reduce((n, g) => n + g.connected.length, 0)}/${groups.reduce((n, g) => n + g.members.length, 0)}`;
+  const waiting = lobbySeats();
+  const inLobby = waiting.filter((p) => p.connected).length;
+  $("#monitor-connected").textContent = `${groups.reduce((n, g) => n + g.connected.length, 0) + inLobby}/${groups.reduce((n, g) => n + g.members.length, 0) + waiting.length}`;
+  renderLobby();
   const ended = groups.reduce((n, g) => n + g.periods_ended, 0);
   if (ended > 0 && ended !== replayShown) showReplay(ended);
+}
+
+// -- the lobby (grouping "arrival") -----------------------------------------------------------
+
+function isArrival() {
+  return !!view && (view.grouping === "arrival" || Object.values(view.participants).some((p) => p.status === "lobby"));
+}
+
+// The seats whose person waits in the lobby, longest-waiting first.
+function lobbySeats() {
+  if (!view) return [];
+  const since = (p) => (p.lobby_since ? Date.parse(p.lobby_since) : Infinity);
+  return Object.values(view.participants).filter((p) => p.status === "lobby").sort((a, b) => since(a) - since(b));
+}
+
+function waited(seat) {
+  return seat.lobby_since ? Math.max(0, serverNow() - Date.parse(seat.lobby_since) / 1000) : null;
+}
+
+function renderLobby() {
+  const box = $("#lobby");
+  box.hidden = !isArrival();
+  if (box.hidden) return;
+  const waiting = lobbySeats();
+  const groups = Object.values(view.groups);
+  const formed = groups.filter((g) => g.members.length).length;
+  const here = waiting.filter((p) => p.connected).length;
+  const size = view.group_size ? ` · groups of ${view.group_size}` : "";
+  const timeout = view.lobby_timeout ? ` · at most ${clock(view.lobby_timeout)} each` : "";
+  box.dataset.waiting = String(waiting.length);
+  box.dataset.formed = String(formed);
+  $("#lobby-settings").textContent = `${size}${timeout}`.replace(/^ · /, "");
+  $("#lobby-summary").textContent = `${waiting.length} waiting (${here} connected) · ${formed} of ${groups.length} groups formed`;
+  $("#lobby-table").hidden = waiting.length === 0;
+  $("#lobby-table tbody").innerHTML = waiting.map((p) => `
+      <tr data-participant="${esc(p.code)}" data-connected="${p.connected}" data-seat="${esc(p.status)}">
+        <td><span class="dot" aria-hidden="true"></span> <code title="${esc(p.code)}">${esc(short(p.code))}</code></td>
+        <td>${p.label ? `<span class="seat-label" title="${esc(p.label)}">${esc(p.label)}</span>` : `<span class="muted">–</span>`}</td>
+        <td class="since">${p.lobby_since ? `<time datetime="${esc(p.lobby_since)}">${esc(new Date(p.lobby_since).toLocaleTimeString())}</time>` : "–"}</td>
+        <td class="waited">${waited(p) === null ? "–" : esc(clock(waited(p)))}</td>
+        <td>${p.connected ? "connected" : "away"}</td>
+        <td class="seat">${esc(seatText(p))}</td>
+      </tr>`).join("");
 }
 
 // Countdowns move on the server's clock between events.
 setInterval(() => {
   if (!view) return;
+  for (const row of document.querySelectorAll("#lobby-table tbody tr")) {
+    const seat = view.participants[row.dataset.participant];
+    const cell = row.querySelector(".waited");
+    if (seat && cell && waited(seat) !== null) cell.textContent = clock(waited(seat));
+  }
   for (const card of document.querySelectorAll("#groups [data-group]")) {
     const group = view.groups[card.dataset.group];
     const period = group && group.period;
