@@ -306,6 +306,11 @@ def print_links(answer: dict[str, Any], label: str, out: Console) -> None:
     for participant in answer["participants"]:
         by_group.setdefault(participant["group"], []).append(participant)
     for group, members in by_group.items():
+        if group is None:  # grouping "arrival": the lobby forms the groups as people arrive
+            out.print("  seats (no group yet: the lobby forms the groups as people arrive):")
+            for number, p in enumerate(members, 1):
+                out.print(f"    seat {number}: {p['url']}", soft_wrap=True)
+            continue
         out.print(f"  group {group}:")
         for p in sorted(members, key=lambda p: p["id_in_group"]):
             out.print(f"    participant {p['id_in_group']}: {p['url']}", soft_wrap=True)
