@@ -113,7 +113,7 @@ async def test_experiments_describe_every_experiment_and_the_session_settings(
     assert by_name["min_effort"]["params_schema"]["properties"]["max_effort"]["default"] == 7
     assert by_name["public_goods"]["min_group_size"] == 1
     settings = body["session_schema"]["properties"]
-    assert settings["on_disconnect"]["enum"] == ["continue", "pause", "end_period"]
+    assert settings["on_disconnect"]["enum"] == ["continue", "pause", "end_period", "bots"]
     assert set(settings) >= {"period_length", "num_subperiods", "rate_limit", "post_period_delay"}
     assert set(settings["experiment"]["enum"]) == set(by_name)
 

@@ -105,6 +105,9 @@ async def test_people_wait_then_form_groups_in_order_of_arrival(
     ]
     assert all(r["direction"] == "out" for r in lobby_rows)
     assert json.loads(lobby_rows[-1]["value"]) == {"group": group, "members": [codes[1], codes[3]]}
+    # The replay folds the groups formed so far (and the others, empty, as they are).
+    replay = await api.get(f"/api/sessions/{sid}/replay")
+    assert replay.status_code == 200, replay.text
     for person in (first, second):
         await person.close()
 

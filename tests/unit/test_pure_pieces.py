@@ -94,9 +94,12 @@ def test_log_records_and_documents() -> None:
     assert iso_ts(0.5) == "1970-01-01T00:00:00.500000Z"
 
 
-def test_envelope_refuses_unknown_fields() -> None:
+def test_envelope_ignores_unknown_fields_and_refuses_a_newer_major_version() -> None:
+    # A newer sender of the same major version may add fields (a rolling upgrade).
+    envelope = Envelope.model_validate({"type": "Broadcast", "session": "s", "group": "g", "x": 1})
+    assert not hasattr(envelope, "x")
     with pytest.raises(ValidationError):
-        Envelope.model_validate({"type": "Broadcast", "session": "s", "group": "g", "x": 1})
+        Envelope.model_validate({"type": "Broadcast", "session": "s", "group": "g", "version": 99})
 
 
 def test_create_session_validation() -> None:
