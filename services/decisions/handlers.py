@@ -320,9 +320,14 @@ class DecisionsWorker:
 
     # -- evicting ended groups ---------------------------------------------------------------
 
-    def _evictable(self, state: GroupState) -> bool:
-        """Its last period ended, nobody is connected, and no rate-limited flush is due."""
+    def _evictable(self, state: GroupState | LobbyState) -> bool:
+        """Its last period ended, nobody is connected, and no rate-limited flush is due; a
+        lobby: every group is formed and nobody waits in it. A later input for either (someone
+        back on an old link) rebuilds it from the log."""
         group = state.config.group
+        if isinstance(state, LobbyState):
+            done = state.next_group() is None and not state.waiting and not state.overdue
+            return done and group not in self._applying
         return (
             state.state == "ended"
             and state.period == state.config.num_periods
@@ -333,7 +338,7 @@ class DecisionsWorker:
             and group not in self._applying
         )
 
-    def _consider_eviction(self, state: GroupState) -> None:
+    def _consider_eviction(self, state: GroupState | LobbyState) -> None:
         """Sweep `evict_after` seconds from now if the group may go (one sweep at a time)."""
         if self._sweep is None and self._evictable(state):
             self._sweep = asyncio.get_running_loop().call_later(
@@ -356,13 +361,16 @@ class DecisionsWorker:
             await self._evict_logged()
         finally:
             self._sweep = None
-        for state in self.groups.values():  # one that ended meanwhile: another sweep
+        for state in self._held_states():  # one that ended meanwhile: another sweep
             if self._evictable(state):
                 self._consider_eviction(state)
                 break
 
+    def _held_states(self) -> list[GroupState | LobbyState]:
+        return [*self.groups.values(), *self.lobbies.values()]
+
     async def _evict_logged(self) -> None:
-        candidates = [(s, s.clock) for s in self.groups.values() if self._evictable(s)]
+        candidates = [(s, s.clock) for s in self._held_states() if self._evictable(s)]
         if not candidates:
             return
         unlogged = list(self._unlogged)
@@ -374,7 +382,7 @@ class DecisionsWorker:
         evicted = 0
         for state, clock in candidates:
             group = state.config.group
-            unchanged = self.groups.get(group) is state and state.clock == clock
+            unchanged = self._held(group) is state and state.clock == clock
             if unchanged and self._evictable(state):
                 self._forget(group)
                 evicted += 1
@@ -553,6 +561,7 @@ class DecisionsWorker:
         publishes = self._carry_out(lobby, effects, records)
         self._metrics.input[envelope.type].inc()
         written = self._add_to_log(records) if records else None
+        self._consider_eviction(lobby)
         return self._confirmed(lobby, publishes, written, started)
 
     def _apply_lobby_input(
@@ -807,8 +816,7 @@ class DecisionsWorker:
                 del self._applying[group]
             else:
                 self._applying[group] -= 1
-        if isinstance(state, GroupState):
-            self._consider_eviction(state)
+        self._consider_eviction(state)
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
