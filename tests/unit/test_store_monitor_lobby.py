@@ -20,7 +20,9 @@ def seat(code: str) -> dict[str, Any]:
     return {"_id": code, "group": None, "id_in_group": None, "url": f"http://gw/p/{code}"}
 
 
-def row(n: int, group: str, channel: str, value: Any, participant: str | None = None) -> dict:
+def row(
+    n: int, group: str, channel: str, value: Any, participant: str | None = None
+) -> dict[str, Any]:
     return {
         "id": f"r{n}",
         "ts": ARRIVED + n,
