@@ -64,6 +64,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -176,8 +177,9 @@ def order_violations(people: Iterable[Person], seat_of: Mapping[str, int]) -> di
     left, the store handled A before B. Then B must not be seated if A got "full"
     (`seat_after_full`), and a seated B's seat must come after every such seated A's
     (`seat_order`)."""
+    # A seat given whose socket then failed (outcome "error", with a key) was given in order.
     answered = sorted(
-        (p for p in people if p.answered is not None and p.outcome in ("seated", "full")),
+        (p for p in people if p.answered is not None and (p.key or p.outcome == "full")),
         key=lambda p: p.answered or 0.0,
     )
     times = [p.answered or 0.0 for p in answered]
@@ -186,14 +188,14 @@ def order_violations(people: Iterable[Person], seat_of: Mapping[str, int]) -> di
     full_so_far, highest = False, -1
     for p in answered:
         full_so_far = full_so_far or p.outcome == "full"
-        seat = seat_of.get(p.key or "") if p.outcome == "seated" else None
+        seat = seat_of.get(p.key or "") if p.key else None
         if seat is not None:
             highest = max(highest, seat)
         any_full.append(full_so_far)
         max_seat.append(highest)
     counts = {"seat_after_full": 0, "seat_order": 0}
     for p in answered:
-        if p.outcome != "seated" or p.sent is None:
+        if not p.key or p.sent is None:
             continue
         before = bisect.bisect_left(times, p.sent)  # answered strictly before p was sent
         if before == 0:
@@ -214,9 +216,10 @@ def seat_checks(
     """No seat twice, and seats in group order. `layout_keys`: the seats' keys in seat order
     (POST /api/sessions); `detail`: the session detail's participants (key, label)."""
     seat_of = {key: i for i, key in enumerate(layout_keys)}
-    given = Counter(p.key for p in people if p.outcome == "seated" and p.key)
+    # A seat given (a 303) whose socket then failed is a seat given all the same.
+    given = Counter(p.key for p in people if p.key)
     label_on = {str(d.get("key")): d.get("label") for d in detail}
-    seated = [p for p in people if p.outcome == "seated" and p.key]
+    seated = [p for p in people if p.key]
     labels_given = {p.key: p.label for p in seated}
     seats_given = {seat_of[k] for k in given if k in seat_of}
     return {
@@ -430,6 +433,8 @@ def summarize(
         "join_full_ms": percentiles(spans(full, "sent", "answered")),
         # The first hello: the lobby's under arrival grouping, the group's under fixed.
         "join_to_hello_ms": percentiles(spans(seated, "sent", "hello")),
+        # From the socket's opening to that hello (the /join's wait left out).
+        "socket_to_hello_ms": percentiles(spans(seated, "ws_sent", "hello")),
         "join_to_group_hello_ms": percentiles(spans(seated, "sent", "group_hello")),
         # Per group, from its last member's arrival (first hello): the group's hello that
         # member got (the group formed), and its period_start.
@@ -590,29 +595,55 @@ async def _wait_for_groups(
         await asyncio.sleep(POLL)
 
 
-async def _lobby_rows(
-    api: httpx.AsyncClient, session: str, groups: int, timeout: float
-) -> tuple[list[tuple[str, list[str]]], int]:
-    """The lobby's `group_formed` rows (group, members) in the log's order and the number of
-    its `lobby_timeout` rows, from the export (`/api/sessions/{id}/events`, JSON lines): polled
+@dataclass
+class LobbyLog:
+    """What the export says of the lobby (its rows, group "", in the log's order)."""
+
+    formed: list[tuple[str, list[str]]] = field(default_factory=list)  # (group, members)
+    timeouts: int = 0  # lobby_timeout rows
+    # Per group formed: seconds from the lobby_join row just before its group_formed row to
+    # that row. Both are stamped by decisions while it handles one arrival (the join, then
+    # the store's `form_group`, then the group), so this is the store round trip that
+    # arrival's handling waited for, holding up the lobby's next inputs meanwhile.
+    form_s: list[float] = field(default_factory=list)
+    joins: int = 0  # lobby_join rows
+    join_span_s: float | None = None  # first lobby_join → last: how long arrivals took in it
+
+
+def read_lobby_log(rows: Iterable[Mapping[str, Any]]) -> LobbyLog:
+    """The lobby's rows of an export (JSON lines, parsed), in the export's order (by ts)."""
+    found = LobbyLog()
+    last_join: float | None = None
+    first_join: float | None = None
+    for row in rows:
+        if row.get("group") != "":
+            continue
+        channel, value = row.get("channel"), row.get("value")
+        ts = datetime.fromisoformat(str(row["ts"])).timestamp()
+        if channel == "lobby_join":
+            found.joins += 1
+            last_join = ts
+            first_join = ts if first_join is None else first_join
+            found.join_span_s = ts - first_join
+        elif channel == "group_formed" and isinstance(value, dict):
+            found.formed.append((str(value.get("group")), [str(m) for m in value["members"]]))
+            if last_join is not None:
+                found.form_s.append(ts - last_join)
+        elif channel == "lobby_timeout":
+            found.timeouts += 1
+    return found
+
+
+async def _lobby_log(api: httpx.AsyncClient, session: str, groups: int, timeout: float) -> LobbyLog:
+    """The lobby's rows from the export (`/api/sessions/{id}/events`, JSON lines): polled
     (bounded) until it holds `groups` formed groups, as the store writes the log in batches."""
     deadline = time.perf_counter() + timeout
     while True:
         response = await api.get(f"/api/sessions/{session}/events", params={"format": "jsonl"})
         response.raise_for_status()
-        formed: list[tuple[str, list[str]]] = []
-        timeouts = 0
-        for line in response.content.splitlines():
-            row = orjson.loads(line)
-            if row.get("group") != "":
-                continue
-            value = row.get("value")
-            if row.get("channel") == "group_formed" and isinstance(value, dict):
-                formed.append((str(value.get("group")), [str(m) for m in value["members"]]))
-            elif row.get("channel") == "lobby_timeout":
-                timeouts += 1
-        if len(formed) >= groups or time.perf_counter() >= deadline:
-            return formed, timeouts
+        found = read_lobby_log(orjson.loads(line) for line in response.content.splitlines())
+        if len(found.formed) >= groups or time.perf_counter() >= deadline:
+            return found
         await asyncio.sleep(0.2)
 
 
@@ -684,15 +715,23 @@ async def run_launch(target: StackTarget, params: LaunchParams) -> dict[str, Any
         response = await api.get(f"/api/sessions/{session['session']}")
         response.raise_for_status()
         detail = response.json()["participants"]
-        formed: list[tuple[str, list[str]]] = []
-        lobby_timeouts = 0
+        lobby_log = LobbyLog()
         if params.grouping == "arrival":
             told = {p.group for p in people if p.group is not None}
-            formed, lobby_timeouts = await _lobby_rows(
-                api, session["session"], len(told), params.join_timeout
-            )
+            lobby_log = await _lobby_log(api, session["session"], len(told), params.join_timeout)
 
-    summary = summarize(people, params, layout_keys, detail, start, formed, lobby_timeouts)
+    summary = summarize(
+        people, params, layout_keys, detail, start, lobby_log.formed, lobby_log.timeouts
+    )
+    if params.grouping == "arrival":
+        summary["lobby"] |= {
+            "form_ms": percentiles(lobby_log.form_s),
+            "form_total_s": round(sum(lobby_log.form_s), 3),
+            "joins": lobby_log.joins,
+            "join_span_s": None
+            if lobby_log.join_span_s is None
+            else round(lobby_log.join_span_s, 3),
+        }
     processes: dict[str, dict[str, float]] = {}
     machine: dict[str, float] = {}
     if sample_start is not None and sample_end is not None:
@@ -739,6 +778,7 @@ def format_launch(result: dict[str, Any]) -> str:
             ("/join -> 303 (seat)", "join_seat_ms", "people"),
             ("/join -> full page", "join_full_ms", "people"),
             ("/join -> lobby hello", "join_to_hello_ms", "people"),
+            ("socket -> lobby hello", "socket_to_hello_ms", "people"),
             ("/join -> group hello", "join_to_group_hello_ms", "people"),
             ("last lobby hello -> group hello", "group_hello_ms", "groups"),
             ("last lobby hello -> period_start", "group_formed_ms", "groups"),
@@ -749,6 +789,7 @@ def format_launch(result: dict[str, Any]) -> str:
             ("/join -> 303 (seat)", "join_seat_ms", "people"),
             ("/join -> full page", "join_full_ms", "people"),
             ("/join -> hello", "join_to_hello_ms", "people"),
+            ("socket -> hello", "socket_to_hello_ms", "people"),
             ("last hello -> period_start", "group_formed_ms", "groups"),
             ("last /join -> period_start", "group_formed_from_join_ms", "groups"),
         )
@@ -779,10 +820,18 @@ def format_launch(result: dict[str, Any]) -> str:
     ]
     lobby = result.get("lobby") or {}
     if lobby:
-        lines.append(
+        line = (
             f"lobby: {lobby['groups_formed']} groups formed (export), "
             f"{lobby['lobby_frames']} lobby frames to the seated"
         )
+        form = lobby.get("form_ms")
+        if form and form.get("count"):
+            line += (
+                f"; in decisions, arrival -> group formed (the store's form_group) p50 "
+                f"{_fmt(form['p50'])} / p99 {_fmt(form['p99'])} ms, {lobby['form_total_s']:.1f} s "
+                f"in all; {lobby['joins']} lobby joins over {_fmt(lobby['join_span_s'])} s"
+            )
+        lines.append(line)
     processes = result.get("processes") or {}
     if processes:
         parts = [

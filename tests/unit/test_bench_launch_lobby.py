@@ -16,6 +16,9 @@ from bench.launch import (
     format_launch,
     group_formation,
     lobby_checks,
+    order_violations,
+    read_lobby_log,
+    seat_checks,
     summarize,
 )
 
@@ -199,3 +202,36 @@ def test_the_arrival_summary_needs_the_export_and_shows_the_lobby() -> None:
     assert "last lobby hello -> group hello" in text and "grouped after later 0" in text
     assert "lobby: 2 groups formed (export), 3 lobby frames" in text
     assert "stack CPU per person: 100.0 ms" in text  # 0.9 s over 9 people
+
+
+def _row(channel: str, ts: str, value: Any, group: str = "") -> dict[str, Any]:
+    return {"ts": f"2026-12-07T10:00:{ts}Z", "group": group, "channel": channel, "value": value}
+
+
+def test_the_lobby_log_gives_groups_timeouts_and_how_long_forming_took() -> None:
+    rows = [
+        _row("lobby_join", "00.000000", {"participant": "c0"}),
+        _row("lobby_join", "00.100000", {"participant": "c1"}),
+        _row("group_formed", "00.130000", {"group": "g1", "members": ["c0", "c1"]}),
+        _row("period_start", "00.140000", {}, group="g1"),  # a group's row: not the lobby's
+        _row("lobby_join", "00.500000", {"participant": "c2"}),
+        _row("lobby_join", "00.600000", {"participant": "c3"}),
+        _row("group_formed", "00.650000", {"group": "g2", "members": ["c2", "c3"]}),
+        _row("lobby_join", "01.000000", {"participant": "c4"}),
+        _row("lobby_timeout", "05.000000", {"participant": "c4"}),
+    ]
+    log = read_lobby_log(rows)
+    assert log.formed == [("g1", ["c0", "c1"]), ("g2", ["c2", "c3"])]
+    assert log.timeouts == 1 and log.joins == 5
+    assert log.form_s == [pytest.approx(0.03, abs=1e-5), pytest.approx(0.05, abs=1e-5)]
+    assert log.join_span_s == pytest.approx(1.0)
+
+
+def test_a_seat_whose_socket_failed_is_still_a_seat_given() -> None:
+    """A 303 then a socket closed with 1013 (the store slow to answer the gateway's seat
+    look-up): the seat was given, in order, with its label; only the error is counted."""
+    people = two_groups()
+    people[5].outcome, people[5].error = "error", "ws 1013"
+    detail = [{"key": k, "label": f"label{i}"} for i, k in enumerate(KEYS)]
+    assert not any(seat_checks(people, KEYS, detail).values())
+    assert order_violations(people, SEAT_OF) == {"seat_after_full": 0, "seat_order": 0}
