@@ -161,6 +161,8 @@ async def test_the_console_sets_up_a_lobby_and_its_monitor_shows_who_waits(
     await expect(page.locator("#created-links li")).to_have_count(4)
     await expect(page.locator("#created-links li").first).to_contain_text("no group yet")
     session = str(await page.locator("#created-id").text_content())
+    listed = page.locator(f'#sessions tr[data-session="{session}"]')
+    await expect(listed).to_contain_text("4 in groups of 2formed in a lobby")
     api = httpx.AsyncClient(
         base_url=urls.store_url, headers={"Authorization": f"Bearer {urls.admin_token}"}
     )

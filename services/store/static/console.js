@@ -377,7 +377,7 @@ function renderSessions() {
       <td><code>${esc(s.session)}</code><br><span class="muted">${esc(s.label)}</span></td>
       <td>${esc(s.experiment)}<br><span class="muted">${esc(s.num_periods)} × ${esc(s.period_length)} s${s.num_subperiods ? `, ${esc(s.num_subperiods)} sub-periods` : ""}</span></td>
       <td>${esc(new Date(s.created_at).toLocaleString())}</td>
-      <td>${esc(s.num_participants)} in groups of ${esc(s.group_size)}</td>
+      <td>${esc(s.num_participants)} in groups of ${esc(s.group_size)}${s.grouping === "arrival" ? `<br><span class="muted">formed in a lobby</span>` : ""}</td>
       <td><button type="button" class="quiet" data-monitor="${esc(s.session)}">Monitor</button>
         <button type="button" class="link" data-export="csv" data-session="${esc(s.session)}">CSV</button>
         <button type="button" class="link" data-export="jsonl" data-session="${esc(s.session)}">JSONL</button>
