@@ -170,6 +170,8 @@ async def test_the_lobby_then_the_groups_page(open_page: OpenPage, experiment: s
     await in_the_lobby(page, waiting=1)
     count = page.locator("#lobby-count")
     await expect(count).to_have_text("1 of 3 people are here. Waiting for 2 more people.")
+    await expect(count).to_have_attribute("aria-live", "polite")  # read out as it changes
+    await expect(page.get_by_role("timer")).to_have_text("5:00")  # not read out every second
     await expect(page.locator("#lobby-countdown")).to_have_text("5:00")
     await expect(page.locator("#lobby-seats .lobby-seat.here")).to_have_count(1)
     for hidden in ("#play", "#members", "#period", "#waiting"):

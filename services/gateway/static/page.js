@@ -353,8 +353,7 @@ export function startPage(spec) {
     var waiting = lobby && typeof lobby.waiting === "number" ? lobby.waiting : null;
     var text;
     if (waiting === null || typeof size !== "number") {
-      text = client.state.status === "connected" ? "Counting who is here…" :
-        "Joining the waiting room…";
+      text = "Joining the waiting room…"; // until the first count: one text, one announcement
     } else if (waiting < size) {
       text = waiting + " of " + size + " people are here. Waiting for " +
         people(size - waiting) + ".";
