@@ -169,9 +169,10 @@ class Participants:
                     log.exception("could not publish the disconnect of %s", info.participant)
             connection.close(1000)
             await self._let_go(connection, writer)
+            now_in = connection.info  # its group, if the lobby gave it one meanwhile
             log.info(
                 "participant disconnected",
-                extra=context(info.session, info.group, info.participant),
+                extra=context(now_in.session, now_in.group, now_in.participant),
             )
 
     async def _read_until_closed(self, connection: Connection) -> None:
