@@ -6,10 +6,12 @@ nothing acknowledged is lost, no group is formed twice, no seat is given two gro
 - decisions killed while people wait: the gateway announces them again (`Resync`, a lobby
   `hello`), the lobby is rebuilt from its log, and the next arrival (while decisions is down,
   or after it is back) forms a group with those who waited, in order of arrival.
-- timers killed before someone's `lobby_timeout` deadline: the durable wake-up still fires
-  (late), the person gets `finished` (`lobby_timeout`), one `lobby_timeout` row, one `finished`.
-- decisions killed around group formation, in several sessions at once and several rounds: each
-  group's `group_formed` row once, the store's groups the same, each member its group's `hello`.
+- timers (and, separately, decisions) killed just before someone's `lobby_timeout` deadline:
+  the durable wake-up still fires (late), the person gets `finished` (`lobby_timeout`), one
+  `lobby_timeout` row, one `finished`.
+- decisions (twice, the kill falling a little later) and the store killed around group
+  formation, in several sessions at once: each group's `group_formed` row once, the store's
+  groups the same, each member its group's `hello`.
 - the gateway killed while people wait: the browsers reconnect to the restarted gateway and are
   back in the lobby with their places (the same deadline, the same order).
 - two people arriving at the same moment through two gateways form one group; one label taken
@@ -117,10 +119,18 @@ class Person:
         await self.until("lobby count", lambda: self.counts(), timeout)
         return self.counts()[-1]
 
+    def started(self) -> bool:
+        """Its group's period started: `period_start` came, or a group `hello` said so (a
+        rebuilt worker may apply the period's start before the members are announced again:
+        their hellos then say the period runs, and no `period_start` frame follows)."""
+        return self.at("period_start") is not None or any(
+            h["group"] is not None and h["period"]["state"] != "waiting" for h in self.hellos()
+        )
+
     async def grouped(self, timeout: float = RECOVERY) -> dict[str, Any]:
-        """Until its group's `hello` and its `period_start` came; that hello."""
+        """Until its group's `hello` came and its period started; that hello."""
         await self.until("group hello", lambda: self.group_hello() is not None, timeout)
-        await self.until("period_start", lambda: self.at("period_start") is not None, timeout)
+        await self.until("the period's start", self.started, timeout)
         hello = self.group_hello()
         assert hello is not None
         return hello
@@ -279,11 +289,12 @@ async def test_decisions_killed_while_people_wait(supervised: Any, arrives: str)
         ], channels
     print(
         f"\nLOBBY decisions killed, {arrives}: back in {restart:.2f} s, group's hello "
-        f"{grouped_at - killed_at:.2f} s after the kill; members in order of arrival"
+        f"{grouped_at - killed_at:.2f} s after the kill ({grouped_at - killed_at - restart:.2f} s "
+        f"after it was ready); members in order of arrival"
     )
 
 
-# -- 2. timers killed before a lobby deadline ------------------------------------------------
+# -- 2. timers (or decisions) killed before a lobby deadline -----------------------------------
 
 
 async def wakeup_scheduled(stack: Any, code: str, timeout: float = RECOVERY) -> None:
@@ -297,8 +308,14 @@ async def wakeup_scheduled(stack: Any, code: str, timeout: float = RECOVERY) -> 
         await asyncio.sleep(0.05)
 
 
+# How long before the deadline each victim is killed: so that the deadline passes while it
+# restarts (timers: and waits for the lease; decisions: the tick waits in the lobby's queue).
+KILL_BEFORE_DEADLINE = {"timers": 1.0, "decisions": 0.3}
+
+
 @pytest.mark.timeout(120)
-async def test_timers_killed_before_a_lobby_deadline(supervised: Any) -> None:
+@pytest.mark.parametrize("victim", ["timers", "decisions"])
+async def test_killed_before_a_lobby_deadline(supervised: Any, victim: str) -> None:
     stack = supervised
     timeout = 5.0
     async with researcher(stack) as api:
@@ -306,7 +323,7 @@ async def test_timers_killed_before_a_lobby_deadline(supervised: Any) -> None:
             api,
             seats=2,
             size=2,
-            name="lobby timers",
+            name=f"lobby deadline {victim}",
             lobby_timeout=timeout,
             labels=["P 1", "P 2"],
             completion={"lobby_timeout": {"url": "https://example.org/wait?pid={label}"}},
@@ -316,12 +333,12 @@ async def test_timers_killed_before_a_lobby_deadline(supervised: Any) -> None:
             a.start()
             count = await a.in_lobby()
             await wakeup_scheduled(stack, a.code)
-            # Killed a second before the deadline (the server's clock, this machine's): the
-            # deadline passes while timers restarts and waits for its lease.
-            await asyncio.sleep(max(0.0, count["timeout_at"] - 1.0 - time.time()))
-            previous, killed_at = await kill(stack, "timers")
+            # Killed just before the deadline (the server's clock, this machine's).
+            before = KILL_BEFORE_DEADLINE[victim]
+            await asyncio.sleep(max(0.0, count["timeout_at"] - before - time.time()))
+            previous, killed_at = await kill(stack, victim)
             killed_epoch = time.time()
-            restart = await restarted(stack, "timers", previous)
+            restart = await restarted(stack, victim, previous)
             await a.until("finished", lambda: a.bot.outcome is not None)
             finished_at = a.at("finished")
             assert finished_at is not None
@@ -360,26 +377,28 @@ async def test_timers_killed_before_a_lobby_deadline(supervised: Any) -> None:
         again = Counter(r["channel"] for r in await export(api, sid))
         assert (again["lobby_timeout"], again["finished"]) == (1, 1), again
     print(
-        f"\nLOBBY timers killed {count['timeout_at'] - killed_epoch:.2f} s before the deadline: "
+        f"\nLOBBY {victim} killed {count['timeout_at'] - killed_epoch:.2f} s before the deadline: "
         f"back in {restart:.2f} s, finished {finished_at - killed_at:.2f} s after the kill "
         f"({finished_epoch - count['timeout_at']:.2f} s late)"
     )
 
 
-# -- 3. decisions killed around group formation ----------------------------------------------
+# -- 3. decisions (or the store) killed around group formation --------------------------------
 
-SESSIONS = 4  # per round: one group forming in each at about the same moment
+SESSIONS = 6  # per round: one group forming in each at about the same moment
 STAGGER = 0.015  # seconds between the second arrivals of the round's sessions
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("round_", [0, 1, 2])
-async def test_decisions_killed_while_groups_form(supervised: Any, round_: int) -> None:
+@pytest.mark.parametrize(("victim", "round_"), [("decisions", 0), ("decisions", 2), ("store", 0)])
+async def test_killed_while_groups_form(supervised: Any, victim: str, round_: int) -> None:
+    """The store decides which group forms (`form_group`); decisions logs and announces it. A
+    kill of either while groups form: each group once, everyone its group's hello."""
     stack = supervised
     gateway = stack.urls["gateway"]
     async with researcher(stack) as api:
         sessions = [
-            await arrival_session(api, seats=4, size=2, name=f"lobby forming {round_}.{n}")
+            await arrival_session(api, seats=4, size=2, name=f"lobby forming {victim} {round_}.{n}")
             for n in range(SESSIONS)
         ]
         # In each session the seat 3 arrives first, then the seat 1.
@@ -391,7 +410,7 @@ async def test_decisions_killed_while_groups_form(supervised: Any, round_: int) 
                 person.start()
             for person in waiting:
                 await person.in_lobby()
-            # The second arrivals, a few ms apart; decisions is killed as soon as the first
+            # The second arrivals, a few ms apart; the victim is killed as soon as the first
             # one's socket is open (its presence is published then), a bit later each round.
 
             async def arrive() -> None:
@@ -402,10 +421,10 @@ async def test_decisions_killed_while_groups_form(supervised: Any, round_: int) 
             arriving = asyncio.create_task(arrive())
             await coming[0].until("open socket", lambda: coming[0].bot.connects >= 1)
             await asyncio.sleep(round_ * 0.02)  # where the kill falls: not a synchronisation
-            previous, killed_at = await kill(stack, "decisions")
+            previous, killed_at = await kill(stack, victim)
             killed_epoch = time.time()
             await arriving
-            restart = await restarted(stack, "decisions", previous)
+            restart = await restarted(stack, victim, previous)
             hellos = {p.code: await p.grouped() for p in persons}
             grouped_at = max(p.at("hello", lambda h: h["group"] is not None) or 0 for p in persons)
             reconnected = sum(p.bot.connects > 1 for p in persons)
@@ -423,9 +442,10 @@ async def test_decisions_killed_while_groups_form(supervised: Any, round_: int) 
             before += formed_ts < killed_epoch
             after += formed_ts >= killed_epoch
     print(
-        f"\nLOBBY decisions killed {round_ * 20} ms after a second arrival ({SESSIONS} groups "
+        f"\nLOBBY {victim} killed {round_ * 20} ms after a second arrival ({SESSIONS} groups "
         f"forming): back in {restart:.2f} s, every group's hello {grouped_at - killed_at:.2f} s "
-        f"after the kill; {before} groups logged before the kill, {after} after; "
+        f"after the kill ({grouped_at - killed_at - restart:.2f} s after it was ready); {before} "
+        f"groups logged before the kill, {after} after; "
         f"{reconnected} sockets reconnected; each group formed once"
     )
 
@@ -520,6 +540,55 @@ async def test_gateway_killed_while_people_wait(supervised: Any, comes_back: str
         f"\nLOBBY gateway killed, people back {comes_back}: gateway back in {restart:.2f} s, "
         f"{timing}in the lobby {back_at - killed_at:.2f} s after the kill (same places), the "
         f"group's hello {grouped_at - killed_at:.2f} s after it"
+    )
+
+
+@pytest.mark.timeout(150)
+async def test_gateway_killed_while_someone_arrives_through_another(supervised: Any) -> None:
+    """Two wait on the gateway that is killed; a third arrives through a second gateway at
+    once. Either decisions still counts the two as waiting (their gateway's heartbeats had not
+    stopped long enough yet): the group forms meanwhile, its notice to their dead sockets is
+    lost, and the restarted gateway gives them their group from the store when they
+    reconnect; or it logged their `lobby_leave` first, and the group forms when they are
+    back. Either way: one group, in order of arrival, and everyone gets its `hello`."""
+    stack = supervised
+    with second_gateway(stack) as other:
+        async with researcher(stack) as api:
+            session = await arrival_session(api, seats=6, size=3, name="lobby gateway meanwhile")
+            sid, seats = session["session"], session["participants"]
+            async with (
+                people(stack.urls["gateway"], [seats[4], seats[2]]) as (a, b),
+                people(other, [seats[0]]) as (c,),
+            ):
+                a.start()
+                await a.in_lobby()
+                b.start()
+                await b.in_lobby()
+                await a.until("2 waiting", lambda: a.counts()[-1]["waiting"] == 2)
+                await export_until(
+                    api,
+                    sid,
+                    lambda r: [x["channel"] for x in lobby_rows(r)] == ["lobby_join"] * 2,
+                    "2 lobby_join rows",
+                )
+                previous, killed_at = await kill(stack, "gateway")
+                c.start()
+                restart = await restarted(stack, "gateway", previous)
+                hellos = [await p.grouped() for p in (a, b, c)]
+                grouped_at = max(
+                    p.at("hello", lambda h: h["group"] is not None) or 0 for p in (a, b, c)
+                )
+            codes = [a.code, b.code, c.code]
+            assert [h["members"] for h in hellos] == [codes] * 3, hellos
+            rows = await export_until(api, sid, lambda r: formed_rows(r), "group_formed")
+            group = session["groups"][0]["group"]
+            assert check_groups(session, rows, await detail(api, sid)) == {group: codes}
+            leaves = sum(r["channel"] == "lobby_leave" for r in rows)
+            formed_while_away = lobby_rows(rows)[-1]["channel"] == "group_formed" and not leaves
+    print(
+        f"\nLOBBY gateway killed while a third arrives through another: gateway back in "
+        f"{restart:.2f} s, the group's hello {grouped_at - killed_at:.2f} s after the kill; "
+        f"{'formed while the two were away' if formed_while_away else f'{leaves} lobby_leave'}"
     )
 
 
