@@ -233,7 +233,10 @@ class LiveSession:
         changes: list[tuple[Any, dict[str, Any]]]
         bot = bool(value.get("bot"))  # a bot's presence: no person is connected
         if channel == "presence" and value.get("connected") is True:
-            fields: dict[str, Any] = {"seen": True} if bot else {"seen": True, "connected": True}
+            # A bot's: the seat is marked (`bot`, as the session detail has it), not connected.
+            fields: dict[str, Any] = (
+                {"seen": True, "bot": True} if bot else {"seen": True, "connected": True}
+            )
             changes = [(value.get("participant"), fields)]
         elif channel == "presence" and value.get("connected") is False and not bot:
             changes = [(value.get("participant"), {"connected": False})]
@@ -546,6 +549,8 @@ def seat_view(document: dict[str, Any]) -> dict[str, Any]:
         # Arrival grouping: when the person first came to the lobby (as the session detail).
         "lobby_since": iso_ts(document["lobby_since"]) if document.get("lobby_since") else None,
         "seen": bool(document.get("seen") or document.get("taken")),
+        # A bot plays or played the seat (as the session detail's `bot`).
+        "bot": bool(document.get("bot") or document.get("bot_played")),
     }
 
 

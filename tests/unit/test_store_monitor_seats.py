@@ -52,6 +52,7 @@ def test_a_seats_view_has_its_label_status_and_outcome() -> None:
         "connected": False,
         "lobby_since": None,
         "seen": False,
+        "bot": False,
     }
     done = seat_view(document("b", label="P2", seen=True, outcome="dropout"))
     assert (done["label"], done["status"], done["outcome"]) == ("P2", "finished", "dropout")
@@ -91,3 +92,12 @@ async def test_presence_and_finished_rows_change_seats_and_a_new_label_is_read()
         ("finished", "completed"),
         ("playing", None),
     ]
+
+
+def test_a_bot_s_presence_marks_the_seat_without_connecting_it() -> None:
+    live = LiveSession("s")
+    live.participants = [seat_view(document("a", seen=True, connected=False))]
+    live.fold(out("presence", {"participant": "a", "connected": True, "bot": True}))
+    (seat,) = live.participants_view()
+    assert (seat["bot"], seat["connected"], seat["status"]) == (True, False, "playing")
+    assert seat_view(document("b", bot_played=True))["bot"] is True

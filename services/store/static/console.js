@@ -539,10 +539,12 @@ function decisionText(value) {
   return JSON.stringify(value);
 }
 
-// A seat's place in an online study: unassigned, playing, finished (with its outcome).
+// A seat's place in an online study: unassigned, lobby, playing, finished (with its outcome),
+// and whether a bot plays (or played) it.
 function seatText(seat) {
   if (!seat) return "–";
-  return seat.outcome ? `finished · ${seat.outcome}` : seat.status;
+  const text = seat.outcome ? `finished · ${seat.outcome}` : seat.status;
+  return seat.bot ? `${text} · bot` : text;
 }
 
 function groupHtml(group) {
