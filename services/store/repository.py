@@ -157,6 +157,8 @@ class Repository:
         # The study link names its session by join key; seats are taken in seat order.
         await self.sessions.create_index([("join_key", ASCENDING)], unique=True, sparse=True)
         await self.participants.create_index([("session", ASCENDING), ("seat", ASCENDING)])
+        # The study link finds a label's seat by it (`claim_labelled_seat`), on every arrival.
+        await self.participants.create_index([("session", ASCENDING), ("label", ASCENDING)])
 
     async def close(self) -> None:
         await self._client.close()
