@@ -656,7 +656,16 @@ class DecisionsWorker:
         for formed_group in config.groups:
             members = config.formed.get(formed_group)
             if members and formed_group not in lobby.formed:
-                effects.extend(lobby.form(formed_group, members, now=now()))
+                # Asked again, the store answers the group as formed, with the seats bots play
+                # (which are no arrivals to log), and gives seats their group if left undone.
+                try:
+                    stored, played = await self._store_call(
+                        partial(self._directory.form_group, session, formed_group, members),
+                        formed_group,
+                    )
+                except NotFound:
+                    continue
+                effects.extend(lobby.form(formed_group, stored, now=now(), bots=played))
         effects.extend(WakeAt(code, lobby.deadline(code)) for code in lobby.waiting)
         if any(w.connection == UNKNOWN for w in lobby.waiting.values()):
             loop = asyncio.get_running_loop()
