@@ -8,7 +8,8 @@ nothing acknowledged is lost, no group is formed twice, no seat is given two gro
   or after it is back) forms a group with those who waited, in order of arrival.
 - timers (and, separately, decisions) killed just before someone's `lobby_timeout` deadline:
   the durable wake-up still fires (late), the person gets `finished` (`lobby_timeout`), one
-  `lobby_timeout` row, one `finished`.
+  `lobby_timeout` row, one `finished`; under `on_lobby_timeout: bots` they get a group with a
+  bot instead, formed once.
 - decisions (twice, the kill falling a little later) and the store killed around group
   formation, in several sessions at once: each group's `group_formed` row once, the store's
   groups the same, each member its group's `hello`.
@@ -181,7 +182,7 @@ def formed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def check_groups(session: dict[str, Any], rows: list[dict[str, Any]], detail: dict[str, Any]
                  ) -> dict[str, list[str]]:  # fmt: skip
     """Each `group_formed` row once per group, the session detail's groups and seats the same,
-    no seat in two groups, and every member's arrival logged before its group formed; the
+    no seat in two groups, and every member's arrival (but a bot's) logged before its group; the
     groups formed (group → members)."""
     formed = formed_rows(rows)
     per_group = Counter(r["value"]["group"] for r in formed)
@@ -201,7 +202,8 @@ def check_groups(session: dict[str, Any], rows: list[dict[str, Any]], detail: di
     order = {id(r): n for n, r in enumerate(rows)}
     joins = {r["participant"]: order[id(r)] for r in rows if r["channel"] == "lobby_join"}
     for row in formed:
-        for code in row["value"]["members"]:
+        bots = row["value"].get("bots") or []  # seats bots play: no arrivals
+        for code in [c for c in row["value"]["members"] if c not in bots]:
             assert code in joins and joins[code] < order[id(row)], (
                 f"{code} in group {row['value']['group']} without its lobby_join before: "
                 f"{[(r['channel'], r['participant']) for r in lobby_rows(rows)]}"
@@ -380,6 +382,53 @@ async def test_killed_before_a_lobby_deadline(supervised: Any, victim: str) -> N
         f"\nLOBBY {victim} killed {count['timeout_at'] - killed_epoch:.2f} s before the deadline: "
         f"back in {restart:.2f} s, finished {finished_at - killed_at:.2f} s after the kill "
         f"({finished_epoch - count['timeout_at']:.2f} s late)"
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["timers", "decisions"])
+async def test_killed_before_a_lobby_deadline_with_bots(supervised: Any, victim: str) -> None:
+    """`on_lobby_timeout: bots`: at the deadline the one waiting gets a group at once, a bot in
+    a free seat: also when timers or decisions died just before it. One group, with its bot,
+    and no `lobby_timeout` or `finished` for anyone."""
+    stack = supervised
+    async with researcher(stack) as api:
+        session = await arrival_session(
+            api,
+            seats=4,
+            size=2,
+            name=f"lobby deadline bots {victim}",
+            lobby_timeout=5.0,
+            on_lobby_timeout="bots",
+        )
+        sid, seats = session["session"], session["participants"]
+        async with people(stack.urls["gateway"], [seats[2]]) as (a,):
+            a.start()
+            count = await a.in_lobby()
+            await wakeup_scheduled(stack, a.code)
+            before = KILL_BEFORE_DEADLINE[victim]
+            await asyncio.sleep(max(0.0, count["timeout_at"] - before - time.time()))
+            previous, killed_at = await kill(stack, victim)
+            killed_epoch = time.time()
+            restart = await restarted(stack, victim, previous)
+            hello = await a.grouped()
+            grouped_at = a.at("hello", lambda h: h["group"] is not None)
+            assert grouped_at is not None
+        assert killed_epoch < count["timeout_at"]
+        group = session["groups"][0]["group"]
+        assert hello["group"] == group and hello["members"][0] == a.code, hello
+        (bot,) = hello["members"][1:]
+        rows = await export_until(api, sid, lambda r: formed_rows(r), "group_formed")
+        assert check_groups(session, rows, await detail(api, sid)) == {group: [a.code, bot]}
+        assert formed_rows(rows)[0]["value"]["bots"] == [bot]
+        assert epoch(formed_rows(rows)[0]["ts"]) >= count["timeout_at"] - 1e-3  # never early
+        channels = [(r["channel"], r["participant"]) for r in lobby_rows(rows)]
+        assert channels == [("lobby_join", a.code), ("group_formed", "")], channels
+        assert not [r for r in rows if r["channel"] in ("lobby_timeout", "finished")]
+    print(
+        f"\nLOBBY {victim} killed {count['timeout_at'] - killed_epoch:.2f} s before a deadline "
+        f"(bots): back in {restart:.2f} s, the group's hello with a bot "
+        f"{grouped_at - killed_at:.2f} s after the kill"
     )
 
 
