@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -120,6 +121,7 @@ def print_banner(
     run_dir: Path,
     prometheus_url: str | None = None,
     bots: bool = False,
+    amqp_url: str | None = None,
 ) -> None:
     token = urls.admin_token
     if sessions:
@@ -140,7 +142,8 @@ def print_banner(
     lines += [
         "",
         "Researchers:",
-        f"  console:    {urls.store_url}/?token={token}",
+        # A fragment: the browser never sends it, so no server log keeps the token.
+        f"  console:    {urls.store_url}/#token={token}",
     ]
     if sessions:
         lines.append(
@@ -151,8 +154,10 @@ def print_banner(
     lines.append(
         "  CLI:        .venv/bin/canopy sessions   (finds this stack by itself: docs/cli.md)"
     )
-    if management_url:
-        lines.append(f"  RabbitMQ:   {management_url} (guest / guest)")
+    if management_url and amqp_url:
+        # The broker's user and its password of this start (no guest: devstack.infra).
+        broker = urlsplit(amqp_url)
+        lines.append(f"  RabbitMQ:   {management_url} ({broker.username} / {broker.password})")
     if prometheus_url:
         lines.append(
             f"  Prometheus: {prometheus_url}/alerts  (dashboard for your Grafana: "
@@ -253,7 +258,14 @@ def run(
                 management_url = infra_handle.infra.management_url
                 prometheus_url = prometheus.url if prometheus is not None else None
                 print_banner(
-                    stack.urls, sessions, management_url, timings, run_dir, prometheus_url, bots
+                    stack.urls,
+                    sessions,
+                    management_url,
+                    timings,
+                    run_dir,
+                    prometheus_url,
+                    bots,
+                    infra_handle.infra.amqp_url,
                 )
                 if bots and sessions:
                     bots_process = start_bots_process(stack, [s["session"] for s in sessions])

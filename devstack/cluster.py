@@ -20,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
+from urllib.parse import urlsplit
 
 from devstack.infra import (
     RABBIT_BOOT_TIMEOUT,
@@ -48,10 +49,11 @@ class Node:
     env: dict[str, str]
     log: Path
     process: Popen[bytes] | None = None
+    credentials: str = ""  # "user:password" of the cluster (users are cluster-wide)
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+        return f"amqp://{self.credentials}@127.0.0.1:{self.amqp_port}/"
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return rabbitmqctl(self.name, self.env, *args, timeout=timeout)
@@ -122,7 +124,8 @@ def _node(first: InfraHandle, index: int) -> Node:
     )
     if plugins.exists():
         env["RABBITMQ_PLUGINS_DIR"] = str(plugins)
-    return Node(name, port, env, first.logs_dir / f"rabbitmq-{index}.log")
+    credentials = urlsplit(first.infra.amqp_url).netloc.rpartition("@")[0]
+    return Node(name, port, env, first.logs_dir / f"rabbitmq-{index}.log", credentials=credentials)
 
 
 def _spawn(node: Node) -> None:

@@ -11,8 +11,10 @@ test session (persistent=False). The measured facts behind it are in the design 
 Layout of an infra folder (``Infra.run_dir``)::
 
     devstack.lock          flock held by the owner for its whole life; holds the owner's pid
+    seat-secret            the seat keys' HMAC secret of `make run` (devstack.stack), 0600
     devstack-state.json    pids, restarts and URLs, while `make run` supervises (supervisor)
     rabbitmq/              HOME of the node (Erlang cookie), rabbitmq.conf, enabled_plugins,
+                           definitions.json (its one user, with a password new at each start),
                            plugins/ (symlinks), mnesia/ (queues and messages: kept between runs
                            when persistent)
     mongo/                 nx-27017 data, one SQLite file per database (mongo_storage="file",
@@ -28,6 +30,11 @@ registration (that lives as long as the node's connection to epmd). A restarted 
 node: the running node registers only when it boots (RabbitMQ 3.10 re-checks every 60 s), so
 the handle registers it on its behalf (`process_ready`).
 
+The folder is its owner's alone (0700: it holds the seat secret, the state file's admin
+token, the broker's password and every log). The broker has no `guest`: one user whose
+name and password are new at each start (`Infra.amqp_url` carries them), imported from
+`rabbitmq/definitions.json` at boot; a node from before that still has `guest` loses it once.
+
 Every process started here (and by `devstack.stack`) carries ``DEVSTACK_RUN_DIR=<run_dir>`` in
 its environment. Children of children inherit it (Erlang's erl_child_setup and inet_gethost,
 rabbitmqctl's own VM), so `owned_processes()` finds all of them: stop() uses it to leave
@@ -36,8 +43,11 @@ nothing behind, and a new owner uses it to clear processes orphaned by a crashed
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -73,6 +83,10 @@ POLL_INTERVAL = 0.05
 PROBE_TIMEOUT = 0.5  # one readiness probe of a server (supervisor)
 LOCK_PATIENCE = 1.0  # how long a persistent owner retries a lock a sweeper holds
 LOG_TAIL_LINES = 40
+BROKER_USER = "canopy"
+NO_GUEST_MARKER = "no-guest"  # in rabbitmq/: this node's guest user is gone
+RUN_DIR_MODE = 0o700  # an infra folder: its owner's only
+SECRET_MODE = 0o600  # a file in it that holds a secret
 
 Popen = subprocess.Popen[bytes]
 
@@ -316,6 +330,9 @@ class InfraHandle:
         self._env: dict[str, str] = {}  # the node's, epmd's and rabbitmqctl's
         self.epmd_port = 0
         self.amqp_port = 0
+        # The broker's one user (no guest), its password new at each start (definitions).
+        self.broker_user = BROKER_USER
+        self._broker_password = secrets.token_urlsafe(24)
         self.mongo_port = 0
         # What the node registered with epmd (a PORT2_RESP body), once it was ready, and the
         # connection that holds that registration on its behalf after epmd was restarted.
@@ -370,6 +387,7 @@ class InfraHandle:
 
     def _start(self) -> None:
         self._take_lock()
+        self.run_dir.chmod(RUN_DIR_MODE)
         # Whatever still runs with our marker was orphaned by a previous owner that died.
         terminate_owned(self.run_dir, grace=10 if self.persistent else 0)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +396,7 @@ class InfraHandle:
         management_port = self._start_rabbit()
         self._await_mongo()
         self._infra = Infra(
-            amqp_url=f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/",
+            amqp_url=f"amqp://{self.broker_user}:{self._broker_password}@127.0.0.1:{self.amqp_port}/",
             mongo_url=f"mongodb://127.0.0.1:{self.mongo_port}/",
             rabbit_node=self.rabbit_node,
             run_dir=self.run_dir,
@@ -470,9 +488,18 @@ class InfraHandle:
         rabbit_dir.mkdir(exist_ok=True)
         self.amqp_port, dist_port, self.epmd_port = free_port(), free_port(), free_port()
         management_port = free_port() if self.management else None
+        definitions = rabbit_dir / "definitions.json"
+        fd = os.open(definitions, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
+        with os.fdopen(fd, "w") as f:
+            json.dump(broker_definitions(self.broker_user, self._broker_password), f)
+        if not (rabbit_dir / "mnesia").exists():
+            # A node that boots with definitions to import makes no default user (guest).
+            (rabbit_dir / NO_GUEST_MARKER).touch()
         conf = [
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
             "loopback_users = none",
+            # Imported at every boot (a restarted node too): the user of this start.
+            f"load_definitions = {definitions}",
         ]
         if management_port is not None:
             conf += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {management_port}"]
@@ -563,7 +590,19 @@ class InfraHandle:
         except (InfraError, subprocess.TimeoutExpired) as e:
             raise InfraError(f"{e}\n{self._rabbit_log_tails()}") from None
         self._node_registration = epmd_registration(self.epmd_port, short_name)
+        self._drop_guest()
         return management_port
+
+    def _drop_guest(self) -> None:
+        """A kept node (make run) made before devstack imported definitions has `guest`
+        (guest / guest): delete it, once (one CLI call, about 1 s; then the marker file)."""
+        marker = self.rabbit_dir / NO_GUEST_MARKER
+        if marker.exists():
+            return
+        result = self.rabbitmqctl("delete_user", "guest")
+        if result.returncode != 0 and "does not exist" not in result.stdout:
+            raise InfraError(f"RabbitMQ: deleting the user guest failed:\n{result.stdout}")
+        marker.touch()
 
     def _spawn(self, name: str) -> Popen:
         command = self._commands[name]
@@ -693,6 +732,28 @@ class InfraHandle:
             if self._lock is not None:
                 self._lock.close()  # releases the flock
                 self._lock = None
+
+
+def broker_definitions(user: str, password: str) -> dict[str, object]:
+    """RabbitMQ definitions of a node with one user, every permission on `/`, administrator
+    (the management UI), its password hashed as RabbitMQ does (rabbit_password_hashing_sha256:
+    base64 of a 4-byte salt and SHA-256 of salt + password)."""
+    salt = secrets.token_bytes(4)
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return {
+        "users": [
+            {
+                "name": user,
+                "password_hash": base64.b64encode(salt + digest).decode(),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": ["administrator"],
+            }
+        ],
+        "vhosts": [{"name": "/"}],
+        "permissions": [
+            {"user": user, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+        ],
+    }
 
 
 def _slim_plugins_dir(folder: Path, plugins: list[str]) -> Path:

@@ -9,6 +9,15 @@ Where a setting comes from, strongest first: `env_overrides` / `ports` given by 
 (tests), then `CANOPY_*` already in the environment (a user's `CANOPY_ADMIN_TOKEN` or
 `CANOPY_GATEWAY_PORT`), then the defaults here. The broker and database URLs always come
 from the `Infra` that was started.
+
+Least privilege (docs/operations.md, "Who holds which secret"): `env` holds every secret (the
+bots and tests use it), but each service is started with `service_env(name)`, which keeps
+only the secrets its settings class lists in `SECRETS`: the gateway gets the internal token
+and the seat secret, never the admin token; timers gets no token. The internal token is new
+at each start (nothing outlives the processes that share it); the seat secret is kept in
+`<run folder>/seat-secret` (owner-only), so participants' links outlive a restart even with a
+new admin token. `CANOPY_GATEWAY_HOST` puts the gateway alone on another interface (a lab
+network): the other services stay on `CANOPY_HOST` (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import httpx
 
 from devstack.infra import (
     POLL_INTERVAL,
+    SECRET_MODE,
     Infra,
     Popen,
     child_env,
@@ -39,11 +49,28 @@ from devstack.infra import (
     spawn,
     stop_process,
 )
+from services.common.settings import CommonSettings
+from services.decisions.settings import DecisionsSettings
+from services.gateway.settings import GatewaySettings
+from services.store.settings import StoreSettings
+from services.timers.settings import TimersSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Store first: the others reach it over HTTP (CANOPY_STORE_URL). Order matters only for stop.
 SERVICES = ("store", "gateway", "decisions", "timers")
 DEFAULT_PORTS = {"gateway": 8000, "store": 8001, "decisions": 8002, "timers": 8003}
+SETTINGS: dict[str, type[CommonSettings]] = {
+    "store": StoreSettings,
+    "gateway": GatewaySettings,
+    "decisions": DecisionsSettings,
+    "timers": TimersSettings,
+}
+# Every variable that is some service's secret; a service gets only those of its own SECRETS.
+SECRET_VARIABLES = frozenset(
+    f"CANOPY_{field.upper()}" for cls in SETTINGS.values() for field in cls.SECRETS
+)
+GATEWAY_HOST_VARIABLE = "CANOPY_GATEWAY_HOST"
+SEAT_SECRET_FILE = "seat-secret"
 PROBE_TIMEOUT = 0.5  # one readiness probe (supervisor)
 READY_TIMEOUT = 40.0  # with infra's boot waits, below pytest's per-test timeout (120 s)
 STOP_GRACE = 10.0
@@ -60,10 +87,21 @@ class StackUrls:
     decisions_url: str
     timers_url: str
     admin_token: str
+    internal_token: str = ""  # what the gateway and decisions hold (/internal only)
 
 
 def port_variable(service: str) -> str:
     return f"CANOPY_{service.upper()}_PORT"
+
+
+def reachable_at(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (any address: loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def secrets_of(service: str) -> frozenset[str]:
+    """The secret variables `service` is started with (its settings' SECRETS)."""
+    return frozenset(f"CANOPY_{field.upper()}" for field in SETTINGS[service].SECRETS)
 
 
 def resolve_ports(ports: Mapping[str, int] | None = None) -> dict[str, int]:
@@ -100,23 +138,58 @@ class StackHandle:
         self.processes: dict[str, Popen] = {}
         self._probe_client: httpx.Client | None = None
         self.env = self._environment(dict(env_overrides or {}))
+        self.hosts = {name: self.env["CANOPY_HOST"] for name in SERVICES}
+        self.hosts["gateway"] = self.env.get(GATEWAY_HOST_VARIABLE) or self.env["CANOPY_HOST"]
         self.urls = StackUrls(
-            gateway_url=f"http://127.0.0.1:{self.ports['gateway']}",
-            store_url=f"http://127.0.0.1:{self.ports['store']}",
-            decisions_url=f"http://127.0.0.1:{self.ports['decisions']}",
-            timers_url=f"http://127.0.0.1:{self.ports['timers']}",
+            gateway_url=self._url("gateway"),
+            store_url=self._url("store"),
+            decisions_url=self._url("decisions"),
+            timers_url=self._url("timers"),
             admin_token=self.env["CANOPY_ADMIN_TOKEN"],
+            internal_token=self.env["CANOPY_INTERNAL_TOKEN"],
         )
 
+    def _url(self, service: str) -> str:
+        return f"http://{reachable_at(self.hosts[service])}:{self.ports[service]}"
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The environment `service` is started with: `env` without the secrets it does not
+        need, and on the gateway's interface for the gateway."""
+        self._check_name(service)
+        withheld = SECRET_VARIABLES - secrets_of(service)
+        env = {key: value for key, value in self.env.items() if key not in withheld}
+        env["CANOPY_HOST"] = self.hosts[service]
+        env.pop(GATEWAY_HOST_VARIABLE, None)
+        return env
+
+    def _seat_secret(self) -> str:
+        """The seat secret kept in the run folder (made on the first start), owner-only."""
+        path = self.run_dir / SEAT_SECRET_FILE
+        if not path.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
     def _environment(self, overrides: dict[str, str]) -> dict[str, str]:
+        gateway_host = overrides.get(GATEWAY_HOST_VARIABLE) or os.environ.get(
+            GATEWAY_HOST_VARIABLE, ""
+        )
+        # Links must name the address browsers reach the gateway at: its own, when it is a
+        # specific one (a lab network); with "any address" set CANOPY_PUBLIC_URL yourself.
+        public_host = reachable_at(gateway_host) if gateway_host else "127.0.0.1"
         defaults = {
             "CANOPY_ENV": "development",
             "CANOPY_HOST": "127.0.0.1",
             "CANOPY_MONGO_DB": "canopy",
             "CANOPY_STORE_URL": f"http://127.0.0.1:{self.ports['store']}",
-            "CANOPY_PUBLIC_URL": f"http://127.0.0.1:{self.ports['gateway']}",
+            "CANOPY_PUBLIC_URL": f"http://{public_host}:{self.ports['gateway']}",
             "CANOPY_ADMIN_TOKEN": secrets.token_urlsafe(24),
+            "CANOPY_INTERNAL_TOKEN": secrets.token_urlsafe(24),
         }
+        if "CANOPY_SEAT_SECRET" not in overrides and not os.environ.get("CANOPY_SEAT_SECRET"):
+            defaults["CANOPY_SEAT_SECRET"] = self._seat_secret()
         # The marker ties the services to the infra folder: if their owner dies, the next
         # start_infra() on that folder ends them (see devstack.infra).
         env = child_env(self.infra.run_dir, {})
@@ -165,7 +238,7 @@ class StackHandle:
             f.write(f"=== devstack: starting {service} at {datetime.now(UTC).isoformat()} ===\n")
         self.processes[service] = spawn(
             [sys.executable, "-m", f"services.{service}"],
-            env=self.env,
+            env=self.service_env(service),
             log=log,
             cwd=PROJECT_ROOT,
         )
@@ -195,7 +268,7 @@ class StackHandle:
                 timeout=PROBE_TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)
             )
         try:
-            response = self._probe_client.get(f"http://127.0.0.1:{self.ports[service]}/readyz")
+            response = self._probe_client.get(f"{self._url(service)}/readyz")
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -220,7 +293,7 @@ class StackHandle:
                             f"last lines of {self.log_path(name)}:\n{self.log_tail(name)}"
                         )
                     try:
-                        response = client.get(f"http://127.0.0.1:{self.ports[name]}/readyz")
+                        response = client.get(f"{self._url(name)}/readyz")
                     except httpx.TransportError as e:
                         last[name] = f"{e.__class__.__name__}: {e}"
                         continue
@@ -280,7 +353,7 @@ def start_stack(
     handle = StackHandle(
         infra, run_dir, env_overrides=env_overrides, ports=ports, ready_timeout=ready_timeout
     )
-    _check_ports_free(handle.ports, handle.env["CANOPY_HOST"])
+    _check_ports_free(handle.ports, handle.hosts)
     try:
         for name in SERVICES:
             handle.start_service(name)
@@ -303,9 +376,10 @@ def start_bots_process(handle: StackHandle, sessions: list[str], *, all_but: int
     return spawn(args, env=handle.env, log=handle.logs_dir / "bots.log", cwd=PROJECT_ROOT)
 
 
-def _check_ports_free(ports: Mapping[str, int], host: str) -> None:
+def _check_ports_free(ports: Mapping[str, int], hosts: Mapping[str, str]) -> None:
     """Fail early and clearly when a port is taken (e.g. by another `make run`)."""
     for name, port in ports.items():
+        host = hosts[name]
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             # As uvicorn does, so that a port in TIME_WAIT after a restart counts as free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -87,7 +87,7 @@ UNKNOWN_SEATS_REMEMBERED = 10_000
 
 
 class Directory:
-    """HTTP client of the store's `/internal/*` look-ups, with a positive cache."""
+    """HTTP client of the store's `/internal/*` look-ups (with the internal token), cached."""
 
     def __init__(self, store_url: str, token: str, *, timeout: float = 5.0) -> None:
         self._client = httpx.AsyncClient(

@@ -6,7 +6,9 @@ start-up, so a mistyped variable stops the process with a clear message instead 
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import hmac
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,8 +31,8 @@ def _placeholder(token: str) -> bool:
     )
 
 
-def token_problem(token: str, *, production: bool) -> str | None:
-    """Why `token` cannot be the admin token (None: it can).
+def token_problem(token: str, *, production: bool, name: str = "CANOPY_ADMIN_TOKEN") -> str | None:
+    """Why `token` cannot be the secret `name` (None: it can).
 
     Everywhere: empty, whitespace only, or with surrounding whitespace (HTTP strips it from
     header values, so such a token could never match). In production also: a placeholder
@@ -39,9 +41,9 @@ def token_problem(token: str, *, production: bool) -> str | None:
     carries as it is).
     """
     if not token:
-        return "CANOPY_ADMIN_TOKEN must be set"
+        return f"{name} must be set"
     if token != token.strip():
-        return "CANOPY_ADMIN_TOKEN must not start or end with whitespace"
+        return f"{name} must not start or end with whitespace"
     if not production:
         return None
     if (
@@ -51,11 +53,26 @@ def token_problem(token: str, *, production: bool) -> str | None:
         or not all("!" <= c <= "~" for c in token)
     ):
         return (
-            f"CANOPY_ADMIN_TOKEN must be set to a random value of at least {MIN_TOKEN_LENGTH} "
+            f"{name} must be set to a random value of at least {MIN_TOKEN_LENGTH} "
             f"visible ASCII characters ({MIN_TOKEN_DISTINCT} different ones) in production "
             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     return None
+
+
+_INTERNAL_DERIVATION = b"canopy internal token v1"
+
+
+def derive_internal_token(admin_token: str) -> str:
+    """The internal token of a deployment that sets only the admin token (compatibility): a
+    one-way function of it, so that it opens `/internal` and never `/api`."""
+    if not admin_token:
+        return ""
+    return hmac.new(admin_token.encode(), _INTERNAL_DERIVATION, hashlib.sha256).hexdigest()
+
+
+# The secrets a service may hold, each checked like the admin token when it is set.
+TOKENS = ("admin_token", "internal_token", "seat_secret")
 
 
 class CommonSettings(BaseSettings):
@@ -70,7 +87,13 @@ class CommonSettings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     store_url: str = "http://127.0.0.1:8001"
     public_url: str = "http://127.0.0.1:8000"
+    # The researchers' bearer token (`/api`, the console); only the store holds it
+    # (docs/operations.md, "Who holds which secret").
     admin_token: SecretStr = SecretStr("")
+    # The bearer token of the store's `/internal` look-ups, which the gateway and decisions
+    # hold instead of the admin token (the store refuses it on `/api`). Empty: derived from
+    # the admin token (`derive_internal_token`), so a deployment with one secret still works.
+    internal_token: SecretStr = SecretStr("")
     # The HMAC secret of participants' seat keys (services/common/seats.py); empty: derived
     # from the admin token. Store and gateways must agree; set it to rotate the admin token
     # without invalidating participants' links.
@@ -88,14 +111,34 @@ class CommonSettings(BaseSettings):
     # long enough for a load balancer to notice (Kubernetes: a few seconds); 0 stops at once.
     drain_seconds: float = Field(default=0.0, ge=0, le=120)
 
+    # The secrets this service cannot start without; internal_token and seat_secret may
+    # also come from the admin token (derived). Each service narrows it to its own share.
+    NEEDS: ClassVar[frozenset[str]] = frozenset({"admin_token"})
+    # The settings a service's Kubernetes Secret holds for it (deploy/k8s/base/secrets/).
+    SECRETS: ClassVar[tuple[str, ...]] = ("admin_token", "amqp_url")
+
     @model_validator(mode="after")
     def _refuse_placeholder_token(self) -> CommonSettings:
-        problem = token_problem(
-            self.admin_token.get_secret_value(), production=self.env == "production"
-        )
-        if problem is not None:
-            raise ValueError(problem)  # the message never holds the token itself
+        production = self.env == "production"
+        admin = self.admin_token.get_secret_value()
+        for field in TOKENS:
+            value: str = getattr(self, field).get_secret_value()
+            if not value and (field not in self.NEEDS or (field != "admin_token" and admin)):
+                continue  # not needed here, or derived from the admin token
+            problem = token_problem(value, production=production, name=f"CANOPY_{field.upper()}")
+            if problem is not None:
+                raise ValueError(problem)  # the message never holds the token itself
+        internal = self.internal_token.get_secret_value()
+        if internal and internal == admin:
+            # Then the internal token would open /api: the very thing it exists to prevent.
+            raise ValueError("CANOPY_INTERNAL_TOKEN must differ from CANOPY_ADMIN_TOKEN")
         return self
+
+    def internal_bearer(self) -> str:
+        """The token sent to (gateway, decisions) or accepted on (store) `/internal`."""
+        return self.internal_token.get_secret_value() or derive_internal_token(
+            self.admin_token.get_secret_value()
+        )
 
     def seat_key_secret(self) -> bytes:
         """The HMAC key that mints (store) and checks (gateway) seat keys."""

@@ -43,7 +43,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         name=f"decisions {instance_name(settings)}",
         on_reconnect=metrics.bus_reconnects.inc,
     )
-    directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
+    directory = Directory(settings.store_url, settings.internal_bearer())
     log_writer = LogWriter(
         bus,
         interval=settings.log_batch_seconds,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from services.common.settings import CommonSettings
 
 
 class DecisionsSettings(CommonSettings):
+    # The store's `/internal` look-ups (group configs, the log) only.
+    NEEDS: ClassVar[frozenset[str]] = frozenset({"internal_token"})
+    SECRETS: ClassVar[tuple[str, ...]] = ("internal_token", "amqp_url", "mongo_url")
     decisions_port: int = Field(default=8002, ge=1, le=65535)
     # Unacknowledged inputs a worker holds per shard queue.
     decisions_prefetch: int = Field(default=200, ge=1, le=65535)

@@ -29,6 +29,7 @@ from services.common.bus import (
     running,
     shard_of,
 )
+from services.common.csp import PAGES_POLICY, ContentSecurityPolicy
 from services.common.directory import Directory
 from services.common.errors import CloseCode
 from services.common.health import VitalTasks, health_router
@@ -85,7 +86,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         name=f"gateway {instance}",
         on_reconnect=metrics.bus_reconnects.inc,
     )
-    directory = Directory(settings.store_url, settings.admin_token.get_secret_value())
+    directory = Directory(settings.store_url, settings.internal_bearer())
     hub = Hub(metrics)
     vital = VitalTasks()
     me = gateway_queue(instance)
@@ -157,6 +158,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return problems
 
     app = GatewayApp(title="Canopy gateway", lifespan=lifespan)
+    app.add_middleware(ContentSecurityPolicy, policy=PAGES_POLICY)  # not on /ws (see __call__)
     app.participants = participants
     app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.include_router(participant_router(participants))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
@@ -9,6 +11,10 @@ from services.gateway.domain import OriginPolicy
 
 
 class GatewaySettings(CommonSettings):
+    # Internet-facing: the internal token (its look-ups) and the seat secret (checking keys'
+    # tags), never the admin token (docs/operations.md, "Who holds which secret").
+    NEEDS: ClassVar[frozenset[str]] = frozenset({"internal_token", "seat_secret"})
+    SECRETS: ClassVar[tuple[str, ...]] = ("internal_token", "seat_secret", "amqp_url")
     gateway_port: int = Field(default=8000, ge=1, le=65535)
     # Per-participant flood limit (across reconnects, every frame counts): sustained frames per
     # second; bursts of twice that pass.

@@ -190,13 +190,20 @@ _BEARER = HTTPBearer(
 )
 
 
-def token_matches(authorization: str | None, token: str) -> bool:
-    """Whether an `Authorization` header carries `Bearer <token>`, compared in constant time."""
+# The token a route accepts, or several: `/internal` takes the internal token and the admin
+# token (a superset role); `/api` takes only the admin token (docs/operations.md).
+Tokens = str | tuple[str, ...]
+
+
+def token_matches(authorization: str | None, token: Tokens) -> bool:
+    """Whether an `Authorization` header carries `Bearer <token>` (one of them), compared in
+    constant time."""
     scheme, _, credentials = (authorization or "").partition(" ")
-    return bool(token) and secrets.compare_digest(
-        scheme.lower().encode() + b" " + credentials.strip().encode(),
-        b"bearer " + token.encode(),
-    )
+    given = scheme.lower().encode() + b" " + credentials.strip().encode()
+    found = False
+    for one in (token,) if isinstance(token, str) else token:
+        found |= bool(one) and secrets.compare_digest(given, b"bearer " + one.encode())
+    return found
 
 
 def _unauthorized() -> ApiError:
@@ -208,7 +215,7 @@ def _unauthorized() -> ApiError:
     )
 
 
-def bearer_auth(token: str) -> Any:
+def bearer_auth(token: Tokens) -> Any:
     """The token check as a router dependency (and the security scheme in the OpenAPI schema)."""
 
     async def check(
@@ -221,7 +228,7 @@ def bearer_auth(token: str) -> Any:
     return Depends(check)
 
 
-def token_first_route(token: str) -> type[APIRoute]:
+def token_first_route(token: Tokens) -> type[APIRoute]:
     """A route class that checks the token before FastAPI reads and parses the body: without
     it, a stranger's malformed body would get a 422 (and be parsed) before the 401."""
 
@@ -399,7 +406,9 @@ def experiment_info(name: str) -> dict[str, Any]:
     """What the console's form needs to know of one experiment (`GET /api/experiments`).
 
     `description`: the experiment's `description` attribute when it has one (a string), else
-    its class docstring (docs/experiments.md); the console shows its first paragraph."""
+    its class docstring (docs/experiments.md); the console shows its first paragraph.
+    `decision`: what it declares a decision to be, for its default params (null when it
+    declares none, or its params have no defaults)."""
     experiment = experiments.get(name)
     model = experiment.params_model
     described = getattr(experiment, "description", None)
@@ -430,6 +439,11 @@ def experiment_info(name: str) -> dict[str, Any]:
         "params_schema": model.model_json_schema(),
         "min_group_size": min(allowed) if allowed else None,
         "group_size_rules": rules,
+        "decision": (
+            None
+            if defaults is None
+            else experiments.declared_json(experiment, defaults.model_dump(mode="json"))
+        ),
     }
 
 
@@ -641,7 +655,7 @@ async def _jsonl_chunks(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[
     yield b"".join(lines)
 
 
-def internal_router(repository: Repository, token: str) -> APIRouter:
+def internal_router(repository: Repository, token: Tokens) -> APIRouter:
     """Look-ups for the gateway and decisions services (cached on their side)."""
     router = APIRouter(
         prefix="/internal",

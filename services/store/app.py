@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from services.common import experiments
 from services.common.bus import DEAD, STORE_QUEUE, Bus, Topology, running
+from services.common.csp import CONSOLE_POLICY, ContentSecurityPolicy
 from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
 from services.common.serve import instance_name
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: StoreSettings) -> FastAPI:
     metrics = StoreMetrics()
     token = settings.admin_token.get_secret_value()
+    # /internal: the gateway's and decisions' token, and the admin's (a superset role).
+    internal = (settings.internal_bearer(), token)
     seat_secret = settings.seat_key_secret()
     repository = Repository(settings.mongo_url, settings.mongo_db)
     topology = Topology(settings.shards, settings.queue_type)
@@ -104,6 +107,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         description="Researchers' API: sessions, live status, event export.",
     )
     install_error_handlers(app)
+    app.add_middleware(ContentSecurityPolicy, policy=CONSOLE_POLICY)
     app.include_router(health_router(metrics.registry, readiness, metrics.ready))
     app.include_router(
         api_router(
@@ -118,8 +122,8 @@ def create_app(settings: StoreSettings) -> FastAPI:
     app.include_router(tickets_router(token))
     app.include_router(bots_router(repository, fleets, token))
     app.include_router(live_router(hub, repository, token))
-    app.include_router(internal_router(repository, token))
-    app.include_router(recovery_router(repository, token))
+    app.include_router(internal_router(repository, internal))
+    app.include_router(recovery_router(repository, internal))
     app.include_router(dead_letters_router(dead_letters, token))
     mount_vendor(app)
     console_files = Path(str(files("services.store").joinpath("static")))

@@ -37,9 +37,13 @@ server's `now`, so the console counts down on the server's clock; a running peri
 end is `overdue` (the console shows it as ending) until its `period_end` arrives.
 
 Auth: `EventSource` cannot send an `Authorization` header, and the admin token must not be in
-a URL. The console trades its token (`POST /api/monitor/tickets`, bearer) for a ticket valid
-60 s: the expiry signed with HMAC-SHA256 keyed by the admin token, so any replica checks it
-without shared state. A ticket opens streams until it expires; an open stream stays open.
+a URL. The console trades its token (`POST /api/monitor/tickets {"session"}`, bearer) for a
+ticket: one session's, valid 30 s, good for opening one stream. It is the expiry and a random
+nonce, signed with HMAC-SHA256 keyed by the admin token over the session, expiry and nonce, so
+any replica checks it; the nonce of a ticket that opened a stream is kept in MongoDB until the
+ticket expires (`UsedTickets`), so no replica lets it open a second one. An open stream stays
+open: it ends with the store process, which is also how a new admin token takes effect (the
+console then fetches a new ticket with its token, or is asked to sign in again).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
@@ -60,6 +65,9 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import AMQPError
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
 
 from services.common import experiments
 from services.common.bus import LOG, LOG_KEY, Bus
@@ -74,7 +82,8 @@ from services.store.repository import Repository
 
 log = logging.getLogger(__name__)
 
-TICKET_SECONDS = 60
+TICKET_SECONDS = 30
+USED_TICKETS = "monitor_tickets"  # the collection of used tickets' nonces (UsedTickets)
 # Waiting for the barrier: the store writes a batch every CANOPY_STORE_BATCH_SECONDS (0.1 s).
 BARRIER_POLL = 0.02
 BARRIER_TIMEOUT = 5.0
@@ -96,25 +105,57 @@ DEDUPE_SECONDS = 120.0
 # -- tickets -------------------------------------------------------------------------------
 
 
-def _signature(token: str, expires: int) -> str:
-    message = f"canopy.monitor:{expires}".encode()
+def _signature(token: str, session: str, expires: int, nonce: str) -> str:
+    message = f"canopy.monitor:{expires}:{nonce}:{session}".encode(errors="replace")
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
-def issue_ticket(token: str, now: float | None = None) -> tuple[str, int]:
-    """A monitor ticket and its expiry (epoch seconds)."""
+def issue_ticket(token: str, session: str, now: float | None = None) -> tuple[str, int]:
+    """A monitor ticket for `session`'s stream and its expiry (epoch seconds)."""
     expires = int((time.time() if now is None else now) + TICKET_SECONDS)
-    return f"{expires}.{_signature(token, expires)}", expires
+    nonce = secrets.token_urlsafe(12)  # 16 characters of [A-Za-z0-9_-]: never a "."
+    return f"{expires}.{nonce}.{_signature(token, session, expires, nonce)}", expires
 
 
-def ticket_valid(token: str, ticket: str, now: float | None = None) -> bool:
-    expires_text, _, signature = ticket.partition(".")
+def ticket_parts(
+    token: str, ticket: str, session: str, now: float | None = None
+) -> tuple[str, int] | None:
+    """(nonce, expiry) of a ticket signed for `session` and not expired; None otherwise."""
+    expires_text, nonce, signature = ([*ticket.split(".", 2), "", ""])[:3]
     if not (expires_text.isascii() and expires_text.isdigit()) or len(expires_text) > 12:
-        return False
+        return None
     expires = int(expires_text)
     if expires < (time.time() if now is None else now):
-        return False
-    return hmac.compare_digest(signature.encode(), _signature(token, expires).encode())
+        return None
+    expected = _signature(token, session, expires, nonce)
+    if not (nonce and hmac.compare_digest(signature.encode(), expected.encode())):
+        return None
+    return nonce, expires
+
+
+def ticket_valid(token: str, ticket: str, session: str, now: float | None = None) -> bool:
+    """Whether `ticket` is one this store signed for `session`, not expired (used or not:
+    `UsedTickets` says that)."""
+    return ticket_parts(token, ticket, session, now) is not None
+
+
+class UsedTickets:
+    """Nonces of the tickets that opened a stream, each kept until its ticket expires, in
+    MongoDB: every store replica sees them, so a ticket opens one stream in all."""
+
+    def __init__(self, collection: AsyncCollection[dict[str, Any]]) -> None:
+        self._collection = collection
+
+    async def take(self, nonce: str, expires: int) -> bool:
+        """Mark the ticket used; False if it was already."""
+        try:
+            await self._collection.insert_one({"_id": nonce, "expires": expires})
+        except DuplicateKeyError:
+            return False
+        # Forget expired ones (an expired ticket is refused before it gets here). A handful a
+        # minute at most: a scan costs nothing.
+        await self._collection.delete_many({"expires": {"$lt": int(time.time()) - 1}})
+        return True
 
 
 # -- views ---------------------------------------------------------------------------------
@@ -554,8 +595,16 @@ def seat_view(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class TicketRequest(BaseModel):
+    """Body of `POST /api/monitor/tickets`: whose stream the ticket opens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str = Field(min_length=1, max_length=200)
+
+
 def tickets_router(token: str) -> APIRouter:
-    """`POST /api/monitor/tickets` (bearer, in the OpenAPI schema): a ticket for the stream."""
+    """`POST /api/monitor/tickets` (bearer, in the OpenAPI schema): a ticket for one stream."""
     router = APIRouter(
         prefix="/api",
         dependencies=[bearer_auth(token)],
@@ -564,10 +613,11 @@ def tickets_router(token: str) -> APIRouter:
     )
 
     @router.post("/monitor/tickets", status_code=201)
-    async def monitor_ticket() -> dict[str, Any]:
-        """A ticket for `GET /api/sessions/{id}/live?ticket=…` (the live monitor's SSE stream,
-        which a browser opens without headers); valid 60 s."""
-        ticket, expires = issue_ticket(token)
+    async def monitor_ticket(request: TicketRequest) -> dict[str, Any]:
+        """A ticket for `GET /api/sessions/{session}/live?ticket=…` (the live monitor's SSE
+        stream, which a browser opens without headers): that session's only, valid 30 s,
+        opens one stream."""
+        ticket, expires = issue_ticket(token, request.session)
         return {"ticket": ticket, "expires_at": expires}
 
     return router
@@ -579,19 +629,21 @@ def live_router(hub: LiveHub, repository: Repository, token: str) -> APIRouter:
     Not in the OpenAPI schema (a stream that never ends; its auth is a ticket, not the
     bearer token); documented in docs/console.md."""
     router = APIRouter(prefix="/api", include_in_schema=False)
+    used = UsedTickets(repository.quarantine.database[USED_TICKETS])
 
     async def ticket_checked(
-        request: Request, ticket: Annotated[str | None, Query()] = None
+        request: Request, session_id: str, ticket: Annotated[str | None, Query()] = None
     ) -> None:
         # A script may send the bearer token instead (curl -N); a browser sends a ticket.
-        if ticket is not None and ticket_valid(token, ticket):
+        parts = ticket_parts(token, ticket, session_id) if ticket is not None else None
+        if parts is not None and await used.take(*parts):
             return
         if ticket is None and token_matches(request.headers.get("authorization"), token):
             return
         raise ApiError(
             401,
             ApiCode.UNAUTHORIZED,
-            "missing, wrong or expired ticket (POST /api/monitor/tickets gives one), "
+            "missing, wrong, used or expired ticket (POST /api/monitor/tickets gives one), "
             "or 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )

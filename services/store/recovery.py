@@ -17,13 +17,13 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from services.common.errors import ApiError
-from services.store.api import bearer_auth
+from services.store.api import Tokens, bearer_auth
 from services.store.repository import Repository
 
 CHUNK = 500
 
 
-def recovery_router(repository: Repository, token: str) -> APIRouter:
+def recovery_router(repository: Repository, token: Tokens) -> APIRouter:
     router = APIRouter(
         prefix="/internal", dependencies=[bearer_auth(token)], include_in_schema=False
     )

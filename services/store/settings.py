@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from services.common.settings import CommonSettings
 
 
 class StoreSettings(CommonSettings):
+    # The store answers both `/api` (the admin token) and `/internal` (the internal token),
+    # and mints seat keys (the seat secret).
+    SECRETS: ClassVar[tuple[str, ...]] = (
+        "admin_token",
+        "internal_token",
+        "seat_secret",
+        "amqp_url",
+        "mongo_url",
+    )
+
     store_port: int = Field(default=8001, ge=1, le=65535)
     mongo_url: str = "mongodb://127.0.0.1:27017/"
     mongo_db: str = Field(default="canopy", min_length=1, max_length=63)

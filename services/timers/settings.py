@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from services.common.settings import CommonSettings
 
 
 class TimersSettings(CommonSettings):
+    # Timers never call the store: no token at all, only the broker and the database.
+    NEEDS: ClassVar[frozenset[str]] = frozenset()
+    SECRETS: ClassVar[tuple[str, ...]] = ("amqp_url", "mongo_url")
     timers_port: int = Field(default=8003, ge=1, le=65535)
     # The schedules live in the same database as the store's collections.
     mongo_url: str = "mongodb://127.0.0.1:27017/"

@@ -36,7 +36,7 @@ async def test_console_creates_a_session_and_monitors_it_live(console: Page, sta
     page, urls = console, stack.urls
     gateway_url = urls.gateway_url
     # make run's link carries the token once; the console moves it out of the address bar.
-    await page.goto(f"{urls.store_url}/?token={urls.admin_token}")
+    await page.goto(f"{urls.store_url}/#token={urls.admin_token}")
     await expect(page.locator("#console")).to_be_visible()
     assert urls.admin_token not in page.url
     stored = await page.evaluate("() => sessionStorage.getItem('canopy.adminToken')")

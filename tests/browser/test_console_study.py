@@ -28,7 +28,7 @@ pytestmark = [
 
 async def test_console_shows_the_study_link_seats_and_payments(console: Page, stack: Any) -> None:
     page, urls = console, stack.urls
-    await page.goto(f"{urls.store_url}/?token={urls.admin_token}")
+    await page.goto(f"{urls.store_url}/#token={urls.admin_token}")
     await expect(page.locator("#console")).to_be_visible()
     await page.locator("#experiment").select_option("decisions")
     await page.get_by_label("Participants").fill("2")

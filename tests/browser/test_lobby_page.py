@@ -142,7 +142,7 @@ async def test_the_console_sets_up_a_lobby_and_its_monitor_shows_who_waits(
     console: Page, stack: Any, new_context: NewContext
 ) -> None:
     page, urls = console, stack.urls
-    await page.goto(f"{urls.store_url}/?token={urls.admin_token}")
+    await page.goto(f"{urls.store_url}/#token={urls.admin_token}")
     await expect(page.locator("#console")).to_be_visible()
     await page.locator("#experiment").select_option("decisions")
     await page.get_by_label("Participants").fill("4")

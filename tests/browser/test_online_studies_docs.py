@@ -124,7 +124,7 @@ async def test_a_prolific_study_in_the_console(
     console: Page, stack: Any, new_context: NewContext
 ) -> None:
     page, urls = console, stack.urls
-    await page.goto(f"{urls.store_url}/?token={urls.admin_token}")
+    await page.goto(f"{urls.store_url}/#token={urls.admin_token}")
     await expect(page.locator("#console")).to_be_visible()
     await page.locator("#experiment").select_option("public_goods")
     await page.get_by_label("Endowment").fill("20")

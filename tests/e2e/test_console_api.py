@@ -64,8 +64,8 @@ class Stream:
             raise AssertionError(f"no {name!r} event; the last ones: {self.events[-3:]}") from None
 
 
-async def ticket(api: httpx.AsyncClient) -> str:
-    response = await api.post("/api/monitor/tickets")
+async def ticket(api: httpx.AsyncClient, session: str) -> str:
+    response = await api.post("/api/monitor/tickets", json={"session": session})
     assert response.status_code == 201, response.text
     value: str = response.json()["ticket"]
     return value
@@ -75,7 +75,9 @@ async def ticket(api: httpx.AsyncClient) -> str:
 async def live(api: httpx.AsyncClient, session: str) -> AsyncIterator[Stream]:
     async with httpx.AsyncClient(base_url=str(api.base_url), timeout=TIMEOUT) as anonymous:
         url = f"/api/sessions/{session}/live"
-        async with anonymous.stream("GET", url, params={"ticket": await ticket(api)}) as response:
+        async with anonymous.stream(
+            "GET", url, params={"ticket": await ticket(api, session)}
+        ) as response:
             assert response.status_code == 200, await response.aread()
             assert response.headers["content-type"].startswith("text/event-stream")
             yield Stream(response.aiter_lines())
@@ -128,15 +130,15 @@ async def test_the_live_stream_needs_a_valid_ticket(api: httpx.AsyncClient, stac
     session = (await create_session(api))["session"]
     token = stack.urls.admin_token
     url = f"/api/sessions/{session}/live"
-    expired, _ = issue_ticket(token, now=time.time() - 120)
-    forged, _ = issue_ticket("not the admin token")
+    expired, _ = issue_ticket(token, session, now=time.time() - 120)
+    forged, _ = issue_ticket("not the admin token", session)
     async with httpx.AsyncClient(base_url=stack.urls.store_url, timeout=TIMEOUT) as anonymous:
         assert_error(await anonymous.get(url), 401, "unauthorized")
         # The admin token itself is not a ticket: it must never travel in a URL.
         assert_error(await anonymous.get(url, params={"ticket": token}), 401, "unauthorized")
         for bad in (expired, forged, "", "9" * 40, "é.x"):
             assert_error(await anonymous.get(url, params={"ticket": bad}), 401, "unauthorized")
-        valid = await ticket(api)
+        valid = await ticket(api, "nosuch")
         missing = await anonymous.get("/api/sessions/nosuch/live", params={"ticket": valid})
         assert_error(missing, 404, "not_found")
         # A script may use the bearer token instead (a header, never the URL).

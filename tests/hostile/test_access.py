@@ -1,6 +1,12 @@
 """Access control of the running stack: the admin token on every researcher route, error
 bodies without internals, no secret in any log, and listeners on the configured interface.
 
+Least privilege (docs/operations.md, "Who holds which secret"): the internal token opens
+`/internal` and never `/api`; each service process holds only its own secrets (the gateway
+never the admin token); a monitor ticket opens one stream of one session; the console and the
+participant pages carry a Content-Security-Policy; `CANOPY_GATEWAY_HOST` puts the gateway
+alone on another interface.
+
 Routes are enumerated from each service's own app (`create_app`), so a route added later
 without the token check fails here.
 """
@@ -9,14 +15,18 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
+from devstack.infra import free_port
+from devstack.stack import SERVICES, start_stack
 from services.decisions.app import create_app as decisions_app
 from services.decisions.settings import DecisionsSettings
 from services.gateway.app import create_app as gateway_app
@@ -25,7 +35,7 @@ from services.store.app import create_app as store_app
 from services.store.settings import StoreSettings
 from services.timers.app import create_app as timers_app
 from services.timers.settings import TimersSettings
-from tests.e2e.protocol import connect_group, create_session
+from tests.e2e.protocol import connect_group, create_session, session_body
 
 pytestmark = [pytest.mark.e2e]
 
@@ -52,13 +62,16 @@ LEAKS = ("Traceback", 'File "', "services.", "site-packages", "pymongo", "aio_pi
 
 
 def service_apps() -> dict[str, FastAPI]:
-    """Each service's app as its composition root builds it (nothing connects until started)."""
+    """Each service's app as its composition root builds it (nothing connects until started),
+    each with only the secrets it holds in a deployment."""
     token = "route-enumeration-token-0123456789"
+    internal = "route-enumeration-internal-0123456789"
+    seat = "route-enumeration-seat-0123456789"
     return {
-        "store": store_app(StoreSettings(admin_token=token)),
-        "gateway": gateway_app(GatewaySettings(admin_token=token)),
-        "decisions": decisions_app(DecisionsSettings(admin_token=token)),
-        "timers": timers_app(TimersSettings(admin_token=token)),
+        "store": store_app(StoreSettings(admin_token=token, internal_token=internal)),
+        "gateway": gateway_app(GatewaySettings(internal_token=internal, seat_secret=seat)),
+        "decisions": decisions_app(DecisionsSettings(internal_token=internal)),
+        "timers": timers_app(TimersSettings()),
     }
 
 
@@ -101,6 +114,7 @@ async def test_every_researcher_route_needs_the_token(stack: Any) -> None:
         {"Authorization": f"Bearer {stack.urls.admin_token}x"},
         {"Authorization": f"Basic {stack.urls.admin_token}"},
         {"Authorization": stack.urls.admin_token},
+        {"Authorization": f"Bearer {stack.urls.internal_token}x"},
     ]
     async with httpx.AsyncClient(timeout=10) as client:
         for service, method, path in protected:
@@ -226,3 +240,184 @@ def test_the_broker_and_database_listen_on_loopback_only(stack: Any) -> None:
     assert len(found) >= 6, found  # four services, the broker, its epmd, the database
     for process, sockets in found.items():
         assert {address for address, _ in sockets} <= LOOPBACK, (process, sockets)
+
+
+# -- least privilege -------------------------------------------------------------------------
+
+
+def store_routes(prefix: str) -> list[tuple[str, str]]:
+    """(method, path) of every store route under `prefix`."""
+    return [
+        (method, route.path or "")
+        for route in iter_route_contexts(
+            store_app(StoreSettings(admin_token="route-enumeration-token-0123456789")).routes
+        )
+        if (route.path or "").startswith(prefix)
+        for method in sorted(route.methods or {"GET"})
+    ]
+
+
+def bearer_of(stack: Any, service: str) -> str:
+    """The token `service` sends the store: its internal token (or, a deployment with one
+    secret, the admin token it would send as it is or derive from)."""
+    environment = process_environment(stack.processes[service].pid)
+    return environment.get("CANOPY_INTERNAL_TOKEN") or environment["CANOPY_ADMIN_TOKEN"]
+
+
+async def test_the_gateways_token_opens_internal_and_never_api(stack: Any) -> None:
+    """What the gateway and decisions hold: every `/api` route refuses it; every `/internal`
+    route takes it, and the admin token too (a superset role)."""
+    internal = bearer_of(stack, "gateway")
+    assert internal == bearer_of(stack, "decisions")
+    api_routes, internal_routes = store_routes("/api"), store_routes("/internal")
+    assert len(api_routes) > 10 and len(internal_routes) > 5
+    async with httpx.AsyncClient(base_url=stack.urls.store_url, timeout=10) as client:
+        for method, path in api_routes:
+            response = await client.request(
+                method, concrete(path), headers={"Authorization": f"Bearer {internal}"}
+            )
+            assert_error(response, 401, "unauthorized")
+        for token in (internal, stack.urls.admin_token):
+            for method, path in internal_routes:
+                response = await client.request(
+                    method,
+                    concrete(path),
+                    headers={"Authorization": f"Bearer {token}"},
+                    json={},  # a body where one is read: refused for what it says, if at all
+                )
+                assert response.status_code != 401, (method, path, response.text)
+    assert internal == stack.urls.internal_token != stack.urls.admin_token
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    pairs = (entry.decode(errors="replace").partition("=") for entry in raw if entry)
+    return {name: value for name, _, value in pairs}
+
+
+def test_each_service_process_holds_only_its_own_secrets(stack: Any) -> None:
+    """make run's processes (devstack.stack.service_env): the internet-facing gateway holds
+    the internal token and the seat secret, never the admin token; timers holds no token."""
+    admin = stack.urls.admin_token
+    internal, seat = stack.env.get("CANOPY_INTERNAL_TOKEN"), stack.env.get("CANOPY_SEAT_SECRET")
+    assert internal and seat, "make run gives the internal token and the seat secret"
+    expected = {
+        "store": {admin, internal, seat},
+        "gateway": {internal, seat},
+        "decisions": {internal},
+        "timers": set(),
+    }
+    for name, process in stack.processes.items():
+        environment = process_environment(process.pid)
+        values = set(environment.values())
+        held = {secret for secret in (admin, internal, seat) if secret in values}
+        assert held == expected[name], name
+        # Nor under another name, nor a URL carrying it.
+        text = "\0".join(f"{k}={v}" for k, v in environment.items())
+        for secret in {admin, internal, seat} - expected[name]:
+            assert secret not in text, name
+    gateway = process_environment(stack.processes["gateway"].pid)
+    assert "CANOPY_MONGO_URL" not in gateway and "CANOPY_ADMIN_TOKEN" not in gateway
+
+
+def test_a_service_starts_with_its_share_of_the_secrets_only() -> None:
+    """Settings: the gateway needs the internal token and the seat secret (or, a deployment
+    with one secret, the admin token they derive from); timers needs no token."""
+    strong = "Zx9-kq2LmPw7rT4vB8nY"
+    other = "Qp4-Hn7sWd2xKc9mLt5R"
+    GatewaySettings(env="production", internal_token=strong, seat_secret=other)
+    DecisionsSettings(env="production", internal_token=strong)
+    TimersSettings(env="production")
+    for refused in (
+        lambda: GatewaySettings(env="production", internal_token=strong),
+        lambda: GatewaySettings(env="production", seat_secret=other),
+        lambda: DecisionsSettings(env="production"),
+        lambda: StoreSettings(env="production", internal_token=strong),
+        lambda: GatewaySettings(env="production", internal_token="changeme", seat_secret=other),
+        lambda: StoreSettings(env="production", admin_token=strong, internal_token=strong),
+    ):
+        with pytest.raises(pydantic.ValidationError) as error:
+            refused()
+        assert strong not in str(error.value) and other not in str(error.value)
+    from services.common.settings import derive_internal_token
+
+    # One secret (as before): the internal token is derived, never the admin token itself.
+    legacy = GatewaySettings(env="production", admin_token=strong)
+    assert legacy.internal_bearer() == derive_internal_token(strong) != strong
+    assert StoreSettings(admin_token=strong).internal_bearer() == legacy.internal_bearer()
+
+
+async def test_a_ticket_opens_one_stream_of_its_own_session(
+    api: httpx.AsyncClient, stack: Any
+) -> None:
+    first = (await create_session(api))["session"]
+    second = (await create_session(api))["session"]
+
+    async def ticket(session: str) -> str:
+        response = await api.post("/api/monitor/tickets", json={"session": session})
+        assert response.status_code == 201, response.text
+        value: str = response.json()["ticket"]
+        return value
+
+    refused = await api.post("/api/monitor/tickets")  # whose stream? it must say
+    assert_error(refused, 422, "invalid_request")
+    async with httpx.AsyncClient(base_url=stack.urls.store_url, timeout=10) as anonymous:
+        for_first = await ticket(first)
+        other = await anonymous.get(f"/api/sessions/{second}/live", params={"ticket": for_first})
+        assert_error(other, 401, "unauthorized")
+        url = f"/api/sessions/{first}/live"
+        async with anonymous.stream("GET", url, params={"ticket": for_first}) as opened:
+            assert opened.status_code == 200
+        again = await anonymous.get(url, params={"ticket": for_first})
+        assert_error(again, 401, "unauthorized")  # used: a copied URL opens nothing
+
+
+async def test_the_console_and_the_pages_carry_a_content_security_policy(
+    api: httpx.AsyncClient, stack: Any
+) -> None:
+    participant = (await create_session(api))["participants"][0]
+    async with httpx.AsyncClient(timeout=10) as client:
+        console = await client.get(f"{stack.urls.store_url}/")
+        page = await client.get(participant["url"])
+        study = await client.get(f"{stack.urls.gateway_url}/join/{'x' * 32}")  # not valid
+        docs = await client.get(f"{stack.urls.store_url}/docs")
+        script = await client.get(f"{stack.urls.gateway_url}/static/page.js")
+    assert console.status_code == 200 and page.status_code == 200 and study.status_code == 404
+    for response in (console, page, study):
+        policy = response.headers.get("content-security-policy", "")
+        directives = dict(d.split(" ", 1) for d in policy.split("; ") if " " in d)
+        assert directives.get("default-src") == "'none'", response.request.url
+        assert directives["script-src"] == "'self'"  # no inline code, no other origin
+        assert directives["connect-src"] == "'self'"  # its socket and API calls: home only
+        assert "unsafe" not in policy
+        # The console acts with the admin token: nobody may frame it (clickjacking).
+        assert (directives.get("frame-ancestors") == "'none'") == (response is console)
+    assert "content-security-policy" not in docs.headers  # FastAPI's, with its CDN
+    assert "content-security-policy" not in script.headers  # a policy is a document's
+
+
+def test_make_run_can_put_only_the_gateway_on_another_interface(infra: Any) -> None:
+    """CANOPY_GATEWAY_HOST (a lab network): the gateway listens there, and participants'
+    links name it; the store, decisions and timers stay on 127.0.0.1. 127.0.0.2 stands for
+    the lab address (every 127/8 address is this machine's)."""
+    ports = {name: free_port() for name in SERVICES}
+    overrides = {
+        "CANOPY_GATEWAY_HOST": "127.0.0.2",
+        "CANOPY_MONGO_DB": f"test_{secrets.token_hex(4)}",
+    }
+    with start_stack(infra, infra.run_dir, env_overrides=overrides, ports=ports) as lab:
+        assert lab.urls.gateway_url == f"http://127.0.0.2:{ports['gateway']}"
+        assert lab.env["CANOPY_PUBLIC_URL"] == lab.urls.gateway_url
+        for name, process in lab.processes.items():
+            host = "127.0.0.2" if name == "gateway" else "127.0.0.1"
+            assert listening_sockets(process.pid) == [(host, ports[name])], name
+        created = httpx.post(
+            f"{lab.urls.store_url}/api/sessions",
+            json=session_body(),
+            headers={"Authorization": f"Bearer {lab.urls.admin_token}"},
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+        link = created.json()["participants"][0]["url"]
+        assert link.startswith(f"http://127.0.0.2:{ports['gateway']}/p/")
+        assert httpx.get(link, timeout=10).status_code == 200  # the page, through the lab side

@@ -42,7 +42,8 @@ SHARDS = 2
 async def vhost_url(infra_handle: Any) -> AsyncIterator[str]:
     name = f"test-{secrets.token_hex(4)}"
     infra_handle.rabbitmqctl("add_vhost", name)
-    infra_handle.rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    user = infra_handle.broker_user
+    infra_handle.rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
     yield infra_handle.infra.amqp_url.rstrip("/") + "/" + name
     infra_handle.rabbitmqctl("delete_vhost", name)
 

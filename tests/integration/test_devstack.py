@@ -179,6 +179,48 @@ async def test_persistent_infra_keeps_data_and_refuses_a_second_owner(run_dir: P
     assert (run_dir / "rabbitmq" / "mnesia").is_dir()  # kept for the next `make run`
 
 
+def _mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+async def _logs_in(url: str) -> bool:
+    try:
+        connection = await aio_pika.connect(url, timeout=10)
+    except aio_pika.exceptions.ProbableAuthenticationError:
+        return False
+    await connection.close()
+    return True
+
+
+@pytest.mark.timeout(120)
+async def test_the_folder_is_the_owners_and_the_broker_has_no_guest(run_dir: Path) -> None:
+    """Least privilege of `make run` (issue 23): the run folder (the seat secret, the state
+    file's admin token, the broker's password, the logs) is 0700; the broker's only user has a
+    password new at each start; a kept node from before, which still has guest, loses it."""
+    with start_infra(run_dir, persistent=True, management=False) as first:
+        assert _mode(run_dir) == 0o700
+        assert _mode(run_dir / "rabbitmq" / "definitions.json") == 0o600
+        port = first.amqp_port
+        guest = f"amqp://guest:guest@127.0.0.1:{port}/"
+        assert "guest" not in first.infra.amqp_url
+        assert await _logs_in(first.infra.amqp_url)
+        assert not await _logs_in(guest)
+        # What a node made by an older devstack looks like: guest is there.
+        assert first.rabbitmqctl("add_user", "guest", "guest").returncode == 0
+        first.rabbitmqctl("set_permissions", "guest", ".*", ".*", ".*")
+        (run_dir / "rabbitmq" / "no-guest").unlink()
+        assert await _logs_in(guest)
+        old_url = first.infra.amqp_url
+    os.chmod(run_dir, 0o755)  # as an older devstack left it
+    with start_infra(run_dir, persistent=True, management=False) as second:
+        assert _mode(run_dir) == 0o700
+        assert second.infra.amqp_url != old_url  # a new password
+        port = second.amqp_port
+        assert await _logs_in(second.infra.amqp_url)
+        assert not await _logs_in(old_url.replace(f":{first.amqp_port}/", f":{port}/"))
+        assert not await _logs_in(f"amqp://guest:guest@127.0.0.1:{port}/")
+
+
 def test_orphans_of_a_killed_owner_are_cleared(run_dir: Path) -> None:
     # An owner that dies without stopping anything (kill -9, a crashed pytest).
     owner = subprocess.Popen(

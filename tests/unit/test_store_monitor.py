@@ -24,19 +24,21 @@ from services.store.monitor import (
 TOKEN = "a-test-admin-token-0123456789"
 
 
-def test_a_ticket_is_valid_until_it_expires_and_only_with_its_token() -> None:
+def test_a_ticket_is_valid_until_it_expires_and_only_with_its_token_and_session() -> None:
     now = 1_000_000.0
-    ticket, expires = issue_ticket(TOKEN, now=now)
-    assert expires == int(now + TICKET_SECONDS)
-    assert ticket_valid(TOKEN, ticket, now=now)
-    assert ticket_valid(TOKEN, ticket, now=expires)
-    assert not ticket_valid(TOKEN, ticket, now=expires + 1)
-    assert not ticket_valid("another-admin-token-0123456789", ticket, now=now)
-    stamp, _, signature = ticket.partition(".")
-    longer = f"{int(stamp) + 3600}.{signature}"  # a later expiry with the old signature
-    assert not ticket_valid(TOKEN, longer, now=now)
-    for garbage in ("", ".", "abc", "12", f"{stamp}.", "١٢٣.x", "9" * 13 + ".x", TOKEN):
-        assert not ticket_valid(TOKEN, garbage, now=now), garbage
+    ticket, expires = issue_ticket(TOKEN, "s1", now=now)
+    assert expires == int(now + TICKET_SECONDS) and TICKET_SECONDS <= 30
+    assert ticket_valid(TOKEN, ticket, "s1", now=now)
+    assert ticket_valid(TOKEN, ticket, "s1", now=expires)
+    assert not ticket_valid(TOKEN, ticket, "s1", now=expires + 1)
+    assert not ticket_valid("another-admin-token-0123456789", ticket, "s1", now=now)
+    assert not ticket_valid(TOKEN, ticket, "s2", now=now)  # another session's stream
+    assert ticket != issue_ticket(TOKEN, "s1", now=now)[0]  # each one new (single use)
+    stamp, _, rest = ticket.partition(".")
+    longer = f"{int(stamp) + 3600}.{rest}"  # a later expiry with the old signature
+    assert not ticket_valid(TOKEN, longer, "s1", now=now)
+    for garbage in ("", ".", "..", "abc", "12", f"{stamp}.", f"{stamp}..", "١٢٣.x.y", TOKEN):
+        assert not ticket_valid(TOKEN, garbage, "s1", now=now), garbage
 
 
 def state(experiment: str = "decisions", members: tuple[str, ...] = ("a", "b")) -> GroupState:

@@ -11,16 +11,24 @@ const $ = (selector, root = document) => root.querySelector(selector);
 const esc = (value) => String(value ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const short = (id) => `…${String(id).slice(-6)}`;
 
-// -- the token: from ?token= once (make run's link), then this tab's sessionStorage only -------
+// -- the token: from #token= once (make run's link), then this tab's sessionStorage only -------
+// A fragment never reaches a server (no access log, no ingress log keeps it), and it is taken
+// off the address bar at once. A `?token=` (links from before) is dropped unused: that request
+// already carried the token to the server's logs, so the console asks for it instead.
 
 let token = "";
+let signInNote = "";
 {
+  const fragment = new URLSearchParams(location.hash.slice(1));
   const query = new URLSearchParams(location.search);
-  if (query.has("token")) {
-    sessionStorage.setItem(TOKEN_KEY, query.get("token"));
+  if (fragment.has("token") || query.has("token")) {
+    if (fragment.has("token")) sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+    else signInNote = "Links with ?token= are refused (they leave the token in server logs): sign in with the token, or use a #token= link.";
+    fragment.delete("token");
     query.delete("token");
     const rest = query.toString();
-    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+    const hash = fragment.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + (hash ? `#${hash}` : ""));
   }
   localStorage.removeItem(TOKEN_KEY); // the old monitor kept it across browser restarts
   token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -329,14 +337,14 @@ $("#copy-links").addEventListener("click", async () => {
   }
 });
 $("#open-links").addEventListener("click", () => {
-  let blocked = 0;
   for (const p of createdLinks) {
-    // Not the "noopener" feature: with it window.open returns null, blocked or not.
-    const tab = window.open(p.url, "_blank");
-    if (tab) tab.opener = null;
-    else blocked += 1;
+    // "noopener" from the start: a tab opened with an opener gets a copy of this tab's
+    // sessionStorage (the admin token) when both share an origin, as the console and the
+    // pages do behind one ingress host. The price: window.open then returns null, so a
+    // blocked pop-up cannot be counted.
+    window.open(p.url, "_blank", "noopener");
   }
-  $("#copy-status").textContent = blocked ? `The browser blocked ${blocked} tab(s): allow pop-ups for this page.` : "";
+  $("#copy-status").textContent = `${createdLinks.length} tab(s) opened; if some are missing, allow pop-ups for this page.`;
 });
 
 // -- the session list ------------------------------------------------------------------------
@@ -454,7 +462,8 @@ async function openMonitor(session) {
   checkBots();
   let ticket;
   try {
-    ticket = (await (await api("/api/monitor/tickets", {method: "POST"})).json()).ticket;
+    // This session's only, and good for one stream: a reconnect fetches a new one.
+    ticket = (await (await api("/api/monitor/tickets", {json: {session}})).json()).ticket;
   } catch (error) {
     setStream("closed", `not connected: ${error.message}`);
     if (error.status !== 401) retry = setTimeout(() => openMonitor(session), 3000);
@@ -497,8 +506,8 @@ async function openMonitor(session) {
   });
   source.addEventListener("failed", (event) => setStream("reconnecting", `${JSON.parse(event.data).message}; retrying…`));
   source.addEventListener("error", () => {
-    // EventSource retries by itself after a network error; a refused request (an expired
-    // ticket) closes it: then a new ticket is fetched.
+    // EventSource retries by itself after a network error, with the same ticket, which is
+    // refused (used): that closes it, and then a new ticket is fetched.
     if (source && source.readyState === EventSource.CLOSED) {
       setStream("reconnecting", "reconnecting…");
       retry = setTimeout(() => openMonitor(session), 1000);
@@ -787,4 +796,4 @@ $("#bots-stop").addEventListener("click", async () => {
 // -- start -------------------------------------------------------------------------------------
 
 if (token) signIn(token);
-else signOut();
+else signOut(signInNote);
