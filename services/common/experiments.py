@@ -10,6 +10,10 @@ Plug-ins are loaded once per process, on first use (the services ask at start, `
 is logged with where it came from, and one that fails to load is logged with its error and
 left out, the others still served. A params model names the field of a check across fields
 with `params_error` (the 422's `field`). docs/experiments.md is the contract, written out.
+
+An experiment may declare what a decision is (`decision`, a `services.common.decision.Decision`
+or a hook of the params giving one): the generic page, the bots and the check of inputs of an
+experiment without `validate` are built from it (`declared`, `check_input`, `shown_values`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from services.common.decision import Decision, Mix, Shown
+from services.common.decision import Number as NumberInput
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +61,12 @@ class Experiment(Protocol):
 
     Optional, looked up with getattr: `description` (text for `GET /api/experiments` and the
     console; else the class docstring), `page` (its participant page, docs/pages.md),
-    `on_input` / `initial_state` / `hello` / `event_payoffs` (channels of its own, see
-    `DoubleAuction`). docs/experiments.md writes the contract out."""
+    `decision` (a `Decision`, or `decision(params) -> Decision | None`: what a decision is, for
+    the generic page, the bots and the check of inputs), `shown(decisions, roles, params)`
+    (the values its `decision.shows` names, live on the generic page), `on_input` /
+    `initial_state` / `hello` / `event_payoffs` (channels of its own, see `DoubleAuction`).
+    `validate` may be left out when `decision` is declared: inputs are then checked against the
+    declaration. docs/experiments.md writes the contract out."""
 
     @property
     def name(self) -> str: ...
@@ -189,6 +200,15 @@ class BimatrixParams(BaseModel):
         return GAMES[self.game or DEFAULT_GAME]
 
 
+# The two actions of each named game, first action first (as the bimatrix page names them).
+ACTION_NAMES: dict[str, list[str]] = {
+    "prisoners_dilemma": ["Cooperate", "Defect"],
+    "stag_hunt": ["Stag", "Hare"],
+    "hawk_dove": ["Hawk", "Dove"],
+    "matching_pennies": ["Heads", "Tails"],
+}
+
+
 def _matrix(params: Mapping[str, Any]) -> Any:
     if "payoff_matrix" in params:
         return params["payoff_matrix"]
@@ -221,6 +241,15 @@ class PlainDecisions:
 
     def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
         return None if _is_number(decision) else "a decision must be a finite number"
+
+    def decision(self, params: Mapping[str, Any]) -> Decision:
+        """What its page offers (and bots play): a number from 0 to 1. The relay itself takes
+        any finite number (its own `validate`)."""
+        return Decision(
+            input=NumberInput(min=0, max=1, step=0.01, label="Your decision, from 0 to 1"),
+            instructions="Move the slider to choose a number between 0 and 1. You can change "
+            "it at any time while the period is running.",
+        )
 
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
@@ -264,6 +293,19 @@ class Bimatrix:
         if _is_number(decision) and 0.0 <= decision <= 1.0:
             return None
         return "a bimatrix decision must be a number in [0, 1]"
+
+    def decision(self, params: Mapping[str, Any]) -> Decision:
+        """A mix of the two actions, sent as the probability of the first (named for the
+        named games, as its page names them)."""
+        actions = ACTION_NAMES.get(str(params.get("game")), ["A", "B"])
+        if "game" not in params and params.get("payoff_matrix") == GAMES[DEFAULT_GAME]:
+            actions = ACTION_NAMES[DEFAULT_GAME]
+        return Decision(
+            input=Mix(actions=actions, form="first", label=f"How often you play {actions[0]}"),
+            instructions=f"Choose how likely you are to play {actions[0]} rather than "
+            f"{actions[1]}. Your payoff each moment is what that mix earns on average against "
+            "the others' mixes. You can change it at any time while the period is running.",
+        )
 
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
@@ -324,6 +366,38 @@ class PublicGoods:
         if _is_number(decision) and 0 <= decision <= endowment:
             return None
         return f"a contribution must be a number in [0, {endowment:g}]"
+
+    def decision(self, params: Mapping[str, Any]) -> Decision:
+        """A contribution from 0 to the endowment, in steps of about 1/100 of it (the page's
+        slider; `validate` takes any number in the range)."""
+        endowment = float(params.get("endowment", 20))
+        mpcr = float(params.get("mpcr", 0.4))
+        return Decision(
+            input=NumberInput(
+                min=0,
+                max=endowment,
+                step=10 ** (math.floor(math.log10(endowment)) - 2),
+                unit="points",
+                label=f"Your contribution to the group account, from 0 to {endowment:g}",
+            ),
+            instructions=f"You have {endowment:g} points. What you put in the group account "
+            f"is multiplied by {mpcr:g} and paid to every member; what you keep is yours. You "
+            "can change your contribution at any time while the period is running.",
+            shows=[
+                Shown(name="total", label="Group total", unit="points"),
+                Shown(name="kept", label="You keep", unit="points"),
+            ],
+        )
+
+    def shown(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        endowment = float(params.get("endowment", 20))
+        given = {c: float(v) if _is_number(v) else 0.0 for c, v in decisions.items()}
+        return {
+            "total": sum(given.values()),
+            "kept": {code: endowment - c for code, c in given.items()},
+        }
 
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
@@ -593,7 +667,8 @@ _FAILURES: dict[str, str] = {}  # plug-in spec → why it is not registered
 _plugins_loaded = False
 _loading_from: str | None = None  # the plug-in being loaded, for its own register() calls
 ENTRY_POINT_GROUP = "canopy.experiments"
-# What every experiment has (the `Experiment` protocol); the rest is optional (getattr).
+# What every experiment has (the `Experiment` protocol); the rest is optional (getattr), and
+# `validate` may be left out by an experiment that declares its `decision`.
 REQUIRED = (
     "name",
     "channels",
@@ -621,6 +696,80 @@ def params_error(field: str, message: str, value: Any = None) -> ValidationError
         "params",
         [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)],
     )
+
+
+def declared(experiment: Experiment, params: Mapping[str, Any]) -> Decision | None:
+    """What `experiment` declares a decision to be for these params (its `decision`
+    attribute, or the hook's answer), None when it declares nothing. Raises when the hook
+    raises or gives something else than a `Decision` (or its JSON)."""
+    found = getattr(experiment, "decision", None)
+    if callable(found):
+        found = found(params)
+    if found is None or isinstance(found, Decision):
+        return found
+    if isinstance(found, Mapping):
+        return Decision.model_validate(found)
+    raise TypeError(f"decision is {type(found).__name__}, not a Decision")
+
+
+def declared_json(experiment: Experiment, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The declaration as the page and `GET /api/experiments` get it; None when there is none
+    or the hook failed (logged: the generic page then falls back to a text box)."""
+    try:
+        decision = declared(experiment, params)
+    except Exception as exc:
+        log.error("experiment %r: its decision hook failed: %r", experiment.name, exc, exc_info=exc)
+        return None
+    return None if decision is None else decision.model_dump(mode="json")
+
+
+def check_input(experiment: Experiment, decision: Any, params: Mapping[str, Any]) -> str | None:
+    """Whether an input on `decisions` is acceptable: the experiment's own `validate` when it
+    has one (it knows best), else its declared decision's check; an experiment with neither
+    takes any JSON value. None if acceptable, else the message of `invalid_decision`. Raises
+    what the hooks raise (the caller answers `experiment_error`)."""
+    validate = getattr(experiment, "validate", None)
+    if validate is not None:
+        problem: str | None = validate(decision, params)
+        return problem
+    declaration = declared(experiment, params)
+    return None if declaration is None else declaration.check(decision)
+
+
+def shown_values(
+    experiment: Experiment,
+    decisions: Mapping[str, Any],
+    roles: Mapping[str, int],
+    params: Mapping[str, Any],
+) -> dict[str, float | dict[str, float]]:
+    """What the experiment's `shown` hook gives for these decisions, checked: each name of
+    its declared `shows` maps to a finite number (the same for everyone) or code → number;
+    names it does not declare are left out. {} without the hook. Raises when the hook fails."""
+    hook = getattr(experiment, "shown", None)
+    if hook is None:
+        return {}
+    declaration = declared(experiment, params)
+    names = {s.name for s in declaration.shows} if declaration is not None else set()
+    result = hook(decisions, roles, params)
+    if not isinstance(result, Mapping):
+        raise TypeError(f"shown returned {type(result).__name__}, not a mapping")
+    values: dict[str, float | dict[str, float]] = {}
+    for name, value in result.items():
+        if name not in names:
+            continue
+        if isinstance(value, Mapping):
+            values[name] = {
+                str(code): _finite_value(v, name) for code, v in value.items() if code in roles
+            }
+        else:
+            values[name] = _finite_value(value, name)
+    return values
+
+
+def _finite_value(value: Any, name: str) -> float:
+    if not _is_number(value):
+        raise ValueError(f"shown {name!r}: {value!r} is not a finite number")
+    return float(value)
 
 
 def register(experiment: Experiment) -> None:
@@ -693,6 +842,8 @@ def _load_plugins() -> None:
                 continue  # a module named without an attribute registers its experiments itself
             experiment = found() if isinstance(found, type) else found
             for attribute in REQUIRED:
+                if attribute == "validate" and getattr(experiment, "decision", None) is not None:
+                    continue  # inputs are checked against the declared decision
                 if not hasattr(experiment, attribute):
                     raise PluginError(f"it has no {attribute!r}")
             register(experiment)

@@ -4,18 +4,20 @@
 Each of the two members chooses a quantity in [0, `max_quantity`] (default 50), initially 0;
 the price is `a − q1 − q2` (default a = 60) and a member's flow payoff is its profit
 `(price − cost) · q` (default cost = 6). A cost of `a` or more is refused when the session is
-created, at `params.cost` (`params_error`). Laid out as pip installs a package, like
-canopy_min_effort; docs/experiments.md refers to it.
+created, at `params.cost` (`params_error`). It declares its decision (a number of units from 0
+to `max_quantity`) and what the page shows live (the price and the total quantity), and has no
+`validate`: Canopy checks each input against the declaration. Laid out as pip installs a
+package, like canopy_min_effort; docs/experiments.md walks through it line by line.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.decision import Decision, Number, Shown
 from services.common.experiments import params_error
 
 
@@ -50,12 +52,25 @@ class Cournot:
     def initial_decision(self, id_in_group: int, params: Mapping[str, Any]) -> Any:
         return 0.0
 
-    def validate(self, decision: Any, params: Mapping[str, Any]) -> str | None:
-        top = params["max_quantity"]
-        number = isinstance(decision, int | float) and not isinstance(decision, bool)
-        if number and math.isfinite(decision) and 0 <= decision <= top:
-            return None
-        return f"a quantity is a number from 0 to {top:g}"
+    def decision(self, params: Mapping[str, Any]) -> Decision:
+        return Decision(
+            input=Number(min=0, max=params["max_quantity"], unit="units", label="Your quantity"),
+            instructions=(
+                "You run a firm. Choose how many units to produce; the other firm does the "
+                "same. The more you both produce, the lower the price. You earn (price − "
+                f"{params['cost']:g}) for each unit you produce, every second."
+            ),
+            shows=[
+                Shown(name="price", label="Price now", unit="per unit"),
+                Shown(name="total", label="Both firms together", unit="units"),
+            ],
+        )
+
+    def shown(
+        self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        total = sum(decisions.values())
+        return {"price": params["a"] - total, "total": total}
 
     def payoffs(
         self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: Mapping[str, Any]
