@@ -5,7 +5,8 @@ loads (static/<experiment>.js, built on static/page.js and static/canopy.js) and
 configuration, embedded in the HTML as JSON: the participant (their public code; the seat key
 is only in the page's own address, which the page's client reads), the experiment, its params with
 their defaults filled in (the bimatrix's payoff matrix resolved from `game`), the members and
-the period settings, all from the store's internal look-ups (cached, see
+the period settings, the experiment's declared decision (`decision`: the generic page's
+control), all from the store's internal look-ups (cached, see
 services.common.directory). A plug-in experiment may ship a page module of its own (an
 optional `page` attribute: the path of an ES module, relative to the file that defines its
 class), served at `/static/plugins/<experiment>.js` (docs/pages.md; under /static, which the
@@ -35,6 +36,7 @@ from services.common.experiments import BimatrixParams
 from services.common.lobby import LobbyConfig
 from services.common.messages import is_lobby
 from services.common.seats import well_formed
+from services.gateway.view import add_view_route
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,17 @@ def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def declared_decision(experiment: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """What the experiment declares a decision to be for these params (the generic page's
+    control, docs/pages.md), as JSON; None when it declares none."""
+    try:
+        found = experiments.get(experiment)
+        hook_params = found.params_model.model_validate(params).model_dump(mode="json")
+    except (KeyError, ValueError):
+        return None
+    return experiments.declared_json(found, hook_params)
+
+
 async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dict[str, Any] | None:
     """What the page of seat `key` needs to know before its WebSocket opens; None for a key
     that names no seat. Raises httpx.HTTPError when the store cannot be reached."""
@@ -118,6 +131,7 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
             "num_subperiods": group.num_subperiods,
             "on_disconnect": group.on_disconnect,
             "params": page_params(group.experiment, group.params),
+            "decision": declared_decision(group.experiment, group.params),
         }
     config: dict[str, Any] = {"participant": info.participant}
     config.update(
@@ -129,6 +143,7 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
         num_subperiods=group.num_subperiods,
         on_disconnect=group.on_disconnect,
         params=page_params(group.experiment, group.params),
+        decision=declared_decision(group.experiment, group.params),
     )
     return config
 
@@ -165,6 +180,8 @@ def page_router(directory: Directory, seat_secret: bytes) -> APIRouter:
             unknown = {"participant": None, "experiment": None}
             return HTMLResponse(render_page(shell, unknown), status_code=404, headers=headers)
         return HTMLResponse(render_page(shell, config), headers=headers)
+
+    add_view_route(router, directory, seat_secret)  # POST /p/{key}/view: the live values
 
     # Matched before the app's /static mount, which is added after this router.
     @router.get("/static/plugins/{experiment}.js", include_in_schema=False, response_model=None)

@@ -18,6 +18,7 @@
  *   spec.formatDecision(value, member, page)   a member's decision in the group list
  *   spec.barWidth(value, page)      0..1, the bar behind it (null: no bar)
  *   spec.chart = {caption, yLabel, range: [min, max] | (page) -> [min, max] | null,
+ *                 yAxis(page) -> more uPlot options of the y axis (optional),
  *                 series(page) -> [{label, color, points?}],
  *                 sample(page) -> [y per series]}  (what the chart records on a change)
  * `page` (also window.canopyPage) has: client, config (from the gateway: experiment, params,
@@ -728,7 +729,9 @@ function makeChart(page, chartSpec) {
       },
       axes: [
         { label: "seconds into the period", size: 40, labelSize: 18 },
-        { label: chartSpec.yLabel, size: 50, labelSize: 18 },
+        // spec.chart.yAxis(page): more uPlot axis options (splits, values: a choice's labels).
+        Object.assign({ label: chartSpec.yLabel, size: 50, labelSize: 18 },
+          chartSpec.yAxis ? chartSpec.yAxis(page) : {}),
       ],
       series: [{ label: "seconds" }].concat(series.map(function (s) {
         return s.points ? {
