@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from services.common.directory import GroupConfig, NotFound, ParticipantInfo
 from services.common.seats import new_key
-from services.gateway.pages import page_router
+from services.gateway.pages import declared_decision, page_router
 
 CODE = "p1abc"
 SECRET = b"s" * 32
@@ -108,6 +108,8 @@ async def test_each_experiment_gets_its_page_and_params_with_defaults(
     assert response.headers["cache-control"] == "no-store"
     found_module, config = embedded(response.text)
     assert found_module == module
+    # What the experiment declares a decision to be (the generic page's control; issue 21).
+    assert config.pop("decision") == declared_decision(experiment, params)
     assert config == {
         "participant": CODE,
         "experiment": experiment,
