@@ -5,13 +5,21 @@ the group's decisions, the auction's book) and returns the frames to send now, a
 `(channel, payload)` pairs, possibly none. Randomness comes from the `random.Random` the
 caller passes, so a seeded test gets the same moves every time.
 
-    random_walk     decisions, bimatrix, public goods: a step of up to ±10 % of the range
-                    from the bot's current decision, clipped to the range
+    random_walk     a declared number (every built-in but the auction, a plug-in that
+                    declares one): a step of up to ±10 % of the range from the bot's current
+                    decision, clipped to the range and put on its step; a declared choice,
+                    mix or compound: a new random value of that kind
     best_response   bimatrix: the pure action that pays more against the others' current
                     mix (from the session's payoff matrix); public goods: the dominant
-                    contribution (0 when mpcr < 1, the endowment when mpcr > 1)
+                    contribution (0 when mpcr < 1, the endowment when mpcr > 1); any other
+                    experiment with payoffs and a declared decision: the value of a grid over
+                    the declaration (101 points of a number's range, every option) that pays
+                    the bot most against the others' current decisions, by the experiment's
+                    own `payoffs` hook
     fixed           one value, sent whenever the bot's decision is not that value (so once
-                    per period, or after a reset of the decisions)
+                    per period, or after a reset of the decisions); by default the middle of
+                    a declared number's range (on its step), a mix's uniform mix, a choice's
+                    first option
     zi              double auction: Gode and Sunder's zero-intelligence trader with a budget
                     constraint (ZI-C): a buyer bids uniformly in [low, value], a seller asks
                     uniformly in [cost, high], one unit at a time, within the session's
@@ -21,12 +29,14 @@ caller passes, so a seeded test gets the same moves every time.
 `make_strategy(experiment, name, params, options)` builds one; `default` is random_walk for
 the decision experiments and zi for the auction. Bad combinations raise `StrategyError`.
 
-The range of random_walk (and fixed's default value): the built-ins' own ([0, 1] for a plain
-decision and a bimatrix mix, [0, endowment] for public goods), or `low` / `high`. A plug-in
-declares no decision range yet, so its bots take the range from its params only when one pair
-says it plainly (`max_<x>`, with `min_<x>` or else 0; e.g. Cournot's `max_quantity`), with
-a `note` that the CLI prints as a warning; with none or several such pairs they refuse
-(StrategyError) rather than play on a scale the experiment does not use.
+The range of random_walk (and fixed's default value): what the experiment declares
+(`services.common.decision`; the built-ins declare [0, 1] for a plain decision and a bimatrix
+mix, [0, endowment] in steps for public goods), or `low` / `high`. A plug-in that declares
+nothing, or that is not installed where the bots run (the bots need it for its declaration),
+has its range taken from its params only when one pair says it plainly (`max_<x>`, with
+`min_<x>` or else 0; e.g. Cournot's `max_quantity`), with a `note` that the CLI prints as a
+warning; with none or several such pairs they refuse (StrategyError) rather than play on a
+scale the experiment does not use.
 """
 
 from __future__ import annotations
@@ -37,7 +47,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.common.experiments import BimatrixParams, DoubleAuctionParams, PublicGoodsParams
+from services.common import experiments
+from services.common.decision import Compound, Decision, Mix, Number
+from services.common.experiments import (
+    BimatrixParams,
+    DoubleAuctionParams,
+    Experiment,
+    PublicGoodsParams,
+)
 
 Action = tuple[str, Any]  # (channel, payload)
 STRATEGIES = ("default", "random_walk", "best_response", "fixed", "zi")
@@ -165,6 +182,7 @@ class RandomWalk:
     high: float
     step: float = WALK_STEP
     note: str = field(default="", compare=False)  # a warning for whoever starts the bots
+    grid: Number | None = None  # the declared number: its step is kept
 
     def act(self, view: View, rng: random.Random) -> list[Action]:
         width = self.high - self.low
@@ -172,18 +190,72 @@ class RandomWalk:
         if current is None:
             current = self.low + width / 2
         value = current + rng.uniform(-self.step, self.step) * width
+        if self.grid is not None and self.grid.step is not None:
+            value = self.grid.snap(value)
+            if not self.low <= value <= self.high:  # a range given narrower than declared
+                value = self.grid.snap(current if self.low <= current <= self.high else self.low)
         # Four decimals: what a slider shows; rounding inward keeps the value in the range.
         value = min(self.high, max(self.low, round(value, 4)))
         return [("decisions", value)]
 
 
 @dataclass(frozen=True)
-class Fixed:
-    value: float
+class RandomDeclared:
+    """A declared choice, mix or compound: each turn a new random value of that kind."""
+
+    decision: Decision
     note: str = field(default="", compare=False)
 
     def act(self, view: View, rng: random.Random) -> list[Action]:
-        return [] if _number(view.mine) == self.value else [("decisions", self.value)]
+        return [("decisions", self.decision.sample(rng))]
+
+
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+    note: str = field(default="", compare=False)
+
+    def act(self, view: View, rng: random.Random) -> list[Action]:
+        return [] if view.mine == self.value else [("decisions", self.value)]
+
+
+@dataclass(frozen=True)
+class DeclaredBestResponse:
+    """Any experiment with flow payoffs and a declared decision: the candidate of the
+    declaration's grid that pays this bot most by the experiment's own `payoffs`, the others'
+    current decisions held (myopic, as a best response is). The bot keeps its decision when
+    it pays as much as the best (no churn between equals); candidates the hook fails on, or
+    gives no payoff for, are skipped, and without any payoff the bot does nothing."""
+
+    experiment: Any = field(compare=False)  # the Experiment: its `payoffs` hook
+    params: Mapping[str, Any]
+    candidates: tuple[Any, ...]
+
+    def _pay(self, view: View, value: Any, roles: Mapping[str, int]) -> float | None:
+        decisions = {code: view.decisions.get(code) for code in view.members}
+        decisions[view.code] = value
+        try:
+            paid = self.experiment.payoffs(decisions, roles, self.params).get(view.code)
+        except Exception:  # an experiment's hook, on a value it may not take
+            return None
+        return _number(paid)
+
+    def best(self, view: View) -> Any:
+        """The best candidate now; None when no candidate has a payoff."""
+        roles = {code: i for i, code in enumerate(view.members, start=1)}
+        best, best_pay = None, -math.inf
+        for candidate in self.candidates:
+            pay = self._pay(view, candidate, roles)
+            if pay is not None and pay > best_pay + 1e-12:
+                best, best_pay = candidate, pay
+        if best is None:
+            return None
+        current = self._pay(view, view.mine, roles) if view.mine is not None else None
+        return view.mine if current is not None and current >= best_pay - 1e-9 else best
+
+    def act(self, view: View, rng: random.Random) -> list[Action]:
+        best = self.best(view)
+        return [] if best is None or best == view.mine else [("decisions", best)]
 
 
 def bimatrix_best_response(
@@ -282,19 +354,33 @@ class ZeroIntelligence:
         return actions
 
 
+def _numeric(decision: Decision | None) -> Number | None:
+    """The declared number a random walk walks on (a two-action mix sent as the probability
+    of its first action is a number in [0, 1])."""
+    if decision is None:
+        return None
+    if isinstance(decision.input, Number):
+        return decision.input
+    if isinstance(decision.input, Mix) and decision.input.form == "first":
+        return Number(min=0, max=1)
+    return None
+
+
 def _range(
-    experiment: str, params: Mapping[str, Any], options: Mapping[str, Any]
+    experiment: str,
+    params: Mapping[str, Any],
+    options: Mapping[str, Any],
+    declared: Number | None = None,
+    installed: bool = True,
 ) -> tuple[float, float, str]:
     """(low, high, note): the decisions' range, and a warning when it is a guess."""
     note = ""
-    if experiment == "public_goods":
-        low, high = 0.0, float(PublicGoodsParams.model_validate(params).endowment)
-    elif experiment in ("decisions", "bimatrix"):  # the slider's [0, 1]; a probability
-        low, high = 0.0, 1.0
+    if declared is not None:
+        low, high = declared.min, declared.max
     elif options.get("low") is not None and options.get("high") is not None:
         low, high = 0.0, 1.0  # both given: nothing to guess
     else:
-        low, high, note = _plugin_range(experiment, params)
+        low, high, note = _plugin_range(experiment, params, installed)
     low, high = _option(options, "low", low), _option(options, "high", high)
     if not low < high:
         raise StrategyError(f"the range needs low < high, not [{low:g}, {high:g}]")
@@ -303,8 +389,17 @@ def _range(
     return low, high, note
 
 
-def _plugin_range(experiment: str, params: Mapping[str, Any]) -> tuple[float, float, str]:
-    """A plug-in's range from the one `max_<x>` of its params (and `min_<x>`, else 0)."""
+def _plugin_range(
+    experiment: str, params: Mapping[str, Any], installed: bool = True
+) -> tuple[float, float, str]:
+    """A plug-in's range from the one `max_<x>` of its params (and `min_<x>`, else 0), for a
+    plug-in that declares no decision or is not installed here."""
+    why = (
+        f"{experiment!r} declares no range for its decisions"
+        if installed
+        else f"{experiment!r} is not installed where the bots run, so its declared decision "
+        "is unknown"
+    )
     bounds = sorted(
         key
         for key, value in params.items()
@@ -313,29 +408,47 @@ def _plugin_range(experiment: str, params: Mapping[str, Any]) -> tuple[float, fl
     if len(bounds) != 1:
         among = f" (its params have {', '.join(bounds)})" if bounds else ""
         raise StrategyError(
-            f"{experiment!r} declares no range for its decisions{among}, and bots do not "
-            "guess one: give --low and --high (options low / high)"
+            f"{why}{among}, and bots do not guess a range: give --low and --high "
+            "(options low / high)"
         )
     top = bounds[0]
     bottom = "min_" + top.removeprefix("max_")
     low = _number(params.get(bottom))
     where = f"params.{bottom} to params.{top}" if low is not None else f"0 to params.{top}"
-    note = f"{experiment!r} declares no range for its decisions; bots play {where}"
+    note = f"{why}; bots play {where}"
     return (0.0 if low is None else low), float(params[top]), note
 
 
+def _installed(experiment: str | Experiment) -> Experiment | None:
+    """The experiment itself: given, or registered here under that name (None if not)."""
+    if not isinstance(experiment, str):
+        return experiment
+    try:
+        return experiments.get(experiment)
+    except KeyError:
+        return None
+
+
 def make_strategy(
-    experiment: str,
+    experiment: str | Experiment,
     name: str = "default",
     params: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Strategy:
-    """The strategy `name` for a session of `experiment` with these `params`.
+    """The strategy `name` for a session of `experiment` (its name, or the experiment itself)
+    with these `params` (as the session holds them: validated, defaults filled in).
 
     `options` (all optional): `value` (fixed: the decision; zi: the buyers' value), `cost`
     (zi: the sellers' cost), `low` / `high` (random_walk: the range; zi: the lowest bid and
-    the highest ask). Unset ones come from `params` and the experiment's defaults."""
+    the highest ask). Unset ones come from the experiment's declared decision, `params` and
+    the experiment's defaults."""
     params, options = dict(params or {}), dict(options or {})
+    found = _installed(experiment)
+    experiment = experiment if isinstance(experiment, str) else experiment.name
+    try:
+        decision = experiments.declared(found, params) if found is not None else None
+    except Exception as exc:  # the experiment's hook; its params are the session's
+        raise StrategyError(f"{experiment!r} failed to declare its decision: {exc!r}") from exc
     if name not in STRATEGIES:
         raise StrategyError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
     auction = experiment == "double_auction"
@@ -364,19 +477,54 @@ def make_strategy(
             if experiment == "public_goods":
                 p = PublicGoodsParams.model_validate(params)
                 return PublicGoodsBestResponse(float(p.endowment), float(p.mpcr))
-            raise StrategyError(
-                f"best_response needs payoffs: bimatrix or public_goods, not {experiment!r}"
-            )
+            if experiment == "decisions" or found is None or decision is None:
+                raise StrategyError(
+                    f"best_response needs payoffs and a declared decision, which {experiment!r}"
+                    + (" has not" if found is not None else " (not installed here) may have")
+                )
+            return DeclaredBestResponse(found, params, tuple(decision.grid()))
         if name == "fixed" and options.get("value") is not None:
             return Fixed(_option(options, "value", 0.0))
-        low, high, note = _range(experiment, params, options)
+        number = _numeric(decision)
+        if decision is not None and number is None and not _ranged(options):
+            # A declared choice, mix or compound: its own values.
+            if name == "fixed":
+                return Fixed(_middle(decision))
+            return RandomDeclared(decision)
+        low, high, note = _range(experiment, params, options, number, found is not None)
         if name == "fixed":
-            return Fixed(low + (high - low) / 2, note=note)
-        return RandomWalk(low, high, note=note)
+            middle = low + (high - low) / 2
+            return Fixed(number.snap(middle) if number is not None else middle, note=note)
+        return RandomWalk(low, high, note=note, grid=number)
     except ValueError as exc:  # the params models' own complaints
         if isinstance(exc, StrategyError):
             raise
         raise StrategyError(f"the session's params do not fit {experiment!r}: {exc}") from exc
+
+
+def _ranged(options: Mapping[str, Any]) -> bool:
+    return options.get("low") is not None or options.get("high") is not None
+
+
+def _middle(decision: Decision) -> Any:
+    """fixed's default for a declared choice, mix or compound: the first option, the uniform
+    mix, each field's own default."""
+
+    def middle(kind: Any) -> Any:
+        if isinstance(kind, Number):
+            return kind.snap(kind.min + (kind.max - kind.min) / 2)
+        if isinstance(kind, Mix):
+            if kind.form == "first":
+                return 0.5
+            share = round(1 / len(kind.actions), 6)
+            return [share] * (len(kind.actions) - 1) + [
+                round(1 - share * (len(kind.actions) - 1), 6)
+            ]
+        if isinstance(kind, Compound):
+            return {name: middle(part) for name, part in kind.fields.items()}
+        return kind.options[0].value  # a Choice
+
+    return middle(decision.input)
 
 
 def _option(options: Mapping[str, Any], key: str, default: float) -> float:
