@@ -426,6 +426,7 @@ def summarize(
         "lobby": {
             "groups_formed": len({group for group, _ in formed}),
             "lobby_frames": sum(p.lobby_frames for p in seated),
+            "order_compared": order_compared(people),
         }
         if arrival
         else {},
@@ -608,6 +609,17 @@ class LobbyLog:
     form_s: list[float] = field(default_factory=list)
     joins: int = 0  # lobby_join rows
     join_span_s: float | None = None  # first lobby_join → last: how long arrivals took in it
+
+
+def order_compared(people: Iterable[Person]) -> int:
+    """How many seated people the lobby-order check could compare with anyone: those who began
+    to open their socket after at least one other person's lobby hello came back (the check's
+    reach; under a backlog fewer)."""
+    seated = [p for p in people if p.outcome == "seated" and p.hello is not None]
+    first = min((p.hello or 0.0 for p in seated), default=None)
+    if first is None:
+        return 0
+    return sum(1 for p in seated if p.ws_sent is not None and p.ws_sent > first)
 
 
 def read_lobby_log(rows: Iterable[Mapping[str, Any]]) -> LobbyLog:
@@ -822,7 +834,8 @@ def format_launch(result: dict[str, Any]) -> str:
     if lobby:
         line = (
             f"lobby: {lobby['groups_formed']} groups formed (export), "
-            f"{lobby['lobby_frames']} lobby frames to the seated"
+            f"{lobby['lobby_frames']} lobby frames to the seated, "
+            f"{lobby.get('order_compared')} people in reach of the order check"
         )
         form = lobby.get("form_ms")
         if form and form.get("count"):

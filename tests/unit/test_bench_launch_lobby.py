@@ -178,7 +178,7 @@ def test_the_arrival_summary_needs_the_export_and_shows_the_lobby() -> None:
     summary = summarize([*people, full], params, KEYS, detail, 0.0, FORMED, 0)
     assert summary["ok"], summary
     assert summary["lobby_checks"] == CLEAN
-    assert summary["lobby"] == {"groups_formed": 2, "lobby_frames": 3}
+    assert summary["lobby"] == {"groups_formed": 2, "lobby_frames": 3, "order_compared": 7}
     assert summary["counts"]["groups_started"] == 2
     assert summary["join_to_hello_ms"]["max"] == pytest.approx(10.0)
     assert summary["join_to_group_hello_ms"]["max"] == pytest.approx(320.0)  # 0 and 4
@@ -200,7 +200,7 @@ def test_the_arrival_summary_needs_the_export_and_shows_the_lobby() -> None:
     text = format_launch(result)
     assert "(arrival grouping)" in text
     assert "last lobby hello -> group hello" in text and "grouped after later 0" in text
-    assert "lobby: 2 groups formed (export), 3 lobby frames" in text
+    assert "lobby: 2 groups formed (export), 3 lobby frames to the seated, 7 people" in text
     assert "stack CPU per person: 100.0 ms" in text  # 0.9 s over 9 people
 
 
