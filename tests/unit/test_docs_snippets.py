@@ -50,9 +50,21 @@ def the_example() -> str:
     return example
 
 
+CONTINUES = "# (continues the module above)"
+
+
+def runnable(index: int) -> str:
+    """Block `index` as it runs: a block that says it continues the module above (the
+    walk-through's "try it") runs after that block, in the same interpreter."""
+    code = blocks("python")[index]
+    if code.startswith(CONTINUES):
+        return runnable(index - 1) + "\n" + code
+    return code
+
+
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_every_python_block_runs_as_written(index: int, tmp_path: Path) -> None:
-    result = run(blocks("python")[index], tmp_path)
+    result = run(runnable(index), tmp_path)
     assert result.returncode == 0, result.stderr
 
 
@@ -69,6 +81,42 @@ def test_the_example_is_the_package_the_tests_install() -> None:
     lines = iter(package)
     for line in filter(str.strip, the_example().splitlines()):
         assert line in lines, f"not in canopy_min_effort (or out of order): {line!r}"
+
+
+def test_the_walk_through_module_is_the_cournot_package_the_tests_install() -> None:
+    """docs/experiments.md "From nothing to a session with bots": its module is the package's
+    (all but the package's docstring), line for line, and its entry point is the package's."""
+    (module,) = [code for code in blocks("python") if "class Cournot:" in code]
+    package = (PLUGINS_SITE / "canopy_cournot" / "__init__.py").read_text()
+    assert package.endswith(module), "the docs' Cournot module is not canopy_cournot's"
+    installed = (PLUGINS_SITE / "canopy_cournot-0.1.0.dist-info" / "entry_points.txt").read_text()
+    (toml,) = [tomllib.loads(b) for b in blocks("toml") if "canopy_cournot" in b]
+    points = toml["project"]["entry-points"]["canopy.experiments"]
+    assert points == {"cournot": "canopy_cournot:Cournot"}
+    assert "cournot = canopy_cournot:Cournot" in installed
+    assert toml["project"]["name"] == "canopy-cournot"
+
+
+def test_the_walk_through_commands_are_the_clis() -> None:
+    """Every `canopy` command of the docs' shell blocks names a command and options the CLI
+    has (tests/e2e/test_plugin_bots.py runs the same ones against the stack)."""
+    import shlex
+
+    from services.cli import main
+
+    commands = [
+        shlex.split(line)
+        for block in blocks("sh")
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.lstrip().startswith((".venv/bin/canopy ", "canopy "))
+    ]
+    assert len(commands) >= 2
+    for words in commands:
+        name = words[1]
+        command = main.commands[name]
+        known = {opt for param in command.params for opt in param.opts}
+        given = {word for word in words[2:] if word.startswith("--")}
+        assert given <= known, (name, given - known)
 
 
 PROBE = """
