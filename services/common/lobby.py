@@ -41,7 +41,14 @@ from pydantic import BaseModel, ConfigDict
 
 from services.common import outcomes
 from services.common.group import TICK, UNKNOWN, Broadcast, Control
-from services.common.messages import LOBBY_PREFIX, Channel, is_lobby, lobby_group
+from services.common.messages import (
+    LOBBY_PREFIX,
+    Channel,
+    GroupFormed,
+    Lobby,
+    is_lobby,
+    lobby_group,
+)
 
 __all__ = ["LOBBY_PREFIX", "is_lobby", "lobby_group"]
 
@@ -154,7 +161,7 @@ class LobbyState:
     def _connected(self, participant: str, connection: str, now: float) -> list[LobbyEffect]:
         group = self.grouped.get(participant)
         if group is not None:  # grouped already: its gateway moves the connection there
-            payload = {"group": group, "members": list(self.formed[group])}
+            payload = GroupFormed(group=group, members=list(self.formed[group])).model_dump()
             return [Control(GROUP_FORMED, payload, participant, connection)]
         finished = self.finished.get(participant)
         if finished is not None:  # over for them: the end again, not logged again
@@ -302,7 +309,7 @@ class LobbyState:
                 self.overdue.remove(code)
             waiter = self.waiting.pop(code, None)
             if waiter is not None and waiter.connection not in (None, UNKNOWN):
-                payload = {"group": group, "members": list(members)}
+                payload = GroupFormed(group=group, members=list(members)).model_dump()
                 effects.append(Control(GROUP_FORMED, payload, code, waiter.connection))
         if len(self.present()) != present_before:
             effects.extend(self._counts())
@@ -324,11 +331,12 @@ class LobbyState:
         }
 
     def count(self, participant: str) -> dict[str, Any]:
-        return {
-            "waiting": len(self.present()),
-            "group_size": self.config.group_size,
-            "timeout_at": self.deadline(participant),
-        }
+        count = Lobby(
+            waiting=len(self.present()),
+            group_size=self.config.group_size,
+            timeout_at=self.deadline(participant),
+        )
+        return count.model_dump()
 
     def _count_for(self, participant: str) -> Control:
         waiter = self.waiting[participant]

@@ -10,18 +10,21 @@ commands (imperative, one handler):
                       at `payload.at` (PROTOCOL v2 "The lobby"), once, durably
 
 events (past tense):
-    FrameAccepted     gateway → decisions + store: a participant frame the broker confirmed
+    FrameAccepted     gateway → decisions: a participant frame the broker confirmed (the
+                      store gets it from decisions' log batch)
     PresenceChanged   gateway → decisions: a participant connection opened or closed
     TimerFired        timers → decisions: a period started / a sub-period tick / a period ended
+                      (payload `TimerFired`), or a lobby's wake-up (`WokeUp`)
     Broadcast         decisions → gateways: a server frame for a group (or one member)
     Control           decisions → gateways: a frame for one connection that is not logged
-                      (`hello` snapshots, `finished` again, `replaced` notices)
+                      (`hello` snapshots, `finished` again, `replaced` notices, the lobby's
+                      `lobby` counts and `group_formed`)
     GatewayAlive      gateway → every decisions worker, each second: this gateway (its queue)
                       is alive; silence means its participants are gone (liveness)
     Resync            decisions → every gateway: announce each open connection again (a
                       `PresenceChanged` connected), after a worker rebuilt its groups' state;
-                      payload `{"shards": [...]}` limits it to the groups of those shards
-                      (a worker took them over), no payload means every connection
+                      `shards` limits it to the groups of those shards (a worker took them
+                      over); none (or no payload) means every connection
 
 Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP message holding a
 JSON array of envelopes.
@@ -41,6 +44,16 @@ the consumer dead-letters the message at once, where the store keeps it and an a
 guessing would be worse. A new `MessageType` is neither: an older reader refuses it as
 malformed, so its readers must be deployed before its senders.
 
+Payloads: each message that Canopy's services read has one model below (`StartPeriod`,
+`PresenceChanged`, `TimerFired`, `Hello`, ...); its sender builds it, `Envelope[StartPeriod]`,
+and its reader reads it with `StartPeriod.of(envelope)`, so mypy checks both sides and pydantic
+checks the reader's at the edge. The bus decodes an envelope before anyone knows its type, so a
+decoded envelope's payload is the JSON as it came (`Envelope`, i.e. `Envelope[Any]`) until a
+reader asks for its model. Payload models ignore unknown fields too (`extra="ignore"`): a newer
+sender may add one. A frame's and a broadcast's payload have no model: they are the
+researcher's JSON (a participant's decision, an experiment's frame for the browser), and the hot
+path does not validate them again.
+
 Frames on the participants' WebSocket are described in PROTOCOL.md; `InboundFrame` validates
 the browser → server ones, `server_frame()` builds the server → browser ones.
 """
@@ -51,10 +64,11 @@ import itertools
 import os
 import time
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeAlias, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from typing_extensions import TypeVar  # with a default (PEP 696; typing has it from 3.13)
 
 SCHEMA_VERSION = 1  # the major version of the bus schemas (see "Versions" above)
 # Bus messages: unknown fields (from a newer sender of the same major version) are ignored.
@@ -125,7 +139,18 @@ def now() -> float:
     return time.time()
 
 
-class Envelope(BaseModel):
+# JSON that is not Canopy's to type: a participant's decision, an experiment's frame for the
+# browser, a log row's value. Checked for size and depth where it enters (gateway/domain.py).
+ResearcherJSON: TypeAlias = Any
+
+# An envelope's payload: a model of this module, or (as decoded, before a reader asks for its
+# model; and for frames and broadcasts) the JSON as it came.
+P = TypeVar("P", default=ResearcherJSON)
+
+
+class Envelope(BaseModel, Generic[P]):
+    """One bus message; `Envelope[StartPeriod]` carries a `StartPeriod` (see the docstring)."""
+
     model_config = _BUS_MODEL
 
     id: str = Field(default_factory=new_id, min_length=1, max_length=64)
@@ -148,7 +173,9 @@ class Envelope(BaseModel):
     # A broadcast caused by a participant's frame: when that frame reached its gateway (the
     # FrameAccepted's `ts`), so that gateways measure delivery latency end to end.
     origin: float | None = None
-    payload: Any = None
+    # None: no payload (`GatewayAlive`); an `Envelope[X]` is built with its X (the cast: a
+    # bare Envelope's P is Any, which None is).
+    payload: P = cast(P, None)
 
     def encode(self) -> bytes:
         # pydantic-core's own JSON serializer: 2.3 µs against 4.7 µs for model_dump + orjson.
@@ -159,7 +186,137 @@ class Envelope(BaseModel):
         return cls.model_validate_json(body)
 
 
+# The serializer of the unparametrized class serves `Envelope[X]` too: its payload (typed P, so
+# Any here) is serialized from what it holds, a model or JSON.
 _ENVELOPE_JSON = Envelope.__pydantic_serializer__
+
+
+# -- payloads ------------------------------------------------------------------------------------
+
+
+class Payload(BaseModel):
+    """A payload's model: readers ignore fields they do not know, as for the envelope."""
+
+    model_config = _BUS_MODEL
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Self:
+        """`envelope`'s payload as this model (validated; no payload reads as `{}`). Raises
+        `pydantic.ValidationError` (a `ValueError`) if it is not one."""
+        payload = envelope.payload
+        if isinstance(payload, cls):  # built in this process (tests, an in-memory bus)
+            return payload
+        return cls.model_validate({} if payload is None else payload)
+
+
+# commands: decisions → timers
+
+
+class StartPeriod(Payload):
+    """Run period `period` of the envelope's group: its schedule is claimed durably, then its
+    ticks fire; it starts `delay` seconds after the claim (the session's post_period_delay)."""
+
+    period: int
+    period_length: float
+    num_subperiods: int = 0
+    delay: float = 0.0
+
+
+class PausePeriod(Payload):
+    """Stop that period's clock (on_disconnect: pause); its schedule stays until resumed."""
+
+    period: int
+
+
+class ResumePeriod(Payload):
+    """Run the period's remaining ticks, from tick `next_tick`, so that it ends at `ends_at`."""
+
+    period: int
+    ends_at: float
+    next_tick: int
+
+
+class WakeAt(Payload):
+    """Send the lobby (the envelope's group) a `TimerFired` `event` for one person at epoch
+    time `at`, once, durably. The person is the envelope's `participant` (older senders: here)."""
+
+    at: float
+    event: str = "lobby_timeout"
+    participant: str | None = None
+
+
+# events
+
+
+class PresenceChanged(Payload):
+    """gateway → decisions: the envelope's connection opened (`connected`) or closed."""
+
+    connected: bool
+
+
+class TimerFired(Payload):
+    """timers → decisions: a tick of a group's period (`period_start`, `subperiod` `index`,
+    `period_end`); `late`: its deadline passed while no timers worker ran."""
+
+    event: str
+    period: int
+    index: int = 0
+    starts_at: float | None = None
+    ends_at: float | None = None
+    late: bool = False
+
+
+class WokeUp(Payload):
+    """timers → decisions: the wake-up a `WakeAt` asked for (a `TimerFired` to a lobby)."""
+
+    event: str
+    participant: str | None = None  # older senders; the envelope's `participant` otherwise
+    at: float | None = None
+    late: bool = False
+
+
+class Resync(Payload):
+    """decisions → every gateway: announce each open connection again; only those of the
+    groups in `shards` (a worker took them over), or every one (None, or no payload)."""
+
+    shards: list[int] | None = None
+
+
+# control frames: decisions → one connection (the gateway passes them on to the browser, whose
+# contract, PROTOCOL.md, says what else they hold)
+
+
+class Hello(Payload):
+    """The snapshot a connection gets first. The gateway reads `last_seq` (it may raise it to
+    what it acked already) and passes on the frame as sent, fields it does not know included."""
+
+    last_seq: int = 0
+
+
+class GroupFormed(Payload):
+    """The lobby formed this person's group (PROTOCOL v2 "The lobby"): the gateway moves the
+    connection to `group`, where the person is member number `members.index(code) + 1`."""
+
+    group: str
+    members: list[str]
+
+
+class Lobby(Payload):
+    """How far the lobby is, for a person waiting in it."""
+
+    waiting: int
+    group_size: int
+    timeout_at: float
+
+
+class Finished(Payload):
+    """A seat's end (PROTOCOL v2 "Online studies"), logged and sent to its participant."""
+
+    outcome: str
+    # int | float: a sum of no payoffs is the int 0, and the export shows what was sent.
+    total_payoff: int | float | None
+    redirect: str | None
+    code: str | None
 
 
 class LogRecord(BaseModel):
@@ -175,7 +332,7 @@ class LogRecord(BaseModel):
     direction: Literal["in", "out"]
     channel: str
     seq: int | None
-    value: Any
+    value: ResearcherJSON
 
 
 class LogBatch(BaseModel):
@@ -233,9 +390,9 @@ class InboundFrame(BaseModel):
 
     channel: StrictStr = Field(min_length=1, max_length=64)
     seq: StrictInt = Field(ge=1, le=2**53)
-    payload: Any
+    payload: ResearcherJSON
 
 
-def server_frame(channel: str, payload: Any, ts: float | None = None) -> bytes:
+def server_frame(channel: str, payload: ResearcherJSON, ts: float | None = None) -> bytes:
     """Encode one server → browser frame; encode once, send to every addressee."""
     return orjson.dumps({"channel": channel, "payload": payload, "ts": now() if ts is None else ts})

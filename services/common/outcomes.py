@@ -21,6 +21,8 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.common.messages import Finished
+
 Outcome = Literal["completed", "dropout", "lobby_timeout", "full"]
 OUTCOMES: tuple[str, ...] = ("completed", "dropout", "lobby_timeout", "full")
 PLACEHOLDERS = frozenset({"label", "code", "session"})
@@ -125,12 +127,13 @@ def finished_payload(
 ) -> dict[str, Any]:
     """The `finished` message for a seat: its outcome, total payoff, redirect and code."""
     redirect, shown = destination(outcome, completion, label=label, code=code, session=session)
-    return {
-        "outcome": outcome,
-        "total_payoff": total_payoff if math.isfinite(total_payoff) else None,
-        "redirect": redirect,
-        "code": shown,
-    }
+    finished = Finished(
+        outcome=outcome,
+        total_payoff=total_payoff if math.isfinite(total_payoff) else None,
+        redirect=redirect,
+        code=shown,
+    )
+    return finished.model_dump()
 
 
 def bonus(total_payoff: float | None, exchange_rate: float) -> float:

@@ -49,7 +49,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.common import experiments
+from services.common import experiments, messages
 from services.common.bus import (
     COMMANDS,
     DEFAULT,
@@ -86,6 +86,10 @@ from services.common.messages import (
     LogBatch,
     LogRecord,
     MessageType,
+    PresenceChanged,
+    Resync,
+    TimerFired,
+    WokeUp,
     inbound_record,
     is_lobby,
     lobby_group,
@@ -131,7 +135,7 @@ class Routes:
         members = self._members.setdefault(envelope.group, {})
         current = members.get(participant)
         if envelope.type is MessageType.PRESENCE_CHANGED:
-            if envelope.payload.get("connected"):
+            if PresenceChanged.of(envelope).connected:
                 if current is not None and current[0] != connection:
                     self._retire(*current)
                 members[participant] = (connection, gateway)
@@ -173,31 +177,33 @@ class Routes:
             self._retired.popitem(last=False)
 
 
-def _timers_command(effect: TimersCommand) -> tuple[MessageType, dict[str, Any]]:
+# The payload of a command to the timers (a union, not their base class: pydantic serializes a
+# field by its declared type, and `Payload` has no fields).
+TimersPayload = messages.StartPeriod | messages.PausePeriod | messages.ResumePeriod
+
+
+def _timers_command(effect: TimersCommand) -> tuple[MessageType, TimersPayload]:
+    """The timers command (messages.py) a state machine's effect asks for."""
     if isinstance(effect, StartPeriod):
-        return MessageType.START_PERIOD, {
-            "period": effect.period,
-            "period_length": effect.period_length,
-            "num_subperiods": effect.num_subperiods,
-            "delay": effect.delay,
-        }
+        return MessageType.START_PERIOD, messages.StartPeriod(
+            period=effect.period,
+            period_length=effect.period_length,
+            num_subperiods=effect.num_subperiods,
+            delay=effect.delay,
+        )
     if isinstance(effect, PausePeriod):
-        return MessageType.PAUSE_PERIOD, {"period": effect.period}
-    return MessageType.RESUME_PERIOD, {
-        "period": effect.period,
-        "ends_at": effect.ends_at,
-        "next_tick": effect.next_tick,
-    }
+        return MessageType.PAUSE_PERIOD, messages.PausePeriod(period=effect.period)
+    return MessageType.RESUME_PERIOD, messages.ResumePeriod(
+        period=effect.period, ends_at=effect.ends_at, next_tick=effect.next_tick
+    )
 
 
 def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None:
     """What kind of input that may end a group's last period `envelope` is (None: not one)."""
     if envelope.type is MessageType.TIMER_FIRED:
-        payload = envelope.payload if isinstance(envelope.payload, dict) else {}
-        return "period_end" if payload.get("event") == "period_end" else None
+        return "period_end" if TimerFired.of(envelope).event == "period_end" else None
     if envelope.type is MessageType.PRESENCE_CHANGED:
-        payload = envelope.payload if isinstance(envelope.payload, dict) else {}
-        return None if payload.get("connected") else "disconnect"
+        return None if PresenceChanged.of(envelope).connected else "disconnect"
     return None
 
 
@@ -285,8 +291,9 @@ class DecisionsWorker:
     async def request_resync(self, shards: list[int] | None = None) -> None:
         """Ask every gateway to announce its open connections again (after taking shards
         over): those of the groups in `shards`, or all."""
-        payload = {"shards": shards} if shards is not None else {}
-        envelope = Envelope(type=MessageType.RESYNC, session="", group="", payload=payload)
+        envelope = Envelope[Resync](
+            type=MessageType.RESYNC, session="", group="", payload=Resync(shards=shards)
+        )
         await self._bus.publish_reliably(GATEWAYS, "", envelope, mandatory=False)
 
     def forget_shard(self, index: int, shards: int) -> int:
@@ -567,15 +574,15 @@ class DecisionsWorker:
     def _apply_lobby_input(
         self, lobby: LobbyState, envelope: Envelope, ts: float
     ) -> list[LobbyEffect]:
-        payload: Any = envelope.payload if isinstance(envelope.payload, dict) else {}
         if envelope.type is MessageType.PRESENCE_CHANGED:
             if envelope.participant is None or envelope.connection is None:
                 return []
-            connected = bool(payload.get("connected"))
+            connected = PresenceChanged.of(envelope).connected
             return lobby.on_presence(envelope.participant, envelope.connection, connected, now=ts)
         if envelope.type is MessageType.TIMER_FIRED:
-            participant = str(payload.get("participant") or envelope.participant or "")
-            return lobby.on_timer(str(payload.get("event")), participant, now=ts)
+            woke = WokeUp.of(envelope)
+            participant = woke.participant or envelope.participant or ""
+            return lobby.on_timer(woke.event, participant, now=ts)
         # Frames never come here: the gateway answers a lobby connection's frames itself.
         log.error("unexpected %s for a lobby: %s", envelope.type, envelope.id)
         return []
@@ -692,27 +699,23 @@ class DecisionsWorker:
             self._pending_origin.setdefault(state.config.group, origin)
 
     def _apply_input(self, state: GroupState, envelope: Envelope, ts: float) -> list[Effect]:
-        payload: Any = envelope.payload
         if envelope.type is MessageType.FRAME_ACCEPTED:
             if envelope.participant is None or envelope.seq is None or envelope.channel is None:
                 log.error("FrameAccepted without participant/seq/channel: %s", envelope.id)
                 return []
-            return state.on_frame(envelope.participant, envelope.seq, envelope.channel, payload, ts)
+            # The participant's decision: the researcher's JSON, checked by the state machine.
+            decision, channel = envelope.payload, envelope.channel
+            return state.on_frame(envelope.participant, envelope.seq, channel, decision, ts)
         if envelope.type is MessageType.PRESENCE_CHANGED:
             if envelope.participant is None or envelope.connection is None:
                 log.error("PresenceChanged without participant/connection: %s", envelope.id)
                 return []
-            return state.on_presence(
-                envelope.participant, envelope.connection, bool(payload.get("connected")), now=ts
-            )
+            connected = PresenceChanged.of(envelope).connected
+            return state.on_presence(envelope.participant, envelope.connection, connected, now=ts)
         if envelope.type is MessageType.TIMER_FIRED:
+            tick = TimerFired.of(envelope)
             return state.on_timer(
-                str(payload["event"]),
-                int(payload["period"]),
-                int(payload.get("index", 0)),
-                payload.get("ends_at"),
-                now=ts,
-                late=bool(payload.get("late")),
+                tick.event, tick.period, tick.index, tick.ends_at, now=ts, late=tick.late
             )
         log.error("unexpected %s on a shard queue: %s", envelope.type, envelope.id)
         return []
@@ -870,9 +873,9 @@ class DecisionsWorker:
                     self._metrics.end_to_end_seconds.observe(envelope.ts - origin)
                 self._metrics.broadcast(effect.channel).inc()
             elif isinstance(effect, StartPeriod | PausePeriod | ResumePeriod):
-                kind, payload = _timers_command(effect)
-                envelope = Envelope(
-                    type=kind, session=config.session, group=config.group, payload=payload
+                kind, command = _timers_command(effect)
+                envelope = Envelope[TimersPayload](
+                    type=kind, session=config.session, group=config.group, payload=command
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
             elif isinstance(effect, FlushAt) and isinstance(state, GroupState):
@@ -891,12 +894,12 @@ class DecisionsWorker:
                 )
                 records.append(_out_record(envelope))
             elif isinstance(effect, WakeAt):
-                envelope = Envelope(
+                envelope = Envelope[messages.WakeAt](
                     type=MessageType.WAKE_AT,
                     session=config.session,
                     group=config.group,
                     participant=effect.participant,
-                    payload={"at": effect.at, "event": "lobby_timeout"},
+                    payload=messages.WakeAt(at=effect.at, participant=effect.participant),
                 )
                 tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
         if isinstance(state, GroupState) and state.bots:

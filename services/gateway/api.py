@@ -38,6 +38,7 @@ from services.common.messages import (
     Envelope,
     InboundFrame,
     MessageType,
+    PresenceChanged,
     is_lobby,
     server_frame,
 )
@@ -221,14 +222,14 @@ class Participants:
 
     async def _presence(self, connection: Connection, *, connected: bool) -> None:
         info = connection.info
-        envelope = Envelope(
+        envelope = Envelope[PresenceChanged](
             type=MessageType.PRESENCE_CHANGED,
             session=info.session,
             group=info.group,
             participant=info.participant,
             connection=connection.id,
             gateway=self._gateway,
-            payload={"connected": connected},
+            payload=PresenceChanged(connected=connected),
         )
         await self._publish_input(envelope)
 

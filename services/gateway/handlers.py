@@ -29,7 +29,10 @@ from services.common.logs import context
 from services.common.messages import (
     Channel,
     Envelope,
+    GroupFormed,
+    Hello,
     MessageType,
+    Resync,
     is_lobby,
     new_id,
     now,
@@ -191,6 +194,8 @@ class Hub:
         # Announce a connection in the group the lobby just gave it (set by the composition
         # root, like `on_resync`): its presence there brings the group's `hello`.
         self.on_regroup: Callable[[Connection], Coroutine[Any, Any, None]] | None = None
+        # Tells the seat cache (`Directory.regrouped`) where a seat of the lobby went.
+        self.on_grouped: Callable[[str, str, int], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Computed when Prometheus scrapes, not on every frame.
         metrics.outbox_frames.set_function(
@@ -263,7 +268,7 @@ class Hub:
         elif envelope.type is MessageType.BROADCAST:
             self._broadcast(envelope)
         elif envelope.type is MessageType.RESYNC and self.on_resync is not None:
-            shards = envelope.payload.get("shards") if envelope.payload else None
+            shards = Resync.of(envelope).shards
             task = asyncio.get_running_loop().create_task(self.on_resync(shards))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -273,7 +278,9 @@ class Hub:
         if connection is None or connection.id != envelope.connection:
             return  # not (or no longer) here
         if envelope.channel == Channel.HELLO:
-            payload: dict[str, Any] = envelope.payload
+            # Passed on as sent: `Hello` names only what the gateway reads of it.
+            sent = Hello.of(envelope).last_seq
+            payload: dict[str, Any] = dict(envelope.payload or {})
             # PROTOCOL v2 "The ack holds through everything": no hello may say less than an
             # ack this connection already sent, and a resync's could. Its hello is decisions'
             # state where the presence that asked for it (`Participants.announce`) stands in
@@ -288,7 +295,7 @@ class Hub:
             # broadcast follows it in the group's order. (The other way, holding frames back
             # from a resync until its hello arrives, would stall every member's acks while a
             # restarted worker works through the backlog of its downtime.)
-            last_seq = max(connection.last_seq, int(payload.get("last_seq", 0)))
+            last_seq = max(connection.last_seq, sent)
             if last_seq != payload.get("last_seq"):
                 payload = {**payload, "last_seq": last_seq}
             connection.last_seq = last_seq
@@ -306,23 +313,27 @@ class Hub:
         elif envelope.channel == LOBBY:
             self._deliver(connection, server_frame(LOBBY, envelope.payload, envelope.ts))
         elif envelope.channel == GROUP_FORMED:
-            self._regroup(connection, envelope.payload)
+            try:
+                formed = GroupFormed.of(envelope)
+            except ValueError:  # not a group_formed this gateway understands: nothing moves
+                return
+            self._regroup(connection, formed)
 
-    def _regroup(self, connection: Connection, payload: Any) -> None:
+    def _regroup(self, connection: Connection, formed: GroupFormed) -> None:
         """The lobby formed this connection's group (PROTOCOL v2 "The lobby"): from now on
         the connection belongs to that group (its frames, its presence, its broadcasts), and
         it says so to the group, whose `hello` the browser gets next."""
-        members = payload.get("members") if isinstance(payload, dict) else None
-        group = payload.get("group") if isinstance(payload, dict) else None
+        group, members = formed.group, formed.members
         participant = connection.participant
-        if not isinstance(group, str) or not isinstance(members, list):
-            return
         if participant not in members or not is_lobby(connection.group):
             return  # not this person's group, or moved already (a repeated notice)
         old = connection.group
+        id_in_group = members.index(participant) + 1
         connection.info = connection.info.model_copy(
-            update={"group": group, "id_in_group": members.index(participant) + 1}
+            update={"group": group, "id_in_group": id_in_group}
         )
+        if self.on_grouped is not None:  # the seat's cached look-up follows it
+            self.on_grouped(participant, group, id_in_group)
         if self.connections.get(participant) is connection:
             waiting = self._members_here[old]
             waiting.discard(participant)

@@ -26,15 +26,6 @@ class Tick:
     starts_at: float
     ends_at: float
 
-    def payload(self) -> dict[str, object]:
-        return {
-            "event": self.event,
-            "period": self.period,
-            "index": self.index,
-            "starts_at": self.starts_at,
-            "ends_at": self.ends_at,
-        }
-
 
 class Schedule(Sequence[Tick]):
     """The ticks of one period, in firing order: `period_start`, sub-periods 1..n, `period_end`.

@@ -24,7 +24,17 @@ from aio_pika.abc import AbstractChannel
 
 from services.common.bus import INPUTS, TIMERS_QUEUE, Bus, consume_in_order, input_key
 from services.common.logs import context
-from services.common.messages import Envelope, MessageType, now
+from services.common.messages import (
+    Envelope,
+    MessageType,
+    PausePeriod,
+    ResumePeriod,
+    StartPeriod,
+    TimerFired,
+    WakeAt,
+    WokeUp,
+    now,
+)
 from services.common.retry import retry_forever
 from services.timers.domain import Tick, schedule
 from services.timers.metrics import TimersMetrics
@@ -124,7 +134,7 @@ class TimersWorker:
 
     async def _pause_period(self, envelope: Envelope) -> None:
         """Stop the period's ticks; the schedule stays paused until it is resumed."""
-        key = f"{envelope.group}:{int(envelope.payload['period'])}"
+        key = f"{envelope.group}:{PausePeriod.of(envelope).period}"
         task = self._periods.pop(key, None)
         if task is not None:
             task.cancel()
@@ -133,8 +143,8 @@ class TimersWorker:
 
     async def _resume_period(self, envelope: Envelope) -> None:
         """Run the rest of the period so that it ends at `ends_at` (from decisions)."""
-        payload = envelope.payload
-        key = f"{envelope.group}:{int(payload['period'])}"
+        command = ResumePeriod.of(envelope)
+        key = f"{envelope.group}:{command.period}"
         existing = await self._repository.schedules.find_one({"_id": key})
         if existing is None:
             log.error("resume of %s, which has no schedule", key)
@@ -145,8 +155,8 @@ class TimersWorker:
             resumed.update(
                 await self._repository.resume(
                     key,
-                    starts_at=float(payload["ends_at"]) - float(existing["length"]),
-                    fired=int(payload["next_tick"]),
+                    starts_at=command.ends_at - float(existing["length"]),
+                    fired=command.next_tick,
                 )
             )
 
@@ -158,7 +168,7 @@ class TimersWorker:
         self._start(resumed)
 
     async def _start_period(self, envelope: Envelope) -> None:
-        payload = envelope.payload
+        command = StartPeriod.of(envelope)
         claimed: dict[str, Any] = {}
 
         async def claim() -> None:
@@ -166,25 +176,28 @@ class TimersWorker:
                 await self._repository.claim(
                     session=envelope.session,
                     group=envelope.group,
-                    period=int(payload["period"]),
-                    length=float(payload["period_length"]),
-                    num_subperiods=int(payload.get("num_subperiods", 0)),
+                    period=command.period,
+                    length=command.period_length,
+                    num_subperiods=command.num_subperiods,
                     # The period starts when its schedule is durable, or `delay` seconds
                     # later (post_period_delay); its first tick waits until then.
-                    now=now() + float(payload.get("delay", 0.0)),
+                    now=now() + command.delay,
                 )
             )
 
         # Retried here while MongoDB is away, not requeued: a command requeued over and over
         # would reach the queue's delivery limit and be dead-lettered, its period never run.
-        await retry_forever(claim, f"claiming period {payload['period']} of {envelope.group}")
+        await retry_forever(claim, f"claiming period {command.period} of {envelope.group}")
         document = claimed
         if not document["done"] and not document.get("paused"):
             self._start(document)  # a repeated command for a running period changes nothing
 
     async def _wake_at(self, envelope: Envelope) -> None:
         """A lobby's wake-up for one person: claimed durably, then run (see the repository)."""
-        payload = envelope.payload
+        command = WakeAt.of(envelope)
+        participant = envelope.participant or command.participant
+        if participant is None:
+            raise ValueError(f"WakeAt {envelope.id} names nobody")
         claimed: dict[str, Any] = {}
 
         async def claim() -> None:
@@ -192,9 +205,9 @@ class TimersWorker:
                 await self._repository.claim_wakeup(
                     session=envelope.session,
                     group=envelope.group,
-                    participant=str(envelope.participant or payload["participant"]),
-                    at=float(payload["at"]),
-                    event=str(payload.get("event", "lobby_timeout")),
+                    participant=participant,
+                    at=command.at,
+                    event=command.event,
                 )
             )
 
@@ -257,20 +270,19 @@ class TimersWorker:
         at = float(document["at"])
         await asyncio.sleep(max(0.0, at - now()))
         group = str(document["group"])
-        payload: dict[str, Any] = {
-            "event": str(document["event"]),
-            "participant": str(document["participant"]),
-            "at": at,
-        }
-        if at < self._led_since:
-            payload["late"] = True
-        envelope = Envelope(
+        woke = WokeUp(
+            event=str(document["event"]),
+            participant=str(document["participant"]),
+            at=at,
+            late=at < self._led_since,
+        )
+        envelope = Envelope[WokeUp](
             type=MessageType.TIMER_FIRED,
             session=str(document["session"]),
             group=group,
             participant=str(document["participant"]),
             channel=str(document["event"]),
-            payload=payload,
+            payload=woke,
         )
 
         async def fire() -> None:
@@ -285,15 +297,20 @@ class TimersWorker:
 
     async def _fire(self, document: dict[str, Any], tick: Tick, *, late: bool) -> None:
         group = str(document["group"])
-        payload = tick.payload()
-        if late:
-            payload["late"] = True
-        envelope = Envelope(
+        fired = TimerFired(
+            event=tick.event,
+            period=tick.period,
+            index=tick.index,
+            starts_at=tick.starts_at,
+            ends_at=tick.ends_at,
+            late=late,
+        )
+        envelope = Envelope[TimerFired](
             type=MessageType.TIMER_FIRED,
             session=str(document["session"]),
             group=group,
             channel=tick.event,
-            payload=payload,
+            payload=fired,
         )
         await self._bus.publish(
             INPUTS, input_key(group, self._bus.topology.shards, "timer"), envelope

@@ -99,7 +99,8 @@ class FakeBus:
         self.published: list[dict[str, Any]] = []
 
     async def publish(self, exchange: str, key: str, envelope: Envelope) -> None:
-        self.published.append(envelope.payload)
+        # As the bus carries it: JSON (the timers build a `TimerFired`).
+        self.published.append(Envelope.decode(envelope.encode()).payload)
 
 
 class FakeCollection:
