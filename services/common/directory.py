@@ -97,6 +97,8 @@ class Directory:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
         self._seats: dict[str, ParticipantInfo] = {}  # seat key → its participant
+        self._lobby_keys: dict[str, str] = {}  # code → seat key, of seats cached in a lobby
+        self._lobby_settings: dict[str, LobbyConfig] = {}  # session → its lobby, for pages
         self._unknown_seats: OrderedDict[str, None] = OrderedDict()
         self._groups: dict[str, GroupConfig] = {}
         # One request per key in flight: a burst of connects for one code asks the store once.
@@ -146,9 +148,23 @@ class Directory:
                 self._unknown_seats.popitem(last=False)
             raise NotFound("unknown seat") from None  # the path would hold the key
         info = _seat_info(body)
-        if not is_lobby(info.group):  # a seat in the lobby gets its group later
-            self._seats[key] = info
+        self._keep_seat(key, info)
         return info
+
+    def _keep_seat(self, key: str, info: ParticipantInfo) -> None:
+        """Cache a seat. A seat in the lobby is cached too: the lobby sends a connection
+        that is grouped already to its group (`group_formed`), and `regrouped` updates the
+        entry when this gateway moves one, so the next socket of the seat goes there."""
+        self._seats[key] = info
+        if is_lobby(info.group):
+            self._lobby_keys[info.participant] = key
+
+    def regrouped(self, participant: str, group: str, id_in_group: int) -> None:
+        """The lobby gave `participant` (a seat cached in the lobby) its group."""
+        key = self._lobby_keys.pop(participant, None)
+        info = self._seats.get(key) if key is not None else None
+        if key is not None and info is not None:
+            self._seats[key] = info.model_copy(update={"group": group, "id_in_group": id_in_group})
 
     async def group(self, group: str) -> GroupConfig:
         cached = self._groups.get(group)
@@ -193,6 +209,14 @@ class Directory:
         return LobbyConfig.model_validate(
             await self._get(f"/internal/lobbies/{quote(session, safe='')}")
         )
+
+    async def lobby_settings(self, session: str) -> LobbyConfig:
+        """An arrival session's lobby for what never changes in it (the settings a seat's
+        page shows): cached, unlike `lobby`, whose `formed` and `labels` grow."""
+        cached = self._lobby_settings.get(session)
+        if cached is None:
+            cached = self._lobby_settings[session] = await self.lobby(session)
+        return cached
 
     async def lobby_log(self, session: str) -> list[dict[str, Any]]:
         """The lobby's event log (its rows have the group ""), in its order."""
@@ -254,8 +278,7 @@ class Directory:
             seat = _seat_info(info)
         except ValueError:
             return  # a store that answers otherwise: the socket asks `/internal/seats`
-        if not is_lobby(seat.group):  # a seat in the lobby gets its group later
-            self._seats[key] = seat
+        self._keep_seat(key, seat)
         self._unknown_seats.pop(key, None)
 
     async def barrier_passed(self, barrier: str) -> bool:

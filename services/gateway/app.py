@@ -121,6 +121,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             connection.close(CloseCode.INTERNAL_ERROR, "server error; reconnect")
 
     hub.on_regroup = regroup
+    hub.on_grouped = directory.regrouped
 
     async def heartbeat() -> None:
         alive = Envelope(type=MessageType.GATEWAY_ALIVE, session="", group="", gateway=me)

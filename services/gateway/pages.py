@@ -112,7 +112,7 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
         info = await directory.seat(key)
         group: GroupConfig | LobbyConfig
         if is_lobby(info.group):  # no group yet: the session's settings, from its lobby
-            group = await directory.lobby(info.session)
+            group = await directory.lobby_settings(info.session)
         else:
             group = await directory.group(info.group)
     except NotFound:
