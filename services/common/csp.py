@@ -9,9 +9,9 @@ need not allow inline code). Their sockets and requests go back to the server th
 everything else: a script injected into a page could neither run inline nor load from, nor
 send to, another origin.
 
-The console may not be framed (`frame-ancestors 'none'`: its buttons act with the admin
-token); participant pages may (a survey tool may show a page in a frame), so their policy says
-nothing about ancestors. FastAPI's own `/docs` and `/redoc` (inline script, a CDN) keep no
+Style attributes are allowed on participant pages only (see PAGES_POLICY). The console may not
+be framed (`frame-ancestors 'none'`: its buttons act with the admin token); participant pages
+may (a survey tool may show a page in a frame), so their policy says nothing about ancestors. FastAPI's own `/docs` and `/redoc` (inline script, a CDN) keep no
 policy: they are tools for the API, not Canopy's pages.
 """
 
@@ -31,7 +31,10 @@ _COMMON = (
     "form-action 'self'",
 )
 CONSOLE_POLICY = "; ".join([*_COMMON, "frame-ancestors 'none'"])
-PAGES_POLICY = "; ".join(_COMMON)
+# Pages may set style attributes (`h("span", {style: …})` in page.js, and experiment pages of
+# plug-ins written that way): an attribute's CSS runs no script, and whatever it could load
+# from elsewhere (url()) the other directives refuse.
+PAGES_POLICY = "; ".join([*_COMMON, "style-src-attr 'unsafe-inline'"])
 UNPOLICED = ("/docs", "/redoc")
 
 

@@ -35,11 +35,15 @@ SETTINGS: dict[str, type[CommonSettings]] = {
 SERVICES = tuple(SETTINGS)
 PYPROJECT = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
-SECRET_KEYS = [
-    line.split("=", 1)[0]
-    for line in (k8s.K8S / "base" / "secret.env.example").read_text().splitlines()
-    if line and not line.startswith("#")
-]
+# Each service's Secret `canopy-<service>`: its keys, from secrets/<service>.env.example.
+SECRET_KEYS = {
+    name: [
+        line.split("=", 1)[0]
+        for line in (k8s.K8S / "base" / "secrets" / f"{name}.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    for name in SETTINGS
+}
 LABELS = ("name", "component", "part-of", "version", "managed-by")
 # The setting that bounds each service's own wait when it drains: sockets closing, shards
 # handed over once their inputs in flight are confirmed, the last log batch written.
@@ -168,7 +172,7 @@ def test_probe_paths_are_the_services_health_routes() -> None:
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
-def test_config_comes_from_one_config_map_and_one_secret_of_real_settings(
+def test_config_comes_from_one_config_map_and_each_services_own_secret(
     rendered: dict[str, list[k8s.Resource]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     resources = rendered[overlay]
@@ -176,35 +180,53 @@ def test_config_comes_from_one_config_map_and_one_secret_of_real_settings(
     (cm_name,) = [r["metadata"]["name"] for r in resources if r["kind"] == "ConfigMap"]
     known = set().union(*(setting_names(cls) for cls in SETTINGS.values()))
     assert set(config) - known == set(), "ConfigMap keys the services do not read"
-    assert set(SECRET_KEYS) - known == set(), "secret.env.example keys the services do not read"
-    assert set(config) & set(SECRET_KEYS) == set()
-    for name, deployment in of_kind(resources, "Deployment").items():
+    every_secret = set().union(*SECRET_KEYS.values())
+    assert every_secret - known == set(), "secrets/*.env.example keys the services do not read"
+    assert set(config) & every_secret == set()
+    deployments = of_kind(resources, "Deployment")
+    assert set(deployments) == set(SERVICES)
+    for name, deployment in deployments.items():
         box = container(deployment)
         assert "env" not in box, name
+        # Its own Secret only (least privilege): never a Secret another service reads.
         assert box["envFrom"] == [
             {"configMapRef": {"name": cm_name}},
-            {"secretRef": {"name": "canopy"}},
+            {"secretRef": {"name": f"canopy-{name}"}},
         ]
-    # Each service starts with exactly this configuration (a production-grade token in the
-    # Secret): nothing mistyped, and what each service must be told is there.
-    for variable in [v for v in __import__("os").environ if v.startswith("CANOPY_")]:
-        monkeypatch.delenv(variable)
-    secret = {
+        spec = deployment["spec"]["template"]["spec"]
+        assert "secret" not in json.dumps(spec.get("volumes", [])).lower(), name
+    # Production-grade values for every key of every Secret.
+    values = {
         "CANOPY_ADMIN_TOKEN": secrets.token_urlsafe(32),
+        "CANOPY_INTERNAL_TOKEN": secrets.token_urlsafe(32),
+        "CANOPY_SEAT_SECRET": secrets.token_urlsafe(32),
         "CANOPY_AMQP_URL": "amqp://canopy:pw@rabbitmq:5672/",
         "CANOPY_MONGO_URL": "mongodb://canopy:pw@mongodb-svc:27017/?replicaSet=mongodb",
     }
-    assert sorted(secret) == sorted(SECRET_KEYS)
-    for key, value in {**config, **secret}.items():
-        monkeypatch.setenv(key, value)
+    assert every_secret == set(values)
     for name, cls in SETTINGS.items():
+        # Each Secret holds exactly what its service's settings say it needs...
+        assert sorted(SECRET_KEYS[name]) == sorted(f"CANOPY_{f.upper()}" for f in cls.SECRETS)
+        # ... and the service starts with exactly that and the ConfigMap: nothing mistyped,
+        # nothing missing.
+        for variable in [v for v in __import__("os").environ if v.startswith("CANOPY_")]:
+            monkeypatch.delenv(variable)
+        for key in [*config, *SECRET_KEYS[name]]:
+            monkeypatch.setenv(key, config.get(key) or values[key])
         settings = cls()
         assert settings.host == "0.0.0.0", name
         assert settings.store_url == f"http://store:{port_of('store', config)}"
         assert settings.queue_type == "quorum"
-        for field in ("amqp_url", "mongo_url", "admin_token", "public_url"):
+        for field in ("amqp_url", "mongo_url", "public_url"):
             if field in cls.model_fields:
-                assert f"CANOPY_{field.upper()}" in {**config, **secret}, (name, field)
+                assert f"CANOPY_{field.upper()}" in {*config, *SECRET_KEYS[name]}, (name, field)
+    # The internet-facing gateway: the internal token and the seat secret, never the admin
+    # token nor the database (issue 23); timers: no token at all.
+    assert "CANOPY_ADMIN_TOKEN" not in SECRET_KEYS["gateway"]
+    assert "CANOPY_MONGO_URL" not in SECRET_KEYS["gateway"]
+    assert {"CANOPY_INTERNAL_TOKEN", "CANOPY_SEAT_SECRET"} <= set(SECRET_KEYS["gateway"])
+    assert [k for k in SECRET_KEYS["timers"] if "TOKEN" in k or "SECRET" in k] == []
+    assert [n for n, keys in SECRET_KEYS.items() if "CANOPY_ADMIN_TOKEN" in keys] == ["store"]
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)

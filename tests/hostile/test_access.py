@@ -389,7 +389,7 @@ async def test_the_console_and_the_pages_carry_a_content_security_policy(
         assert directives.get("default-src") == "'none'", response.request.url
         assert directives["script-src"] == "'self'"  # no inline code, no other origin
         assert directives["connect-src"] == "'self'"  # its socket and API calls: home only
-        assert "unsafe" not in policy
+        assert "unsafe" not in policy.replace("style-src-attr 'unsafe-inline'", "")
         # The console acts with the admin token: nobody may frame it (clickjacking).
         assert (directives.get("frame-ancestors") == "'none'") == (response is console)
     assert "content-security-policy" not in docs.headers  # FastAPI's, with its CDN
