@@ -11,9 +11,13 @@ a gateway's death, a person's timeout) and returns effects, as `GroupState` does
 - `lobby_join` / `lobby_leave` rows (logged, not sent: `Record`) and a `lobby` frame for each
   person waiting whenever the number waiting changes (`Control`: not logged);
 - `hello` for a person who connects (`group` null, `period.state` "lobby");
-- a durable wake-up at each person's deadline (`WakeAt`, run by the timers service):
+- a durable wake-up at a person's deadline (`WakeAt`, run by the timers service):
   `lobby_timeout` seconds after their FIRST arrival (someone who leaves keeps their place
-  until then);
+  until then). Deadlines follow the order of arrival, so one wake-up at a time is enough: the
+  one for the person first in line (`wake`). When it fires, everyone whose deadline passed
+  is handled and the next first in line gets theirs; a wake-up whose person was grouped
+  meanwhile fires early for the new first in line, and only asks for theirs. So a launch
+  where groups form at once costs a wake-up per `lobby_timeout`, not one per person;
 - at the deadline, under `on_lobby_timeout: release`, a `lobby_timeout` row and a logged
   `finished` for that person (outcome `lobby_timeout`).
 
@@ -27,8 +31,9 @@ is therefore formed once, whatever crashes: a worker that formed it in the store
 before logging it learns it from the store when it rebuilds the lobby (`LobbyConfig.formed`).
 
 Crash safety: `rebuild(config, rows)` folds the lobby's log. A person the log says is
-connected is `UNKNOWN` until their gateway announces them again (as in a group); wake-ups are
-asked for again (the timers keep one per person, so that is harmless).
+connected is `UNKNOWN` until their gateway announces them again (as in a group); the wake-up
+of the first in line is asked for again (the timers keep one per person, so a repeated
+request is harmless).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ GROUP_FORMED = "group_formed"
 LOBBY_TIMEOUT = "lobby_timeout"
 # The frame that tells the people waiting how far the lobby is.
 LOBBY = "lobby"
+# A deadline counts as passed this close to it (the clocks of timers and decisions).
+DEADLINE_SLACK = 1e-3
 
 
 class LobbyConfig(BaseModel):
@@ -126,6 +133,9 @@ class LobbyState:
     # be formed now (the adapter asks the store: `bot_proposal`). Not logged: the tick that
     # put them here is acknowledged only once their group (or their release) is.
     overdue: list[str] = field(default_factory=list)
+    # The time of the wake-up asked for and not fired yet (None: none; see the docstring).
+    # Not logged: a rebuilt lobby asks for the first in line's again.
+    wake: float | None = None
     clock: float = float("-inf")
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -203,7 +213,7 @@ class LobbyState:
                 effects.append(Control(Channel.REPLACED, {}, participant, waiter.connection))
             waiter.connection = connection
         effects.append(hello)
-        effects.append(WakeAt(participant, self.deadline(participant)))
+        effects.extend(self.ensure_wake())
         if len(self.present()) != present_before:
             effects.extend(self._counts())
         else:  # the count is unchanged for the others: only this connection learns it
@@ -218,17 +228,39 @@ class LobbyState:
                 effects.extend(self.on_presence(code, UNKNOWN, connected=False, now=now))
         return effects
 
-    def on_timer(self, event: str, participant: str, *, now: float) -> list[LobbyEffect]:
-        """A person's deadline passed (`lobby_timeout`). `release`: they finish with outcome
-        `lobby_timeout`; `bots`: a group is to form at once with them (see `bot_proposal`).
-        Idempotent: a person no longer waiting (grouped, released) changes nothing."""
-        if event != LOBBY_TIMEOUT or participant not in self.waiting:
+    def on_timer(
+        self, event: str, participant: str, *, now: float, at: float | None = None
+    ) -> list[LobbyEffect]:
+        """A wake-up fired (`lobby_timeout`, asked for `at`, for `participant`): everyone whose
+        deadline passed by then (`at` or now, the later), in order of arrival. `release`: they
+        finish with outcome `lobby_timeout`; `bots`: a group is to form at once with each (see
+        `bot_proposal`). Then the next first in line gets their wake-up. Idempotent: a
+        repeated tick finds nobody overdue again."""
+        if event != LOBBY_TIMEOUT:
             return []
-        if self.config.on_lobby_timeout == "bots" and self.next_group() is not None:
-            if participant not in self.overdue:
-                self.overdue.append(participant)
+        due = max(now, at if at is not None else now)
+        if participant in self.waiting:  # its deadline is due whatever the clocks say
+            due = max(due, self.deadline(participant))
+        if self.wake is not None and due >= self.wake - DEADLINE_SLACK:
+            self.wake = None  # the wake-up asked for fired (or a later one did)
+        effects: list[LobbyEffect] = []
+        for code in [c for c in self.waiting if self.deadline(c) <= due + DEADLINE_SLACK]:
+            if self.config.on_lobby_timeout == "bots" and self.next_group() is not None:
+                if code not in self.overdue:
+                    self.overdue.append(code)
+            else:
+                effects.extend(self.release(code, now=now))
+        return effects + self.ensure_wake()
+
+    def ensure_wake(self) -> list[LobbyEffect]:
+        """A wake-up for the first in line (not overdue yet), unless one is asked for."""
+        if self.wake is not None:
             return []
-        return self.release(participant, now=now)
+        for code in self.waiting:
+            if code not in self.overdue:
+                self.wake = self.deadline(code)
+                return [WakeAt(code, self.wake)]
+        return []
 
     def release(self, participant: str, *, now: float) -> list[LobbyEffect]:
         """`participant` leaves the lobby without a group: outcome `lobby_timeout`."""

@@ -58,11 +58,10 @@ from services.common.bus import (
     LOG_KEY,
     TIMERS_KEY,
     Batcher,
-    Bus,
     completed,
     shard_of,
 )
-from services.common.directory import Directory, GroupConfig, NoFreeSeats, NotFound
+from services.common.directory import GroupConfig, NoFreeSeats, NotFound
 from services.common.group import (
     UNKNOWN,
     BotAfter,
@@ -97,6 +96,7 @@ from services.common.messages import (
     now,
     outbound_record,
 )
+from services.common.ports import GroupDirectory, Publisher
 from services.decisions.botplay import BotPlayer
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
@@ -221,8 +221,8 @@ def _stamp(state: GroupState | LobbyState, broadcast: Broadcast) -> float:
 class DecisionsWorker:
     def __init__(
         self,
-        bus: Bus,
-        directory: Directory,
+        bus: Publisher,
+        directory: GroupDirectory,
         metrics: DecisionsMetrics,
         log_writer: LogWriter,
         *,
@@ -582,7 +582,7 @@ class DecisionsWorker:
         if envelope.type is MessageType.TIMER_FIRED:
             woke = WokeUp.of(envelope)
             participant = woke.participant or envelope.participant or ""
-            return lobby.on_timer(woke.event, participant, now=ts)
+            return lobby.on_timer(woke.event, participant, now=ts, at=woke.at)
         # Frames never come here: the gateway answers a lobby connection's frames itself.
         log.error("unexpected %s for a lobby: %s", envelope.type, envelope.id)
         return []
@@ -673,7 +673,7 @@ class DecisionsWorker:
                 except NotFound:
                     continue
                 effects.extend(lobby.form(formed_group, stored, now=now(), bots=played))
-        effects.extend(WakeAt(code, lobby.deadline(code)) for code in lobby.waiting)
+        effects.extend(lobby.ensure_wake())  # the first in line's, asked for again
         if any(w.connection == UNKNOWN for w in lobby.waiting.values()):
             loop = asyncio.get_running_loop()
             wait = max(0.0, self._started + self._resync_window - loop.time())

@@ -163,7 +163,8 @@ def test_with_bots_an_overdue_person_gets_a_group_with_bots_at_once() -> None:
     lobby.on_presence("b", "c2", True, now=2.0)
     lobby.on_presence("b", "c2", False, now=3.0)  # away: not taken along
     lobby.on_presence("c", "c3", True, now=4.0)
-    assert lobby.on_timer(LOBBY_TIMEOUT, "a", now=11.0) == []  # the adapter forms it
+    # The adapter forms a's group; b, first in line now, gets the next wake-up.
+    assert lobby.on_timer(LOBBY_TIMEOUT, "a", now=11.0) == [WakeAt("b", 12.0)]
     assert lobby.bot_proposal() == ("g1", ["a", "c"], 1)
     effects = lobby.form("g1", ["a", "c", "z"], now=11.1, bots=["z"])
     assert rows_of(effects)[0]["value"] == {
@@ -177,3 +178,20 @@ def test_with_bots_an_overdue_person_gets_a_group_with_bots_at_once() -> None:
     released = lobby.release("b", now=12.0)
     assert [r["channel"] for r in rows_of(released)] == [LOBBY_TIMEOUT, "finished"]
     assert lobby.bot_proposal() is None
+
+
+def test_one_wake_up_at_a_time_for_the_first_in_line() -> None:
+    lobby = LobbyState(config(group_size=3, lobby_timeout=10.0))
+    wakes = []
+    for i, code in enumerate("abcd"):
+        effects = lobby.on_presence(code, f"c-{code}", True, now=float(i))
+        wakes += [e for e in effects if isinstance(e, WakeAt)]
+    assert wakes == [WakeAt("a", 10.0)]  # a's covers everyone behind a
+    lobby.form("g1", ["a", "b", "c"], now=5.0)
+    # a's wake-up fires although a is grouped: d, first in line now, gets theirs.
+    assert lobby.on_timer(LOBBY_TIMEOUT, "a", now=10.0, at=10.0) == [WakeAt("d", 13.0)]
+    assert lobby.on_timer(LOBBY_TIMEOUT, "a", now=10.5, at=10.0) == []  # repeated: nothing
+    # d's fires a little early by the decisions clock: d is released all the same.
+    released = lobby.on_timer(LOBBY_TIMEOUT, "d", now=12.9, at=13.0)
+    assert [r["channel"] for r in rows_of(released)] == [LOBBY_TIMEOUT, "finished"]
+    assert lobby.wake is None and not lobby.waiting
