@@ -90,6 +90,7 @@ from pydantic import TypeAdapter
 from services.common.failover import amqp_urls, failover_connection_class
 from services.common.logs import context
 from services.common.messages import Envelope, LogBatch, new_id
+from services.common.ports import Publisher
 from services.common.retry import retry_forever
 
 log = logging.getLogger(__name__)
@@ -528,7 +529,7 @@ class Batcher:
 
     def __init__(
         self,
-        bus: Bus,
+        bus: Publisher,
         exchange: str,
         routing_key: str,
         *,

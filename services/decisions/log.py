@@ -24,8 +24,9 @@ from collections.abc import Sequence
 
 import orjson
 
-from services.common.bus import LOG, LOG_KEY, Bus
+from services.common.bus import LOG, LOG_KEY
 from services.common.messages import LogBatch, LogRecord
+from services.common.ports import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def record_size(record: LogRecord) -> int:
 class LogWriter:
     def __init__(
         self,
-        bus: Bus,
+        bus: Publisher,
         *,
         interval: float,
         max_records: int,

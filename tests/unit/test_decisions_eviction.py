@@ -1,108 +1,26 @@
 """A `DecisionsWorker` drops the groups that are over, and only once the log holds them.
 
-The worker runs with a fake bus and a fake store: log batches the worker publishes wait in the
-store's queue until the test lets the store write them, as a lagging store would. A group
-whose last period ended and whose members left must stay in memory until a log barrier shows
-its rows written, then go; an input for it afterwards rebuilds it from those rows. The real
-store and broker play the same story in tests/hostile/test_bounded_state.py.
+The worker runs on the in-memory bus with a fake store (tests/memory_bus.py): log batches the
+worker publishes wait in the store's queue until the test lets the store write them, as a
+lagging store would. A group whose last period ended and whose members left must stay in
+memory until a log barrier shows its rows written, then go; an input for it afterwards rebuilds
+it from those rows. The real store and broker play the same story in
+tests/hostile/test_bounded_state.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, cast
 
-from services.common.bus import LOG, Bus
-from services.common.directory import Directory, GroupConfig, NotFound
-from services.common.messages import Channel, Envelope, LogBatch, MessageType, now
+from services.common.directory import GroupConfig
+from services.common.messages import Channel, Envelope, MessageType, now
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
+from tests.memory_bus import FakeDirectory, FakeStore, MemoryBus
 
 TIMEOUT = 5.0
-
-
-class FakeStore:
-    """The log queue and what the store wrote of it; writes only while `writing`."""
-
-    def __init__(self) -> None:
-        self.queue: list[LogBatch] = []
-        self.rows: list[dict[str, Any]] = []
-        self.barriers: set[str] = set()
-        self.writing = True
-        self.barrier_sent = asyncio.Event()
-
-    def receive(self, batch: LogBatch) -> None:
-        self.queue.append(batch)
-        if batch.barrier is not None:
-            self.barrier_sent.set()
-        if self.writing:
-            self.write()
-
-    def write(self) -> None:
-        for batch in self.queue:
-            for record in batch.records:
-                self.rows.append(
-                    {
-                        "ts": record.ts,
-                        "participant": record.participant,
-                        "direction": record.direction,
-                        "channel": record.channel,
-                        "seq": record.seq,
-                        "value": record.value,
-                    }
-                )
-            if batch.barrier is not None:
-                self.barriers.add(batch.barrier)
-        self.queue.clear()
-
-
-class FakeBus:
-    """Confirms every publish at once; the log goes to the fake store, frames are kept."""
-
-    is_connected = True
-
-    def __init__(self, store: FakeStore) -> None:
-        self.store = store
-        self.sent: list[Envelope] = []  # to gateways
-
-    async def publish_reliably(
-        self, exchange: str, key: str, message: Any, *, mandatory: bool = True
-    ) -> None:
-        if exchange == LOG:
-            self.store.receive(message)
-
-    async def publish_batch(
-        self, exchange: str, key: str, envelopes: list[Envelope], **_: Any
-    ) -> None:
-        self.sent.extend(envelopes)
-
-
-class FakeDirectory:
-    def __init__(self, store: FakeStore, config: GroupConfig) -> None:
-        self.store = store
-        self.config = config
-        self.forgotten: list[str] = []
-        self.forgot = asyncio.Event()  # set when the worker drops a group
-
-    async def group(self, group: str) -> GroupConfig:
-        if group != self.config.group:
-            raise NotFound(group)
-        return self.config
-
-    async def group_fresh(self, group: str) -> GroupConfig:
-        return await self.group(group)
-
-    async def group_log(self, group: str) -> list[dict[str, Any]]:
-        return sorted(self.store.rows, key=lambda row: float(row["ts"]))
-
-    async def barrier_passed(self, barrier: str) -> bool:
-        return barrier in self.store.barriers
-
-    def forget_group(self, group: str) -> None:
-        self.forgotten.append(group)
-        self.forgot.set()
 
 
 CONFIG = GroupConfig(
@@ -154,17 +72,11 @@ def tick(event: str, starts_at: float) -> Envelope:
 
 async def test_an_ended_group_goes_once_logged_and_comes_back_from_the_log() -> None:
     store = FakeStore()
-    bus = FakeBus(store)
+    bus = MemoryBus(store)
     directory = FakeDirectory(store, CONFIG)
     metrics = DecisionsMetrics()
-    log_writer = LogWriter(cast(Bus, bus), interval=0.01, max_records=100)
-    worker = DecisionsWorker(
-        cast(Bus, bus),
-        cast(Directory, directory),
-        metrics,
-        log_writer,
-        evict_after=0.05,
-    )
+    log_writer = LogWriter(bus, interval=0.01, max_records=100)
+    worker = DecisionsWorker(bus, directory, metrics, log_writer, evict_after=0.05)
 
     async def handle(envelope: Envelope) -> None:
         confirmed: Awaitable[None] = await worker.handle(envelope)

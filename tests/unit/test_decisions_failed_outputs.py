@@ -20,18 +20,11 @@ from services.common.messages import Envelope, LogBatch, now
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
-from tests.unit.test_decisions_eviction import (
-    CONFIG,
-    FakeBus,
-    FakeDirectory,
-    FakeStore,
-    frame,
-    presence,
-    tick,
-)
+from tests.memory_bus import FakeDirectory, FakeStore, MemoryBus
+from tests.unit.test_decisions_eviction import CONFIG, frame, presence, tick
 
 
-class FlakyLogBus(FakeBus):
+class FlakyLogBus(MemoryBus):
     """The first log batch holding a frame's `in` row fails (as a publish that cannot go)."""
 
     def __init__(self, store: FakeStore) -> None:

@@ -24,9 +24,10 @@ from services.common.messages import Channel, Envelope, MessageType, now
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
+from tests.memory_bus import FakeDirectory, FakeStore, MemoryBus
 from tests.unit.recording import out_rows
 from tests.unit.test_bot_client import ScriptedSocket, hello, read
-from tests.unit.test_decisions_eviction import FakeBus, FakeDirectory, FakeStore, presence
+from tests.unit.test_decisions_eviction import presence
 
 TIMEOUT = 5.0
 COMPLETION = {
@@ -321,9 +322,9 @@ def frame(participant: str, connection: str, seq: int, value: float) -> Envelope
 
 async def run_worker(
     cfg: GroupConfig, script: Any, *, evict_after: float = 0.05
-) -> tuple[FakeStore, FakeBus, StudyLinkDirectory]:
+) -> tuple[FakeStore, MemoryBus, StudyLinkDirectory]:
     store = FakeStore()
-    bus = FakeBus(store)
+    bus = MemoryBus(store)
     directory = StudyLinkDirectory(store, cfg)
     metrics = DecisionsMetrics()
     log_writer = LogWriter(cast(Bus, bus), interval=0.01, max_records=100)

@@ -14,7 +14,7 @@ from services.common.lobby import GROUP_FORMED, LOBBY_JOIN, LobbyConfig, LobbySt
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
-from tests.unit.test_decisions_eviction import FakeBus, FakeStore
+from tests.memory_bus import FakeStore, MemoryBus
 from tests.unit.test_lobby import config, rows_of
 from tests.unit.test_lobby_worker import LobbyDirectory, arrival, moved
 
@@ -76,7 +76,7 @@ async def test_a_group_formed_with_a_bot_before_a_crash_is_logged_with_its_bot()
     """`on_lobby_timeout: bots`: the store formed g1 with a and a bot's seat x; the worker died
     before logging it. The next worker logs g1 with its bot, and no arrival for the bot."""
     store = FakeStore()
-    bus = FakeBus(store)
+    bus = MemoryBus(store)
     directory = BotsDirectory(store, ["g1", "g2"])
     log_writer = LogWriter(cast(Bus, bus), interval=0.01, max_records=100)
 

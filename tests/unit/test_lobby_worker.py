@@ -15,7 +15,8 @@ from services.common.messages import Envelope, MessageType, lobby_group
 from services.decisions.handlers import DecisionsWorker
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
-from tests.unit.test_decisions_eviction import TIMEOUT, FakeBus, FakeStore
+from tests.memory_bus import FakeStore, MemoryBus
+from tests.unit.test_decisions_eviction import TIMEOUT
 
 LOBBY = lobby_group("s")
 
@@ -65,13 +66,13 @@ def arrival(participant: str, connection: str, *, connected: bool = True) -> Env
     )
 
 
-def moved(bus: FakeBus) -> list[tuple[str | None, Any]]:
+def moved(bus: MemoryBus) -> list[tuple[str | None, Any]]:
     return [(e.participant, e.payload) for e in bus.sent if e.channel == GROUP_FORMED]
 
 
 async def test_a_lobby_forms_groups_through_the_store_and_goes_when_done() -> None:
     store = FakeStore()
-    bus = FakeBus(store)
+    bus = MemoryBus(store)
     directory = LobbyDirectory(store, ["g1"])
     directory.formed["g1"] = ["b", "a"]  # formed before (a worker died before logging it)
     log_writer = LogWriter(cast(Bus, bus), interval=0.01, max_records=100)
