@@ -1,5 +1,6 @@
-"""The ports of the workers: what `DecisionsWorker` (and its log writer and batchers) need of the
-bus and of the store's directory, as `Protocol`s.
+"""The ports of the workers: what `DecisionsWorker` (and its log writer and batchers) and
+`TimersWorker` need of the bus, and what decisions needs of the store's directory, as
+`Protocol`s.
 
 `services.common.bus.Bus` and `services.common.directory.Directory` are the production
 adapters; the unit tests hand in the in-memory bus (tests/memory_bus.py), which keeps the
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from services.common.bus import Topology
     from services.common.directory import GroupConfig
     from services.common.lobby import LobbyConfig
     from services.common.messages import Envelope, LogBatch
@@ -58,6 +60,14 @@ class Publisher(Protocol):
         encoded: Sequence[bytes] | None = None,
     ) -> None:
         """Envelopes as one message (a JSON array), in their order."""
+
+
+class RoutingPublisher(Publisher, Protocol):
+    """A publisher that also says the topology, for those who route inputs to a shard
+    (`bus.input_key` needs the number of shards): the timers."""
+
+    @property
+    def topology(self) -> Topology: ...
 
 
 class GroupDirectory(Protocol):

@@ -22,7 +22,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from services.common.bus import INPUTS, TIMERS_QUEUE, Bus, consume_in_order, input_key
+from services.common.bus import INPUTS, TIMERS_QUEUE, consume_in_order, input_key
 from services.common.logs import context
 from services.common.messages import (
     Envelope,
@@ -35,6 +35,7 @@ from services.common.messages import (
     WokeUp,
     now,
 )
+from services.common.ports import RoutingPublisher
 from services.common.retry import retry_forever
 from services.timers.domain import Tick, schedule
 from services.timers.metrics import TimersMetrics
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class TimersWorker:
     def __init__(
         self,
-        bus: Bus,
+        bus: RoutingPublisher,
         repository: TimersRepository,
         metrics: TimersMetrics,
         *,

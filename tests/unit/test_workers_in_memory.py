@@ -24,7 +24,6 @@ from services.common.bus import (
     INPUTS,
     LOG,
     TIMERS_QUEUE,
-    Bus,
     InputKind,
     consume_pipelined,
     input_key,
@@ -130,8 +129,8 @@ class Stack:
         self.open: set[str] = set()  # members with an open connection on the gateway
         self.schedules = MemoryTimersRepository()
         self.timers = TimersWorker(
-            cast(Bus, self.bus),
-            cast(TimersRepository, self.schedules),
+            self.bus,
+            cast(TimersRepository, self.schedules),  # the part of it the timers use here
             TimersMetrics(),
             owner="timers",
             lease_seconds=30.0,
