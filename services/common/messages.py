@@ -251,7 +251,9 @@ class WakeAt(Payload):
 class PresenceChanged(Payload):
     """gateway → decisions: the envelope's connection opened (`connected`) or closed."""
 
-    connected: bool
+    # Absent reads as closed, as decisions read it before this model: a required field would
+    # make such a message fail on every delivery, holding up its shard queue.
+    connected: bool = False
 
 
 class TimerFired(Payload):
@@ -269,7 +271,7 @@ class TimerFired(Payload):
 class WokeUp(Payload):
     """timers → decisions: the wake-up a `WakeAt` asked for (a `TimerFired` to a lobby)."""
 
-    event: str
+    event: str = ""  # the lobby ignores an event it does not know (as before this model)
     participant: str | None = None  # older senders; the envelope's `participant` otherwise
     at: float | None = None
     late: bool = False
