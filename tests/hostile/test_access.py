@@ -51,6 +51,7 @@ PUBLIC = {
     "/metrics",
     "/",
     "/p/{key}",
+    "/p/{key}/view",  # the generic page's live values: the seat key is the credential
     "/ws/{key}",
     "/join/{join_key}",  # the study link: its key is the credential (PROTOCOL v2)
     "/static",
@@ -171,8 +172,14 @@ async def test_the_token_is_never_logged(
             assert token not in (await client.get(path)).text
     logs = service_logs(Path(stack.logs_dir))
     assert set(logs) >= {f"{name}.log" for name in ("store", "gateway", "decisions", "timers")}
+    secrets_held = {
+        "the admin token": token,
+        "the internal token": stack.urls.internal_token,
+        "the seat secret": stack.env["CANOPY_SEAT_SECRET"],
+    }
     for name, text in logs.items():
-        assert token not in text, f"the admin token is in {name}"
+        for what, value in secrets_held.items():
+            assert value not in text, f"{what} is in {name}"
 
 
 def service_logs(folder: Path) -> dict[str, str]:
