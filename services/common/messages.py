@@ -195,7 +195,11 @@ _ENVELOPE_JSON = Envelope.__pydantic_serializer__
 
 
 class Payload(BaseModel):
-    """A payload's model: readers ignore fields they do not know, as for the envelope."""
+    """A payload's model: readers ignore fields they do not know, as for the envelope.
+
+    Parametrize an envelope with a model, or a union of models (decisions' `TimersPayload`),
+    never with `Payload` itself: `encode()` serializes what the payload holds, but pydantic's
+    own `model_dump` follows the declared type, and `Payload` has no fields."""
 
     model_config = _BUS_MODEL
 
