@@ -392,6 +392,53 @@ def _periods(groups: list[dict[str, Any]]) -> str:
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="print the API's answer as JSON")
 @click.pass_context
+def experiments(ctx: click.Context, as_json: bool) -> None:
+    """List the experiments the store has loaded: built-in or plug-in (and which package and
+    version), their channels, what a decision is, and the first line of their description."""
+    answer = _call(_target(ctx), "GET", "/api/experiments")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    table = _table("experiment", "source", "channels", "decision", "description")
+    for info in answer["experiments"]:
+        table.add_row(
+            info["name"],
+            info.get("source") or "",
+            ", ".join(info.get("channels") or []),
+            _decision_text(info.get("decision")),
+            (info.get("description") or "").split("\n\n")[0].replace("\n", " "),
+        )
+    _stdout().print(table)
+
+
+def _decision_text(decision: Any) -> str:
+    """A declared decision in a few words (docs/experiments.md: number, choice, mix, compound);
+    empty for an experiment that declares none."""
+    if not isinstance(decision, dict) or not isinstance(decision.get("input"), dict):
+        return ""
+    return _input_text(decision["input"])
+
+
+def _input_text(spec: dict[str, Any]) -> str:
+    kind = spec.get("kind")
+    if kind == "number":
+        unit = f" {spec['unit']}" if spec.get("unit") else ""
+        return f"number {spec.get('min', 0):g}–{spec.get('max', 0):g}{unit}"
+    if kind == "choice":
+        options = spec.get("options") or []
+        return "one of " + ", ".join(str(o.get("label", o.get("value"))) for o in options)
+    if kind == "mix":
+        return "a mix of " + ", ".join(str(a) for a in spec.get("actions") or [])
+    if kind == "compound":
+        fields = spec.get("fields") or {}
+        return "; ".join(f"{name}: {_input_text(sub)}" for name, sub in fields.items())
+    return str(kind or "")
+
+
+@main.command(context_settings=CONTEXT)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="print the API's answer as JSON")
+@click.pass_context
 def sessions(ctx: click.Context, as_json: bool) -> None:
     """List the sessions with their live status (who is connected, each group's period)."""
     answer = _call(_target(ctx), "GET", "/api/sessions")

@@ -328,3 +328,16 @@ def test_reset_refuses_while_make_run_runs_asks_first_then_wipes() -> None:
 
         supervised.relaunch()
         assert "No sessions." in ok(canopy("--run-dir", str(run_dir), "sessions"))
+
+
+def test_experiments_lists_the_loaded_plug_ins_with_their_source_and_decision(stack: Any) -> None:
+    """`canopy experiments`: what the store loaded (issue 21), built-ins and plug-ins alike."""
+    listed = json.loads(ok(canopy("experiments", "--json", api=stack)))
+    by_name = {info["name"]: info for info in listed["experiments"]}
+    assert by_name["public_goods"]["source"] == "built-in"
+    assert by_name["cournot"]["source"].startswith("entry point")  # tests/plugins/site
+    text = ok(canopy("experiments", api=stack, env={"COLUMNS": "250"}))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()}
+    assert "built-in" in rows["public_goods"] and "number 0–20 points" in rows["public_goods"]
+    assert "a mix of Cooperate, Defect" in rows["bimatrix"]
+    assert "entry point" in rows["cournot"] and "canopy-cournot" in rows["cournot"]
