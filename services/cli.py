@@ -409,6 +409,15 @@ def experiments(ctx: click.Context, as_json: bool) -> None:
             (info.get("description") or "").split("\n\n")[0].replace("\n", " "),
         )
     _stdout().print(table)
+    for failure in answer.get("failures") or []:  # left out of the registry: say why
+        stderr.print(
+            f"[red]plug-in {escape(failure['plugin'])} failed to load:[/] "
+            f"{escape(failure['error'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if answer.get("failures"):
+        raise SystemExit(1)
 
 
 def _decision_text(decision: Any) -> str:

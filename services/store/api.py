@@ -504,11 +504,16 @@ def api_router(
 
     @router.get("/experiments")
     async def list_experiments() -> dict[str, Any]:
-        """Every registered experiment (plug-ins included) with its params' JSON schema, and
-        the JSON schema of a session's settings (the body of `POST /api/sessions`)."""
+        """Every registered experiment (plug-ins included) with its params' JSON schema, the
+        JSON schema of a session's settings (the body of `POST /api/sessions`), and the
+        plug-ins that failed to load here, with their errors (`failures`)."""
         return {
             "experiments": [experiment_info(name) for name in experiments.names()],
             "session_schema": CreateSession.model_json_schema(),
+            "failures": [
+                {"plugin": spec, "error": error}
+                for spec, error in sorted(experiments.failures().items())
+            ],
         }
 
     @router.get("/sessions")

@@ -123,8 +123,18 @@ class CreateSession(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
         if self.experiment not in experiments.names():
+            failed = experiments.failures()
+            # A plug-in that failed to load is left out of the registry; say so here, where
+            # a researcher meets it, not only in the services' logs.
+            broken = (
+                f"; {len(failed)} plug-in(s) failed to load: "
+                + "; ".join(f"{spec} ({error})" for spec, error in sorted(failed.items()))
+                if failed
+                else ""
+            )
             raise ValueError(
-                f"unknown experiment {self.experiment!r}; known: {', '.join(experiments.names())}"
+                f"unknown experiment {self.experiment!r}; known: "
+                f"{', '.join(experiments.names())}{broken}"
             )
         if self.num_participants % self.group_size:
             raise ValueError("num_participants must be a multiple of group_size")
