@@ -11,8 +11,9 @@ send to, another origin.
 
 Style attributes are allowed on participant pages only (see PAGES_POLICY). The console may not
 be framed (`frame-ancestors 'none'`: its buttons act with the admin token); participant pages
-may (a survey tool may show a page in a frame), so their policy says nothing about ancestors. FastAPI's own `/docs` and `/redoc` (inline script, a CDN) keep no
-policy: they are tools for the API, not Canopy's pages.
+may (a survey tool may show a page in a frame), so their policy says nothing about ancestors.
+FastAPI's own `/docs` and `/redoc` (inline script, a CDN) keep no policy: they are tools for
+the API, not Canopy's pages.
 """
 
 from __future__ import annotations

@@ -192,6 +192,10 @@ class DeadLetterKeeper:
             ["queue", "reason"],
             registry=registry,
         )
+        # Series at 0 from the start, so that the metric exists before the first dead letter
+        # (a rule or a dashboard reading it finds it; an increase from 0 is seen as one).
+        for queue in (STORE_QUEUE, TIMERS_QUEUE):
+            self.kept.labels(queue, "rejected")
 
     def _labels(self, document: Mapping[str, Any]) -> tuple[str, str]:
         # Bounded values only: Canopy's own queues (shards are bounded by CANOPY_SHARDS).

@@ -93,12 +93,13 @@ async def kept(keeper: DeadLetterKeeper, count: int) -> list[dict[str, Any]]:
 
 
 def counted(keeper: DeadLetterKeeper) -> dict[tuple[str, str], float]:
-    """canopy_store_dead_letters_total by (queue, reason)."""
+    """canopy_store_dead_letters_total by (queue, reason), the series that counted any (the
+    keeper starts some at 0, so that the metric exists before the first dead letter)."""
     return {
         (sample.labels["queue"], sample.labels["reason"]): sample.value
         for metric in keeper.kept.collect()
         for sample in metric.samples
-        if sample.name.endswith("_total")
+        if sample.name.endswith("_total") and sample.value
     }
 
 

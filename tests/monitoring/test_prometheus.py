@@ -90,6 +90,7 @@ async def test_prometheus_scrapes_every_service_and_the_broker_and_evaluates_the
         "CanopyDeliveryLatencyHigh",
         "CanopyStoreLagGrowing",
         "CanopyEventsQuarantined",
+        "CanopyDeadLetters",
         "CanopyQueueWithoutConsumer",
         "CanopyTickDrift",
         "CanopyRefusalSpike",
