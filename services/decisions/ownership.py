@@ -12,7 +12,9 @@ message alongside the new owner.
 
 A worker that cannot renew (MongoDB unreachable) keeps its shards while its leases are surely
 still valid, and hands them all back before they can expire: nobody else can take them
-meanwhile, and nobody will take them from under it.
+meanwhile, and nobody will take them from under it. A link that hangs instead of failing (a
+partition) is cut short the same way: a step's calls must answer an interval before expiry
+(`pymongo.timeout`), tests/faults/test_db_cutoff.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from services.decisions.repository import DecisionsRepository
@@ -70,15 +73,28 @@ class ShardOwnership:
     async def step(self) -> None:
         at = self._clock()
         try:
-            await self._step(at)
+            # While we hold shards, MongoDB must answer before our leases could expire (less a
+            # step to stop consuming): a cut-off link hangs rather than fails, and a worker
+            # waiting on it would go on applying inputs after another took its shards.
+            with pymongo.timeout(self._budget(at)):
+                await self._step(at)
         except PyMongoError as exc:
             log.warning("could not renew the shard leases (%r)", exc)
-            if self.held and self._clock() > self._valid_until - self.interval:
+            # The next step would start an interval from now and must end an interval before
+            # expiry: if that leaves it no time, stop now.
+            if self.held and self._clock() > self._valid_until - 2 * self.interval:
                 log.error("shard leases about to expire unrenewed: handing back %s", self.held)
                 for index in sorted(self.held):
                     await self._give_up(index, release_lease=False)
             return
         self.stepped.set()
+
+    def _budget(self, at: float) -> float | None:
+        """Seconds a step's MongoDB calls may take: while shards are held, until an interval
+        before their leases expire (at least a moment, so that the call fails, not hangs)."""
+        if not self.held:
+            return self._ttl  # nothing to fence; a hung call is retried on the next step
+        return max(0.001, self._valid_until - self.interval - at)
 
     async def _step(self, at: float) -> None:
         leases = self._repository.shards
