@@ -2,7 +2,7 @@
 MongoDB, a group's whole life in a second.
 
 `MemoryBus` is a `services.common.ports.Publisher` with the delivery semantics the workers rely
-on, as RabbitMQ gives them (services/common/bus.py's topology):
+on, as RabbitMQ gives them (services/common/bus/topology.py):
 - every message goes through its bytes (`Envelope.encode`, a batch's JSON array), so a reader
   gets JSON, as over the wire, and a payload that does not serialize fails its publish;
 - routing: the default exchange by queue name, `canopy.inputs` by topic (`shard.N.*`), the

@@ -8,7 +8,7 @@ HTTP error codes of the store (`{"error": {"code", "message"}}`): `ApiCode`. Any
 not one of these (a bug, the database away) is logged and answered 500 `internal_error`, with
 a fixed message.
 
-Bus handlers use a separate, small set of control-flow outcomes (see `bus.py`).
+Bus handlers use a separate, small set of control-flow outcomes (see `services.common.bus.consume`).
 """
 
 from __future__ import annotations

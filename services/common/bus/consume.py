@@ -1,0 +1,182 @@
+"""Consumer loops: one message at a time in queue order (`consume_in_order`), or pipelined
+(`consume_pipelined`: a message's outputs confirmed, and it acked, in the background); and
+`running`, which ends a service's background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractQueueIterator
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+from services.common.bus.wire import decode_message
+from services.common.logs import context
+from services.common.messages import Envelope
+
+log = logging.getLogger(__name__)
+
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+async def completed() -> None:
+    """An awaitable with nothing to wait for (a pipelined handler's 'no outputs')."""
+
+
+async def consume_in_order(
+    queue: AbstractQueue,
+    handler: Handler,
+    *,
+    on_malformed: Callable[[AbstractIncomingMessage, Exception], None] | None = None,
+) -> None:
+    """Run `handler` on each message of `queue`, one at a time, in queue order.
+
+    Outcomes: the handler returns → ack; the body is not a valid envelope → reject to the
+    dead-letter queue (it can never succeed); the handler raises → nack and requeue, so the
+    message is retried rather than lost (the handler must be idempotent, which ours are).
+    """
+
+    async def inline(envelope: Envelope) -> Awaitable[None]:
+        await handler(envelope)
+        return completed()
+
+    await consume_pipelined(queue, inline, on_malformed=on_malformed)
+
+
+Pipelined = Callable[[Envelope], Awaitable[Awaitable[Any]]]
+
+
+async def consume_pipelined(
+    queue: AbstractQueue,
+    handler: Pipelined,
+    *,
+    on_malformed: Callable[[AbstractIncomingMessage, Exception], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Like `consume_in_order`, but without waiting for one message's outputs to be confirmed
+    before handling the next.
+
+    `handler` does its ordered work (state changes, starting publishes in order) and returns an
+    awaitable that completes once the message's outputs are confirmed; the message is acked
+    then, in the background. The broker's prefetch bounds how many are in flight.
+
+    Setting `stop` hands the queue over gracefully: the consumer is cancelled, messages
+    delivered but not handled yet go back to the queue, and the function returns once every
+    handled message is acknowledged (a shard moving to another worker, a drain). Cancelling
+    the task instead abandons what is in flight (the broker redelivers it).
+    """
+    in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
+
+    async def ack_when_done(message: AbstractIncomingMessage, dones: list[Awaitable[Any]]) -> None:
+        try:
+            for done in dones:  # already under way: awaiting them in turn waits for the slowest
+                await done
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "outputs of a message on %s failed; message requeued",
+                queue.name,
+                extra=context(message_id=message.message_id),
+            )
+            _discard(dones)
+            await _settle(message, queue.name, ack=False)
+            return
+        await _settle(message, queue.name, ack=True)
+
+    stopper: asyncio.Task[None] | None = None
+    try:
+        async with queue.iterator() as messages:
+            if stop is not None:
+                stopper = asyncio.create_task(_close_when_set(stop, messages))
+            async for message in messages:
+                try:
+                    envelopes = decode_message(message)
+                except ValueError as exc:
+                    log.error(
+                        "malformed message on %s rejected: %s",
+                        queue.name,
+                        exc,
+                        extra=context(message_id=message.message_id),
+                    )
+                    if on_malformed is not None:
+                        on_malformed(message, exc)
+                    await message.reject(requeue=False)
+                    continue
+                dones: list[Awaitable[Any]] = []
+                try:
+                    for envelope in envelopes:
+                        dones.append(await handler(envelope))
+                except asyncio.CancelledError:
+                    _discard(dones)
+                    raise
+                except Exception:
+                    # Redelivered whole: the envelopes handled already are handled idempotently.
+                    log.exception(
+                        "handler failed on %s; message requeued",
+                        queue.name,
+                        extra=context(message_id=message.message_id),
+                    )
+                    _discard(dones)
+                    await _settle(message, queue.name, ack=False)
+                    continue
+                task = asyncio.create_task(ack_when_done(message, dones))
+                in_flight[task] = dones
+                task.add_done_callback(in_flight.pop)
+        if in_flight:  # stopped: finish and acknowledge what was handled
+            await asyncio.gather(*in_flight)
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+        for task, dones in list(in_flight.items()):
+            task.cancel()
+            _discard(dones)
+
+
+async def _settle(message: AbstractIncomingMessage, queue: str, *, ack: bool) -> None:
+    """Ack (or nack and requeue) a delivery. If its channel is gone meanwhile (a broker
+    node died), the broker requeues it by itself and the handler sees it again."""
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=True)
+    except (ChannelInvalidStateError, AMQPError) as exc:
+        log.info(
+            "%s of a message on %s lost with its channel (%r); the broker redelivers it",
+            "ack" if ack else "nack",
+            queue,
+            exc,
+            extra=context(message_id=message.message_id),
+        )
+
+
+async def _close_when_set(stop: asyncio.Event, messages: AbstractQueueIterator) -> None:
+    await stop.wait()
+    await messages.close()
+
+
+def _discard(awaitables: list[Awaitable[Any]]) -> None:
+    """Close coroutines that will never be awaited now (no 'never awaited' warnings)."""
+    for awaitable in awaitables:
+        if (
+            inspect.iscoroutine(awaitable)
+            and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED
+        ):
+            awaitable.close()
+
+
+@asynccontextmanager
+async def running(tasks: list[asyncio.Task[Any]]) -> AsyncIterator[None]:
+    """Cancel and await background tasks on exit (service shutdown)."""
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
