@@ -48,9 +48,8 @@ from bench.diskprobe import DiskProbe
 from bench.procstats import ProcessSet, machine_usage, stack_cpu_per_decision, usage
 from bench.report import machine_info, now_iso, repo_commit
 from bench.wsclient import WsClient, parse_ws_target
+from services.common.bus import STORE_QUEUE, shard_queue
 
-STORE_QUEUE = "canopy.store.events"
-SHARD_QUEUE = "canopy.decisions.shard.{}"
 PERIOD_MARGIN = 30.0  # seconds of period left after warmup + duration (drain, export)
 # A group's period starts as soon as its members are connected, before the load starts: give
 # the period this much more per participant to connect (1,000 take ~10 s on 2 cores).
@@ -398,7 +397,7 @@ class QueueProbe:
 
     async def depths(self) -> tuple[int | None, int | None]:
         store = await self._depth(STORE_QUEUE)
-        shard_counts = [await self._depth(SHARD_QUEUE.format(i)) for i in range(self._shards)]
+        shard_counts = [await self._depth(shard_queue(i)) for i in range(self._shards)]
         shards = (
             sum(c for c in shard_counts if c is not None)
             if any(c is not None for c in shard_counts)

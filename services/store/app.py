@@ -13,7 +13,7 @@ from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 
 from services.common import experiments
-from services.common.bus import DEAD, STORE_QUEUE, Bus, Topology, running
+from services.common.bus import STORE_QUEUE, Bus, Topology, dead_letter_queue, running
 from services.common.csp import CONSOLE_POLICY, ContentSecurityPolicy
 from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
@@ -77,7 +77,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
         task = vital.watch("the event writer", asyncio.create_task(writer.run(queue)))
         await dead_letters.setup()
-        dead_queue = await (await bus.channel(prefetch=16)).declare_queue(DEAD, passive=True)
+        dead_queue = await dead_letter_queue(await bus.channel(prefetch=16))
         keeper = vital.watch(
             "the dead-letter keeper", asyncio.create_task(dead_letters.run(dead_queue))
         )

@@ -70,7 +70,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from services.common import experiments
-from services.common.bus import LOG, LOG_KEY, Bus
+from services.common.bus import LOG, LOG_KEY, Bus, declare_monitor_queue
 from services.common.errors import ApiCode, ApiError
 from services.common.group import GroupState
 from services.common.lobby import GROUP_FORMED, LOBBY_JOIN, LOBBY_LEAVE
@@ -411,13 +411,7 @@ class LiveHub:
             connection.reconnect_callbacks.add(self._on_reconnect)
             self._reconnect_hooked = True
         channel = await connection.channel()
-        queue = await channel.declare_queue(
-            f"canopy.monitor.{self._instance}.{new_id()[-8:]}",
-            exclusive=True,
-            auto_delete=True,
-            arguments={"x-queue-type": "classic", "x-max-length": QUEUE_MAX_LENGTH},
-        )
-        await queue.bind(LOG, routing_key=LOG_KEY)
+        queue = await declare_monitor_queue(channel, self._instance, max_length=QUEUE_MAX_LENGTH)
         # no_ack: a live view; what it misses in a reconnection is rebuilt from MongoDB.
         self._consumer_tag = await queue.consume(self._on_message, no_ack=True)
         self._channel, self._queue = channel, queue
