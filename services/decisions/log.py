@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 import orjson
 
 from services.common.bus import LOG, LOG_KEY
+from services.common.bus.batcher import Batch, all_of
 from services.common.messages import LogBatch, LogRecord
 from services.common.ports import Publisher
 
@@ -69,9 +69,7 @@ class LogWriter:
         self._interval = interval
         self._max_records = max_records
         self._max_bytes = max_bytes
-        self._records: list[LogRecord] = []
-        self._bytes = 0  # the estimated size of `_records`
-        self._written: asyncio.Future[None] | None = None
+        self._open: Batch[LogRecord] | None = None  # the batch being filled
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -86,42 +84,43 @@ class LogWriter:
         # prefix of them logged (`period_end` without its `finished` rows), and the input,
         # redelivered, is then seen as applied: the rest would never be written.
         fits_alone = len(records) <= self._max_records and total <= budget
-        fits_here = (
-            len(self._records) + len(records) <= self._max_records and self._bytes + total <= budget
-        )
-        if self._records and fits_alone and not fits_here:
+        here = self._open
+        if (
+            here is not None
+            and fits_alone
+            and not here.fits(total, self._max_records, budget, len(records))
+        ):
             self.flush()
         for record, size in zip(records, sizes, strict=True):
-            if self._records and self._bytes + size > budget:
-                self.flush()
             batch = self._batch()
-            if not batches or batches[-1] is not batch:
-                batches.append(batch)
-            self._records.append(record)
-            self._bytes += size
-            if len(self._records) >= self._max_records:
+            if not batch.offer(record, size, self._max_records, budget):
+                self.flush()
+                batch = self._batch()
+                batch.add(record, size)
+            if not batches or batches[-1] is not batch.confirmed:
+                batches.append(batch.confirmed)
+            if len(batch.items) >= self._max_records:
                 self.flush()
         if not batches:
-            batches.append(self._batch())
-        return batches[0] if len(batches) == 1 else _all(batches)
+            batches.append(self._batch().confirmed)
+        return batches[0] if len(batches) == 1 else all_of(batches)
 
-    def _batch(self) -> asyncio.Future[None]:
-        """The future of the batch being filled (a new one, with its timer, if none is)."""
-        if self._written is None:
+    def _batch(self) -> Batch[LogRecord]:
+        """The batch being filled (a new one, with its timer, if none is)."""
+        if self._open is None:
             loop = asyncio.get_running_loop()
-            self._written = loop.create_future()
+            self._open = Batch(loop.create_future())
             self._timer = loop.call_later(self._interval, self.flush)
-        return self._written
+        return self._open
 
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._written is None:
+        if self._open is None:
             return
-        records, written = self._records, self._written
-        self._records, self._written, self._bytes = [], None, 0
-        task = asyncio.get_running_loop().create_task(self._publish(records, written))
+        batch, self._open = self._open, None
+        task = asyncio.get_running_loop().create_task(self._publish(batch.items, batch.confirmed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -140,26 +139,3 @@ class LogWriter:
         self.flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _all(batches: Sequence[asyncio.Future[None]]) -> asyncio.Future[None]:
-    """A future that completes when all `batches` did, or fails as the first that failed."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    left = len(batches)
-
-    def settle(batch: asyncio.Future[None]) -> None:
-        nonlocal left
-        if done.done():
-            return
-        if batch.cancelled():
-            done.cancel()
-        elif (exc := batch.exception()) is not None:
-            done.set_exception(exc)
-        else:
-            left -= 1
-            if not left:
-                done.set_result(None)
-
-    for batch in batches:
-        batch.add_done_callback(settle)
-    return done

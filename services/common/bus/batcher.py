@@ -6,28 +6,88 @@ batch is with the broker leave together in the next one. An idle stack therefore
 and a busy one sends fewer, larger messages, because the broker's and aio-pika's cost is per
 message, not per envelope. A batch is an AMQP message of type `canopy.batch` whose body is a JSON
 array of envelopes; consumers accept batches and single envelopes alike.
+
+`Batch` is the rule every batch on the bus is cut by (the `Batcher`'s and decisions' log
+writer's, `services.decisions.log`): at most so many items and bytes, an item bigger than that
+alone, and a future that the batch's publish settles.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from services.common.bus.wire import BATCH_MAX_BYTES
 from services.common.messages import Envelope
 from services.common.ports import Publisher
 
+T = TypeVar("T")
+
 
 @dataclass(eq=False, slots=True)
-class _Chunk:
-    """One batch being gathered: its envelopes, the same encoded, and its size as a message."""
+class Batch(Generic[T]):
+    """One batch being gathered: its items, their size in bytes as its writer counts them, and
+    the future that completes when the broker confirmed the batch (or fails as it did)."""
 
     confirmed: asyncio.Future[None]
-    envelopes: list[Envelope] = field(default_factory=list)
+    items: list[T] = field(default_factory=list)
+    size: int = 0
+
+    def fits(self, size: int, max_items: int, max_bytes: int, count: int = 1) -> bool:
+        """Whether `count` more items of `size` bytes in all may join: a batch holds at most
+        `max_items` items and `max_bytes` bytes, but an empty one takes anything (an item
+        bigger than a batch goes alone rather than never)."""
+        return not self.items or (
+            len(self.items) + count <= max_items and self.size + size <= max_bytes
+        )
+
+    def add(self, item: T, size: int) -> None:
+        self.items.append(item)
+        self.size += size
+
+    def offer(self, item: T, size: int, max_items: int, max_bytes: int) -> bool:
+        """`add` the item if it `fits`; False if not (its writer starts another batch). One
+        call on the hot path, where `fits` and `add` would be two."""
+        items = self.items
+        if items and (len(items) >= max_items or self.size + size > max_bytes):
+            return False
+        items.append(item)
+        self.size += size
+        return True
+
+
+def all_of(batches: Sequence[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """A future that completes when all `batches` did, or fails as the first that failed."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(batches)
+
+    def settle(batch: asyncio.Future[None]) -> None:
+        nonlocal left
+        if done.done():
+            return
+        if batch.cancelled():
+            done.cancel()
+        elif (exc := batch.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            left -= 1
+            if not left:
+                done.set_result(None)
+
+    for batch in batches:
+        batch.add_done_callback(settle)
+    return done
+
+
+@dataclass(eq=False, slots=True)
+class _Chunk(Batch[Envelope]):
+    """A `Batcher`'s batch: its envelopes, the same encoded, and its size as a message (start
+    at 1 for "]", then each body with the "[" or "," before it: `batch_body(encoded)`)."""
+
     encoded: list[bytes] = field(default_factory=list)
-    size: int = 1  # of `batch_body(encoded)`: "]", then each body with the "[" or "," before it
 
 
 class Batcher:
@@ -95,16 +155,11 @@ class Batcher:
             return failed
         size = len(body) + 1  # with the comma (or bracket) before it
         chunk = self._chunks[-1] if self._chunks else None
-        if (
-            chunk is None
-            or chunk.size + size > self._max_bytes
-            or len(chunk.encoded) >= self._max_items
-        ):
-            chunk = _Chunk(loop.create_future())
+        if chunk is None or not chunk.offer(envelope, size, self._max_items, self._max_bytes):
+            chunk = _Chunk(loop.create_future(), size=1)
+            chunk.add(envelope, size)
             self._chunks.append(chunk)
-        chunk.envelopes.append(envelope)
         chunk.encoded.append(body)
-        chunk.size += size
         if not self._scheduled and self._timer is None:
             self._schedule(loop)
         return chunk.confirmed
@@ -143,7 +198,7 @@ class Batcher:
             self._in_flight += 1
             self._last_sent = loop.time()
             if self._on_batch is not None:
-                self._on_batch(len(chunk.envelopes))
+                self._on_batch(len(chunk.items))
             task = loop.create_task(self._publish(chunk))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -156,7 +211,7 @@ class Batcher:
             await self._bus.publish_batch(
                 self._exchange,
                 self._routing_key,
-                chunk.envelopes,
+                chunk.items,
                 mandatory=self._mandatory,
                 reliable=self._reliable,
                 encoded=chunk.encoded,
