@@ -16,6 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 log = logging.getLogger(__name__)
 
 READY_MAX_AGE = 5.0  # seconds: how stale `canopy_<service>_ready` may be when scraped
+# Seconds a scrape waits for that check: a check that hangs (a database that stopped
+# answering) must not fail the scrape, or Prometheus loses every metric of the service, the
+# store's lag too, just when they matter (tests/faults/test_db_outage.py).
+READY_WAIT = 1.0
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
 
@@ -59,7 +63,7 @@ def health_router(
     service's `canopy_<service>_ready`) keeps the last answer, for Prometheus: `/metrics`
     checks readiness too when the last check is older than READY_MAX_AGE, so the gauge is
     fresh whoever else probes, and frequent scrapes do not repeat the broker and database
-    round trips of a check."""
+    round trips of a check. A scrape waits at most READY_WAIT for it (then the gauge says 0)."""
     router = APIRouter()
     checked_at = [float("-inf")]  # monotonic time of the last check
 
@@ -88,10 +92,20 @@ def health_router(
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    scraping: list[asyncio.Task[list[str]]] = []  # a scrape's check still under way
+
     @router.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        if ready is not None and time.monotonic() - checked_at[0] > READY_MAX_AGE:
-            await check(request)
+        if ready is not None:
+            if not scraping and time.monotonic() - checked_at[0] > READY_MAX_AGE:
+                task = asyncio.create_task(check(request))
+                scraping.append(task)
+                task.add_done_callback(scraping.remove)
+            if scraping:
+                try:
+                    await asyncio.wait_for(asyncio.shield(scraping[0]), READY_WAIT)
+                except TimeoutError:
+                    ready.set(0)  # no answer in time is not ready; the check sets it when done
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
