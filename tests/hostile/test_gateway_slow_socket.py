@@ -19,7 +19,7 @@ from starlette.websockets import WebSocketState
 
 from services.common.bus import BATCH_TYPE, encode_batch
 from services.common.directory import ParticipantInfo
-from services.common.messages import Envelope, MessageType
+from services.common.messages import Envelope, MessageType, PresenceChanged
 from services.common.seats import derive_secret, new_key
 from services.gateway.api import Participants
 from services.gateway.handlers import Hub
@@ -84,7 +84,7 @@ class FakeBus:
     ) -> None:
         for envelope in envelopes:
             if envelope.type is MessageType.PRESENCE_CHANGED:
-                self.presence.append(envelope.payload["connected"])
+                self.presence.append(PresenceChanged.of(envelope).connected)
                 self.changed.set()
 
 
