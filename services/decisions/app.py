@@ -12,7 +12,6 @@ releases the lease. Readiness is false until the first lease step reached MongoD
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,15 +62,13 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     consumers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
     vital = VitalTasks()
     channels: list[AbstractChannel] = []
-    shard_channels: dict[int, AbstractChannel] = {}  # one per shard consumed: closed on release
 
     async def claim(shards: list[int]) -> None:
         """Consume shards just taken over, once the log holds what their last owner sent."""
         waited = await worker.wait_for_log()
         log.info("shards %s: the log holds everything sent before (waited %.3f s)", shards, waited)
         for index in shards:
-            shard_channels[index] = await bus.channel(prefetch=settings.decisions_prefetch)
-            queue = await shard_channels[index].declare_queue(shard_queue(index), passive=True)
+            queue = await channels[0].declare_queue(shard_queue(index), passive=True)
             stop = asyncio.Event()
             task = asyncio.create_task(
                 consume_pipelined(
@@ -97,11 +94,6 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
             task.cancel()
         except Exception:
             log.exception("shard %d's consumer failed while stopping", index)
-        # Closing the shard's own channel gives back whatever was delivered and not handled:
-        # aio-pika may queue a delivery after its iterator's close nacked the rest, and such a
-        # message would stay unacknowledged (never applied) while the channel lived.
-        with contextlib.suppress(Exception):
-            await shard_channels.pop(index).close()
         dropped = worker.forget_shard(index, settings.shards)
         log.info("shard %d handed over (%d groups dropped)", index, dropped)
 
