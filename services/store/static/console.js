@@ -117,6 +117,8 @@ const SETTING_LABELS = {
   grouping: ["Grouping", "fixed: groups as created · arrival: a lobby forms each group from the first people there"],
   lobby_timeout: ["Lobby timeout (s)", "the longest anyone waits in the lobby"],
   on_lobby_timeout: ["At the lobby timeout", "release: that person finishes (outcome lobby_timeout) · bots: a group forms at once, bots in the empty places"],
+  // Bots for people who leave: shown with on_disconnect "bots" only.
+  dropout_grace: ["Dropout grace (s)", "how long a member is away before a bot plays for them"],
 };
 const ARRIVAL_ONLY = ["lobby_timeout", "on_lobby_timeout"];
 const STARTING_VALUES = {num_participants: 4, group_size: 2, period_length: 60};
@@ -196,6 +198,8 @@ function buildForm(catalogue) {
     .join("");
   const grouping = $('[name="grouping"]');
   if (grouping) grouping.addEventListener("change", showGrouping);
+  const onDisconnect = $('[name="on_disconnect"]');
+  if (onDisconnect) onDisconnect.addEventListener("change", showGrouping);
   showGrouping();
   showExperiment();
 }
@@ -208,6 +212,10 @@ function showGrouping() {
     const input = $(`[name="${name}"]`);
     if (input) input.closest("label").hidden = !arrival;
   }
+  // The grace before a bot takes over means something only when bots do.
+  const onDisconnect = $('[name="on_disconnect"]');
+  const grace = $('[name="dropout_grace"]');
+  if (grace) grace.closest("label").hidden = !onDisconnect || onDisconnect.value !== JSON.stringify("bots");
 }
 
 function showExperiment() {
