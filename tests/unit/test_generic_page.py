@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from services.common.decision import Choice, Compound, Decision, Mix, Number, Option, Shown
 from services.gateway.pages import render_page
+from tests.unit.fake_socket import FAKE_WEBSOCKET as BASE_FAKE_WEBSOCKET
 
 CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(str(files("services.gateway").joinpath("static")))
@@ -35,24 +36,12 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing"),
 ]
 
-FAKE_WEBSOCKET = """
-class FakeWebSocket {
-  constructor(url) {
-    this.url = url; this.readyState = 0; this.sent = []; FakeWebSocket.all.push(this);
-  }
-  send(data) { this.sent.push(JSON.parse(data)); }
-  close(code) { this.readyState = 3; }
-  open() { this.readyState = 1; if (this.onopen) this.onopen({}); }
-  receive(channel, payload) {
-    const frame = {channel, payload, ts: Date.now() / 1000};
-    this.onmessage({data: JSON.stringify(frame)});
-  }
-}
-FakeWebSocket.all = [];
-window.WebSocket = FakeWebSocket;
-window.ws = () => FakeWebSocket.all[FakeWebSocket.all.length - 1];
+FAKE_WEBSOCKET = (
+    BASE_FAKE_WEBSOCKET
+    + """
 window.decisionsSent = () => ws().sent.filter(f => f.channel === "decisions").map(f => f.payload);
 """
+)
 
 OpenPage = Callable[..., Awaitable[Page]]
 
