@@ -24,7 +24,7 @@ import logging
 import orjson
 
 from services.common.bus import LOG, LOG_KEY
-from services.common.bus.batcher import Batch, all_of
+from services.common.bus.batcher import Batch, Gathering, all_of
 from services.common.messages import LogBatch, LogRecord
 from services.common.ports import Publisher
 
@@ -66,11 +66,9 @@ class LogWriter:
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._bus = bus
-        self._interval = interval
         self._max_records = max_records
         self._max_bytes = max_bytes
-        self._open: Batch[LogRecord] | None = None  # the batch being filled
-        self._timer: asyncio.TimerHandle | None = None
+        self._gathering: Gathering[LogRecord] = Gathering(interval, self.flush)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, records: list[LogRecord]) -> asyncio.Future[None]:
@@ -84,7 +82,7 @@ class LogWriter:
         # prefix of them logged (`period_end` without its `finished` rows), and the input,
         # redelivered, is then seen as applied: the rest would never be written.
         fits_alone = len(records) <= self._max_records and total <= budget
-        here = self._open
+        here = self._gathering.open
         if (
             here is not None
             and fits_alone
@@ -107,19 +105,12 @@ class LogWriter:
 
     def _batch(self) -> Batch[LogRecord]:
         """The batch being filled (a new one, with its timer, if none is)."""
-        if self._open is None:
-            loop = asyncio.get_running_loop()
-            self._open = Batch(loop.create_future())
-            self._timer = loop.call_later(self._interval, self.flush)
-        return self._open
+        return self._gathering.batch()
 
     def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._open is None:
+        batch = self._gathering.take()
+        if batch is None:
             return
-        batch, self._open = self._open, None
         task = asyncio.get_running_loop().create_task(self._publish(batch.items, batch.confirmed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -1,10 +1,12 @@
 """The store's bus handler: write every logged event to MongoDB in batches.
 
-Each message is a `LogBatch` from decisions. Messages are buffered as they arrive and their
-records written with one unordered `insert_many` when `store_batch_size` records are waiting
-or `store_batch_seconds` have passed. The broker is acknowledged only after MongoDB took
-the batch; while MongoDB fails the batch is held and written again until it succeeds, and the
-unique `_id` of each event makes a repeated write harmless.
+Each message is a `LogBatch` from decisions. Messages are gathered as they arrive
+(`services.common.bus.batcher.Gathering`, the rule decisions' log writer cuts its batches by)
+and their records written in one go once `store_batch_size` records are waiting, or
+`store_batch_seconds` after the first of them arrived; what arrives during a write waits for
+the next one. The broker is acknowledged only after MongoDB took the batch; while MongoDB fails
+the batch is held and written again until it succeeds, and the unique `_id` of each event
+makes a repeated write harmless.
 
 When the broker connection drops, messages received on the old channel can no longer be
 acknowledged (the broker requeues them by itself); a batch may mix them with messages of the
@@ -29,7 +31,6 @@ by writing that batch's events one by one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from services.common.bus.batcher import Batch, Gathering
 from services.common.logs import context
 from services.common.messages import Channel, LogBatch, LogRecord, now
 from services.common.retry import retry_forever
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 # The channel of a seat's `finished` message: an `out` row addressed to that participant.
 FINISHED = "finished"
 LOBBY_JOIN, LOBBY_LEAVE = "lobby_join", "lobby_leave"  # services.common.lobby's rows
+# A message of the store queue and the `LogBatch` it holds.
+Delivery = tuple[AbstractIncomingMessage, LogBatch]
 
 
 def status_updates(record: LogRecord) -> list[tuple[str, str, dict[str, Any]]]:
@@ -119,18 +123,20 @@ class EventWriter:
         self._repository = repository
         self._metrics = metrics
         self._batch_size = batch_size
-        self._batch_seconds = batch_seconds
-        self._buffer: list[tuple[AbstractIncomingMessage, LogBatch]] = []
-        self._waiting = 0  # records in the buffer
-        self._full = asyncio.Event()
+        # Set when the batch being gathered is due: full, or its time is up.
+        self._due = asyncio.Event()
+        # The messages received and not yet being written; a batch's size counts its records.
+        self._gathering: Gathering[Delivery] = Gathering(batch_seconds, self._due.set)
         self.written_batches = 0
-        # LogBatch ts of the batches being written now (taken out of the buffer), oldest first.
+        # LogBatch ts of the batch being written now (taken out of the gathering), oldest first.
         self._writing: list[float] = []
         metrics.lag_seconds.set_function(self.lag)
 
     def lag(self) -> float:
         """Age of the oldest event received and not written yet; 0 when all are written."""
-        pending = self._writing[:1] + [batch.ts for _, batch in self._buffer[:1]]
+        gathered = self._gathering.open
+        waiting = gathered.items[:1] if gathered is not None else []
+        pending = self._writing[:1] + [batch.ts for _, batch in waiting]
         return max(0.0, now() - min(pending)) if pending else 0.0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -145,30 +151,39 @@ class EventWriter:
             self._metrics.rejected.inc()
             await message.reject(requeue=False)
             return
-        self._buffer.append((message, batch))
-        self._waiting += len(batch.records)
-        if self._waiting >= self._batch_size:
-            self._full.set()
+        gathered = self._gathering.batch()
+        gathered.add((message, batch), len(batch.records))
+        if gathered.size >= self._batch_size:
+            self._due.set()
 
     async def run(self, queue: AbstractQueue) -> None:
         await queue.consume(self.on_message)
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), timeout=self._batch_seconds)
-            self._full.clear()
-            if self._buffer:
-                batch, self._buffer, self._waiting = self._buffer, [], 0
-                self._writing = [b.ts for _, b in batch[:1]]
-                try:
-                    await self._write(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # never stop writing: unacked messages come back anyway
-                    log.exception("writing a batch failed unexpectedly; its messages come back")
-                finally:
-                    self._writing = []
+            await self._due.wait()
+            self._due.clear()
+            gathered = self._gathering.take()
+            if gathered is not None:
+                await self._write_gathered(gathered)
 
-    async def _write(self, batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
+    async def _write_gathered(self, gathered: Batch[Delivery]) -> None:
+        """Write a batch taken from the gathering; its future completes once it is written and
+        acked (cancelled if the write failed unexpectedly: its messages come back)."""
+        batch = gathered.items
+        self._writing = [b.ts for _, b in batch[:1]]
+        try:
+            await self._write(batch)
+        except asyncio.CancelledError:
+            gathered.confirmed.cancel()
+            raise
+        except Exception:  # never stop writing: unacked messages come back anyway
+            gathered.confirmed.cancel()
+            log.exception("writing a batch failed unexpectedly; its messages come back")
+        else:
+            gathered.confirmed.set_result(None)
+        finally:
+            self._writing = []
+
+    async def _write(self, batch: list[Delivery]) -> None:
         records = [r for _, b in batch for r in b.records]
         entries, poison = screen(records)
         barriers = [b.barrier for _, b in batch if b.barrier is not None]
@@ -354,7 +369,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 
-async def _ack(batch: list[tuple[AbstractIncomingMessage, LogBatch]]) -> None:
+async def _ack(batch: list[Delivery]) -> None:
     """Ack a written batch's messages: per channel, up to each one's last delivery tag.
 
     A message of a channel that closed meanwhile cannot be acked, and need not be: the broker

@@ -10,6 +10,11 @@ array of envelopes; consumers accept batches and single envelopes alike.
 `Batch` is the rule every batch on the bus is cut by (the `Batcher`'s and decisions' log
 writer's, `services.decisions.log`): at most so many items and bytes, an item bigger than that
 alone, and a future that the batch's publish settles.
+
+`Gathering` is the rule for a batch that also leaves on time: it opens with its first item
+and is due `interval` seconds later at the latest (sooner when its writer finds it full).
+Decisions' log writer publishes what it gathers; the store's event writer
+(`services.store.handlers`), on the consuming side, writes what it gathers to MongoDB.
 """
 
 from __future__ import annotations
@@ -239,3 +244,42 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class Gathering(Generic[T]):
+    """The batch a writer is filling, and the timer that makes it due.
+
+    `batch()` is the open batch: a new one if none is open, whose timer calls `due` after
+    `interval` seconds. `take()` closes it (its timer stopped) and hands it over; the next item
+    opens the next batch. So no item waits more than `interval` for the batch it is in to be
+    due, and an idle writer has no timer running. What "full" means (records, bytes) and
+    what is done with a batch taken are the writer's; `due` runs in the event loop, outside
+    any writer's call.
+    """
+
+    def __init__(self, interval: float, due: Callable[[], None]) -> None:
+        self._interval = interval
+        self._due = due
+        self._open: Batch[T] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def open(self) -> Batch[T] | None:
+        """The batch being filled, if any (without opening one)."""
+        return self._open
+
+    def batch(self) -> Batch[T]:
+        """The batch being filled (a new one, with its timer, if none is)."""
+        if self._open is None:
+            loop = asyncio.get_running_loop()
+            self._open = Batch(loop.create_future())
+            self._timer = loop.call_later(self._interval, self._due)
+        return self._open
+
+    def take(self) -> Batch[T] | None:
+        """Close the open batch and hand it over (None if none is open)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._open = self._open, None
+        return batch
