@@ -295,7 +295,7 @@ class GroupState:
                     participant,
                     seq,
                     ErrorCode.PERIOD_NOT_RUNNING,
-                    f"period {self.period} is {self._public_state()}",
+                    f"period {self.period} is {self.public_state()}",
                 )
             ]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
@@ -322,7 +322,7 @@ class GroupState:
     ) -> list[Effect]:
         """An input on one of the experiment's own channels (orders, cancels)."""
         if self.state != "running":
-            message = f"period {self.period} is {self._public_state()}"
+            message = f"period {self.period} is {self.public_state()}"
             return [self._error(participant, seq, ErrorCode.PERIOD_NOT_RUNNING, message)]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
             return [self._too_big(participant, seq, f"this {channel} input")]
@@ -663,7 +663,7 @@ class GroupState:
             "group_decisions": dict(self.decisions),
             "period": {
                 "number": self.period,
-                "state": self._public_state(),
+                "state": self.public_state(),
                 "ends_at": self.ends_at,
                 **({"remaining": self.remaining} if self.state == "paused" else {}),
             },
@@ -678,7 +678,8 @@ class GroupState:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _public_state(self) -> str:
+    def public_state(self) -> str:
+        """The period's state as the contract and the console name it (`starting` is `waiting`)."""
         return "waiting" if self.state == "starting" else self.state
 
     def _decisions_changed(self, now: float) -> list[Effect]:

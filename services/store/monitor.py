@@ -164,7 +164,7 @@ class UsedTickets:
 def group_view(state: GroupState, now: float) -> dict[str, Any]:
     """What the console shows of one group, from its state machine's state."""
     config = state.config
-    public = "waiting" if state.state == "starting" else state.state
+    public = state.public_state()
     payoffs: dict[str, float] = {}
     for period in state.history:
         for code, payoff in period["payoffs"].items():
