@@ -1,5 +1,9 @@
 """Health and metrics routes shared by every service: `/healthz`, `/readyz`, `/metrics`; and
-`VitalTasks`, the long-running tasks (consumers, heartbeats) whose end makes a service unready."""
+`VitalTasks`, the long-running tasks (consumers, heartbeats) whose end makes a service unready.
+
+A service whose RabbitMQ connection the broker blocks (a memory or disk alarm: see
+`services.common.bus.connection`) is not ready, whatever else holds: what it would take in
+could not be passed on until the alarm clears."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -22,6 +26,16 @@ READY_MAX_AGE = 5.0  # seconds: how stale `canopy_<service>_ready` may be when s
 READY_WAIT = 1.0
 
 ReadinessCheck = Callable[[], Awaitable[list[str]]]
+
+
+class BlockableBus(Protocol):
+    """What readiness reads of the bus (`services.common.bus.Bus`)."""
+
+    @property
+    def blocked(self) -> bool: ...
+
+    @property
+    def blocked_reason(self) -> str | None: ...
 
 
 class VitalTasks:
@@ -57,20 +71,34 @@ class VitalTasks:
 
 
 def health_router(
-    registry: CollectorRegistry, readiness: ReadinessCheck, ready: Gauge | None = None
+    registry: CollectorRegistry,
+    readiness: ReadinessCheck,
+    ready: Gauge | None = None,
+    *,
+    bus: BlockableBus | None = None,
+    blocked: Gauge | None = None,
 ) -> APIRouter:
     """`readiness` returns the list of unmet conditions; empty means ready. `ready` (the
     service's `canopy_<service>_ready`) keeps the last answer, for Prometheus: `/metrics`
     checks readiness too when the last check is older than READY_MAX_AGE, so the gauge is
     fresh whoever else probes, and frequent scrapes do not repeat the broker and database
-    round trips of a check. A scrape waits at most READY_WAIT for it (then the gauge says 0)."""
+    round trips of a check. A scrape waits at most READY_WAIT for it (then the gauge says 0).
+
+    `bus`: while RabbitMQ blocks it, the service is not ready and `readiness` is not asked
+    (its broker round trips would wait on the blocked connection until the alarm clears);
+    `blocked` (`canopy_<service>_bus_blocked`) says so to Prometheus at every scrape."""
     router = APIRouter()
     checked_at = [float("-inf")]  # monotonic time of the last check
+    if bus is not None and blocked is not None:
+        blocked.set_function(lambda: float(bus.blocked))
 
     async def check(request: Request) -> list[str]:
         checked_at[0] = time.monotonic()
         try:
-            problems = await readiness()
+            if bus is not None and bus.blocked:
+                problems = [f"RabbitMQ blocks publishers ({bus.blocked_reason})"]
+            else:
+                problems = await readiness()
         except Exception:
             # Details (host names, exception text) go to the log, not to an unauthenticated body.
             log.exception("readiness check failed")

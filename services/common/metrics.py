@@ -6,7 +6,8 @@ channel of a known experiment), never a participant code, a session or a group i
 
 Owns `ServiceMetrics`, the base of each service's metrics class: its registry, with
 `canopy_<service>_build_info` (version, Python), `canopy_<service>_ready` (the last `/readyz`
-answer), `canopy_<service>_bus_reconnects_total` and the process collector (CPU, memory, open
+answer), `canopy_<service>_bus_reconnects_total`, `canopy_<service>_bus_blocked` (a resource
+alarm on the broker blocks its connection) and the process collector (CPU, memory, open
 files: `process_*`). Also the latency buckets shared by the histograms that alerts read.
 """
 
@@ -57,5 +58,10 @@ class ServiceMetrics:
         self.bus_reconnects = Counter(
             f"canopy_{service}_bus_reconnects",
             "Times the RabbitMQ connection came back after it dropped",
+            registry=self.registry,
+        )
+        self.bus_blocked = Gauge(
+            f"canopy_{service}_bus_blocked",
+            "1 while RabbitMQ blocks the service's connection (a memory or disk alarm)",
             registry=self.registry,
         )

@@ -139,6 +139,10 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         return stopped
 
     app = FastAPI(title="Canopy decisions", lifespan=lifespan)
-    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
+    app.include_router(
+        health_router(
+            metrics.registry, readiness, metrics.ready, bus=bus, blocked=metrics.bus_blocked
+        )
+    )
     app.state.worker = worker
     return app

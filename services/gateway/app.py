@@ -136,7 +136,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         experiments.load()  # logs which experiments' channels and pages it serves
         await bus.connect()
-        channel = await bus.channel(prefetch=0)
+        # Finite, with acks (Hub.consume): the broker sends at most this many messages ahead.
+        channel = await bus.channel(prefetch=settings.gateway_prefetch)
         queue = await bus.declare_gateway_queue(channel, instance)
         tasks = [
             vital.watch("the gateway queue's consumer", asyncio.create_task(hub.consume(queue))),
@@ -161,7 +162,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = GatewayApp(title="Canopy gateway", lifespan=lifespan)
     app.add_middleware(ContentSecurityPolicy, policy=PAGES_POLICY)  # not on /ws (see __call__)
     app.participants = participants
-    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
+    app.include_router(
+        health_router(
+            metrics.registry, readiness, metrics.ready, bus=bus, blocked=metrics.bus_blocked
+        )
+    )
     app.include_router(participant_router(participants))
     mount_vendor(app)
     static_dir = Path(str(files("services.gateway").joinpath("static")))

@@ -235,10 +235,22 @@ class Hub:
 
     async def consume(self, queue: AbstractQueue) -> None:
         """Hand every message of the gateway's queue to `on_message`, which never raises: the
-        loop ends only with the queue (the app's readiness then says so)."""
-        async with queue.iterator(no_ack=True) as messages:
+        loop ends only with the queue (the app's readiness then says so).
+
+        Each message is acknowledged once handed to the sockets (their outboxes are bounded),
+        so the channel's prefetch bounds what the broker sends ahead (before, with automatic
+        acks and no prefetch, it sent the gateway whatever the queue held). The ack is written
+        without waiting for the socket's drain: while RabbitMQ blocks the connection it does
+        not read it, and the prefetch then stops further deliveries."""
+        async with queue.iterator() as messages:
             async for message in messages:
                 self.on_message(message)
+                try:
+                    await message.channel.basic_ack(message.delivery_tag or 0, wait=False)
+                except Exception as exc:
+                    # Its channel closed (the connection dropped): the broker takes it back
+                    # with the exclusive queue; nothing to do here.
+                    log.warning("a message of the gateway queue could not be acked (%r)", exc)
 
     def on_message(self, message: AbstractIncomingMessage) -> None:
         """Forward a bus message's envelopes. One that cannot be handled (malformed, or its

@@ -17,6 +17,7 @@ CONNECT_OUTCOMES = (
     "foreign_origin",
     "unknown_participant",
     "broker_unavailable",
+    "broker_blocked",
     "store_unreachable",
 )
 
@@ -31,7 +32,8 @@ class GatewayMetrics(ServiceMetrics):
         self.connects = Counter(
             "canopy_gateway_connects",
             "Connection attempts, by outcome: accepted, or the refusal's reason "
-            "(foreign_origin, unknown_participant, broker_unavailable, store_unreachable)",
+            "(foreign_origin, unknown_participant, broker_unavailable, broker_blocked, "
+            "store_unreachable)",
             ["outcome"],
             registry=registry,
         )
@@ -106,6 +108,12 @@ class GatewayMetrics(ServiceMetrics):
         self.slow_clients = Counter(
             "canopy_gateway_slow_clients",
             "Connections closed because their outbox overflowed",
+            registry=registry,
+        )
+        self.inbox_full = Counter(
+            "canopy_gateway_inbox_full",
+            "Times the gateway stopped reading a browser's socket because its frames not yet "
+            "published filled the connection's inbox (CANOPY_INBOX_BYTES)",
             registry=registry,
         )
         # Every series a dashboard or an alert reads exists from the start (at 0).

@@ -39,6 +39,13 @@ class GatewaySettings(CommonSettings):
     # with at most `input_batches_in_flight` batches unconfirmed.
     input_batch_patience: float = Field(default=0.005, gt=0, le=1)
     input_batches_in_flight: int = Field(default=16, ge=1, le=1000)
+    # Frames read from one browser and not yet handed to the broker, in bytes (their text plus
+    # INBOX_FRAME_COST each): beyond, the gateway stops reading that socket until the broker
+    # takes them (it is slow to confirm, or blocks publishers). One frame always fits.
+    inbox_bytes: int = Field(default=65_536, ge=1024, le=64 * 1024 * 1024)
+    # Messages of the gateway's own queue (broadcasts, hellos) delivered and not yet handled:
+    # acknowledged one by one as they are handed to the sockets. Each is at most a batch (4 MiB).
+    gateway_prefetch: int = Field(default=64, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _check_origins(self) -> GatewaySettings:

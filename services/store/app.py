@@ -108,7 +108,11 @@ def create_app(settings: StoreSettings) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(ContentSecurityPolicy, policy=CONSOLE_POLICY)
-    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
+    app.include_router(
+        health_router(
+            metrics.registry, readiness, metrics.ready, bus=bus, blocked=metrics.bus_blocked
+        )
+    )
     app.include_router(
         api_router(
             repository,

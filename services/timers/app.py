@@ -59,6 +59,10 @@ def create_app(settings: TimersSettings) -> FastAPI:
         return problems
 
     app = FastAPI(title="Canopy timers", lifespan=lifespan)
-    app.include_router(health_router(metrics.registry, readiness, metrics.ready))
+    app.include_router(
+        health_router(
+            metrics.registry, readiness, metrics.ready, bus=bus, blocked=metrics.bus_blocked
+        )
+    )
     app.state.worker = worker
     return app

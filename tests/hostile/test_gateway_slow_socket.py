@@ -74,6 +74,7 @@ class StuckSocket:
 
 class FakeBus:
     is_connected = True
+    blocked = False
 
     def __init__(self) -> None:
         self.presence: list[bool] = []

@@ -42,6 +42,7 @@ class ConfirmingBus:
     """Confirms every batch at once, keeping the inputs in the order they were published."""
 
     is_connected = True
+    blocked = False
 
     def __init__(self) -> None:
         self.inputs: list[Envelope] = []

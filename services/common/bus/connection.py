@@ -3,6 +3,13 @@ confirming publish channel (replaced when the broker gives up on it), consume ch
 
 Publishing uses publisher confirms and `mandatory`, so a message is either in a queue or the
 publisher gets an exception; nothing vanishes silently.
+
+`Bus.blocked` says whether RabbitMQ blocks this connection: during a memory or disk alarm the
+broker stops reading from every connection that publishes (it sends `connection.blocked` at
+the first publish after the alarm, `connection.unblocked` when it clears). Nothing it sends
+is confirmed meanwhile, nor are acks or requests on that connection read, so a service that
+went on taking input would only buffer it (docs/reliability.md, "RabbitMQ blocks
+publishers"); readiness fails and the gateway refuses new sockets instead.
 """
 
 from __future__ import annotations
@@ -34,6 +41,14 @@ log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 0.5  # seconds between a robust connection's attempts to come back
 
+# aiormq 7.2 handles connection.blocked / unblocked in these private methods of its
+# `Connection` (it only logs them and holds its writer back); aio-pika passes nothing on. The
+# bus wraps them on each new underlying connection (see `Bus._watch_blocking`).
+_ON_BLOCKED = "_Connection__handle_connection_blocked"
+_ON_UNBLOCKED = "_Connection__handle_connection_unblocked"
+if not all(hasattr(aiormq.Connection, name) for name in (_ON_BLOCKED, _ON_UNBLOCKED)):
+    raise RuntimeError("this aiormq does not handle connection.blocked as 7.2 does: pin it")
+
 Properties = aiormq.spec.Basic.Properties
 
 
@@ -58,6 +73,8 @@ class Bus:
         self._probe_channel: AbstractRobustChannel | None = None
         self._replacing: asyncio.Task[None] | None = None
         self.channel_replacements = 0  # publish channels given up on (see `_replace_channel`)
+        # Why RabbitMQ blocks this connection (a memory or disk alarm), None while it does not.
+        self.blocked_reason: str | None = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -65,11 +82,25 @@ class Bus:
             raise RuntimeError("bus not connected")
         return self._connection
 
+    @property
+    def blocked(self) -> bool:
+        """RabbitMQ blocks this connection (a resource alarm): nothing published is confirmed,
+        and nothing sent on the connection (acks, declarations) is read, until it clears."""
+        return self.blocked_reason is not None
+
     async def connect(self, *, timeout: float = 30.0) -> None:
         urls = amqp_urls(self._url)
+        bus = self
+
+        class Watched(failover_connection_class(urls)):  # type: ignore[misc]
+            async def _on_connected(self) -> None:
+                # Each (re)connect makes a new underlying connection, not blocked to begin with.
+                bus._watch_blocking(self)
+                await super()._on_connected()
+
         self._connection = await aio_pika.connect_robust(
             urls[0],
-            connection_class=failover_connection_class(urls),
+            connection_class=Watched,
             client_properties={"connection_name": self._name},
             timeout=timeout,
             # aio-pika's default is 5 s between attempts: a restarted broker would be back
@@ -82,6 +113,44 @@ class Bus:
     async def _open_publish_channel(self) -> tuple[AbstractChannel, dict[str, AbstractExchange]]:
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         return channel, await self.topology.declare(channel)
+
+    def _watch_blocking(self, connection: AbstractRobustConnection) -> None:
+        """Follow connection.blocked / unblocked on `connection`'s new underlying connection
+        (which starts unblocked: the broker blocks a connection at its first publish)."""
+        transport = connection.transport
+        if transport is None:
+            return
+        underlay = transport.connection
+        self._set_blocked(None)
+        on_blocked = getattr(underlay, _ON_BLOCKED)
+        on_unblocked = getattr(underlay, _ON_UNBLOCKED)
+
+        def current() -> bool:  # not a late frame of an underlying connection since replaced
+            return connection.transport is not None and connection.transport.connection is underlay
+
+        async def blocked(frame: aiormq.spec.Connection.Blocked) -> None:
+            await on_blocked(frame)
+            if current():
+                self._set_blocked(frame.reason or "no reason given")
+
+        async def unblocked(frame: aiormq.spec.Connection.Unblocked) -> None:
+            await on_unblocked(frame)
+            if current():
+                self._set_blocked(None)
+
+        # Instance attributes: they take the place of the class's methods for this one
+        # connection (aiormq looks them up on `self` for every frame).
+        setattr(underlay, _ON_BLOCKED, blocked)
+        setattr(underlay, _ON_UNBLOCKED, unblocked)
+
+    def _set_blocked(self, reason: str | None) -> None:
+        if (reason is None) == (self.blocked_reason is None):
+            return
+        self.blocked_reason = reason
+        if reason is None:
+            log.warning("%s: RabbitMQ no longer blocks the connection", self._name)
+        else:
+            log.error("%s: RabbitMQ blocks the connection (%s)", self._name, reason)
 
     def _reconnected(self, sender: AbstractRobustConnection | None, /) -> None:
         log.warning("%s: connection to RabbitMQ restored", self._name)
