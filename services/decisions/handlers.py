@@ -50,6 +50,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.common import experiments, messages
+from services.common.barrier import wait_for_barrier
 from services.common.bus import (
     COMMANDS,
     DEFAULT,
@@ -82,7 +83,6 @@ from services.common.logs import context
 from services.common.messages import (
     Channel,
     Envelope,
-    LogBatch,
     LogRecord,
     MessageType,
     PresenceChanged,
@@ -274,19 +274,14 @@ class DecisionsWorker:
         return time.perf_counter() - started
 
     async def _log_barrier(self, *, poll: float = 0.02, resend_after: float = 10.0) -> None:
-        """Until the store wrote everything published to the log before now."""
-        while True:
-            barrier = new_id()
-            await self._bus.publish_reliably(LOG, LOG_KEY, LogBatch(records=[], barrier=barrier))
-            deadline = time.perf_counter() + resend_after
-            while time.perf_counter() < deadline:
-                try:
-                    if await self._directory.barrier_passed(barrier):
-                        return
-                except httpx.HTTPError as exc:
-                    log.warning("store unreachable while waiting for the log (%s)", exc)
-                await asyncio.sleep(poll)
-            log.warning("log barrier not written after %.0f s; sending another", resend_after)
+        """Until the store wrote everything published to the event log before now."""
+        await wait_for_barrier(
+            partial(self._bus.publish_reliably, LOG, LOG_KEY),
+            self._directory.barrier_passed,
+            poll=poll,
+            resend_after=resend_after,
+            tolerate=(httpx.HTTPError,),
+        )
 
     async def request_resync(self, shards: list[int] | None = None) -> None:
         """Ask every gateway to announce its open connections again (after taking shards

@@ -58,6 +58,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 import orjson
@@ -70,11 +71,11 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from services.common import experiments
+from services.common.barrier import wait_for_barrier
 from services.common.bus import LOG, LOG_KEY, Bus, declare_monitor_queue
 from services.common.errors import ApiCode, ApiError
 from services.common.group import GroupState
 from services.common.lobby import GROUP_FORMED, LOBBY_JOIN, LOBBY_LEAVE
-from services.common.messages import LogBatch, new_id
 from services.store.api import _documented as documented
 from services.store.api import bearer_auth, seat_status, token_first_route, token_matches
 from services.store.domain import group_config, iso_ts
@@ -554,16 +555,16 @@ class LiveHub:
                 live.changed_seats = True
 
     async def _wait_for_log(self) -> None:
-        """Until everything published to the log before now is in MongoDB (a barrier)."""
-        barrier = new_id()
-        try:
-            await self._bus.publish(LOG, LOG_KEY, LogBatch(records=[], barrier=barrier))
-            async with asyncio.timeout(BARRIER_TIMEOUT):
-                while True:
-                    if await self._repository.barrier_passed(barrier):
-                        return
-                    await asyncio.sleep(BARRIER_POLL)  # MongoDB has no change stream here
-        except TimeoutError:
+        """Until everything published to the event log before now is in MongoDB (a barrier);
+        at most BARRIER_TIMEOUT, after which the snapshot is read without it."""
+        passed = await wait_for_barrier(
+            partial(self._bus.publish, LOG, LOG_KEY),
+            self._repository.barrier_passed,
+            poll=BARRIER_POLL,
+            resend_after=None,
+            give_up_after=BARRIER_TIMEOUT,
+        )
+        if not passed:
             log.warning("log barrier not written in %.0f s; snapshot without it", BARRIER_TIMEOUT)
 
 
