@@ -62,7 +62,7 @@
 
 const global = typeof window !== "undefined" ? window : globalThis;
 
-var DEFAULTS = {
+const DEFAULTS = {
   minDelayMs: 250,
   maxDelayMs: 5000,
   ackTimeoutMs: 15000,
@@ -71,13 +71,13 @@ var DEFAULTS = {
   floodPauseMs: 1000,
   maxFrameBytes: 65000,
 };
-var CLOSE_REFUSED = 4403;
-var CLOSE_REPLACED = 4409;
-var CLOSE_TOO_MANY_CONNECTIONS = 4429; // a reconnect storm: wait the longest backoff
-var CLOSE_CLIENT_GAVE_UP = 4000;
-var PERIOD_RANK = { lobby: -1, waiting: 0, running: 1, paused: 1, ended: 2 };
+const CLOSE_REFUSED = 4403;
+const CLOSE_REPLACED = 4409;
+const CLOSE_TOO_MANY_CONNECTIONS = 4429; // a reconnect storm: wait the longest backoff
+const CLOSE_CLIENT_GAVE_UP = 4000;
+const PERIOD_RANK = { lobby: -1, waiting: 0, running: 1, paused: 1, ended: 2 };
 // Names of the handlers object (the older API) for the events of `on`.
-var LEGACY_HANDLER = {
+const LEGACY_HANDLER = {
   status: "onStatus",
   hello: "onHello",
   error: "onError",
@@ -87,12 +87,12 @@ var LEGACY_HANDLER = {
 
 function storageOrNull(name) {
   try {
-    var s = global[name];
-    var probe = "canopy.probe";
+    const s = global[name];
+    const probe = "canopy.probe";
     s.setItem(probe, "1");
     s.removeItem(probe);
     return s;
-  } catch (e) {
+  } catch {
     return null; // disabled storage (privacy mode, sandboxed frame): keep state in memory
   }
 }
@@ -117,15 +117,15 @@ export class CanopyClient {
   constructor(wsUrl, seatKey, handlers, options) {
     this.url = wsUrl;
     this.handlers = handlers || {};
-    var o = Object.assign({}, DEFAULTS, options || {});
+    const o = { ...DEFAULTS, ...options };
     this.code = typeof o.code === "string" && o.code ? o.code : null; // set again by hello
     this.options = o;
     this._WebSocket = o.WebSocket || global.WebSocket;
     if (typeof o.random !== "function") o.random = Math.random;
     this._local = "localStorage" in o ? o.localStorage : storageOrNull("localStorage");
     this._session = "sessionStorage" in o ? o.sessionStorage : storageOrNull("sessionStorage");
-    this._seqKey = "canopy.seq." + seatKey;
-    this._pendingKey = "canopy.pending." + seatKey;
+    this._seqKey = `canopy.seq.${seatKey}`;
+    this._pendingKey = `canopy.pending.${seatKey}`;
 
     this.state = {
       status: "connecting",
@@ -144,9 +144,7 @@ export class CanopyClient {
       failedAttempts: 0, // connection attempts in a row that never got a hello
       retryInMs: null,
     };
-    var maxPending = this.state.pending.reduce(function (m, f) {
-      return Math.max(m, f.seq);
-    }, 0);
+    const maxPending = this.state.pending.reduce((m, f) => Math.max(m, f.seq), 0);
     this.state.nextSeq = Math.max(1, this._storedNextSeq(), maxPending + 1);
 
     this._ws = null;
@@ -170,9 +168,9 @@ export class CanopyClient {
     this._clockHigh = Infinity;
 
     this._onOnline = this._retryNow.bind(this);
-    this._onVisible = function () {
+    this._onVisible = () => {
       if (!global.document || global.document.visibilityState === "visible") this._retryNow();
-    }.bind(this);
+    };
     if (typeof global.addEventListener === "function") {
       global.addEventListener("online", this._onOnline);
       if (global.document) global.document.addEventListener("visibilitychange", this._onVisible);
@@ -191,16 +189,15 @@ export class CanopyClient {
     if (typeof fn !== "function") throw new TypeError("Canopy: on() needs a function");
     if (!this._listeners.has(name)) this._listeners.set(name, []);
     this._listeners.get(name).push(fn);
-    var self = this;
-    return function () {
-      self.off(name, fn);
+    return () => {
+      this.off(name, fn);
     };
   }
 
   off(name, fn) {
-    var list = this._listeners.get(name);
+    const list = this._listeners.get(name);
     if (!list) return;
-    var i = list.indexOf(fn);
+    const i = list.indexOf(fn);
     if (i >= 0) list.splice(i, 1);
   }
 
@@ -215,8 +212,8 @@ export class CanopyClient {
       throw new TypeError("Canopy: channel must be a non-empty string");
     }
     if (payload === undefined) payload = null;
-    var seq = Math.max(this.state.nextSeq, this._storedNextSeq());
-    var frame = { channel: channel, payload: payload, seq: seq };
+    const seq = Math.max(this.state.nextSeq, this._storedNextSeq());
+    const frame = { channel, payload, seq };
     if (JSON.stringify(frame).length > this.options.maxFrameBytes) {
       // The gateway would close the socket (1009) and the resend would loop forever.
       throw new RangeError("Canopy: frame too large");
@@ -278,7 +275,7 @@ export class CanopyClient {
     this._preHello = { period: null, presence: [] };
     this._inLobby = false;
     this._setStatus(this._everConnected ? "reconnecting" : "connecting");
-    var ws;
+    let ws;
     this._openedAt = Date.now();
     try {
       ws = new this._WebSocket(this.url);
@@ -288,27 +285,26 @@ export class CanopyClient {
       return;
     }
     this._ws = ws;
-    var self = this;
-    ws.onmessage = function (ev) {
-      if (ws === self._ws) self._onFrame(ev.data);
+    ws.onmessage = (ev) => {
+      if (ws === this._ws) this._onFrame(ev.data);
     };
-    ws.onclose = function (ev) {
-      if (ws !== self._ws) return;
-      self._ws = null;
-      self._onClose(ev.code);
+    ws.onclose = (ev) => {
+      if (ws !== this._ws) return;
+      this._ws = null;
+      this._onClose(ev.code);
     };
-    ws.onerror = function () {}; // a close event always follows
+    ws.onerror = () => {}; // a close event always follows
   }
 
   _detach() {
-    var ws = this._ws;
+    const ws = this._ws;
     if (!ws) return;
     this._ws = null;
     this._helloReceived = false;
     ws.onmessage = ws.onclose = ws.onerror = ws.onopen = null;
     try {
       ws.close(CLOSE_CLIENT_GAVE_UP, "client reconnects");
-    } catch (e) {
+    } catch {
       /* already closing */
     }
   }
@@ -341,15 +337,14 @@ export class CanopyClient {
     if (this._everConnected) this._setStatus("reconnecting");
     // Equal jitter: half the nominal delay fixed, half random, so a room full of browsers
     // that lost the same gateway does not come back in one burst.
-    var o = this.options;
-    var nominal = Math.min(o.maxDelayMs, o.minDelayMs * Math.pow(2, this._attempt));
+    const o = this.options;
+    const nominal = Math.min(o.maxDelayMs, o.minDelayMs * Math.pow(2, this._attempt));
     this._attempt = Math.min(this._attempt + 1, 30);
-    var delay = nominal / 2 + (o.random() * nominal) / 2;
+    const delay = nominal / 2 + (o.random() * nominal) / 2;
     this.state.retryInMs = delay;
-    var self = this;
-    this._retryTimer = setTimeout(function () {
-      self._retryTimer = null;
-      self._open();
+    this._retryTimer = setTimeout(() => {
+      this._retryTimer = null;
+      this._open();
     }, delay);
   }
 
@@ -366,20 +361,20 @@ export class CanopyClient {
 
   _onFrame(data) {
     if (typeof data !== "string") return;
-    var msg;
+    let msg;
     try {
       msg = JSON.parse(data);
-    } catch (e) {
+    } catch {
       this._warn("ignoring a frame that is not JSON", data);
       return;
     }
     if (!isObject(msg) || typeof msg.channel !== "string") return;
     if (typeof msg.ts === "number") this._clockSample(msg, Date.now());
     this._heardFromServer();
-    var payload = msg.payload;
+    const payload = msg.payload;
     switch (msg.channel) {
       case "hello":
-        this._onHello(payload, msg.ts);
+        this._onHello(payload);
         break;
       case "ack":
         this._onAck(payload);
@@ -393,37 +388,36 @@ export class CanopyClient {
     this._armAckTimer(); // the connection is alive: give what is still unanswered more time
   }
 
-  _onHello(p, ts) {
+  _onHello(p) {
     if (!isObject(p)) return;
-    var st = this.state;
+    const st = this.state;
     // The larger of what this client knows (acks) and what the hello says: a hello that was
     // overtaken (an older connection's) must not make it resend or renumber acked frames.
-    var last = Math.max(st.lastSeq, isSeq(p.last_seq) ? p.last_seq : 0);
+    const last = Math.max(st.lastSeq, isSeq(p.last_seq) ? p.last_seq : 0);
     st.lastSeq = last;
     st.hello = p;
-    st.groupDecisions = Object.assign({}, isObject(p.group_decisions) ? p.group_decisions : {});
+    st.groupDecisions = isObject(p.group_decisions) ? { ...p.group_decisions } : {};
 
     // `period_start` may overtake the hello (PROTOCOL.md, "Order"): keep the newer one.
-    var period = isObject(p.period) ? Object.assign({}, p.period) : null;
+    let period = isObject(p.period) ? { ...p.period } : null;
     if (periodIsOlder(period, this._preHello.period)) period = this._preHello.period;
     st.period = period;
 
     // Presence: unknown until heard of, unless the gateway says (an optional `presence`
     // map in the hello) or a period_start implies it; then what came before this hello.
-    var presence = {};
-    (Array.isArray(p.members) ? p.members : []).forEach(function (m) {
+    const presence = {};
+    (Array.isArray(p.members) ? p.members : []).forEach((m) => {
       presence[m] = null;
     });
     if (isObject(p.presence)) {
-      Object.keys(p.presence).forEach(function (m) {
+      Object.keys(p.presence).forEach((m) => {
         presence[m] = !!p.presence[m];
       });
     }
     st.presence = presence;
-    var self = this;
-    this._preHello.presence.forEach(function (change) {
-      self._applyPresence(change[0], change[1]);
-    });
+    for (const [participant, connected] of this._preHello.presence) {
+      this._applyPresence(participant, connected);
+    }
     if (typeof p.participant === "string" && p.participant) this.code = p.participant;
     if (this.code) presence[this.code] = true;
 
@@ -458,7 +452,7 @@ export class CanopyClient {
 
   _onError(p) {
     if (isObject(p) && isSeq(p.seq)) {
-      var i = this._pendingIndex(p.seq);
+      const i = this._pendingIndex(p.seq);
       if (i >= 0) {
         if (p.code === "too_many_messages") {
           // Not applied, but sending it again later will be: keep it and slow down.
@@ -478,9 +472,9 @@ export class CanopyClient {
   }
 
   _onBroadcast(channel, p, ts) {
-    var st = this.state;
+    const st = this.state;
     if (channel === "group_decisions" && isObject(p)) {
-      st.groupDecisions = Object.assign({}, st.groupDecisions, p);
+      st.groupDecisions = { ...st.groupDecisions, ...p };
     } else if (channel === "period_start" && isObject(p)) {
       // A period starts when every member is connected (PROTOCOL.md).
       this._presenceChange(null, true);
@@ -493,7 +487,7 @@ export class CanopyClient {
       });
     } else if (channel === "period_end" && isObject(p)) {
       if (isObject(p.group_decisions)) {
-        st.groupDecisions = Object.assign({}, st.groupDecisions, p.group_decisions);
+        st.groupDecisions = { ...st.groupDecisions, ...p.group_decisions };
       }
       this._setPeriod({
         number: p.period,
@@ -522,7 +516,7 @@ export class CanopyClient {
     } else if (channel === "subperiod" && isObject(p)) {
       st.subperiod = p;
       if (isObject(p.group_decisions)) {
-        st.groupDecisions = Object.assign({}, st.groupDecisions, p.group_decisions);
+        st.groupDecisions = { ...st.groupDecisions, ...p.group_decisions };
       }
     } else if (channel === "presence" && isObject(p) && typeof p.participant === "string") {
       this._presenceChange(p.participant, !!p.connected);
@@ -543,9 +537,9 @@ export class CanopyClient {
   }
 
   _applyPresence(participant, connected) {
-    var presence = this.state.presence;
-    var members = participant === null ? Object.keys(presence) : [participant];
-    for (var i = 0; i < members.length; i++) {
+    const presence = this.state.presence;
+    const members = participant === null ? Object.keys(presence) : [participant];
+    for (let i = 0; i < members.length; i++) {
       // This client knows best whether it is connected itself.
       if (members[i] !== this.code) presence[members[i]] = connected;
     }
@@ -560,17 +554,17 @@ export class CanopyClient {
     // Every frame was stamped before it arrived: offset >= ts - arrival. A hello was stamped
     // after this socket was opened, an ack or error after the frame it answers first left on
     // this connection: offset <= ts - departure (the module docstring has the argument).
-    var ts = msg.ts;
-    var low = ts - arrivedMs / 1000;
-    var high = Infinity;
-    var seq = isObject(msg.payload) ? msg.payload.seq : null;
+    const ts = msg.ts;
+    const low = ts - arrivedMs / 1000;
+    let high = Infinity;
+    const seq = isObject(msg.payload) ? msg.payload.seq : null;
     if (msg.channel === "hello") {
       high = ts - this._openedAt / 1000;
     } else if ((msg.channel === "ack" || msg.channel === "error") && this._sentAt.has(seq)) {
       high = ts - this._sentAt.get(seq) / 1000;
     }
-    var newLow = Math.max(this._clockLow, low);
-    var newHigh = Math.min(this._clockHigh, high);
+    let newLow = Math.max(this._clockLow, low);
+    let newHigh = Math.min(this._clockHigh, high);
     if (newLow > newHigh) {
       // Not compatible with what came before: the local clock (or the server's) was set.
       // Start again from this sample.
@@ -589,19 +583,19 @@ export class CanopyClient {
   // ---- outbound ------------------------------------------------------------------
 
   _flush() {
-    var ws = this._ws;
+    const ws = this._ws;
     if (!ws || !this._helloReceived || ws.readyState !== 1 || this._flushTimer !== null) return;
-    var o = this.options;
-    var now = Date.now();
+    const o = this.options;
+    const now = Date.now();
     if (now < this._pausedUntil) {
       this._scheduleFlush(this._pausedUntil - now);
       return;
     }
     this._tokens = Math.min(o.maxBurst, this._tokens + ((now - this._tokensAt) / 1000) * o.maxRate);
     this._tokensAt = now;
-    var pending = this.state.pending;
-    for (var i = 0; i < pending.length; i++) {
-      var frame = pending[i];
+    const pending = this.state.pending;
+    for (let i = 0; i < pending.length; i++) {
+      const frame = pending[i];
       if (this._sentSeqs.has(frame.seq)) continue;
       if (this._tokens < 1) {
         this._scheduleFlush(((1 - this._tokens) / o.maxRate) * 1000);
@@ -621,21 +615,19 @@ export class CanopyClient {
   }
 
   _scheduleFlush(delayMs) {
-    var self = this;
-    this._flushTimer = setTimeout(function () {
-      self._flushTimer = null;
-      self._flush();
+    this._flushTimer = setTimeout(() => {
+      this._flushTimer = null;
+      this._flush();
     }, Math.max(1, Math.ceil(delayMs)));
   }
 
   _armAckTimer() {
     if (this._ackTimer !== null || this._sentSeqs.size === 0) return;
-    var self = this;
-    this._ackTimer = setTimeout(function () {
-      self._ackTimer = null;
-      if (self._sentSeqs.size > 0 && self._ws) {
-        self._warn("no answer from the server, reconnecting");
-        self.dropConnection();
+    this._ackTimer = setTimeout(() => {
+      this._ackTimer = null;
+      if (this._sentSeqs.size > 0 && this._ws) {
+        this._warn("no answer from the server, reconnecting");
+        this.dropConnection();
       }
     }, this.options.ackTimeoutMs);
   }
@@ -648,9 +640,9 @@ export class CanopyClient {
   }
 
   _dropPendingUpTo(seq) {
-    var before = this.state.pending.length;
-    var sent = this._sentSeqs;
-    this.state.pending = this.state.pending.filter(function (f) {
+    const before = this.state.pending.length;
+    const sent = this._sentSeqs;
+    this.state.pending = this.state.pending.filter((f) => {
       if (f.seq > seq) return true;
       sent.delete(f.seq);
       return false;
@@ -660,8 +652,8 @@ export class CanopyClient {
   }
 
   _pendingIndex(seq) {
-    var pending = this.state.pending;
-    for (var i = 0; i < pending.length; i++) if (pending[i].seq === seq) return i;
+    const pending = this.state.pending;
+    for (let i = 0; i < pending.length; i++) if (pending[i].seq === seq) return i;
     return -1;
   }
 
@@ -669,7 +661,7 @@ export class CanopyClient {
 
   _storedNextSeq() {
     if (!this._local) return 1;
-    var n = parseInt(this._local.getItem(this._seqKey), 10);
+    const n = parseInt(this._local.getItem(this._seqKey), 10);
     return isSeq(n) ? n : 1;
   }
 
@@ -687,19 +679,13 @@ export class CanopyClient {
   _loadPending() {
     if (!this._session) return [];
     try {
-      var frames = JSON.parse(this._session.getItem(this._pendingKey) || "[]");
+      const frames = JSON.parse(this._session.getItem(this._pendingKey) || "[]");
       if (!Array.isArray(frames)) return [];
       return frames
-        .filter(function (f) {
-          return isObject(f) && typeof f.channel === "string" && isSeq(f.seq);
-        })
-        .map(function (f) {
-          return { channel: f.channel, payload: f.payload, seq: f.seq };
-        })
-        .sort(function (a, b) {
-          return a.seq - b.seq;
-        });
-    } catch (e) {
+        .filter((f) => isObject(f) && typeof f.channel === "string" && isSeq(f.seq))
+        .map((f) => ({ channel: f.channel, payload: f.payload, seq: f.seq }))
+        .sort((a, b) => a.seq - b.seq);
+    } catch {
       return [];
     }
   }
@@ -717,7 +703,7 @@ export class CanopyClient {
   // ---- helpers -------------------------------------------------------------------
 
   _clearTimers() {
-    [this._retryTimer, this._flushTimer, this._ackTimer].forEach(function (t) {
+    [this._retryTimer, this._flushTimer, this._ackTimer].forEach((t) => {
       if (t !== null) clearTimeout(t);
     });
     this._retryTimer = this._flushTimer = this._ackTimer = null;
@@ -729,27 +715,23 @@ export class CanopyClient {
     this._emit("status", status);
   }
 
-  _emit(name) {
-    var args = Array.prototype.slice.call(arguments, 1);
-    var fns = (this._listeners.get(name) || []).slice();
-    var legacy = this.handlers[LEGACY_HANDLER[name] || name];
+  _emit(name, ...args) {
+    const fns = (this._listeners.get(name) || []).slice();
+    const legacy = this.handlers[LEGACY_HANDLER[name] || name];
     if (typeof legacy === "function") fns.unshift(legacy.bind(this.handlers));
-    for (var i = 0; i < fns.length; i++) {
+    for (const fn of fns) {
       try {
-        fns[i].apply(null, args);
+        fn(...args);
       } catch (e) {
         // A broken handler must not break the connection or lose frames.
-        if (global.console) global.console.error("Canopy handler " + name + " failed", e);
+        if (global.console) global.console.error(`Canopy handler ${name} failed`, e);
       }
     }
   }
 
-  _warn() {
+  _warn(...args) {
     if (global.console) {
-      global.console.warn.apply(
-        global.console,
-        ["Canopy:"].concat(Array.prototype.slice.call(arguments)),
-      );
+      global.console.warn("Canopy:", ...args);
     }
   }
 }
@@ -762,20 +744,20 @@ export function connect(wsUrl, seatKey, handlers, options) {
 /** The seat key of a page served at /p/<key>. */
 export function pageKey(loc) {
   loc = loc || global.location;
-  var segments = loc.pathname.split("/").filter(Boolean);
+  const segments = loc.pathname.split("/").filter(Boolean);
   return decodeURIComponent(segments[segments.length - 1] || "");
 }
 
 /** The WebSocket URL of the seat with key `key` on the server that served this page. */
 export function socketUrl(key, loc) {
   loc = loc || global.location;
-  var scheme = loc.protocol === "https:" ? "wss:" : "ws:";
-  return scheme + "//" + loc.host + "/ws/" + encodeURIComponent(key);
+  const scheme = loc.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${loc.host}/ws/${encodeURIComponent(key)}`;
 }
 
 /** A client for the seat whose page this is (/p/<key>). */
 export function connectHere(handlers, options) {
-  var key = pageKey();
+  const key = pageKey();
   return connect(socketUrl(key), key, handlers, options);
 }
 

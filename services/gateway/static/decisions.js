@@ -4,11 +4,11 @@
  */
 import { decisionsChart, startPage } from "./page.js";
 
-var slider = null;
+let slider = null;
 
 startPage({
   title: "Decisions",
-  mount: function (page) {
+  mount(page) {
     slider = page.slider({
       min: 0,
       max: 1,
@@ -18,9 +18,9 @@ startPage({
       help: "Move the slider to choose a number between 0 and 1. You can change it at any " +
         "time while the period is running.",
     });
-    page.el.experiment.append.apply(page.el.experiment, slider.nodes);
+    page.el.experiment.append(...slider.nodes);
   },
-  render: function () {
+  render() {
     slider.render();
   },
   chart: decisionsChart({ yLabel: "decision" }),

@@ -20,24 +20,24 @@
  */
 import { formatNumber, h, startPage } from "./page.js";
 
-var MAX_TAPE = 50;
+const MAX_TAPE = 50;
 
-var EMPTY_BOOK = { bids: [], asks: [], bids_total: 0, asks_total: 0 };
+const EMPTY_BOOK = { bids: [], asks: [], bids_total: 0, asks_total: 0 };
 
-var book = EMPTY_BOOK;
-var mine = {}; // seq -> {seq, price, quantity}: this page's open orders, as far as it knows
-var cancels = {}; // seq of a cancel frame -> the order it cancels (restored if refused)
-var minePeriod = null;
-var trades = []; // this period's trades seen by this page, oldest first
-var tradesPeriod = null;
-var el = {};
+let book = EMPTY_BOOK;
+let mine = {}; // seq -> {seq, price, quantity}: this page's open orders, as far as it knows
+let cancels = {}; // seq of a cancel frame -> the order it cancels (restored if refused)
+let minePeriod = null;
+let trades = []; // this period's trades seen by this page, oldest first
+let tradesPeriod = null;
+const el = {};
 
 function isBuyer(page) {
   return page.idInGroup(page.me()) % 2 === 1;
 }
 
 function values(page) {
-  var p = page.config.params;
+  const p = page.config.params;
   return {
     buyerValue: typeof p.buyer_value === "number" ? p.buyer_value : 100,
     sellerCost: typeof p.seller_cost === "number" ? p.seller_cost : 0,
@@ -45,11 +45,11 @@ function values(page) {
 }
 
 function position(page) {
-  var me = page.me();
-  var v = values(page);
-  var units = 0;
-  var profit = 0;
-  trades.forEach(function (t) {
+  const me = page.me();
+  const v = values(page);
+  let units = 0;
+  let profit = 0;
+  trades.forEach((t) => {
     if (t.buyer === me) {
       units += t.quantity;
       profit += (v.buyerValue - t.price) * t.quantity;
@@ -58,18 +58,18 @@ function position(page) {
       profit += (t.price - v.sellerCost) * t.quantity;
     }
   });
-  return { units: units, profit: profit };
+  return { units, profit };
 }
 
 function storageKey(page) {
-  return "canopy.auction." + page.me();
+  return `canopy.auction.${page.me()}`;
 }
 
 function saveMine(page) {
   try {
     window.sessionStorage.setItem(storageKey(page),
       JSON.stringify({ period: minePeriod, orders: mine }));
-  } catch (e) {
+  } catch {
     // No storage (private mode, quota): the orders are still known until a reload.
   }
 }
@@ -78,9 +78,9 @@ function loadMine(page, period) {
   mine = {};
   minePeriod = period;
   try {
-    var saved = JSON.parse(window.sessionStorage.getItem(storageKey(page)) || "null");
+    const saved = JSON.parse(window.sessionStorage.getItem(storageKey(page)) || "null");
     if (saved && saved.period === period && saved.orders) mine = saved.orders;
-  } catch (e) {
+  } catch {
     mine = {};
   }
 }
@@ -102,22 +102,22 @@ function better(side, price, other) {
 
 /** What a book (a broadcast or hello's) says about this page's own orders. */
 function reconcile(page, b) {
-  var side = mySide(page);
-  var listed = b[side] || [];
-  var total = typeof b[side + "_total"] === "number" ? b[side + "_total"] : listed.length;
-  var me = page.me();
-  var shown = {};
-  var cancelling = {};
-  Object.keys(cancels).forEach(function (c) { cancelling[cancels[c].seq] = true; });
-  listed.forEach(function (e) {
+  const side = mySide(page);
+  const listed = b[side] || [];
+  const total = typeof b[`${side}_total`] === "number" ? b[`${side}_total`] : listed.length;
+  const me = page.me();
+  const shown = {};
+  const cancelling = {};
+  Object.keys(cancels).forEach((c) => { cancelling[cancels[c].seq] = true; });
+  listed.forEach((e) => {
     if (e.participant !== me || cancelling[e.seq]) return; // its cancel is on its way
     shown[e.seq] = true;
     mine[e.seq] = { seq: e.seq, price: e.price, quantity: e.quantity };
   });
-  var last = listed.length ? listed[listed.length - 1].price : null;
-  Object.keys(mine).forEach(function (seq) {
+  const last = listed.length ? listed[listed.length - 1].price : null;
+  Object.keys(mine).forEach((seq) => {
     if (shown[seq]) return;
-    var o = mine[seq];
+    const o = mine[seq];
     // Not listed although it would have to be: filled or cancelled while this page was away.
     // (An order not applied yet comes back with the next book that lists it.)
     if (listed.length >= total || (last !== null && better(side, o.price, last))) {
@@ -128,9 +128,9 @@ function reconcile(page, b) {
 }
 
 function onTrade(page, t) {
-  var me = page.me();
-  var seq = t.buyer === me ? t.bid_seq : t.seller === me ? t.ask_seq : null;
-  var o = seq === null ? null : mine[seq];
+  const me = page.me();
+  const seq = t.buyer === me ? t.bid_seq : t.seller === me ? t.ask_seq : null;
+  const o = seq === null ? null : mine[seq];
   if (!o) return;
   o.quantity -= t.quantity;
   if (o.quantity <= 0) delete mine[seq];
@@ -141,11 +141,11 @@ function onError(page, p) {
   if (!p || typeof p.seq !== "number") return;
   if (mine[p.seq]) {
     delete mine[p.seq]; // the order was refused
-    el.note.textContent = "Order " + p.seq + " was refused: " + (p.message || p.code) + ".";
+    el.note.textContent = `Order ${p.seq} was refused: ${p.message || p.code}.`;
   } else if (cancels[p.seq]) {
     // A cancel refused as invalid: that order is not open any more. Anything else (the flood
     // limit, say): it still is.
-    var o = cancels[p.seq];
+    const o = cancels[p.seq];
     if (p.code !== "invalid_decision" && p.code !== "period_not_running") mine[o.seq] = o;
   }
   delete cancels[p.seq];
@@ -153,7 +153,7 @@ function onError(page, p) {
 }
 
 function cancelOrder(page, o) {
-  var seq = page.client.send("cancel", { seq: o.seq });
+  const seq = page.client.send("cancel", { seq: o.seq });
   cancels[seq] = o;
   delete mine[o.seq];
   saveMine(page);
@@ -161,8 +161,8 @@ function cancelOrder(page, o) {
 }
 
 function placeOrder(page) {
-  var price = parseFloat(el.price.value);
-  var quantity = Number(el.quantity.value);
+  const price = parseFloat(el.price.value);
+  const quantity = Number(el.quantity.value);
   if (!(price > 0) || !isFinite(price)) {
     el.note.textContent = "Enter a price above 0.";
     el.price.focus();
@@ -173,20 +173,20 @@ function placeOrder(page) {
     el.quantity.focus();
     return;
   }
-  var side = isBuyer(page) ? "bid" : "ask";
-  var seq = page.client.send("orders", { side: side, price: price, quantity: quantity });
-  mine[seq] = { seq: seq, price: price, quantity: quantity };
+  const side = isBuyer(page) ? "bid" : "ask";
+  const seq = page.client.send("orders", { side, price, quantity });
+  mine[seq] = { seq, price, quantity };
   saveMine(page);
   render(page);
-  el.note.textContent = "Sent your " + side + " (order " + seq + "): " + quantity + " at " +
-    formatNumber(price) + ".";
+  el.note.textContent =
+    `Sent your ${side} (order ${seq}): ${quantity} at ${formatNumber(price)}.`;
 }
 
 function bookTable(page, side) {
-  var entries = book[side] || [];
-  var me = page.me();
-  var rows = entries.map(function (e) {
-    var own = e.participant === me;
+  const entries = book[side] || [];
+  const me = page.me();
+  let rows = entries.map((e) => {
+    const own = e.participant === me;
     return h("tr", { class: own ? "mine" : "", "data-seq": String(e.seq),
       "data-participant": e.participant },
       h("td", { text: formatNumber(e.price) }),
@@ -198,25 +198,23 @@ function bookTable(page, side) {
 }
 
 function bookCaption(side, label) {
-  var listed = (book[side] || []).length;
-  var total = typeof book[side + "_total"] === "number" ? book[side + "_total"] : listed;
-  return label + (total > listed ? " (best " + listed + " of " + total + ")" :
-    " (" + total + ")");
+  const listed = (book[side] || []).length;
+  const total = typeof book[`${side}_total`] === "number" ? book[`${side}_total`] : listed;
+  return label + (total > listed ? ` (best ${listed} of ${total})` : ` (${total})`);
 }
 
 function myOrders(page) {
-  var running = page.running();
-  var side = mySide(page);
-  var orders = Object.keys(mine).map(function (seq) { return mine[seq]; });
+  const running = page.running();
+  const side = mySide(page);
+  const orders = Object.keys(mine).map((seq) => mine[seq]);
   // Best first, as the book lists them; earlier first at equal prices.
-  orders.sort(function (a, b) {
-    return a.price === b.price ? a.seq - b.seq : (better(side, a.price, b.price) ? -1 : 1);
-  });
-  var rows = orders.map(function (o) {
-    var action = h("button", { type: "button", class: "cancel", disabled: !running,
-      "aria-label": "Cancel your order " + o.seq + ": " + o.quantity + " at " +
-        formatNumber(o.price), text: "Cancel" });
-    action.addEventListener("click", function () {
+  orders.sort((a, b) =>
+    a.price === b.price ? a.seq - b.seq : (better(side, a.price, b.price) ? -1 : 1));
+  let rows = orders.map((o) => {
+    const action = h("button", { type: "button", class: "cancel", disabled: !running,
+      "aria-label": `Cancel your order ${o.seq}: ${o.quantity} at ${formatNumber(o.price)}`,
+      text: "Cancel" });
+    action.addEventListener("click", () => {
       cancelOrder(page, o);
     });
     return h("tr", { class: "mine", "data-seq": String(o.seq) },
@@ -229,76 +227,76 @@ function myOrders(page) {
 }
 
 function renderTape(page) {
-  var me = page.me();
-  var items = trades.slice(-MAX_TAPE).reverse().map(function (t) {
-    var mine = t.buyer === me || t.seller === me;
-    var who = t.buyer === me ? "you bought" : t.seller === me ? "you sold" :
-      page.playerName(t.buyer) + " bought from " + page.playerName(t.seller);
+  const me = page.me();
+  let items = trades.slice(-MAX_TAPE).reverse().map((t) => {
+    const mine = t.buyer === me || t.seller === me;
+    const who = t.buyer === me ? "you bought" : t.seller === me ? "you sold" :
+      `${page.playerName(t.buyer)} bought from ${page.playerName(t.seller)}`;
     return h("li", { class: mine ? "mine" : "", "data-price": String(t.price) },
-      t.quantity + " at " + formatNumber(t.price) + " (" + who + ")");
+      `${t.quantity} at ${formatNumber(t.price)} (${who})`);
   });
   if (!items.length) items = [h("li", { class: "empty", text: "No trades yet." })];
-  el.tape.replaceChildren.apply(el.tape, items);
+  el.tape.replaceChildren(...items);
 }
 
 /** The texts that depend on the role, when it is known or changed (the group's hello). */
 function renderRole(page) {
-  var role = page.idInGroup(page.me()) < 1 ? "" : isBuyer(page) ? "buyer" : "seller";
+  const role = page.idInGroup(page.me()) < 1 ? "" : isBuyer(page) ? "buyer" : "seller";
   if (el.form.dataset.role === role) return;
   el.form.dataset.role = role;
-  var buyer = role === "buyer";
-  var v = values(page);
+  const buyer = role === "buyer";
+  const v = values(page);
   el.submit.textContent = buyer ? "Place bid" : "Place ask";
   el.form.setAttribute("aria-label", buyer ? "Place a bid" : "Place an ask");
   el.priceLabel.textContent = buyer ? "Price you pay" : "Price you ask";
   el.unitsLabel.textContent = buyer ? "Units bought" : "Units sold";
   el.role.textContent = role === "" ? "Your role comes with your group." : buyer ?
-    "You are a buyer: each unit is worth " + formatNumber(v.buyerValue) + " to you, so you " +
+    `You are a buyer: each unit is worth ${formatNumber(v.buyerValue)} to you, so you ` +
       "earn that minus the price for every unit you buy." :
-    "You are a seller: each unit costs you " + formatNumber(v.sellerCost) + ", so you earn " +
+    `You are a seller: each unit costs you ${formatNumber(v.sellerCost)}, so you earn ` +
       "the price minus that for every unit you sell.";
 }
 
 function render(page) {
   if (!el.mine) return; // not mounted yet
   renderRole(page);
-  var running = page.running();
+  const running = page.running();
   el.price.disabled = el.quantity.disabled = el.submit.disabled = !running;
-  ["bids", "asks"].forEach(function (side) {
-    el[side + "Heading"].textContent = bookCaption(side, el[side + "Heading"].dataset.label);
-    var key = JSON.stringify(book[side] || []);
+  ["bids", "asks"].forEach((side) => {
+    el[`${side}Heading`].textContent = bookCaption(side, el[`${side}Heading`].dataset.label);
+    const key = JSON.stringify(book[side] || []);
     if (el[side].dataset.key === key) return; // rebuilt only when it changed
     el[side].dataset.key = key;
-    el[side].replaceChildren.apply(el[side], bookTable(page, side));
+    el[side].replaceChildren(...bookTable(page, side));
   });
   // Rebuilt only when it changed, and a focused Cancel button keeps the focus (keyboard).
-  var key = JSON.stringify(mine) + running;
+  const key = JSON.stringify(mine) + running;
   if (el.mine.dataset.key !== key) {
     el.mine.dataset.key = key;
-    var focused = document.activeElement;
-    var focusedSeq = focused && el.mine.contains(focused) ?
+    const focused = document.activeElement;
+    const focusedSeq = focused && el.mine.contains(focused) ?
       focused.closest("tr").dataset.seq : null;
-    el.mine.replaceChildren.apply(el.mine, myOrders(page));
+    el.mine.replaceChildren(...myOrders(page));
     if (focusedSeq) {
-      var again = el.mine.querySelector('tr[data-seq="' + focusedSeq + '"] button');
+      const again = el.mine.querySelector(`tr[data-seq="${focusedSeq}"] button`);
       (again || el.price).focus();
     }
   }
   renderTape(page);
-  var pos = position(page);
+  const pos = position(page);
   el.units.textContent = String(pos.units);
   el.profit.textContent = formatNumber(pos.profit);
-  el.spread.textContent = formatNumber(best("bids")) + " / " + formatNumber(best("asks"));
+  el.spread.textContent = `${formatNumber(best("bids"))} / ${formatNumber(best("asks"))}`;
 }
 
 function best(side) {
-  var entries = book[side] || [];
+  const entries = book[side] || [];
   return entries.length ? entries[0].price : null;
 }
 
 startPage({
   title: "Double auction",
-  mount: function (page) {
+  mount(page) {
     el.role = h("p", { id: "role", class: "help" });
     el.price = h("input", { id: "order-price", type: "number", min: "0.01", step: "0.01",
       inputmode: "decimal", required: true, disabled: true });
@@ -307,13 +305,13 @@ startPage({
     el.submit = h("button", { type: "submit", id: "order-submit", disabled: true });
     el.note = h("p", { id: "order-note", class: "help", "aria-live": "polite" });
     el.priceLabel = h("label", { for: "order-price" });
-    var form = h("form", { class: "inline-form", id: "order-form", novalidate: true },
+    const form = h("form", { class: "inline-form", id: "order-form", novalidate: true },
       h("div", { class: "field" }, el.priceLabel, el.price),
       h("div", { class: "field" }, h("label", { for: "order-quantity", text: "Units" }),
         el.quantity),
       el.submit);
     el.form = form;
-    form.addEventListener("submit", function (event) {
+    form.addEventListener("submit", (event) => {
       event.preventDefault();
       placeOrder(page);
     });
@@ -322,25 +320,25 @@ startPage({
     el.profit = h("dd", { id: "position-profit", text: "0.00" });
     el.spread = h("dd", { id: "spread", text: "–" });
     el.unitsLabel = h("dt");
-    var stats = h("dl", { class: "stats" },
+    const stats = h("dl", { class: "stats" },
       h("div", { class: "stat" }, el.unitsLabel, el.units),
       h("div", { class: "stat" }, h("dt", { text: "Your profit" }), el.profit),
       h("div", { class: "stat" }, h("dt", { text: "Best bid / ask" }), el.spread));
 
     function sideTable(side, caption) {
-      var body = h("tbody", { id: side + "-body" });
+      const body = h("tbody", { id: `${side}-body` });
       el[side] = body;
-      el[side + "Heading"] = h("h3", { id: side + "-heading", text: caption });
-      el[side + "Heading"].dataset.label = caption;
-      return h("div", {}, el[side + "Heading"],
-        h("table", { class: "book-table", id: side + "-table", "aria-labelledby": side +
-          "-heading" },
+      el[`${side}Heading`] = h("h3", { id: `${side}-heading`, text: caption });
+      el[`${side}Heading`].dataset.label = caption;
+      return h("div", {}, el[`${side}Heading`],
+        h("table", { class: "book-table", id: `${side}-table`,
+          "aria-labelledby": `${side}-heading` },
           h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Price" }),
             h("th", { scope: "col", text: "Units" }), h("th", { scope: "col", text: "Who" }))),
           body));
     }
     el.mine = h("tbody", { id: "mine-body" });
-    var own = h("div", { class: "own-orders" },
+    const own = h("div", { class: "own-orders" },
       h("h3", { id: "mine-heading", text: "Your open orders" }),
       h("table", { class: "book-table", id: "mine-table", "aria-labelledby": "mine-heading" },
         h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Price" }),
@@ -348,18 +346,18 @@ startPage({
           h("th", { scope: "col" }, h("span", { class: "visually-hidden", text: "Action" })))),
         el.mine));
     el.tape = h("ul", { id: "tape", class: "tape", "aria-label": "Trades, newest first" });
-    var market = h("div", { class: "market" }, sideTable("bids", "Bids (buyers)"),
+    const market = h("div", { class: "market" }, sideTable("bids", "Bids (buyers)"),
       sideTable("asks", "Asks (sellers)"));
-    var tape = h("div", { class: "tape-box" }, h("h3", { text: "Trades" }), el.tape);
+    const tape = h("div", { class: "tape-box" }, h("h3", { text: "Trades" }), el.tape);
     page.el.experiment.querySelector("h2").textContent = "Your orders";
     page.el.experiment.append(el.role, form, el.note, stats, own, market, tape);
     renderRole(page);
 
-    var client = page.client;
-    client.on("hello", function (p) {
+    const client = page.client;
+    client.on("hello", (p) => {
       book = p && p.book ? p.book : EMPTY_BOOK;
-      var period = client.state.period;
-      var number = period ? period.number : null;
+      const period = client.state.period;
+      const number = period ? period.number : null;
       if (number !== tradesPeriod) {
         trades = [];
         tradesPeriod = number;
@@ -372,49 +370,49 @@ startPage({
         resetMine(page, number);
       }
     });
-    client.on("period_start", function (p) {
+    client.on("period_start", (p) => {
       book = EMPTY_BOOK;
       trades = [];
       tradesPeriod = p.period;
       resetMine(page, p.period);
     });
-    client.on("period_end", function (p) {
+    client.on("period_end", (p) => {
       book = EMPTY_BOOK;
       resetMine(page, p.period);
     });
-    client.on("book", function (p, ts) {
+    client.on("book", (p, ts) => {
       book = p;
       reconcile(page, p);
       page.chart.record(ts, [null, best("bids"), best("asks")]);
     });
-    client.on("trade", function (p, ts) {
+    client.on("trade", (p, ts) => {
       trades.push(p);
       onTrade(page, p);
       page.chart.record(ts, [p.price, best("bids"), best("asks")]);
     });
-    client.on("error", function (p) {
+    client.on("error", (p) => {
       onError(page, p);
     });
   },
-  render: render,
-  formatDecision: function (value, member, page) {
+  render,
+  formatDecision(value, member, page) {
     return page.idInGroup(member) % 2 === 1 ? "buyer" : "seller";
   },
-  barWidth: function () {
+  barWidth() {
     return null;
   },
   chart: {
     caption: "Trade prices, best bid and best ask over the period",
     yLabel: "price",
     range: null,
-    series: function () {
+    series() {
       return [
         { label: "Trades", color: "#b45309", points: true },
         { label: "Best bid", color: "#1d4ed8" },
         { label: "Best ask", color: "#be123c" },
       ];
     },
-    sample: function () {
+    sample() {
       return [null, best("bids"), best("asks")];
     },
   },

@@ -19,16 +19,16 @@
  */
 import { decisionsChart, formatNumber, h, startPage } from "./page.js";
 
-var VIEW_INTERVAL_MS = 200;
-var VIEW_RETRY_MS = 2000;
-var SLIDER_POSITIONS = 1000; // beyond this many steps a slider cannot be aimed: a number box
+const VIEW_INTERVAL_MS = 200;
+const VIEW_RETRY_MS = 2000;
+const SLIDER_POSITIONS = 1000; // beyond this many steps a slider cannot be aimed: a number box
 
-var decl = null; // config.decision.input, or null: the text box
-var control = null; // {render(page), value(), set(value)} of the control built in mount
-var note = null; // the line beside the control: a refusal, or what happens next
-var stats = null; // {payoff, average, shown: {name: dd}}
-var sentValues = new Map(); // seq -> value this page sent, to name a refused one
-var refused = null; // {value, message} of the last refusal, until the next send
+let decl = null; // config.decision.input, or null: the text box
+let control = null; // {render(page), value(), set(value)} of the control built in mount
+let note = null; // the line beside the control: a refusal, or what happens next
+let stats = null; // {payoff, average, shown: {name: dd}}
+const sentValues = new Map(); // seq -> value this page sent, to name a refused one
+let refused = null; // {value, message} of the last refusal, until the next send
 
 // ---- numbers and names, in the declared terms ----------------------------------------
 
@@ -38,7 +38,7 @@ function isNumber(v) {
 
 /** Decimal places that show a number on this scale: its step's, else a hundredth of it. */
 function digitsOf(input) {
-  var step = input.step || niceStep(input);
+  const step = input.step || niceStep(input);
   return Math.max(0, Math.min(6, Math.ceil(-Math.log10(step) - 1e-9)));
 }
 
@@ -48,11 +48,11 @@ function niceStep(input) {
 }
 
 function withUnit(text, unit) {
-  return unit ? text + " " + unit : text;
+  return unit ? `${text} ${unit}` : text;
 }
 
 function percent(p) {
-  return Math.round(p * 100) + "%";
+  return `${Math.round(p * 100)}%`;
 }
 
 function mixOf(input, value) {
@@ -66,18 +66,18 @@ function describe(input, value) {
     return isNumber(value) ? withUnit(formatNumber(value, digitsOf(input)), input.unit) : "–";
   }
   if (input.kind === "choice") {
-    var found = input.options.filter(function (o) { return o.value === value; })[0];
+    const found = input.options.find((o) => o.value === value);
     return found ? found.label : JSON.stringify(value);
   }
   if (input.kind === "mix") {
-    var mix = mixOf(input, value);
+    const mix = mixOf(input, value);
     if (!mix) return "–";
-    return input.actions.map(function (a, i) { return a + " " + percent(mix[i]); }).join(" · ");
+    return input.actions.map((a, i) => `${a} ${percent(mix[i])}`).join(" · ");
   }
   if (input.kind === "compound" && value && typeof value === "object") {
-    return Object.keys(input.fields).map(function (name) {
-      return name + " " + describe(input.fields[name], value[name]);
-    }).join(" · ");
+    return Object.keys(input.fields)
+      .map((name) => `${name} ${describe(input.fields[name], value[name])}`)
+      .join(" · ");
   }
   return JSON.stringify(value);
 }
@@ -85,19 +85,19 @@ function describe(input, value) {
 /** The same rules as services/common/decision.py: null when acceptable, else why not. */
 function check(input, value) {
   if (input.kind === "number") {
-    var wanted = withUnit("a number from " + input.min + " to " + input.max, input.unit);
+    const wanted = withUnit(`a number from ${input.min} to ${input.max}`, input.unit);
     if (!isNumber(value) || value < input.min || value > input.max) return wanted;
     if (input.step) {
-      var k = (value - input.min) / input.step;
-      if (Math.abs(k - Math.round(k)) > 1e-6) return wanted + ", in steps of " + input.step;
+      const k = (value - input.min) / input.step;
+      if (Math.abs(k - Math.round(k)) > 1e-6) return `${wanted}, in steps of ${input.step}`;
     }
     return null;
   }
   if (input.kind === "compound") {
-    var names = Object.keys(input.fields);
-    for (var i = 0; i < names.length; i++) {
-      var problem = check(input.fields[names[i]], value[names[i]]);
-      if (problem) return names[i] + ": " + problem;
+    const names = Object.keys(input.fields);
+    for (let i = 0; i < names.length; i++) {
+      const problem = check(input.fields[names[i]], value[names[i]]);
+      if (problem) return `${names[i]}: ${problem}`;
     }
   }
   return null;
@@ -107,76 +107,70 @@ function check(input, value) {
 function plotted(input, value) {
   if (input.kind === "number") return isNumber(value) ? value : null;
   if (input.kind === "mix") {
-    var mix = mixOf(input, value);
+    const mix = mixOf(input, value);
     return mix ? mix[0] : null;
   }
   if (input.kind === "choice") {
-    var at = input.options.map(function (o) { return o.value; }).indexOf(value);
+    const at = input.options.map((o) => o.value).indexOf(value);
     return at >= 0 ? at : null;
   }
   if (input.kind === "compound" && value && typeof value === "object") {
-    var first = firstNumber(input);
+    const first = firstNumber(input);
     return first ? plotted(input.fields[first], value[first]) : null;
   }
   return null;
 }
 
 function firstNumber(input) {
-  return Object.keys(input.fields).filter(function (name) {
-    return input.fields[name].kind === "number";
-  })[0];
+  return Object.keys(input.fields).find((name) => input.fields[name].kind === "number");
 }
 
 // ---- sending, and what came back ------------------------------------------------------
 
 function send(page, value) {
-  var problem = decl ? check(decl, value) : null;
+  const problem = decl ? check(decl, value) : null;
   if (problem) {
-    showRefusal(value, "Not sent: " + problem + ".");
+    showRefusal(value, `Not sent: ${problem}.`);
     return;
   }
   refused = null;
-  var seq = page.client.decide(value);
+  const seq = page.client.decide(value);
   sentValues.set(seq, value);
   while (sentValues.size > 50) sentValues.delete(sentValues.keys().next().value);
   renderNote(page);
 }
 
 function showRefusal(value, message) {
-  refused = { value: value, message: message };
-  note.textContent = (decl ? describe(decl, value) : JSON.stringify(value)) + ": " + message;
+  refused = { value, message };
+  note.textContent = `${decl ? describe(decl, value) : JSON.stringify(value)}: ${message}`;
   note.dataset.invalid = "true";
 }
 
 function renderNote(page) {
   if (refused) return;
   note.dataset.invalid = "";
-  var pending = page.client.state.pending.filter(function (f) {
-    return f.channel === "decisions";
-  });
+  const pending = page.client.state.pending.filter((f) => f.channel === "decisions");
   note.textContent = pending.length ? "Sending…" : "";
 }
 
 // ---- the controls -------------------------------------------------------------------
 
 function labelRow(text) {
-  return h("p", { class: "decision-label", "aria-hidden": "true", text: text });
+  return h("p", { class: "decision-label", "aria-hidden": "true", text });
 }
 
 /** The member's own decision as the server has it, unless something of theirs is in flight. */
 function serverValue(page) {
-  var pending = page.client.state.pending.filter(function (f) {
-    return f.channel === "decisions";
-  });
+  const pending = page.client.state.pending.filter((f) => f.channel === "decisions");
   if (pending.length) return undefined;
   return page.client.state.groupDecisions[page.me()];
 }
 
 function numberBox(page, input, id, onEnter) {
-  var box = h("input", { id: id, type: "number", inputmode: "decimal", autocomplete: "off",
+  const box = h("input", { id, type: "number", inputmode: "decimal", autocomplete: "off",
     min: String(input.min), max: String(input.max), step: input.step ? String(input.step) : "any",
     class: "decision-box", disabled: true, "aria-describedby": "decision-note" });
-  box.addEventListener("keydown", function (event) {
+  box.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && onEnter) {
       event.preventDefault();
       onEnter();
@@ -186,76 +180,76 @@ function numberBox(page, input, id, onEnter) {
 }
 
 function readBox(box) {
-  var text = box.value.trim();
+  const text = box.value.trim();
   return text === "" ? null : Number(text);
 }
 
 /** A declared number: a slider (page.js's) for a narrow range, else a number box. */
 function numberControl(page, input) {
-  var step = input.step || niceStep(input);
-  var wide = (input.max - input.min) / step > SLIDER_POSITIONS;
-  var useBox = input.control === "box" || (input.control !== "slider" && wide);
-  var range = "from " + input.min + " to " + input.max + (input.unit ? " " + input.unit : "");
+  const step = input.step || niceStep(input);
+  const wide = (input.max - input.min) / step > SLIDER_POSITIONS;
+  const useBox = input.control === "box" || (input.control !== "slider" && wide);
+  const range = withUnit(`from ${input.min} to ${input.max}`, input.unit);
   if (!useBox) {
-    var digits = digitsOf(input);
-    var slider = page.slider({
+    const digits = digitsOf(input);
+    const slider = page.slider({
       min: input.min,
       max: input.max,
-      step: step,
+      step,
       initial: input.min,
-      label: input.label + ", " + range,
+      label: `${input.label}, ${range}`,
       help: "Use the slider or the arrow keys. You can change it at any time while the " +
         "period is running.",
-      format: function (v) { return withUnit(v.toFixed(digits), input.unit); },
+      format(v) { return withUnit(v.toFixed(digits), input.unit); },
       minLabel: String(input.min),
       maxLabel: String(input.max),
-      onChange: function () {
+      onChange() {
         refused = null;
         renderNote(page);
       },
     });
     return {
-      nodes: [labelRow(input.label + ", " + range)].concat(slider.nodes),
-      render: function () { slider.render(); },
+      nodes: [labelRow(`${input.label}, ${range}`), ...slider.nodes],
+      render() { slider.render(); },
     };
   }
-  var box = numberBox(page, input, "decision-input", function () { submit(); });
-  var button = h("button", { type: "button", id: "decision-send", text: "Set", disabled: true });
+  const box = numberBox(page, input, "decision-input", () => { submit(); });
+  const button = h("button", { type: "button", id: "decision-send", text: "Set", disabled: true });
   function submit() {
-    var value = readBox(box);
+    const value = readBox(box);
     if (value === null || !isFinite(value)) {
-      showRefusal(box.value, "Not sent: type a number " + range + ".");
+      showRefusal(box.value, `Not sent: type a number ${range}.`);
       return;
     }
     send(page, value);
   }
   button.addEventListener("click", submit);
-  var editing = false;
-  box.addEventListener("focus", function () { editing = true; });
-  box.addEventListener("blur", function () { editing = false; });
+  let editing = false;
+  box.addEventListener("focus", () => { editing = true; });
+  box.addEventListener("blur", () => { editing = false; });
   return {
     nodes: [h("label", { for: "decision-input", class: "decision-label",
-      text: input.label + ", " + range }),
+      text: `${input.label}, ${range}` }),
     h("div", { class: "inline-form" }, box, input.unit ?
       h("span", { class: "unit", text: input.unit }) : null, button)],
-    render: function () {
-      var off = !page.running();
+    render() {
+      const off = !page.running();
       box.disabled = off;
       button.disabled = off;
-      var v = serverValue(page);
+      const v = serverValue(page);
       if (!editing && !refused && isNumber(v)) box.value = String(v);
     },
   };
 }
 
 function choiceControl(page, input, name, onPick) {
-  var radios = [];
-  var group = h("fieldset", { class: "choices", id: name },
+  const radios = [];
+  const group = h("fieldset", { class: "choices", id: name },
     h("legend", { class: "decision-label", text: input.label }));
-  input.options.forEach(function (option, i) {
-    var id = name + "-" + i;
-    var radio = h("input", { type: "radio", name: name, id: id, value: String(i), disabled: true });
-    radio.addEventListener("change", function () {
+  input.options.forEach((option, i) => {
+    const id = `${name}-${i}`;
+    const radio = h("input", { type: "radio", name, id, value: String(i), disabled: true });
+    radio.addEventListener("change", () => {
       if (radio.checked && onPick) onPick(option.value);
     });
     radios.push(radio);
@@ -263,59 +257,57 @@ function choiceControl(page, input, name, onPick) {
   });
   return {
     nodes: [group],
-    value: function () {
-      var i = radios.findIndex(function (r) { return r.checked; });
+    value() {
+      const i = radios.findIndex((r) => r.checked);
       return i >= 0 ? input.options[i].value : null;
     },
-    set: function (value) {
-      radios.forEach(function (r, i) { r.checked = input.options[i].value === value; });
+    set(value) {
+      radios.forEach((r, i) => { r.checked = input.options[i].value === value; });
     },
-    render: function () {
-      radios.forEach(function (r) { r.disabled = !page.running(); });
+    render() {
+      radios.forEach((r) => { r.disabled = !page.running(); });
     },
   };
 }
 
 /** A mix: one slider per action; moving one rescales the others so that they sum to 1. */
 function mixControl(page, input, name, onRelease) {
-  var n = input.actions.length;
-  var shares = input.actions.map(function () { return 1 / n; });
-  var moving = false;
-  var sliders = [];
-  var outputs = [];
-  var group = h("fieldset", { class: "mix", id: name },
+  const n = input.actions.length;
+  let shares = input.actions.map(() => 1 / n);
+  let moving = false;
+  const sliders = [];
+  const outputs = [];
+  const group = h("fieldset", { class: "mix", id: name },
     h("legend", { class: "decision-label", text: input.label }));
-  var shown = input.form === "first" ? 1 : n; // two actions as one: the first's probability
-  for (var i = 0; i < shown; i++) {
-    (function (i) {
-      var id = name + "-" + i;
-      var slider = h("input", { type: "range", id: id, min: "0", max: "1", step: "0.01",
-        value: String(shares[i]), disabled: true, class: "mix-slider" });
-      var out = h("output", { for: id, class: "mix-share", text: percent(shares[i]) });
-      var text = input.form === "first" ? input.actions[0] + " (the rest: " +
-        input.actions[1] + ")" : input.actions[i];
-      slider.addEventListener("input", function () {
-        moving = true;
-        setShare(i, parseFloat(slider.value));
-      });
-      slider.addEventListener("change", function () {
-        moving = false;
-        setShare(i, parseFloat(slider.value));
-        if (onRelease) onRelease(valueOf());
-      });
-      sliders.push(slider);
-      outputs.push(out);
-      group.append(h("div", { class: "slider-row" },
-        h("label", { for: id, class: "mix-action", text: text }), slider, out));
-    })(i);
+  const shown = input.form === "first" ? 1 : n; // two actions as one: the first's probability
+  for (let i = 0; i < shown; i++) {
+    const id = `${name}-${i}`;
+    const slider = h("input", { type: "range", id, min: "0", max: "1", step: "0.01",
+      value: String(shares[i]), disabled: true, class: "mix-slider" });
+    const out = h("output", { for: id, class: "mix-share", text: percent(shares[i]) });
+    const text = input.form === "first" ?
+      `${input.actions[0]} (the rest: ${input.actions[1]})` : input.actions[i];
+    slider.addEventListener("input", () => {
+      moving = true;
+      setShare(i, parseFloat(slider.value));
+    });
+    slider.addEventListener("change", () => {
+      moving = false;
+      setShare(i, parseFloat(slider.value));
+      if (onRelease) onRelease(valueOf());
+    });
+    sliders.push(slider);
+    outputs.push(out);
+    group.append(h("div", { class: "slider-row" },
+      h("label", { for: id, class: "mix-action", text }), slider, out));
   }
 
   function setShare(i, p) {
     if (input.form === "first" || n === 1) {
       shares = [p, 1 - p];
     } else {
-      var rest = 1 - shares[i];
-      shares = shares.map(function (s, j) {
+      const rest = 1 - shares[i];
+      shares = shares.map((s, j) => {
         if (j === i) return p;
         return rest > 1e-9 ? s / rest * (1 - p) : (1 - p) / (n - 1);
       });
@@ -324,17 +316,17 @@ function mixControl(page, input, name, onRelease) {
   }
 
   function draw() {
-    sliders.forEach(function (s, i) { s.value = String(shares[i]); });
-    outputs.forEach(function (o, i) {
-      o.textContent = input.form === "first" ? input.actions[0] + " " + percent(shares[0]) +
-        " · " + input.actions[1] + " " + percent(shares[1]) : percent(shares[i]);
+    sliders.forEach((s, i) => { s.value = String(shares[i]); });
+    outputs.forEach((o, i) => {
+      o.textContent = input.form === "first" ? `${input.actions[0]} ${percent(shares[0])} · ` +
+        `${input.actions[1]} ${percent(shares[1])}` : percent(shares[i]);
     });
   }
 
   function valueOf() {
     if (input.form === "first") return Math.round(shares[0] * 1e6) / 1e6;
-    var rounded = shares.map(function (s) { return Math.round(s * 1e6) / 1e6; });
-    var head = rounded.slice(0, -1).reduce(function (a, b) { return a + b; }, 0);
+    const rounded = shares.map((s) => Math.round(s * 1e6) / 1e6);
+    const head = rounded.slice(0, -1).reduce((a, b) => a + b, 0);
     rounded[n - 1] = Math.max(0, Math.round((1 - head) * 1e6) / 1e6);
     return rounded;
   }
@@ -342,16 +334,16 @@ function mixControl(page, input, name, onRelease) {
   return {
     nodes: [group],
     value: valueOf,
-    set: function (value) {
+    set(value) {
       if (moving) return;
-      var mix = mixOf(input, value);
+      const mix = mixOf(input, value);
       if (mix) {
         shares = mix.slice();
         draw();
       }
     },
-    render: function () {
-      sliders.forEach(function (s) { s.disabled = !page.running(); });
+    render() {
+      sliders.forEach((s) => { s.disabled = !page.running(); });
     },
   };
 }
@@ -359,13 +351,13 @@ function mixControl(page, input, name, onRelease) {
 /** Send-on-change controls for a number, a choice or a mix on its own. */
 function singleControl(page, input) {
   if (input.kind === "number") return numberControl(page, input);
-  var built = input.kind === "choice" ?
-    choiceControl(page, input, "decision-choice", function (v) { send(page, v); }) :
-    mixControl(page, input, "decision-mix", function (v) { send(page, v); });
-  var render = built.render;
-  built.render = function () {
+  const built = input.kind === "choice" ?
+    choiceControl(page, input, "decision-choice", (v) => { send(page, v); }) :
+    mixControl(page, input, "decision-mix", (v) => { send(page, v); });
+  const render = built.render;
+  built.render = () => {
     render();
-    var v = serverValue(page);
+    const v = serverValue(page);
     if (v !== undefined && v !== null && !refused) built.set(v);
   };
   return built;
@@ -373,46 +365,46 @@ function singleControl(page, input) {
 
 /** A compound: each field's control, and one Send button for all of them. */
 function compoundControl(page, input) {
-  var parts = {};
-  var nodes = [h("p", { class: "decision-label", text: input.label })];
-  Object.keys(input.fields).forEach(function (name, i) {
-    var field = input.fields[name];
-    var id = "decision-" + i;
+  const parts = {};
+  const nodes = [h("p", { class: "decision-label", text: input.label })];
+  Object.keys(input.fields).forEach((name, i) => {
+    const field = input.fields[name];
+    const id = `decision-${i}`;
     if (field.kind === "number") {
-      var box = numberBox(page, field, id, null);
-      var unit = field.unit ? " (" + field.unit + ")" : "";
+      const box = numberBox(page, field, id, null);
+      const unit = field.unit ? ` (${field.unit})` : "";
       nodes.push(h("div", { class: "field" },
-        h("label", { for: id, text: field.label + unit + ", from " + field.min + " to " +
-          field.max }), box));
+        h("label", { for: id, text: `${field.label}${unit}, from ${field.min} to ${field.max}` }),
+        box));
       parts[name] = {
-        value: function () { return readBox(box); },
-        set: function (v) { if (isNumber(v) && document.activeElement !== box) box.value = v; },
-        render: function () { box.disabled = !page.running(); },
+        value() { return readBox(box); },
+        set(v) { if (isNumber(v) && document.activeElement !== box) box.value = v; },
+        render() { box.disabled = !page.running(); },
       };
     } else {
-      var built = field.kind === "choice" ? choiceControl(page, field, id, null) :
+      const built = field.kind === "choice" ? choiceControl(page, field, id, null) :
         mixControl(page, field, id, null);
-      nodes = nodes.concat(built.nodes);
+      nodes.push(...built.nodes);
       parts[name] = built;
     }
   });
-  var button = h("button", { type: "button", id: "decision-send", text: "Send", disabled: true });
-  button.addEventListener("click", function () {
-    var value = {};
-    Object.keys(parts).forEach(function (name) { value[name] = parts[name].value(); });
+  const button = h("button", { type: "button", id: "decision-send", text: "Send", disabled: true });
+  button.addEventListener("click", () => {
+    const value = {};
+    Object.keys(parts).forEach((name) => { value[name] = parts[name].value(); });
     send(page, value);
   });
   nodes.push(button);
-  var synced = false;
+  let synced = false;
   return {
-    nodes: nodes,
-    render: function () {
-      Object.keys(parts).forEach(function (name) { parts[name].render(); });
+    nodes,
+    render() {
+      Object.keys(parts).forEach((name) => { parts[name].render(); });
       button.disabled = !page.running();
-      var v = serverValue(page);
+      const v = serverValue(page);
       if (!synced && v && typeof v === "object") {
         synced = true; // once: later on, what the member is composing wins
-        Object.keys(parts).forEach(function (name) { parts[name].set(v[name]); });
+        Object.keys(parts).forEach((name) => { parts[name].set(v[name]); });
       }
     },
   };
@@ -420,17 +412,17 @@ function compoundControl(page, input) {
 
 /** No declaration: a number, or JSON text, typed in. */
 function textControl(page) {
-  var input = h("input", { id: "decision-input", type: "text", inputmode: "decimal",
+  const input = h("input", { id: "decision-input", type: "text", inputmode: "decimal",
     autocomplete: "off", "aria-describedby": "decision-help decision-note", disabled: true });
-  var button = h("button", { type: "submit", id: "decision-send", text: "Send", disabled: true });
-  var form = h("form", { class: "inline-form", novalidate: true },
+  const button = h("button", { type: "submit", id: "decision-send", text: "Send", disabled: true });
+  const form = h("form", { class: "inline-form", novalidate: true },
     h("label", { for: "decision-input", text: "Your decision" }), input, button);
-  form.addEventListener("submit", function (event) {
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    var value;
+    let value;
     try {
       value = JSON.parse(input.value.trim());
-    } catch (e) {
+    } catch {
       showRefusal(input.value, "Not a valid value: type a number (like 3 or 0.5) or JSON text.");
       return;
     }
@@ -440,7 +432,7 @@ function textControl(page) {
     nodes: [form, h("p", { id: "decision-help", class: "help", text: "Type your decision (a " +
       "number, or JSON text) and press Enter or Send. You can change it at any time while " +
       "the period is running." })],
-    render: function () {
+    render() {
       input.disabled = !page.running();
       button.disabled = !page.running();
     },
@@ -449,32 +441,32 @@ function textControl(page) {
 
 // ---- the live values (POST /p/{key}/view) ----------------------------------------------
 
-var view = { answer: null, key: null, busy: false, next: 0, timer: null };
-var flows = new Map(); // decisions key -> my flow payoff
-var segments = []; // [{at: seconds into the period, key}] since the period started
-var periodSeen = null; // the period (and group) the segments belong to
-var subPayoffs = []; // discrete periods: my payoffs at this period's sub-periods
+const view = { answer: null, key: null, busy: false, next: 0, timer: null };
+const flows = new Map(); // decisions key -> my flow payoff
+let segments = []; // [{at: seconds into the period, key}] since the period started
+let periodSeen = null; // the period (and group) the segments belong to
+let subPayoffs = []; // discrete periods: my payoffs at this period's sub-periods
 
 function viewUrl() {
-  return location.pathname.replace(/\/+$/, "") + "/view";
+  return `${location.pathname.replace(/\/+$/, "")}/view`;
 }
 
 function decisionsKey(page) {
-  var decisions = page.client.state.groupDecisions;
-  var shown = {};
-  page.members().forEach(function (m) { shown[m] = decisions[m] === undefined ? null : decisions[m]; });
+  const decisions = page.client.state.groupDecisions;
+  const shown = {};
+  page.members().forEach((m) => { shown[m] = decisions[m] === undefined ? null : decisions[m]; });
   return JSON.stringify(shown);
 }
 
 function askView(page) {
-  var p = page.client.state.period;
+  const p = page.client.state.period;
   if (!page.config.participant || page.inLobby() || !p || !page.members().length) return;
-  var key = decisionsKey(page);
+  const key = decisionsKey(page);
   if (key === view.key || view.busy) return;
-  var wait = view.next - Date.now();
+  const wait = view.next - Date.now();
   if (wait > 0) {
     if (view.timer === null) {
-      view.timer = setTimeout(function () {
+      view.timer = setTimeout(() => {
         view.timer = null;
         askView(page);
       }, wait);
@@ -488,58 +480,58 @@ function askView(page) {
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ decisions: JSON.parse(key) }),
     credentials: "omit",
-  }).then(function (response) {
-    if (!response.ok) throw new Error("view " + response.status);
+  }).then((response) => {
+    if (!response.ok) throw new Error(`view ${response.status}`);
     return response.json();
-  }).then(function (answer) {
+  }).then((answer) => {
     view.key = key;
     view.answer = answer;
-    var mine = answer && answer.payoffs ? answer.payoffs[page.me()] : undefined;
+    const mine = answer && answer.payoffs ? answer.payoffs[page.me()] : undefined;
     if (isNumber(mine)) flows.set(key, mine);
-  }).catch(function () {
+  }).catch(() => {
     view.next = Date.now() + VIEW_RETRY_MS; // a lobby seat, an old gateway: try later
-  }).finally(function () {
+  }).finally(() => {
     view.busy = false;
     page.render();
   });
 }
 
 function noteSegment(page, ts) {
-  var p = page.client.state.period;
+  const p = page.client.state.period;
   if (!p || p.state === "lobby") return;
-  var group = page.members().join(",") + "#" + p.number;
+  const group = `${page.members().join(",")}#${p.number}`;
   if (periodSeen !== group) {
     periodSeen = group;
     segments = [];
     subPayoffs = [];
   }
-  var at = page.elapsed(ts);
-  var key = decisionsKey(page);
-  var last = segments[segments.length - 1];
+  let at = page.elapsed(ts);
+  const key = decisionsKey(page);
+  const last = segments[segments.length - 1];
   if (last && last.key === key) return;
   if (last && at < last.at) at = last.at;
-  segments.push({ at: at, key: key });
+  segments.push({ at, key });
 }
 
 /** The page's estimate of the period payoff so far: the time average of the flow payoffs it
  * knows (continuous), or the mean of the sub-periods' payoffs (discrete); the server's own
  * once the period ended. {value, since} (since > 0: the page joined late). */
 function runningPayoff(page) {
-  var p = page.client.state.period;
+  const p = page.client.state.period;
   if (!p) return null;
   if (p.state === "ended" && p.payoffs && isNumber(p.payoffs[page.me()])) {
     return { value: p.payoffs[page.me()], since: 0, final: true };
   }
   if ((page.config.num_subperiods || 0) > 0) {
     if (!subPayoffs.length) return null;
-    var sum = subPayoffs.reduce(function (a, b) { return a + b; }, 0);
+    const sum = subPayoffs.reduce((a, b) => a + b, 0);
     return { value: sum / subPayoffs.length, since: 0 };
   }
-  var now = page.elapsed();
-  var area = 0;
-  var time = 0;
-  segments.forEach(function (s, i) {
-    var end = i + 1 < segments.length ? segments[i + 1].at : now;
+  const now = page.elapsed();
+  let area = 0;
+  let time = 0;
+  segments.forEach((s, i) => {
+    const end = i + 1 < segments.length ? segments[i + 1].at : now;
     if (flows.has(s.key) && end > s.at) {
       area += flows.get(s.key) * (end - s.at);
       time += end - s.at;
@@ -550,25 +542,25 @@ function runningPayoff(page) {
 }
 
 function renderStats(page) {
-  var answer = view.answer;
-  var me = page.me();
-  var flow = answer && answer.payoffs ? answer.payoffs[me] : undefined;
-  var paid = isNumber(flow);
+  const answer = view.answer;
+  const me = page.me();
+  const flow = answer && answer.payoffs ? answer.payoffs[me] : undefined;
+  const paid = isNumber(flow);
   stats.payoffRow.hidden = !paid;
   stats.averageRow.hidden = !paid;
   if (paid) {
     stats.payoff.textContent = formatNumber(flow);
     stats.payoff.dataset.value = String(flow);
-    var running = runningPayoff(page);
+    const running = runningPayoff(page);
     stats.average.textContent = running ? formatNumber(running.value) : "–";
     stats.average.dataset.value = running ? String(running.value) : "";
     stats.averageLabel.textContent = running && running.final ? "Your payoff this period" :
       running && running.since > 1 ? "Your average since you joined" :
       "Your average this period";
   }
-  Object.keys(stats.shown).forEach(function (name) {
-    var item = stats.shown[name];
-    var value = answer && answer.shown ? answer.shown[name] : undefined;
+  Object.keys(stats.shown).forEach((name) => {
+    const item = stats.shown[name];
+    let value = answer && answer.shown ? answer.shown[name] : undefined;
     if (value && typeof value === "object") value = value[me];
     item.dd.textContent = isNumber(value) ?
       withUnit(formatNumber(value, item.spec.digits), item.spec.unit) : "–";
@@ -579,61 +571,57 @@ function renderStats(page) {
 
 function buildStats(shows) {
   function stat(id, label) {
-    var dt = h("dt", { text: label });
-    var dd = h("dd", { id: id, text: "–" });
-    return { row: h("div", { class: "stat" }, dt, dd), dt: dt, dd: dd };
+    const dt = h("dt", { text: label });
+    const dd = h("dd", { id, text: "–" });
+    return { row: h("div", { class: "stat" }, dt, dd), dt, dd };
   }
-  var payoff = stat("flow-payoff", "Your payoff now");
-  var average = stat("period-payoff", "Your average this period");
-  var list = h("dl", { class: "stats", id: "live-values" }, payoff.row, average.row);
-  var shown = {};
-  shows.forEach(function (spec) {
-    var item = stat("shown-" + spec.name, spec.label);
+  const payoff = stat("flow-payoff", "Your payoff now");
+  const average = stat("period-payoff", "Your average this period");
+  const list = h("dl", { class: "stats", id: "live-values" }, payoff.row, average.row);
+  const shown = {};
+  shows.forEach((spec) => {
+    const item = stat(`shown-${spec.name}`, spec.label);
     item.spec = spec;
     item.row.dataset.name = spec.name;
     shown[spec.name] = item;
     list.append(item.row);
   });
-  return { list: list, payoff: payoff.dd, payoffRow: payoff.row, average: average.dd,
-    averageRow: average.row, averageLabel: average.dt, shown: shown };
+  return { list, payoff: payoff.dd, payoffRow: payoff.row, average: average.dd,
+    averageRow: average.row, averageLabel: average.dt, shown };
 }
 
 // ---- the page -----------------------------------------------------------------------
 
 function chartOf(decision) {
   if (!decision) return decisionsChart({ yLabel: "decision" });
-  var input = decision.input;
-  var base = decisionsChart();
-  var chart = {
+  const input = decision.input;
+  const base = decisionsChart();
+  const chart = {
     caption: "Your group's decisions over the period",
-    yLabel: input.kind === "number" ? withUnit(input.label, input.unit ? "(" + input.unit +
-      ")" : "") : input.label,
+    yLabel: input.kind === "number" ?
+      withUnit(input.label, input.unit ? `(${input.unit})` : "") : input.label,
     range: null,
     series: base.series,
-    sample: function (page) {
-      var decisions = page.client.state.groupDecisions;
-      return page.members().map(function (m) { return plotted(input, decisions[m]); });
+    sample(page) {
+      const decisions = page.client.state.groupDecisions;
+      return page.members().map((m) => plotted(input, decisions[m]));
     },
   };
   if (input.kind === "number") chart.range = [input.min, input.max];
   if (input.kind === "mix") {
     chart.range = [0, 1];
-    chart.yLabel = "probability of " + input.actions[0];
+    chart.yLabel = `probability of ${input.actions[0]}`;
   }
   if (input.kind === "choice") {
-    var n = input.options.length;
+    const n = input.options.length;
     chart.range = [-0.5, n - 0.5];
-    chart.yAxis = function () {
-      return {
-        splits: function () { return input.options.map(function (o, i) { return i; }); },
-        values: function (u, splits) {
-          return splits.map(function (i) { return input.options[i] ? input.options[i].label : ""; });
-        },
-      };
-    };
+    chart.yAxis = () => ({
+      splits: () => input.options.map((o, i) => i),
+      values: (u, splits) => splits.map((i) => input.options[i] ? input.options[i].label : ""),
+    });
   }
   if (input.kind === "compound") {
-    var first = firstNumber(input);
+    const first = firstNumber(input);
     if (first) {
       chart.range = [input.fields[first].min, input.fields[first].max];
       chart.yLabel = input.fields[first].label;
@@ -642,22 +630,22 @@ function chartOf(decision) {
   return chart;
 }
 
-var config = (function () {
-  var node = document.getElementById("canopy-config");
+const config = (() => {
+  const node = document.getElementById("canopy-config");
   try {
     return node ? JSON.parse(node.textContent) || {} : {};
-  } catch (e) {
+  } catch {
     return {};
   }
 })();
-var declared = config.decision && config.decision.input ? config.decision : null;
+const declared = config.decision && config.decision.input ? config.decision : null;
 
 startPage({
   title: "",
-  mount: function (page) {
+  mount(page) {
     decl = declared ? declared.input : null;
     page.el.title.textContent = page.config.experiment || "Experiment";
-    var card = page.el.experiment;
+    const card = page.el.experiment;
     if (declared && declared.instructions) {
       card.append(h("p", { id: "instructions", class: "instructions",
         text: declared.instructions }));
@@ -668,28 +656,28 @@ startPage({
     else if (decl.kind === "compound") control = compoundControl(page, decl);
     else control = singleControl(page, decl);
     // The note right below the control, so that a refusal is seen where the value was typed.
-    card.append.apply(card, control.nodes.concat([note]));
+    card.append(...control.nodes, note);
     stats = buildStats(declared ? declared.shows || [] : []);
     card.append(stats.list);
     renderStats(page);
 
     // What happened to what this page sent: a refusal names the value and says why.
-    var decide = page.client.decide.bind(page.client);
-    page.client.on("error", function (err) {
+    const decide = page.client.decide.bind(page.client);
+    page.client.on("error", (err) => {
       if (!err || !sentValues.has(err.seq)) return;
-      var value = sentValues.get(err.seq);
+      const value = sentValues.get(err.seq);
       sentValues.delete(err.seq);
       if (err.code === "too_many_messages") return; // sent again by the client
       showRefusal(value, err.message || err.code);
     });
-    page.client.on("ack", function () { renderNote(page); });
-    page.client.decide = function (value) {
-      var seq = decide(value);
+    page.client.on("ack", () => { renderNote(page); });
+    page.client.decide = (value) => {
+      const seq = decide(value);
       sentValues.set(seq, value);
       return seq;
     };
-    page.client.on("hello", function () { noteSegment(page); });
-    page.client.on("message", function (channel, payload, ts) {
+    page.client.on("hello", () => { noteSegment(page); });
+    page.client.on("message", (channel, payload, ts) => {
       if (channel === "period_start") {
         periodSeen = null;
         refused = null;
@@ -702,29 +690,29 @@ startPage({
       }
     });
   },
-  render: function (page) {
+  render(page) {
     control.render(page);
     renderNote(page);
     askView(page);
     renderStats(page);
   },
-  formatDecision: function (value) {
+  formatDecision(value) {
     if (!decl) {
       if (value === null || value === undefined) return "–";
       if (typeof value === "number") return value.toFixed(2);
-      var text = JSON.stringify(value);
-      return text.length > 24 ? text.slice(0, 23) + "…" : text;
+      const text = JSON.stringify(value);
+      return text.length > 24 ? `${text.slice(0, 23)}…` : text;
     }
     return describe(decl, value);
   },
-  barWidth: function (value) {
+  barWidth(value) {
     if (!decl) return isNumber(value) ? Math.min(1, Math.max(0, value)) : null;
     if (decl.kind === "number") {
       return isNumber(value) ? Math.min(1, Math.max(0, (value - decl.min) /
         (decl.max - decl.min))) : 0;
     }
     if (decl.kind === "mix") {
-      var mix = mixOf(decl, value);
+      const mix = mixOf(decl, value);
       return mix ? mix[0] : 0;
     }
     return null;

@@ -8,14 +8,14 @@
  * `javascript:` address whatever a message says.
  */
 
-export var LEAVE_SECONDS = 5;
+export const LEAVE_SECONDS = 5;
 
 export function safeTarget(url) {
   if (typeof url !== "string" || url === "") return null;
   try {
-    var parsed = new URL(url, location.href);
+    const parsed = new URL(url, location.href);
     return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;
-  } catch (e) {
+  } catch {
     return null;
   }
 }
@@ -25,13 +25,13 @@ export function safeTarget(url) {
  * that stops the countdown; null when `url` is not an http(s) address.
  */
 export function leaveAfter(url, seconds, secondsEl, go) {
-  var target = safeTarget(url);
+  const target = safeTarget(url);
   if (target === null) return null;
-  go = go || function (to) { location.assign(to); };
-  var deadline = Date.now() + seconds * 1000;
-  var timer = null;
+  go = go || ((to) => location.assign(to));
+  const deadline = Date.now() + seconds * 1000;
+  let timer = null;
   function tick() {
-    var left = Math.max(0, Math.ceil((deadline - Date.now()) / 1000));
+    const left = Math.max(0, Math.ceil((deadline - Date.now()) / 1000));
     if (secondsEl) {
       secondsEl.textContent = String(left);
       secondsEl.dataset.left = String(left);
@@ -51,8 +51,8 @@ export function leaveAfter(url, seconds, secondsEl, go) {
   };
 }
 
-document.querySelectorAll("[data-redirect]").forEach(function (node) {
-  var seconds = parseInt(node.dataset.seconds, 10);
+document.querySelectorAll("[data-redirect]").forEach((node) => {
+  const seconds = parseInt(node.dataset.seconds, 10);
   leaveAfter(node.dataset.redirect, isFinite(seconds) ? seconds : LEAVE_SECONDS,
     node.querySelector(".leaving-seconds"));
 });

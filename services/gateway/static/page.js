@@ -34,12 +34,12 @@ import { connect, pageKey, socketUrl } from "./canopy.js";
 import { LEAVE_SECONDS, leaveAfter, safeTarget } from "./leave.js";
 import uPlot from "./vendor/uplot/uPlot.esm.js";
 
-var MAX_ERRORS_SHOWN = 5;
-var SEND_INTERVAL_MS = 33; // at most ~30 decisions per second while a slider is dragged
-var TICK_MS = 250;
-var COLORS = ["#0f766e", "#1d4ed8", "#b45309", "#9333ea", "#be123c", "#4d7c0f", "#0369a1",
+const MAX_ERRORS_SHOWN = 5;
+const SEND_INTERVAL_MS = 33; // at most ~30 decisions per second while a slider is dragged
+const TICK_MS = 250;
+const COLORS = ["#0f766e", "#1d4ed8", "#b45309", "#9333ea", "#be123c", "#4d7c0f", "#0369a1",
   "#a16207"];
-var FINISHED_TEXT = {
+const FINISHED_TEXT = {
   completed: ["You have finished", "Thank you for taking part."],
   again: ["You have already taken part", "You finished this study already; here is what you " +
     "earned and your completion code again."],
@@ -50,8 +50,8 @@ var FINISHED_TEXT = {
   full: ["This study is full", "All places in this study are taken. Thank you for your " +
     "interest."],
 };
-var LOBBY_DOTS_MAX = 12; // beyond this group size, the count alone
-var STATUS_TEXT = {
+const LOBBY_DOTS_MAX = 12; // beyond this group size, the count alone
+const STATUS_TEXT = {
   connecting: "Connecting…",
   connected: "Connected",
   reconnecting: "Reconnecting…",
@@ -61,12 +61,12 @@ var STATUS_TEXT = {
 };
 
 export function readConfig() {
-  var node = document.getElementById("canopy-config");
-  var config = {};
+  const node = document.getElementById("canopy-config");
+  let config = {};
   if (node) {
     try {
       config = JSON.parse(node.textContent) || {};
-    } catch (e) {
+    } catch {
       config = {};
     }
   }
@@ -81,23 +81,23 @@ export function formatNumber(value, digits) {
 
 export function formatSeconds(s) {
   s = Math.max(0, Math.ceil(s));
-  var m = Math.floor(s / 60);
-  var r = s % 60;
-  return m + ":" + (r < 10 ? "0" : "") + r;
+  const m = Math.floor(s / 60);
+  const r = s % 60;
+  return `${m}:${r < 10 ? "0" : ""}${r}`;
 }
 
 /** A new element: h("span", {class: "x", text: "…", "aria-label": "…"}, child, …). */
-export function h(tag, attrs) {
-  var node = document.createElement(tag);
-  Object.keys(attrs || {}).forEach(function (key) {
-    var value = attrs[key];
+export function h(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  Object.keys(attrs || {}).forEach((key) => {
+    const value = attrs[key];
     if (value === undefined || value === null || value === false) return;
     if (key === "text") node.textContent = value;
     else if (key === "class") node.className = value;
     else if (key.slice(0, 2) === "on") node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : value);
   });
-  for (var i = 2; i < arguments.length; i++) if (arguments[i]) node.append(arguments[i]);
+  for (const child of children) if (child) node.append(child);
   return node;
 }
 
@@ -106,9 +106,9 @@ function byId(id) {
 }
 
 export function startPage(spec) {
-  var config = readConfig();
-  var code = config.participant;
-  var el = {
+  const config = readConfig();
+  const code = config.participant;
+  const el = {
     title: byId("experiment-title"),
     status: byId("status"),
     notice: byId("notice"),
@@ -150,70 +150,70 @@ export function startPage(spec) {
     leaveNow: byId("leave-now"),
     finishedClose: byId("finished-close"),
   };
-  var key = pageKey(); // the seat's secret: only in this page's own address
-  var client = connect(socketUrl(key), key, null, { code: code });
-  var periodPayoffs = {}; // period number -> {code: payoff}, as announced by period_end
+  const key = pageKey(); // the seat's secret: only in this page's own address
+  const client = connect(socketUrl(key), key, null, { code });
+  const periodPayoffs = {}; // period number -> {code: payoff}, as announced by period_end
 
-  var page = {
-    client: client,
-    config: config,
-    el: el,
-    spec: spec,
-    periodPayoffs: periodPayoffs,
+  const page = {
+    client,
+    config,
+    el,
+    spec,
+    periodPayoffs,
     finished: null,
-    me: function () {
-      var hello = client.state.hello;
+    me() {
+      const hello = client.state.hello;
       return hello && hello.participant ? hello.participant : code;
     },
-    members: function () {
-      var hello = client.state.hello;
+    members() {
+      const hello = client.state.hello;
       if (hello && Array.isArray(hello.members) && hello.members.length) return hello.members;
       if (Array.isArray(config.members) && config.members.length) return config.members;
       return Object.keys(client.state.groupDecisions);
     },
-    idInGroup: function (member) {
+    idInGroup(member) {
       return page.members().indexOf(member) + 1;
     },
-    playerName: function (member) {
-      var i = page.idInGroup(member);
-      return (i > 0 ? "Player " + i : member) + (member === page.me() ? " (you)" : "");
+    playerName(member) {
+      const i = page.idInGroup(member);
+      return (i > 0 ? `Player ${i}` : member) + (member === page.me() ? " (you)" : "");
     },
-    color: function (member) {
-      var i = page.idInGroup(member);
+    color(member) {
+      const i = page.idInGroup(member);
       return COLORS[(Math.max(1, i) - 1) % COLORS.length];
     },
-    running: function () {
-      var p = client.state.period;
+    running() {
+      const p = client.state.period;
       return !!p && p.state === "running" && !client.inLobby();
     },
     /** Waiting in the lobby for a group: its hello had no group, or (before any hello) the
      * gateway gave this arrival seat no members. */
-    inLobby: function () {
+    inLobby() {
       if (page.finished) return false;
       if (client.state.hello) return client.inLobby();
       return config.grouping === "arrival" && !(config.members && config.members.length);
     },
-    periodLength: function () {
-      var p = client.state.period;
+    periodLength() {
+      const p = client.state.period;
       return (p && p.length) || config.period_length || 60;
     },
     /** Running time into the period (pauses left out) at server time `ts`. */
-    elapsed: function (ts) {
-      var p = client.state.period;
-      var length = page.periodLength();
+    elapsed(ts) {
+      const p = client.state.period;
+      const length = page.periodLength();
       if (!p || p.state === "waiting") return 0;
       if (p.state === "ended") return length;
       if (p.state === "paused") return Math.max(0, length - (p.remaining || 0));
       if (typeof p.ends_at !== "number") return 0;
-      var t = typeof ts === "number" ? ts : client.serverNow();
+      const t = typeof ts === "number" ? ts : client.serverNow();
       return Math.min(length, Math.max(0, length - (p.ends_at - t)));
     },
-    showError: showError,
-    render: function () {
+    showError,
+    render() {
       renderAll();
     },
     /** A range input that sends its value (coalesced while dragged) and follows the server's. */
-    slider: function (options) {
+    slider(options) {
       return makeSlider(page, options);
     },
   };
@@ -221,17 +221,17 @@ export function startPage(spec) {
   window.canopyPage = page;
 
   el.title.textContent = spec.title || "";
-  var baseTitle = spec.title ? spec.title + " · Canopy" : document.title;
+  const baseTitle = spec.title ? `${spec.title} · Canopy` : document.title;
   document.title = baseTitle;
 
   // ---- status and notices ----------------------------------------------------------
 
   function renderStatus() {
-    var status = client.state.status;
+    const status = client.state.status;
     el.status.dataset.status = status;
-    var text = STATUS_TEXT[status] || status;
+    let text = STATUS_TEXT[status] || status;
     if ((status === "connecting" || status === "reconnecting") && client.state.failedAttempts >= 3) {
-      text += " (attempt " + (client.state.failedAttempts + 1) + ")";
+      text += ` (attempt ${client.state.failedAttempts + 1})`;
     }
     el.status.textContent = text;
     if (status === "replaced") {
@@ -251,75 +251,73 @@ export function startPage(spec) {
     el.notice.hidden = false;
   }
 
-  el.noticeButton.addEventListener("click", function () {
+  el.noticeButton.addEventListener("click", () => {
     client.reconnect();
   });
 
   // ---- period, countdown, waiting, paused ----------------------------------------
 
   function presentCount() {
-    var presence = client.state.presence;
-    var members = page.members();
-    return members.filter(function (m) {
-      return presence[m] === true;
-    }).length;
+    const presence = client.state.presence;
+    const members = page.members();
+    return members.filter((m) => presence[m] === true).length;
   }
 
   function renderPeriod() {
-    var st = client.state;
-    var p = st.period;
-    var state = p ? p.state : "unknown";
-    var n = p && p.number ? p.number : 1;
-    var of = config.num_periods > 1 ? " of " + config.num_periods : "";
-    var text;
+    const st = client.state;
+    const p = st.period;
+    const state = p ? p.state : "unknown";
+    const n = p && p.number ? p.number : 1;
+    const of = config.num_periods > 1 ? ` of ${config.num_periods}` : "";
+    let text;
     if (!p) {
       text = st.status === "refused" || st.status === "replaced" ? "Not connected." :
         st.hello ? "Waiting for the experiment to start." : "Connecting to the experiment…";
     } else if (state === "lobby") {
       text = "Waiting for your group to form.";
     } else if (state === "waiting") {
-      text = "Period " + n + of + ": waiting for everyone in your group to join.";
+      text = `Period ${n}${of}: waiting for everyone in your group to join.`;
     } else if (state === "running") {
-      text = "Period " + n + of + " is running.";
+      text = `Period ${n}${of} is running.`;
     } else if (state === "paused") {
-      text = "Period " + n + of + " is paused.";
+      text = `Period ${n}${of} is paused.`;
     } else if (state === "ended") {
-      text = "Period " + n + of + " has ended.";
-      var mine = p.payoffs ? p.payoffs[page.me()] : undefined;
-      if (typeof mine === "number") text += " Your payoff: " + mine.toFixed(2) + ".";
+      text = `Period ${n}${of} has ended.`;
+      const mine = p.payoffs ? p.payoffs[page.me()] : undefined;
+      if (typeof mine === "number") text += ` Your payoff: ${mine.toFixed(2)}.`;
     } else {
-      text = "Period " + n + ": " + state + ".";
+      text = `Period ${n}: ${state}.`;
     }
     el.period.dataset.state = state;
     el.period.textContent = text;
 
-    var members = page.members().length;
-    var here = presentCount();
-    var waiting = state === "waiting" || (!p && !!st.hello);
+    const members = page.members().length;
+    const here = presentCount();
+    const waiting = state === "waiting" || (!p && !!st.hello);
     el.waiting.hidden = !waiting;
     if (waiting) {
       el.waitingText.textContent = here < members ?
-        "Waiting for everyone in your group to join: " + here + " of " + members + " here." :
-        "Everyone is here: period " + n + " starts in a moment.";
+        `Waiting for everyone in your group to join: ${here} of ${members} here.` :
+        `Everyone is here: period ${n} starts in a moment.`;
     }
     document.body.dataset.phase = page.finished ? "finished" : page.inLobby() ? "lobby" :
       !p ? "connecting" : state === "waiting" && n === 1 ? "waiting" : state;
 
     el.paused.hidden = state !== "paused";
     if (state === "paused") {
-      var left = typeof p.remaining === "number" ? " " + formatSeconds(p.remaining) + " left." : "";
+      const left = typeof p.remaining === "number" ? ` ${formatSeconds(p.remaining)} left.` : "";
       el.pausedText.textContent = "Someone in your group lost their connection; the period " +
-        "goes on when everyone is back." + left;
+        `goes on when everyone is back.${left}`;
     }
 
-    var sub = st.subperiod;
-    var subs = config.num_subperiods || 0;
+    const sub = st.subperiod;
+    const subs = config.num_subperiods || 0;
     el.subperiod.hidden = !(subs > 0 && p);
     if (subs > 0) {
-      var done = sub && p && sub.period === p.number ? sub.index : 0;
+      let done = sub && p && sub.period === p.number ? sub.index : 0;
       if (p && state === "ended") done = subs;
-      el.subperiod.textContent = done >= subs ? "All " + subs + " sub-periods done." :
-        "Sub-period " + (done + 1) + " of " + subs + ".";
+      el.subperiod.textContent = done >= subs ? `All ${subs} sub-periods done.` :
+        `Sub-period ${done + 1} of ${subs}.`;
       el.subperiod.dataset.done = String(done);
     }
     renderCountdown();
@@ -328,15 +326,15 @@ export function startPage(spec) {
 
   // ---- the lobby (grouping "arrival") ---------------------------------------------
 
-  var wasInLobby = false;
-  var lobbyCountText = "";
+  let wasInLobby = false;
+  let lobbyCountText = "";
 
   function people(n) {
-    return n === 1 ? "1 more person" : n + " more people";
+    return n === 1 ? "1 more person" : `${n} more people`;
   }
 
   function renderLobby() {
-    var inLobby = page.inLobby();
+    const inLobby = page.inLobby();
     el.lobby.hidden = !inLobby;
     if (wasInLobby && !inLobby && !page.finished) {
       // The lobby's live region is hidden now: say it where a screen reader still listens.
@@ -348,18 +346,17 @@ export function startPage(spec) {
       if (document.title !== baseTitle) document.title = baseTitle;
       return;
     }
-    var lobby = client.state.lobby;
-    var size = lobby && typeof lobby.group_size === "number" ? lobby.group_size :
+    const lobby = client.state.lobby;
+    const size = lobby && typeof lobby.group_size === "number" ? lobby.group_size :
       config.group_size;
-    var waiting = lobby && typeof lobby.waiting === "number" ? lobby.waiting : null;
-    var text;
+    const waiting = lobby && typeof lobby.waiting === "number" ? lobby.waiting : null;
+    let text;
     if (waiting === null || typeof size !== "number") {
       text = "Joining the waiting room…"; // until the first count: one text, one announcement
     } else if (waiting < size) {
-      text = waiting + " of " + size + " people are here. Waiting for " +
-        people(size - waiting) + ".";
+      text = `${waiting} of ${size} people are here. Waiting for ${people(size - waiting)}.`;
     } else {
-      text = waiting + " of " + size + " people are here. Your group is being formed…";
+      text = `${waiting} of ${size} people are here. Your group is being formed…`;
     }
     // Set only when it changes: a live region may read out even an unchanged text again.
     if (text !== lobbyCountText) {
@@ -368,37 +365,37 @@ export function startPage(spec) {
     }
     el.lobbyCount.dataset.waiting = waiting === null ? "" : String(waiting);
     el.lobbyCount.dataset.groupSize = typeof size === "number" ? String(size) : "";
-    var dots = typeof size === "number" && size <= LOBBY_DOTS_MAX ? size : 0;
+    const dots = typeof size === "number" && size <= LOBBY_DOTS_MAX ? size : 0;
     if (el.lobbySeats.children.length !== dots) {
-      var seats = [];
-      for (var i = 0; i < dots; i++) seats.push(h("span", { class: "lobby-seat" }));
-      el.lobbySeats.replaceChildren.apply(el.lobbySeats, seats);
+      const seats = [];
+      for (let i = 0; i < dots; i++) seats.push(h("span", { class: "lobby-seat" }));
+      el.lobbySeats.replaceChildren(...seats);
     }
     el.lobbySeats.hidden = dots === 0;
-    Array.prototype.forEach.call(el.lobbySeats.children, function (dot, i) {
+    [...el.lobbySeats.children].forEach((dot, i) => {
       dot.classList.toggle("here", waiting !== null && i < waiting);
     });
-    var title = waiting !== null && typeof size === "number" ?
-      "(" + Math.min(waiting, size) + "/" + size + ") Waiting · Canopy" : "Waiting · Canopy";
+    const title = waiting !== null && typeof size === "number" ?
+      `(${Math.min(waiting, size)}/${size}) Waiting · Canopy` : "Waiting · Canopy";
     if (document.title !== title) document.title = title;
     renderLobbyCountdown();
   }
 
   function renderLobbyCountdown() {
-    var lobby = client.state.lobby;
-    var at = lobby && typeof lobby.timeout_at === "number" ? lobby.timeout_at : null;
+    const lobby = client.state.lobby;
+    const at = lobby && typeof lobby.timeout_at === "number" ? lobby.timeout_at : null;
     el.lobbyDeadline.hidden = at === null || !page.inLobby();
     if (el.lobbyDeadline.hidden) return;
-    var left = at - client.serverNow();
+    const left = at - client.serverNow();
     el.lobbyCountdown.textContent = formatSeconds(left);
     el.lobbyCountdown.dataset.remaining = String(Math.max(0, Math.round(left)));
     el.lobbyDeadline.dataset.over = left <= 0 ? "true" : "false";
   }
 
   function renderCountdown() {
-    var p = client.state.period;
+    const p = client.state.period;
     if (p && p.state === "running" && typeof p.ends_at === "number") {
-      var left = p.ends_at - client.serverNow();
+      const left = p.ends_at - client.serverNow();
       el.countdown.textContent = formatSeconds(left);
       el.countdown.dataset.remaining = String(Math.max(0, Math.round(left)));
     } else if (p && p.state === "paused" && typeof p.remaining === "number") {
@@ -415,19 +412,18 @@ export function startPage(spec) {
   }
 
   function renderResult() {
-    var p = client.state.period;
+    const p = client.state.period;
     if (p && p.state === "ended" && p.payoffs) periodPayoffs[p.number] = p.payoffs;
-    var numbers = Object.keys(periodPayoffs);
-    var last = p && p.state === "ended" ? periodPayoffs[p.number] : null;
+    const numbers = Object.keys(periodPayoffs);
+    const last = p && p.state === "ended" ? periodPayoffs[p.number] : null;
     el.result.hidden = numbers.length === 0 || !last || Object.keys(last).length === 0;
     if (el.result.hidden) return;
-    var mine = last[page.me()];
-    el.resultText.textContent = "Period " + p.number + " has ended. Your payoff: " +
-      formatNumber(mine) + ".";
+    const mine = last[page.me()];
+    el.resultText.textContent = `Period ${p.number} has ended. Your payoff: ${formatNumber(mine)}.`;
     el.resultText.dataset.payoff = typeof mine === "number" ? String(mine) : "";
-    var rows = page.members().map(function (member) {
-      var total = numbers.reduce(function (sum, n) {
-        var v = periodPayoffs[n][member];
+    const rows = page.members().map((member) => {
+      const total = numbers.reduce((sum, n) => {
+        const v = periodPayoffs[n][member];
         return sum + (typeof v === "number" ? v : 0);
       }, 0);
       return h("tr", { "data-participant": member, class: member === page.me() ? "you" : "" },
@@ -435,27 +431,27 @@ export function startPage(spec) {
         h("td", { class: "payoff", text: formatNumber(last[member]) }),
         h("td", { class: "total", text: formatNumber(total) }));
     });
-    el.resultBody.replaceChildren.apply(el.resultBody, rows);
+    el.resultBody.replaceChildren(...rows);
   }
 
   // ---- the finished screen -------------------------------------------------------
 
   // Whether this page load saw the study being played: a `finished` that comes without it
   // (a seat that opened its link again after the end) says "you have already taken part".
-  var sawPlay = false;
-  var stopLeaving = null;
+  let sawPlay = false;
+  let stopLeaving = null;
 
   function notePlay() {
-    var p = client.state.period;
+    const p = client.state.period;
     if (p && (p.state === "running" || p.state === "paused")) sawPlay = true;
   }
 
   function onFinished(payload) {
     if (!payload || typeof payload !== "object") return;
-    var first = page.finished === null;
+    const first = page.finished === null;
     page.finished = payload;
     renderFinished();
-    var target = safeTarget(payload.redirect);
+    const target = safeTarget(payload.redirect);
     if (target !== null && stopLeaving === null) {
       el.leaveNow.href = target;
       stopLeaving = leaveAfter(target, LEAVE_SECONDS, el.leavingSeconds);
@@ -467,54 +463,52 @@ export function startPage(spec) {
   }
 
   function renderFinished() {
-    var f = page.finished;
+    const f = page.finished;
     el.finished.hidden = !f;
     if (!f) return;
-    var outcome = typeof f.outcome === "string" ? f.outcome : "";
-    var kind = outcome === "completed" && !sawPlay ? "again" : outcome;
-    var text = FINISHED_TEXT[kind] || ["The study has ended", "Thank you for taking part."];
+    const outcome = typeof f.outcome === "string" ? f.outcome : "";
+    const kind = outcome === "completed" && !sawPlay ? "again" : outcome;
+    const text = FINISHED_TEXT[kind] || ["The study has ended", "Thank you for taking part."];
     el.finished.dataset.outcome = outcome;
     el.finishedHeading.textContent = text[0];
     el.finishedText.textContent = text[1];
-    var total = typeof f.total_payoff === "number" ? f.total_payoff : null;
-    el.finishedTotal.textContent = "Your total payoff: " + formatNumber(total) + ".";
+    const total = typeof f.total_payoff === "number" ? f.total_payoff : null;
+    el.finishedTotal.textContent = `Your total payoff: ${formatNumber(total)}.`;
     el.finishedTotal.dataset.payoff = total === null ? "" : String(total);
     // Released from the lobby: no group ever played, so a total of 0.00 would only puzzle.
     el.finishedTotal.hidden = outcome === "lobby_timeout" && !total;
 
     // The period payoffs this page heard of (period_end), in period order.
-    var me = page.me();
-    var rows = Object.keys(periodPayoffs).map(Number).sort(function (a, b) {
-      return a - b;
-    }).filter(function (n) {
-      return typeof periodPayoffs[n][me] === "number";
-    }).map(function (n) {
-      return h("tr", { "data-period": String(n) },
-        h("th", { scope: "row", text: "Period " + n }),
-        h("td", { class: "payoff", text: formatNumber(periodPayoffs[n][me]) }));
-    });
-    var body = el.finishedPeriods.querySelector("tbody");
-    body.replaceChildren.apply(body, rows);
+    const me = page.me();
+    const rows = Object.keys(periodPayoffs)
+      .map(Number)
+      .sort((a, b) => a - b)
+      .filter((n) => typeof periodPayoffs[n][me] === "number")
+      .map((n) => h("tr", { "data-period": String(n) },
+        h("th", { scope: "row", text: `Period ${n}` }),
+        h("td", { class: "payoff", text: formatNumber(periodPayoffs[n][me]) })));
+    const body = el.finishedPeriods.querySelector("tbody");
+    body.replaceChildren(...rows);
     el.finishedPeriods.hidden = rows.length < 2; // one period: the total says it all
 
-    var code = typeof f.code === "string" && f.code ? f.code : null;
+    const code = typeof f.code === "string" && f.code ? f.code : null;
     el.finishedCode.hidden = code === null;
     if (el.completionCode.textContent !== (code || "")) el.completionCode.textContent = code || "";
-    var target = safeTarget(f.redirect);
+    const target = safeTarget(f.redirect);
     el.leaving.hidden = target === null;
     el.finishedClose.hidden = code !== null || target !== null;
   }
 
   function selectCode() {
-    var range = document.createRange();
+    const range = document.createRange();
     range.selectNodeContents(el.completionCode);
-    var selection = window.getSelection();
+    const selection = window.getSelection();
     selection.removeAllRanges();
     selection.addRange(range);
   }
 
-  el.copyCode.addEventListener("click", function () {
-    var code = el.completionCode.textContent;
+  el.copyCode.addEventListener("click", () => {
+    const code = el.completionCode.textContent;
     function fallback() {
       // No clipboard access (an old browser, a page not served over https, a refusal): the
       // code is selected, ready for the keyboard's copy.
@@ -526,7 +520,7 @@ export function startPage(spec) {
       fallback();
       return;
     }
-    navigator.clipboard.writeText(code).then(function () {
+    navigator.clipboard.writeText(code).then(() => {
       el.copyNote.textContent = "Copied.";
       el.copyNote.dataset.copied = "true";
     }, fallback);
@@ -538,65 +532,65 @@ export function startPage(spec) {
     if (spec.formatDecision) return spec.formatDecision(value, member, page);
     if (value === null || value === undefined) return "–";
     if (typeof value === "number") return value.toFixed(2);
-    var text = JSON.stringify(value);
-    return text.length > 24 ? text.slice(0, 23) + "…" : text;
+    const text = JSON.stringify(value);
+    return text.length > 24 ? `${text.slice(0, 23)}…` : text;
   }
 
   function memberRow(member) {
-    var row = el.members.querySelector('[data-participant="' + CSS.escape(member) + '"]');
+    let row = el.members.querySelector(`[data-participant="${CSS.escape(member)}"]`);
     if (row) return row;
-    var you = member === page.me();
-    row = h("li", { class: "member" + (you ? " you" : ""), "data-participant": member },
+    const you = member === page.me();
+    row = h("li", { class: `member${you ? " you" : ""}`, "data-participant": member },
       h("span", { class: "name", text: page.playerName(member) }),
       h("span", { class: "presence" }),
       h("span", { class: "decision" }),
       h("span", { class: "bar", "aria-hidden": "true" },
-        h("span", { class: "fill", style: "background:" + page.color(member) })),
+        h("span", { class: "fill", style: `background:${page.color(member)}` })),
       h("span", { class: "payoff" }));
     return row;
   }
 
   function renderMembers() {
-    var decisions = client.state.groupDecisions;
-    var presence = client.state.presence;
-    var period = client.state.period;
-    var payoffs = period && period.state === "ended" && period.payoffs ? period.payoffs : {};
-    var rows = page.members().map(function (member) {
-      var row = memberRow(member);
-      var value = decisions[member];
+    const decisions = client.state.groupDecisions;
+    const presence = client.state.presence;
+    const period = client.state.period;
+    const payoffs = period && period.state === "ended" && period.payoffs ? period.payoffs : {};
+    const rows = page.members().map((member) => {
+      const row = memberRow(member);
+      const value = decisions[member];
       row.querySelector(".decision").textContent = formatDecision(value, member);
       row.dataset.decision = value === undefined || value === null ? "" : JSON.stringify(value);
-      var width = spec.barWidth ? spec.barWidth(value, page) :
+      const width = spec.barWidth ? spec.barWidth(value, page) :
         typeof value === "number" ? Math.min(1, Math.max(0, value)) : null;
-      var bar = row.querySelector(".bar");
+      const bar = row.querySelector(".bar");
       bar.hidden = width === null;
-      row.querySelector(".fill").style.width = (width || 0) * 100 + "%";
+      row.querySelector(".fill").style.width = `${(width || 0) * 100}%`;
 
-      var here = presence[member];
-      var presenceText = here === true ? "connected" : here === false ? "away" : "unknown";
-      var presenceEl = row.querySelector(".presence");
+      const here = presence[member];
+      const presenceText = here === true ? "connected" : here === false ? "away" : "unknown";
+      const presenceEl = row.querySelector(".presence");
       presenceEl.textContent = presenceText;
       presenceEl.dataset.presence = presenceText;
       row.dataset.presence = presenceText;
 
-      var pay = payoffs[member];
+      const pay = payoffs[member];
       row.querySelector(".payoff").textContent =
-        typeof pay === "number" ? "payoff " + pay.toFixed(2) : "";
+        typeof pay === "number" ? `payoff ${pay.toFixed(2)}` : "";
       return row;
     });
     // Keep id_in_group order; drop rows of codes no longer in the group.
-    el.members.replaceChildren.apply(el.members, rows);
+    el.members.replaceChildren(...rows);
   }
 
   // ---- errors --------------------------------------------------------------------
 
   function showError(err) {
-    var item = h("div", { class: "error", "data-code": err.code || "" },
+    const item = h("div", { class: "error", "data-code": err.code || "" },
       h("strong", { class: "error-code", text: err.code || "error" }),
       h("span", { class: "error-message", text: err.message || "" }));
-    var close = h("button", { type: "button", class: "dismiss",
+    const close = h("button", { type: "button", class: "dismiss",
       "aria-label": "Dismiss this message", text: "×" });
-    close.addEventListener("click", function () {
+    close.addEventListener("click", () => {
       item.remove();
       el.errors.hidden = el.errors.children.length === 0;
     });
@@ -608,7 +602,7 @@ export function startPage(spec) {
 
   // ---- the chart -----------------------------------------------------------------
 
-  var chartSpec = spec.chart || decisionsChart();
+  const chartSpec = spec.chart || decisionsChart();
   page.chart = makeChart(page, chartSpec);
   if (chartSpec.caption) el.chartCaption.textContent = chartSpec.caption;
 
@@ -624,25 +618,25 @@ export function startPage(spec) {
   }
 
   // One render per burst of frames, after every listener (an experiment's own included) ran.
-  var renderQueued = false;
+  let renderQueued = false;
   function scheduleRender() {
     if (renderQueued) return;
     renderQueued = true;
-    queueMicrotask(function () {
+    queueMicrotask(() => {
       renderQueued = false;
       renderAll();
     });
   }
 
   if (spec.mount) spec.mount(page);
-  var chartPeriod = null;
-  var chartGroup = null;
+  let chartPeriod = null;
+  let chartGroup = null;
 
   client.on("status", scheduleRender);
-  client.on("hello", function (hello) {
-    var p = client.state.period;
+  client.on("hello", (hello) => {
+    const p = client.state.period;
     // A new group (the lobby formed it) starts a new chart, whatever its period's number.
-    var group = hello && typeof hello.group === "string" ? hello.group : null;
+    const group = hello && typeof hello.group === "string" ? hello.group : null;
     if (!p || p.number !== chartPeriod || group !== chartGroup) {
       page.chart.reset(p ? p.number : null);
     }
@@ -652,7 +646,7 @@ export function startPage(spec) {
     notePlay();
     scheduleRender();
   });
-  client.on("message", function (channel, payload, ts) {
+  client.on("message", (channel, payload, ts) => {
     if (channel === "period_start") {
       chartPeriod = client.state.period.number;
       page.chart.reset(chartPeriod);
@@ -666,13 +660,13 @@ export function startPage(spec) {
     if (channel === "finished") onFinished(payload);
     scheduleRender();
   });
-  client.on("error", function (err) {
+  client.on("error", (err) => {
     showError(err);
     scheduleRender();
   });
 
   renderAll();
-  setInterval(function () {
+  setInterval(() => {
     renderCountdown();
     renderLobbyCountdown();
     page.chart.draw();
@@ -687,15 +681,16 @@ export function decisionsChart(options) {
     caption: options.caption || "Your group's decisions over the period",
     yLabel: options.yLabel || "decision",
     range: options.range || null,
-    series: function (page) {
-      return page.members().map(function (member) {
-        return { label: page.playerName(member), color: page.color(member) };
-      });
+    series(page) {
+      return page.members().map((member) => ({
+        label: page.playerName(member),
+        color: page.color(member),
+      }));
     },
-    sample: function (page) {
-      var decisions = page.client.state.groupDecisions;
-      return page.members().map(function (member) {
-        var v = decisions[member];
+    sample(page) {
+      const decisions = page.client.state.groupDecisions;
+      return page.members().map((member) => {
+        const v = decisions[member];
         return typeof v === "number" && isFinite(v) ? v : null;
       });
     },
@@ -703,131 +698,133 @@ export function decisionsChart(options) {
 }
 
 function makeChart(page, chartSpec) {
-  var xs = [];
-  var ys = []; // one array per series
-  var plot = null;
-  var seriesKey = "";
+  const xs = [];
+  const ys = []; // one array per series
+  let plot = null;
+  let seriesKey = "";
 
   function build() {
-    var series = chartSpec.series(page);
-    var key = JSON.stringify(series);
+    const series = chartSpec.series(page);
+    const key = JSON.stringify(series);
     if (plot && key === seriesKey) return;
     seriesKey = key;
     if (plot) plot.destroy();
-    while (ys.length < series.length) ys.push(xs.map(function () { return null; }));
+    while (ys.length < series.length) ys.push(xs.map(() => null));
     ys.length = series.length;
-    var width = Math.max(240, page.el.chart.clientWidth || 320);
-    var range = typeof chartSpec.range === "function" ? chartSpec.range(page) : chartSpec.range;
+    const width = Math.max(240, page.el.chart.clientWidth || 320);
+    const range = typeof chartSpec.range === "function" ? chartSpec.range(page) : chartSpec.range;
     plot = new uPlot({
-      width: width,
+      width,
       height: 200,
       legend: { show: true, live: false },
       cursor: { show: false },
       scales: {
-        x: { time: false, range: function () { return [0, page.periodLength()]; } },
-        y: range ? { range: range } : { auto: true },
+        x: { time: false, range: () => [0, page.periodLength()] },
+        y: range ? { range } : { auto: true },
       },
       axes: [
         { label: "seconds into the period", size: 40, labelSize: 18 },
         // spec.chart.yAxis(page): more uPlot axis options (splits, values: a choice's labels).
-        Object.assign({ label: chartSpec.yLabel, size: 50, labelSize: 18 },
-          chartSpec.yAxis ? chartSpec.yAxis(page) : {}),
+        {
+          label: chartSpec.yLabel,
+          size: 50,
+          labelSize: 18,
+          ...(chartSpec.yAxis ? chartSpec.yAxis(page) : {}),
+        },
       ],
-      series: [{ label: "seconds" }].concat(series.map(function (s) {
-        return s.points ? {
-          label: s.label,
-          stroke: s.color,
-          paths: function () { return null; },
-          points: { show: true, size: 8, fill: s.color, stroke: s.color },
-        } : {
-          label: s.label,
-          stroke: s.color,
-          width: 2,
-          spanGaps: true,
-          paths: uPlot.paths.stepped({ align: 1 }),
-          points: { show: false },
-        };
-      })),
+      series: [{ label: "seconds" }, ...series.map((s) => s.points ? {
+        label: s.label,
+        stroke: s.color,
+        paths: () => null,
+        points: { show: true, size: 8, fill: s.color, stroke: s.color },
+      } : {
+        label: s.label,
+        stroke: s.color,
+        width: 2,
+        spanGaps: true,
+        paths: uPlot.paths.stepped({ align: 1 }),
+        points: { show: false },
+      })],
     }, data(), page.el.chart);
   }
 
   function data() {
     // The last values hold until now: one extra point at the current running time.
-    var x = xs.slice();
-    var out = ys.map(function (column) { return column.slice(); });
+    const x = xs.slice();
+    const out = ys.map((column) => column.slice());
     if (xs.length && page.running()) {
       x.push(Math.max(xs[xs.length - 1], page.elapsed()));
-      var series = chartSpec.series(page);
-      out.forEach(function (column, i) {
+      const series = chartSpec.series(page);
+      out.forEach((column, i) => {
         column.push(series[i] && series[i].points ? null : column[column.length - 1]);
       });
     }
-    return [x].concat(out);
+    return [x, ...out];
   }
 
-  var chart = {
+  const chart = {
     /** Forget the points of the last period. */
-    reset: function () {
+    reset() {
       xs.length = 0;
-      ys.forEach(function (column) { column.length = 0; });
+      ys.forEach((column) => { column.length = 0; });
       chart.draw();
     },
     /** Record the current values (chartSpec.sample, or `values`) at server time `ts`. */
-    record: function (ts, values) {
-      var p = page.client.state.period;
+    record(ts, values) {
+      const p = page.client.state.period;
       if (!p || p.state === "waiting" || p.state === "lobby") return;
       build();
-      var row = values || chartSpec.sample(page);
-      var x = page.elapsed(ts);
+      const row = values || chartSpec.sample(page);
+      let x = page.elapsed(ts);
       if (xs.length && x < xs[xs.length - 1]) x = xs[xs.length - 1];
       xs.push(x);
-      for (var i = 0; i < ys.length; i++) ys[i].push(row[i] === undefined ? null : row[i]);
+      for (let i = 0; i < ys.length; i++) ys[i].push(row[i] === undefined ? null : row[i]);
       chart.draw();
     },
-    draw: function () {
+    draw() {
       build();
       plot.setData(data());
     },
-    points: function () {
+    points() {
       return xs.length;
     },
   };
-  var resize = new ResizeObserver(function () {
+  const resize = new ResizeObserver(() => {
     if (!plot) return;
-    var width = Math.max(240, page.el.chart.clientWidth);
-    if (width !== plot.width) plot.setSize({ width: width, height: 200 });
+    const width = Math.max(240, page.el.chart.clientWidth);
+    if (width !== plot.width) plot.setSize({ width, height: 200 });
   });
   resize.observe(page.el.chart);
   return chart;
 }
 
 function makeSlider(page, options) {
-  var client = page.client;
-  var min = options.min;
-  var max = options.max;
-  var step = options.step;
-  var digits = Math.max(0, Math.ceil(-Math.log10(step) - 1e-9));
-  var format = options.format || function (v) { return v.toFixed(digits); };
-  var lastSent = null;
-  var sendTimer = null;
-  var lastSendAt = 0;
-  var dragging = false;
-  var touched = false;
+  const client = page.client;
+  const min = options.min;
+  const max = options.max;
+  const step = options.step;
+  const digits = Math.max(0, Math.ceil(-Math.log10(step) - 1e-9));
+  const format = options.format || ((v) => v.toFixed(digits));
+  let lastSent = null;
+  let sendTimer = null;
+  let lastSendAt = 0;
+  let dragging = false;
+  let touched = false;
 
-  var input = h("input", { type: "range", id: "slider", min: String(min), max: String(max),
+  const input = h("input", { type: "range", id: "slider", min: String(min), max: String(max),
     step: String(step), value: String(options.initial === undefined ? min : options.initial),
     disabled: true, "aria-describedby": "slider-help" });
-  var output = h("output", { id: "slider-value", for: "slider", class: "slider-value", text: "–" });
-  var row = h("div", { class: "slider-row" },
+  const output = h("output", { id: "slider-value", for: "slider", class: "slider-value", text: "–" });
+  const row = h("div", { class: "slider-row" },
     h("label", { for: "slider", class: "visually-hidden", text: options.label }),
     h("span", { class: "slider-end", "aria-hidden": "true", text: options.minLabel || format(min) }),
     input,
     h("span", { class: "slider-end", "aria-hidden": "true", text: options.maxLabel || format(max) }),
     output);
-  var help = h("p", { id: "slider-help", class: "help", text: options.help });
+  const help = h("p", { id: "slider-help", class: "help", text: options.help });
 
   function value() {
-    var v = Math.round(parseFloat(input.value) / step) * step;
+    const v = Math.round(parseFloat(input.value) / step) * step;
     return Math.min(max, Math.max(min, parseFloat(v.toFixed(digits))));
   }
 
@@ -836,7 +833,7 @@ function makeSlider(page, options) {
       clearTimeout(sendTimer);
       sendTimer = null;
     }
-    var v = value();
+    const v = value();
     if (v === lastSent) return;
     lastSent = v;
     lastSendAt = Date.now();
@@ -844,19 +841,19 @@ function makeSlider(page, options) {
     if (options.onChange) options.onChange(v);
   }
 
-  input.addEventListener("input", function () {
+  input.addEventListener("input", () => {
     dragging = true;
     touched = true;
     output.textContent = format(value());
     if (options.onInput) options.onInput(value());
     if (sendTimer !== null) return; // coalesced into the frame already scheduled
-    var wait = Math.max(0, SEND_INTERVAL_MS - (Date.now() - lastSendAt));
-    sendTimer = setTimeout(function () {
+    const wait = Math.max(0, SEND_INTERVAL_MS - (Date.now() - lastSendAt));
+    sendTimer = setTimeout(() => {
       sendTimer = null;
       requestAnimationFrame(send);
     }, wait);
   });
-  input.addEventListener("change", function () {
+  input.addEventListener("change", () => {
     dragging = false;
     touched = true;
     output.textContent = format(value());
@@ -867,10 +864,8 @@ function makeSlider(page, options) {
     // Only when the participant is not moving it and nothing of theirs is still in flight:
     // otherwise their own newer value wins.
     if (dragging) return;
-    var pending = client.state.pending.filter(function (f) {
-      return f.channel === "decisions";
-    });
-    var v = pending.length ? pending[pending.length - 1].payload :
+    const pending = client.state.pending.filter((f) => f.channel === "decisions");
+    const v = pending.length ? pending[pending.length - 1].payload :
       client.state.groupDecisions[page.me()];
     if (typeof v !== "number") return;
     if (pending.length === 0 && touched && lastSent !== null && v !== lastSent) return;
@@ -880,7 +875,7 @@ function makeSlider(page, options) {
   }
 
   client.on("hello", syncFromServer);
-  client.on("period_start", function () {
+  client.on("period_start", () => {
     // carry_decisions false: a new period starts from the initial decisions.
     touched = false;
     syncFromServer();
@@ -888,9 +883,9 @@ function makeSlider(page, options) {
 
   return {
     nodes: [row, help],
-    input: input,
-    value: value,
-    render: function () {
+    input,
+    value,
+    render() {
       input.disabled = !page.running();
       if (!touched) syncFromServer();
     },

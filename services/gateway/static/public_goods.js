@@ -6,13 +6,13 @@
  */
 import { decisionsChart, formatNumber, h, startPage } from "./page.js";
 
-var slider = null;
-var totalEl = null;
-var flowEl = null;
-var keepEl = null;
+let slider = null;
+let totalEl = null;
+let flowEl = null;
+let keepEl = null;
 
 function params(page) {
-  var p = page.config.params;
+  const p = page.config.params;
   return {
     endowment: typeof p.endowment === "number" ? p.endowment : 20,
     mpcr: typeof p.mpcr === "number" ? p.mpcr : 0.4,
@@ -20,9 +20,9 @@ function params(page) {
 }
 
 function contributions(page) {
-  var decisions = page.client.state.groupDecisions;
-  return page.members().map(function (m) {
-    var v = decisions[m];
+  const decisions = page.client.state.groupDecisions;
+  return page.members().map((m) => {
+    const v = decisions[m];
     return typeof v === "number" && isFinite(v) ? v : 0;
   });
 }
@@ -34,57 +34,57 @@ function stepFor(endowment) {
 
 startPage({
   title: "Public goods",
-  mount: function (page) {
-    var p = params(page);
-    var step = stepFor(p.endowment);
+  mount(page) {
+    const p = params(page);
+    const step = stepFor(p.endowment);
     slider = page.slider({
       min: 0,
       max: p.endowment,
-      step: step,
+      step,
       initial: 0,
-      label: "Your contribution to the group account, from 0 to " + p.endowment,
-      help: "You have " + p.endowment + " points. What you put in the group account is " +
-        "multiplied by " + p.mpcr + " and paid to every member; what you keep is yours. You " +
+      label: `Your contribution to the group account, from 0 to ${p.endowment}`,
+      help: `You have ${p.endowment} points. What you put in the group account is ` +
+        `multiplied by ${p.mpcr} and paid to every member; what you keep is yours. You ` +
         "can change your contribution at any time while the period is running.",
     });
     totalEl = h("dd", { id: "group-total", text: "–" });
     flowEl = h("dd", { id: "flow-payoff", text: "–" });
     keepEl = h("dd", { id: "kept", text: "–" });
-    var stats = h("dl", { class: "stats" },
+    const stats = h("dl", { class: "stats" },
       h("div", { class: "stat" }, h("dt", { text: "Group total" }), totalEl),
       h("div", { class: "stat" }, h("dt", { text: "You keep" }), keepEl),
       h("div", { class: "stat" }, h("dt", { text: "Your payoff now" }), flowEl));
-    page.el.experiment.append.apply(page.el.experiment, slider.nodes.concat([stats]));
+    page.el.experiment.append(...slider.nodes, stats);
   },
-  render: function (page) {
+  render(page) {
     slider.render();
-    var p = params(page);
-    var given = contributions(page);
-    var total = given.reduce(function (a, b) { return a + b; }, 0);
-    var mine = given[page.idInGroup(page.me()) - 1] || 0;
-    totalEl.textContent = formatNumber(total) + " of " + formatNumber(p.endowment *
-      given.length, 0);
+    const p = params(page);
+    const given = contributions(page);
+    const total = given.reduce((a, b) => a + b, 0);
+    const mine = given[page.idInGroup(page.me()) - 1] || 0;
+    totalEl.textContent =
+      `${formatNumber(total)} of ${formatNumber(p.endowment * given.length, 0)}`;
     totalEl.dataset.total = String(total);
     keepEl.textContent = formatNumber(p.endowment - mine);
     flowEl.textContent = formatNumber(p.endowment - mine + p.mpcr * total);
   },
-  formatDecision: function (value) {
+  formatDecision(value) {
     return typeof value === "number" ? formatNumber(value) : "–";
   },
-  barWidth: function (value, page) {
+  barWidth(value, page) {
     return typeof value === "number" ? Math.min(1, Math.max(0, value / params(page).endowment)) :
       0;
   },
   chart: {
     caption: "Everyone's contribution over the period",
     yLabel: "contribution",
-    range: function (page) {
+    range(page) {
       return [0, params(page).endowment];
     },
-    series: function (page) {
+    series(page) {
       return decisionsChart().series(page);
     },
-    sample: function (page) {
+    sample(page) {
       return contributions(page);
     },
   },
