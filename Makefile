@@ -22,7 +22,7 @@ help:
 	@echo "              MONITORING=1 (or make run-monitoring): also Prometheus, with the alert rules"
 	@echo "              BOTS=1: bots in every demo slot but one, so you play them in one tab"
 	@echo "make test     make lint, then the tests: unit, integration, e2e, packaging"
-	@echo "make lint     ruff format --check, ruff check, mypy --strict (tests too): CI's gates"
+	@echo "make lint     ruff format --check, ruff check, mypy --strict (tests too), eslint: CI's gates"
 	@echo "make browser-check   the tests in headless Chromium (CI)"
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
@@ -134,12 +134,30 @@ run-monitoring: install
 test: install lint k8s-check monitoring-check
 	$(PY) -m pytest
 
+# eslint from npm, at the versions of package-lock.json (with their hashes), into node_modules/.
+# Quiet and skipped while the stamp is newer than package.json and the lock. Node and npm are on
+# the machine; where npm is not, Debian's (node 18 or later will do for this eslint).
+JS_STAMP := node_modules/.canopy-installed
+JS_LINTED := services/gateway/static services/store/static tests/plugins/site/canopy_min_effort
+
+.PHONY: js-tools
+js-tools: $(JS_STAMP)
+
+$(JS_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "apt-get install nodejs npm"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; } || exit 1
+	@echo "npm ci (eslint, from package-lock.json)"
+	@npm ci --no-audit --no-fund --loglevel=error >/dev/null
+	@touch $@
+
 # CI's gates (.ci/run, and make test first): formatting, lint, and mypy --strict over the
-# services, devstack, bench and the tests (tests with unannotated defs allowed: pyproject.toml).
-lint: install
+# services, devstack, bench and the tests (tests with unannotated defs allowed: pyproject.toml);
+# eslint over the pages' and the console's JavaScript (eslint.config.mjs).
+lint: install $(JS_STAMP)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/mypy -p services -p devstack -p bench -p tests
+	node_modules/.bin/eslint --max-warnings=0 $(JS_LINTED)
 
 # The tests in headless Chromium (tests/browser/ and the pages' unit tests, marker `browser`,
 # about 2 minutes): a target of their own so that make test stays well under 10 minutes on 2

@@ -382,7 +382,7 @@ async function showDeadLetters() {
     const {dead} = await (await api("/api/dead-letters?state=dead&limit=1")).json();
     box.textContent = `${dead} dead letter${dead === 1 ? "" : "s"}: messages a service gave up on. See them with \`canopy dead-letters list\`.`;
     box.hidden = dead === 0;
-  } catch (error) {
+  } catch {
     box.hidden = true; // the sessions' own message says when the store is away
   }
 }

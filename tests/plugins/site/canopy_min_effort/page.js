@@ -3,7 +3,7 @@
 // serves it at /static/plugins/min_effort.js: the experiment's class says page = "page.js".
 import { decisionsChart, h, startPage } from "/static/page.js";
 
-let buttons = [];
+const buttons = [];
 
 startPage({
   title: "Minimum effort",
