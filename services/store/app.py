@@ -63,6 +63,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
         metrics,
         batch_size=settings.store_batch_size,
         batch_seconds=settings.store_batch_seconds,
+        prefetch=settings.store_prefetch(),
     )
 
     @asynccontextmanager
@@ -73,7 +74,8 @@ def create_app(settings: StoreSettings) -> FastAPI:
         if keyed:
             log.info("gave %d participants of sessions from before v2 a seat key", keyed)
         await bus.connect()
-        channel = await bus.channel(prefetch=2 * settings.store_batch_size)
+        # Bounded by bytes, not only by messages (each up to 1,000 records): StoreSettings.
+        channel = await bus.channel(prefetch=settings.store_prefetch())
         queue = await channel.declare_queue(STORE_QUEUE, passive=True)
         task = vital.watch("the event writer", asyncio.create_task(writer.run(queue)))
         await dead_letters.setup()

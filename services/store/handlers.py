@@ -8,6 +8,11 @@ the next one. The broker is acknowledged only after MongoDB took the batch; whil
 the batch is held and written again until it succeeds, and the unique `_id` of each event
 makes a repeated write harmless.
 
+What the store holds is bounded in bytes, not only in messages: the channel's prefetch is
+`StoreSettings.store_prefetch()` (CANOPY_STORE_BUFFER_BYTES over the largest message decisions
+sends), and a batch is also due once it holds half of that prefetch (docs/reliability.md,
+"RabbitMQ blocks publishers"); what is not delivered yet waits in RabbitMQ.
+
 When the broker connection drops, messages received on the old channel can no longer be
 acknowledged (the broker requeues them by itself); a batch may mix them with messages of the
 restored channel, whose delivery tags start again at 1. So each channel's messages are acked
@@ -119,10 +124,15 @@ class EventWriter:
         *,
         batch_size: int,
         batch_seconds: float,
+        prefetch: int | None = None,
     ) -> None:
         self._repository = repository
         self._metrics = metrics
         self._batch_size = batch_size
+        # The channel's prefetch (StoreSettings.store_prefetch: bounded by bytes, so it may be
+        # far fewer messages than batch_size records): a batch holding half of it is due, so
+        # the other half keeps arriving while it is written.
+        self._due_messages = max(1, prefetch // 2) if prefetch is not None else None
         # Set when the batch being gathered is due: full, or its time is up.
         self._due = asyncio.Event()
         # The messages received and not yet being written; a batch's size counts its records.
@@ -153,7 +163,9 @@ class EventWriter:
             return
         gathered = self._gathering.batch()
         gathered.add((message, batch), len(batch.records))
-        if gathered.size >= self._batch_size:
+        if gathered.size >= self._batch_size or (
+            self._due_messages is not None and len(gathered.items) >= self._due_messages
+        ):
             self._due.set()
 
     async def run(self, queue: AbstractQueue) -> None:

@@ -8,6 +8,9 @@ from pydantic import Field
 
 from services.common.settings import CommonSettings
 
+MAX_ROW_BYTES = 256 * 1024  # PROTOCOL v2: no log row exceeds 256 KiB
+MESSAGE_OVERHEAD = 64 * 1024  # a batch's envelope and JSON around its records, generously
+
 
 class StoreSettings(CommonSettings):
     # The store answers both `/api` (the admin token) and `/internal` (the internal token),
@@ -28,6 +31,23 @@ class StoreSettings(CommonSettings):
     # the export and the monitor.
     store_batch_size: int = Field(default=2000, ge=1, le=10000)
     store_batch_seconds: float = Field(default=0.1, gt=0, le=5)
+    # What the store may hold of the log at once (messages delivered and not yet written and
+    # acked), in bytes of messages: the prefetch is this over the largest message decisions
+    # sends (`store_prefetch`), so a backlog waits in RabbitMQ, not in the store. Decoded, the
+    # records take 1 to 8 times their message's bytes (8 for rows of a few numbers).
+    store_buffer_bytes: int = Field(default=128 * 1024 * 1024, ge=1024 * 1024, le=2**34)
+    # Decisions' CANOPY_LOG_BATCH_BYTES (the same variable, read here too): how big a message
+    # of the log can be (a row over it, at most MAX_ROW_BYTES, goes alone).
+    log_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=65_536, le=64 * 1024 * 1024)
+
+    def store_prefetch(self) -> int:
+        """Messages of the log delivered ahead at most: enough for two batches of
+        `store_batch_size` records, and no more than `store_buffer_bytes` of the largest
+        messages. RabbitMQ's prefetch counts messages, each up to 1,000 records and
+        `log_batch_bytes`: by count alone (2 x 2,000) the store could have been sent 16 GiB."""
+        largest = max(self.log_batch_bytes, MAX_ROW_BYTES) + MESSAGE_OVERHEAD
+        return max(2, min(2 * self.store_batch_size, self.store_buffer_bytes // largest))
+
     # `POST /api/sessions` creating more sessions than this in a minute gets 429 (a runaway
     # script must not fill the database). Generous: `make test` creates 53 in its busiest
     # minute (e2e, browser and hostile tests on one stack), a lab a few an hour.
