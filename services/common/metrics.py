@@ -3,6 +3,9 @@
 Names: `canopy_<service>_<what>_<unit>`; counters end in `_total` (prometheus-client adds it),
 durations are in seconds. Labels take bounded values only (an outcome, an error code, a
 channel of a known experiment), never a participant code, a session or a group id.
+In code, a metric's attribute is its name without `canopy_<service>_` and `_total`
+(`StoreMetrics.batch_failures` is `canopy_store_batch_failures_total`); the names are public
+(dashboards, alerts), so when the two differ the attribute is what changes.
 
 Owns `ServiceMetrics`, the base of each service's metrics class: its registry, with
 `canopy_<service>_build_info` (version, Python), `canopy_<service>_ready` (the last `/readyz`

@@ -74,7 +74,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
                 consume_pipelined(
                     queue,
                     worker.handle,
-                    on_malformed=lambda m, e: metrics.rejected.inc(),
+                    on_malformed=lambda m, e: metrics.malformed.inc(),
                     stop=stop,
                 )
             )

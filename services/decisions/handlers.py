@@ -390,7 +390,7 @@ class DecisionsWorker:
                 evicted += 1
         self._metrics.groups.set(len(self.groups))
         if evicted:
-            self._metrics.evicted.inc(evicted)
+            self._metrics.groups_evicted.inc(evicted)
             log.info("%d ended groups evicted; %d groups held", evicted, len(self.groups))
 
     def _add_to_log(self, records: list[LogRecord]) -> asyncio.Future[None]:

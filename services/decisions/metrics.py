@@ -48,7 +48,7 @@ class DecisionsMetrics(ServiceMetrics):
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.rejected = Counter(
+        self.malformed = Counter(
             "canopy_decisions_malformed",
             "Malformed bus messages dead-lettered",
             registry=registry,
@@ -58,7 +58,7 @@ class DecisionsMetrics(ServiceMetrics):
             "Groups whose state this worker holds",
             registry=registry,
         )
-        self.evicted = Counter(
+        self.groups_evicted = Counter(
             "canopy_decisions_groups_evicted",
             "Groups whose state was dropped after their last period ended and every member "
             "left (rebuilt from the log if an input for them comes after all)",

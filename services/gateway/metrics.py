@@ -47,7 +47,7 @@ class GatewayMetrics(ServiceMetrics):
             "Connections closed because their participant connected again (4409)",
             registry=registry,
         )
-        self.frames = Counter(
+        self.frames_in = Counter(
             "canopy_gateway_frames_in",
             "Inbound frames, by channel (- when refused before it was known) and outcome "
             "(accepted, duplicate, or the error code)",
@@ -128,5 +128,5 @@ class GatewayMetrics(ServiceMetrics):
         key = (channel, outcome)
         child = self._frame_children.get(key)
         if child is None:
-            child = self._frame_children[key] = self.frames.labels(channel, outcome)
+            child = self._frame_children[key] = self.frames_in.labels(channel, outcome)
         return child

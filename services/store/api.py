@@ -483,7 +483,7 @@ def api_router(
             )
         layout = layout_session(request, public_url, seat_secret)
         await repository.create_session(layout)
-        metrics.sessions.inc()
+        metrics.sessions_created.inc()
         return {
             "session": layout["session"]["_id"],
             # The study link: one link for everyone (PROTOCOL v2 "Online studies").

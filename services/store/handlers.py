@@ -158,7 +158,7 @@ class EventWriter:
                 exc,
                 extra=context(message_id=message.message_id),
             )
-            self._metrics.rejected.inc()
+            self._metrics.malformed.inc()
             await message.reject(requeue=False)
             return
         gathered = self._gathering.batch()
@@ -227,7 +227,7 @@ class EventWriter:
             f"writing a batch of {len(records)} events",
             first_delay=0.1,
             max_delay=5.0,
-            on_retry=lambda exc: self._metrics.failures.inc(),
+            on_retry=lambda exc: self._metrics.batch_failures.inc(),
         )
         for item in (*poison, *refused):
             if item.record.id in quarantined:  # once, not again for a redelivered batch

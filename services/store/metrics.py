@@ -39,7 +39,7 @@ class StoreMetrics(ServiceMetrics):
             "Age of the oldest event received but not written yet (0: all written)",
             registry=registry,
         )
-        self.failures = Counter(
+        self.batch_failures = Counter(
             "canopy_store_batch_failures",
             "Batches MongoDB refused (requeued)",
             registry=registry,
@@ -53,12 +53,12 @@ class StoreMetrics(ServiceMetrics):
         )
         for reason in ("too_large", "invalid"):
             self.quarantined.labels(reason)
-        self.rejected = Counter(
+        self.malformed = Counter(
             "canopy_store_malformed",
             "Malformed bus messages dead-lettered",
             registry=registry,
         )
-        self.sessions = Counter(
+        self.sessions_created = Counter(
             "canopy_store_sessions_created", "Sessions created", registry=registry
         )
         self.exports = Counter(

@@ -105,7 +105,7 @@ class TimersWorker:
         queue = await channel.declare_queue(TIMERS_QUEUE, passive=True)
         self._consumer = asyncio.create_task(
             consume_in_order(
-                queue, self.handle, on_malformed=lambda m, e: self._metrics.rejected.inc()
+                queue, self.handle, on_malformed=lambda m, e: self._metrics.malformed.inc()
             )
         )
         self.leading.set()
@@ -235,12 +235,12 @@ class TimersWorker:
                 extra=context(str(document["session"]), str(document["group"])),
             )
         self._periods[key] = task
-        self._metrics.running.set(len(self._periods))
+        self._metrics.periods_running.set(len(self._periods))
         task.add_done_callback(lambda _: self._finished(key))
 
     def _finished(self, key: str) -> None:
         self._periods.pop(key, None)
-        self._metrics.running.set(len(self._periods))
+        self._metrics.periods_running.set(len(self._periods))
 
     async def _run(self, document: dict[str, Any]) -> None:
         if document.get("kind") == "wakeup":
@@ -318,9 +318,9 @@ class TimersWorker:
         )
         self._metrics.ticks.labels(tick.event).inc()
         if late:
-            self._metrics.late.inc()
+            self._metrics.late_ticks.inc()
         else:  # the envelope's ts: when it was published (the clock read once)
-            self._metrics.drift.observe(max(0.0, envelope.ts - tick.at))
+            self._metrics.tick_drift_seconds.observe(max(0.0, envelope.ts - tick.at))
 
     async def close(self) -> None:
         was_leading = self.leading.is_set()
