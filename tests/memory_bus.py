@@ -11,13 +11,15 @@ on, as RabbitMQ gives them (services/common/bus/topology.py):
 - confirms: a publish returns once its queue holds it; `hold(exchange)` keeps the confirms of
   an exchange's publishes until `release(exchange)` (a broker slow to sync its disk);
 - queues (`MemoryQueue`) deliver in order to one consumer at a time (single active consumer),
-  at most `prefetch` unacknowledged; `nack(requeue=True)` and a consumer's channel closing
-  (`close_channel`, a crashed worker) put messages back at their place, `redelivered`;
-  `reject` sends them to `dead`.
+  at most `prefetch` unacknowledged; messages given back are `redelivered` before any other,
+  as a quorum queue does it: in the order they came back (`nack(requeue=True)` one by one),
+  and a consumer's channel closing (`close_channel`: a crashed worker, a shard handed over)
+  gives back what it had not acknowledged in the order it was delivered; `reject` sends
+  them to `dead`.
 
 A `MemoryQueue` has the part of aio-pika's queue that `consume_pipelined` / `consume_in_order`
-use (`name`, `iterator()`; deliveries with `body`, `type`, `message_id`, `ack`, `nack`,
-`reject`), so the tests run the services' real consumer loops.
+use (`name`, `consume(callback)` and `cancel(tag)`; deliveries with `body`, `type`,
+`message_id`, `ack`, `nack`, `reject`), so the tests run the services' real consumer loops.
 
 `FakeStore` is the store's side of the log: it receives each log batch (from its bytes) and
 writes it while `writing` (a lagging store otherwise); `FakeDirectory` answers a group's
@@ -28,10 +30,8 @@ configuration and log from what it wrote, as the store's internal API does.
 from __future__ import annotations
 
 import asyncio
-import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -115,7 +115,8 @@ class MemoryQueue:
     def __init__(self, name: str, *, prefetch: int = 100) -> None:
         self.name = name
         self.prefetch = prefetch
-        self.ready: list[Message] = []  # in queue order (by tag)
+        self.waiting: list[Message] = []  # published, never delivered, in queue order
+        self.returns: list[Message] = []  # given back, delivered first, in the order they came
         self.unacked: dict[int, Message] = {}
         self.dead: list[Message] = []
         self.acked = 0
@@ -123,34 +124,61 @@ class MemoryQueue:
         self.delivered: list[Message] = []  # every delivery, in order (redeliveries again)
         self._tags = 0
         self._changed = asyncio.Event()  # set (and replaced) on every change
-        self._consumer: _Consumer | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._consumer_tag = ""
+
+    @property
+    def ready(self) -> list[Message]:
+        """What the queue delivers next, in that order."""
+        return [*self.returns, *self.waiting]
 
     def put(self, body: bytes, message_type: str | None, message_id: str) -> None:
         self._tags += 1
-        self.ready.append(Message(self._tags, body, message_type, message_id))
+        self.waiting.append(Message(self._tags, body, message_type, message_id))
         self._notify()
 
-    def iterator(self) -> _Consumer:
+    async def consume(self, callback: Callable[[Delivery], Awaitable[Any]]) -> str:
         assert self._consumer is None, f"{self.name}: a second consumer (single active)"
-        self._consumer = _Consumer(self)
-        return self._consumer
+        self._tags += 1
+        self._consumer_tag = f"ctag.{self._tags}"
+        self._consumer = asyncio.create_task(self._deliver(callback))
+        return self._consumer_tag
+
+    async def cancel(self, tag: str) -> None:
+        """The consumer is cancelled; what it was delivered stays its to acknowledge."""
+        if self._consumer is not None and tag == self._consumer_tag:
+            self._consumer.cancel()
+            self._consumer = None
+            self._notify()
+
+    async def _deliver(self, callback: Callable[[Delivery], Awaitable[Any]]) -> None:
+        while True:
+            await self.wait_for(
+                lambda: (self.returns or self.waiting) and len(self.unacked) < self.prefetch
+            )
+            message = (self.returns or self.waiting).pop(0)
+            self.unacked[message.tag] = message
+            self.deliveries += 1
+            self.delivered.append(message)
+            await callback(Delivery(message, self))
 
     def close_channel(self) -> None:
-        """The consumer's channel closed (its worker crashed): what it had not acknowledged
-        goes back to its place in the queue, marked redelivered."""
-        for message in self.unacked.values():
-            message.redelivered = True
-            bisect.insort(self.ready, message, key=lambda m: m.tag)
-        self.unacked.clear()
+        """The consumer's channel closed (its worker crashed, or it handed the queue over):
+        what it had not acknowledged comes back, in the order it was delivered."""
         if self._consumer is not None:
-            self._consumer.closed = True
+            self._consumer.cancel()
             self._consumer = None
+        for tag in sorted(self.unacked):
+            message = self.unacked[tag]
+            message.redelivered = True
+            self.returns.append(message)
+        self.unacked.clear()
         self._notify()
 
     @property
     def idle(self) -> bool:
         """Nothing waits in it and nothing delivered waits for its acknowledgement."""
-        return not self.ready and not self.unacked
+        return not self.returns and not self.waiting and not self.unacked
 
     async def settled(self, timeout: float = 5.0) -> None:
         """Until the queue is idle."""
@@ -162,7 +190,8 @@ class MemoryQueue:
 
     def envelopes(self) -> list[Envelope]:
         """Take every message waiting (as a consumer that acknowledges each at once)."""
-        taken, self.ready = self.ready, []
+        taken = self.ready
+        self.returns, self.waiting = [], []
         self.acked += len(taken)
         self._notify()
         return [e for m in taken for e in decode(m.body, m.type)]
@@ -174,7 +203,7 @@ class MemoryQueue:
             self.acked += 1
         elif requeue:
             message.redelivered = True
-            bisect.insort(self.ready, message, key=lambda m: m.tag)
+            self.returns.append(message)
         else:
             self.dead.append(message)
         self._notify()
@@ -182,48 +211,6 @@ class MemoryQueue:
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-
-
-class _Consumer:
-    """`async with queue.iterator() as messages: async for message in messages`."""
-
-    def __init__(self, queue: MemoryQueue) -> None:
-        self.queue = queue
-        self.closed = False
-
-    async def __aenter__(self) -> _Consumer:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> _Consumer:
-        return self
-
-    async def __anext__(self) -> Delivery:
-        queue = self.queue
-        await queue.wait_for(
-            lambda: self.closed or (queue.ready and len(queue.unacked) < queue.prefetch)
-        )
-        if self.closed:
-            raise StopAsyncIteration
-        message = queue.ready.pop(0)
-        queue.unacked[message.tag] = message
-        queue.deliveries += 1
-        queue.delivered.append(message)
-        return Delivery(message, queue)
-
-    async def close(self) -> None:
-        """The consumer is cancelled; what it was delivered stays its to acknowledge."""
-        self.closed = True
-        if self.queue._consumer is self:
-            self.queue._consumer = None
-        self.queue._notify()
 
 
 class MemoryChannel:

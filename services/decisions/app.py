@@ -12,6 +12,7 @@ releases the lease. Readiness is false until the first lease step reached MongoD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +21,14 @@ from aio_pika.abc import AbstractChannel
 from fastapi import FastAPI
 
 from services.common import experiments
-from services.common.bus import Bus, Topology, consume_pipelined, running, shard_queue
+from services.common.bus import (
+    Bus,
+    ConsumerHalted,
+    Topology,
+    consume_pipelined,
+    running,
+    shard_queue,
+)
 from services.common.directory import Directory
 from services.common.health import VitalTasks, health_router
 from services.common.serve import instance_name
@@ -63,28 +71,51 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
     vital = VitalTasks()
     channels: list[AbstractChannel] = []
 
+    async def consume_shard(index: int, stop: asyncio.Event) -> None:
+        """Consume one shard queue in order until `stop`, on a channel of its own: closing it
+        puts back whatever was delivered and not handled, in the order it was delivered (see
+        `consume_pipelined`). An input that fails (the store unreachable for a rebuild) stops
+        the consumer before it; it starts again after a pause, from that input on."""
+        while not stop.is_set():
+            channel = await bus.channel(prefetch=settings.decisions_prefetch)
+            try:
+                queue = await channel.declare_queue(shard_queue(index), passive=True)
+                await consume_pipelined(
+                    queue,
+                    worker.handle,
+                    on_malformed=lambda m, e: metrics.malformed.inc(),
+                    stop=stop,
+                    halt_on_failure=True,
+                )
+            except ConsumerHalted:
+                metrics.consumer_halts.inc()
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.shard_retry_seconds)
+
     async def claim(shards: list[int]) -> None:
         """Consume shards just taken over, once the log holds what their last owner sent."""
         waited = await worker.wait_for_log()
         log.info("shards %s: the log holds everything sent before (waited %.3f s)", shards, waited)
         for index in shards:
-            queue = await channels[0].declare_queue(shard_queue(index), passive=True)
             stop = asyncio.Event()
-            task = asyncio.create_task(
-                consume_pipelined(
-                    queue,
-                    worker.handle,
-                    on_malformed=lambda m, e: metrics.malformed.inc(),
-                    stop=stop,
-                )
-            )
+            task = asyncio.create_task(consume_shard(index, stop))
             consumers[index] = (task, stop)
             vital.watch(f"the consumer of shard {index}", task)
         await worker.request_resync(shards)
 
     async def release(index: int) -> None:
         """Stop consuming a shard: what was handled is acknowledged, the rest goes back."""
-        task, stop = consumers.pop(index)
+        consumer = consumers.pop(index, None)
+        if consumer is None:  # handed back while being taken over, before it was consumed
+            dropped = worker.forget_shard(index, settings.shards)
+            log.info(
+                "shard %d handed back before it was consumed (%d groups dropped)", index, dropped
+            )
+            return
+        task, stop = consumer
         vital.forget(f"the consumer of shard {index}")  # it ends now, on purpose
         stop.set()
         try:
@@ -92,6 +123,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         except TimeoutError:
             log.warning("shard %d: in-flight inputs not confirmed in time; abandoned", index)
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # its channel closes
         except Exception:
             log.exception("shard %d's consumer failed while stopping", index)
         dropped = worker.forget_shard(index, settings.shards)

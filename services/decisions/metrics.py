@@ -48,6 +48,11 @@ class DecisionsMetrics(ServiceMetrics):
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.consumer_halts = Counter(
+            "canopy_decisions_consumer_halts",
+            "Shard consumers stopped by an input that failed (restarted in order after a pause)",
+            registry=registry,
+        )
         self.malformed = Counter(
             "canopy_decisions_malformed",
             "Malformed bus messages dead-lettered",

@@ -37,3 +37,5 @@ class DecisionsSettings(CommonSettings):
     shard_lease_seconds: float = Field(default=3.0, ge=0.5, le=300)
     # Handing a shard over waits this long for the inputs in flight to be confirmed.
     shard_release_timeout: float = Field(default=10.0, gt=0, le=300)
+    # A shard's consumer stopped by an input that failed starts again after this pause.
+    shard_retry_seconds: float = Field(default=0.5, gt=0, le=60)

@@ -19,6 +19,7 @@ One idea per module, all of it importable from here as before:
 from services.common.bus.batcher import Batcher
 from services.common.bus.connection import RECONNECT_INTERVAL, Bus, Properties
 from services.common.bus.consume import (
+    ConsumerHalted,
     Handler,
     Pipelined,
     completed,
@@ -83,6 +84,7 @@ __all__ = [
     "_ENVELOPES",
     "Batcher",
     "Bus",
+    "ConsumerHalted",
     "Handler",
     "InputKind",
     "Pipelined",

@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractQueueIterator
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from services.common.bus.wire import decode_message
@@ -51,12 +52,17 @@ async def consume_in_order(
 Pipelined = Callable[[Envelope], Awaitable[Awaitable[Any]]]
 
 
+class ConsumerHalted(Exception):
+    """A handler failed under `halt_on_failure`: the consumer stopped before that message."""
+
+
 async def consume_pipelined(
     queue: AbstractQueue,
     handler: Pipelined,
     *,
     on_malformed: Callable[[AbstractIncomingMessage, Exception], None] | None = None,
     stop: asyncio.Event | None = None,
+    halt_on_failure: bool = False,
 ) -> None:
     """Like `consume_in_order`, but without waiting for one message's outputs to be confirmed
     before handling the next.
@@ -65,10 +71,17 @@ async def consume_pipelined(
     awaitable that completes once the message's outputs are confirmed; the message is acked
     then, in the background. The broker's prefetch bounds how many are in flight.
 
-    Setting `stop` hands the queue over gracefully: the consumer is cancelled, messages
-    delivered but not handled yet go back to the queue, and the function returns once every
-    handled message is acknowledged (a shard moving to another worker, a drain). Cancelling
-    the task instead abandons what is in flight (the broker redelivers it).
+    Setting `stop` hands the queue over: no further message is handled, the consumer is
+    cancelled, and the function returns once every handled message is acknowledged (a shard
+    moving to another worker, a drain). Messages delivered and not handled stay unacknowledged
+    on the channel: the caller closes the channel, and the broker puts them back in the order
+    they were delivered (nacking them one by one would not keep that order: a quorum queue
+    redelivers returned messages in the order they came back, and aio-pika's iterator nacks
+    its buffer while its consumer may still take from it). Under `halt_on_failure` a handler
+    that fails stops the consumer the same way, before that message, and `ConsumerHalted` is
+    raised: skipping ahead and requeueing the failed message alone would apply a group's
+    later inputs before it. Cancelling the task instead abandons what is in flight (the
+    broker redelivers it when the channel closes).
     """
     in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
 
@@ -89,53 +102,97 @@ async def consume_pipelined(
             return
         await _settle(message, queue.name, ack=True)
 
-    stopper: asyncio.Task[None] | None = None
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def deliver(message: AbstractIncomingMessage) -> None:
+        inbox.put_nowait(message)
+
+    halted: BaseException | None = None
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    tag = await queue.consume(deliver)
     try:
-        async with queue.iterator() as messages:
-            if stop is not None:
-                stopper = asyncio.create_task(_close_when_set(stop, messages))
-            async for message in messages:
-                try:
-                    envelopes = decode_message(message)
-                except ValueError as exc:
-                    log.error(
-                        "malformed message on %s rejected: %s",
+        while True:
+            if stop is not None and stop.is_set():
+                break
+            if not inbox.empty():
+                message = inbox.get_nowait()  # (no task switch per message under load)
+            else:
+                getting = asyncio.ensure_future(inbox.get())
+                if stopping is not None:
+                    await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if stopping.done():
+                        getting.cancel()
+                        break  # whatever `getting` took stays unacknowledged: put back in order
+                message = await getting
+            try:
+                envelopes = decode_message(message)
+            except ValueError as exc:
+                log.error(
+                    "malformed message on %s rejected: %s",
+                    queue.name,
+                    exc,
+                    extra=context(message_id=message.message_id),
+                )
+                if on_malformed is not None:
+                    on_malformed(message, exc)
+                await message.reject(requeue=False)
+                continue
+            dones: list[Awaitable[Any]] = []
+            try:
+                for envelope in envelopes:
+                    dones.append(await handler(envelope))
+            except asyncio.CancelledError:
+                _discard(dones)
+                raise
+            except Exception as exc:
+                _discard(dones)
+                if halt_on_failure:
+                    log.warning(
+                        "handler failed on %s; the consumer stops before this message",
                         queue.name,
-                        exc,
+                        exc_info=True,
                         extra=context(message_id=message.message_id),
                     )
-                    if on_malformed is not None:
-                        on_malformed(message, exc)
-                    await message.reject(requeue=False)
-                    continue
-                dones: list[Awaitable[Any]] = []
-                try:
-                    for envelope in envelopes:
-                        dones.append(await handler(envelope))
-                except asyncio.CancelledError:
-                    _discard(dones)
-                    raise
-                except Exception:
-                    # Redelivered whole: the envelopes handled already are handled idempotently.
-                    log.exception(
-                        "handler failed on %s; message requeued",
-                        queue.name,
-                        extra=context(message_id=message.message_id),
-                    )
-                    _discard(dones)
-                    await _settle(message, queue.name, ack=False)
-                    continue
-                task = asyncio.create_task(ack_when_done(message, dones))
-                in_flight[task] = dones
-                task.add_done_callback(in_flight.pop)
+                    halted = exc
+                    break
+                # Redelivered whole: the envelopes handled already are handled idempotently.
+                log.exception(
+                    "handler failed on %s; message requeued",
+                    queue.name,
+                    extra=context(message_id=message.message_id),
+                )
+                await _settle(message, queue.name, ack=False)
+                continue
+            task = asyncio.create_task(ack_when_done(message, dones))
+            in_flight[task] = dones
+            task.add_done_callback(in_flight.pop)
+        await _cancel(queue, tag)
         if in_flight:  # stopped: finish and acknowledge what was handled
             await asyncio.gather(*in_flight)
+    except BaseException:
+        # Cancelled (a shutdown) or the channel failed: stop deliveries and give back what
+        # waits here, so that it is not left unacknowledged on a channel that stays open.
+        with contextlib.suppress(BaseException):
+            await _cancel(queue, tag)
+            while not inbox.empty():
+                await _settle(inbox.get_nowait(), queue.name, ack=False)
+        raise
     finally:
-        if stopper is not None:
-            stopper.cancel()
+        if stopping is not None:
+            stopping.cancel()
         for task, dones in list(in_flight.items()):
             task.cancel()
             _discard(dones)
+    if halted is not None:
+        raise ConsumerHalted(f"a handler failed on {queue.name}") from halted
+
+
+async def _cancel(queue: AbstractQueue, tag: str) -> None:
+    """Stop deliveries to a consumer (nothing to do if its channel is gone)."""
+    try:
+        await queue.cancel(tag)
+    except (ChannelInvalidStateError, AMQPError, RuntimeError) as exc:
+        log.info("consumer of %s not cancelled (%r): its channel is gone", queue.name, exc)
 
 
 async def _settle(message: AbstractIncomingMessage, queue: str, *, ack: bool) -> None:
@@ -154,11 +211,6 @@ async def _settle(message: AbstractIncomingMessage, queue: str, *, ack: bool) ->
             exc,
             extra=context(message_id=message.message_id),
         )
-
-
-async def _close_when_set(stop: asyncio.Event, messages: AbstractQueueIterator) -> None:
-    await stop.wait()
-    await messages.close()
 
 
 def _discard(awaitables: list[Awaitable[Any]]) -> None:
