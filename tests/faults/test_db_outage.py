@@ -3,8 +3,7 @@
 100 participants (50 groups of 2) send 2 decisions/s each; 10 s into the period nx-27017 is
 stopped (SIGSTOP: its sockets stay open and nothing answers, as a hung or partitioned database;
 the supervisor does not restart a stopped process) for OUTAGE seconds, then continued. Checked:
-- nothing acknowledged is lost or doubled (the acks the bots got against the export's rows;
-  a loss is reported as an expected failure for now: see `lost` below);
+- nothing acknowledged is lost or doubled (the acks the bots got against the export's rows);
 - the backlog waits in RabbitMQ: the shard and log queues' depth grows while the store
   process's RSS stays bounded (sampled every SAMPLE seconds: printed, and asserted below
   RSS_BOUND over its size before the outage);
@@ -199,11 +198,9 @@ async def test_database_away_for_minutes_loses_nothing(stack: Supervised) -> Non
     logged = {(r["participant"], r["seq"]) for r in rows if r["direction"] == "in"}
     lost = sorted((b.code, s) for b in bots for s in b.acked if (b.code, s) not in logged)
     print(f"DATABASE AWAY: {len(lost)} acknowledged frames not logged")
-    if lost:
-        # Open (docs/reliability.md, "Faults beyond a crash"): in 4 of 5 runs, frames
-        # acknowledged around the hand-over at the outage's start were never logged (3, 3,
-        # 451, 479 of them). Kept visible as an expected failure until the cause is found.
-        pytest.xfail(f"acknowledged frames not in the log after the outage: {lost}")
+    # Was lost in 4 of 5 runs before the fix (3, 3, 451, 479 frames): docs/reliability.md,
+    # "Faults beyond a crash": redelivered frames applied after later ones, and dropped.
+    assert not lost, f"acknowledged frames not in the log after the outage: {lost}"
     check_log(session, rows, bots, PERIOD, 0, restart=restart)
 
 
