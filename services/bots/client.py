@@ -39,10 +39,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from services.bots.strategies import OpenOrders, Strategy, View
+from services.common.errors import CloseCode
 from services.common.seats import fingerprint
 
-CLOSE_REFUSED = 4403  # unknown seat
-CLOSE_REPLACED = 4409  # a newer connection with the same key
 OPEN_TIMEOUT = 5.0
 # A bot takes no turn this close to its period's end (server clock): the frame would reach
 # the group after the period ended and get `period_not_running`. Measured with 100 bots at
@@ -245,15 +244,15 @@ class Bot:
                 code = exc.response.status_code
                 self.closes.append(code)
                 if code == 403:  # an unknown code, refused before the upgrade
-                    code = CLOSE_REFUSED
+                    code = CloseCode.UNKNOWN_PARTICIPANT
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 code = getattr(getattr(exc, "rcvd", None), "code", None)
                 self.closes.append(code)
             finally:
                 self._ws, self._synced = None, False
                 self._changed.set()
-            if code in (CLOSE_REFUSED, CLOSE_REPLACED):
-                self.gave_up = "refused" if code == CLOSE_REFUSED else "replaced"
+            if code in (CloseCode.UNKNOWN_PARTICIPANT, CloseCode.REPLACED):
+                self.gave_up = "refused" if code == CloseCode.UNKNOWN_PARTICIPANT else "replaced"
                 self._finished.set()
                 self._changed.set()
                 return

@@ -41,6 +41,7 @@ class ApiCode(StrEnum):
 class CloseCode:
     """WebSocket close codes of the contract."""
 
+    POLICY_VIOLATION = 1008  # a foreign origin, refused before the upgrade (HTTP 403)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # the server failed mid-frame (e.g. the broker): reconnect and resend
     TRY_AGAIN_LATER = 1013  # too slow a reader (CANOPY_OUTBOX_LIMIT), or the store unreachable

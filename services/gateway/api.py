@@ -60,7 +60,6 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-POLICY_VIOLATION = 1008  # sent before the upgrade, which the server turns into HTTP 403
 # What a parsed frame costs in an inbox beyond its text (the model, its fields, the tuple):
 # about 600 bytes for a small decision, measured with tracemalloc.
 INBOX_FRAME_COST = 512
@@ -118,7 +117,7 @@ class Participants:
             # A page of another site using a participant's link: refused before the upgrade
             # (HTTP 403) and before any look-up, so it cannot even learn whether the key exists.
             self._metrics.connects.labels("foreign_origin").inc()
-            await websocket.close(code=POLICY_VIOLATION)
+            await websocket.close(code=CloseCode.POLICY_VIOLATION)
             return
         if not self._bus.is_connected:
             # The broker is away (restarting): nothing could be acknowledged. Told to come back

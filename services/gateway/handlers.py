@@ -43,9 +43,6 @@ from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-SLOW_CLIENT = 1013  # "try again later": the browser reconnects and resynchronises from hello
-INTERNAL_ERROR = 1011  # a frame could not be delivered: the browser resynchronises as above
-
 
 @dataclass(slots=True)
 class _Suspended:
@@ -383,7 +380,7 @@ class Hub:
                     extra=context(envelope.session, envelope.group),
                 )
                 self._metrics.bus_failures.inc()
-                connection.close(INTERNAL_ERROR, "internal error; reconnect")
+                connection.close(CloseCode.INTERNAL_ERROR, "internal error; reconnect")
 
     def _deliver(
         self, connection: Connection, frame: str | bytes, origin: float | None = None
@@ -399,4 +396,5 @@ class Hub:
                 extra=context(info.session, info.group, info.participant),
             )
             self._metrics.slow_clients.inc()
-            connection.close(SLOW_CLIENT, "too far behind; reconnect")
+            # The browser reconnects and resynchronises from hello.
+            connection.close(CloseCode.TRY_AGAIN_LATER, "too far behind; reconnect")
