@@ -7,7 +7,7 @@ In Kubernetes one URL (the cluster's Service) is enough: there the Service does 
 
 aio-pika's `RobustConnection` reconnects to the one URL it was given; this subclass only changes
 which URL each attempt uses. It overrides the private `__connect_transport` step of aio-pika
-10.2 (pinned in pyproject.toml; tests/integration/test_cluster.py proves the behaviour).
+10.2 (pinned in pyproject.toml; tests/cluster/test_cluster.py proves the behaviour).
 """
 
 from __future__ import annotations

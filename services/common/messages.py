@@ -16,7 +16,8 @@ events (past tense):
     TimerFired        timers → decisions: a period started / a sub-period tick / a period ended
                       (payload `TimerFired`), or a lobby's wake-up (`WokeUp`)
     Broadcast         decisions → gateways: a server frame for a group (or one member)
-    Control           decisions → gateways: a frame for one connection that is not logged
+    Control           decisions → gateways: a frame for one connection that the event log
+                      does not record
                       (`hello` snapshots, `finished` again, `replaced` notices, the lobby's
                       `lobby` counts and `group_formed`)
     GatewayAlive      gateway → every decisions worker, each second: this gateway (its queue)
@@ -29,8 +30,8 @@ events (past tense):
 Gateways and decisions send envelopes in batches (`bus.Batcher`): one AMQP message holding a
 JSON array of envelopes.
 
-log batches (decisions → store):
-    LogBatch          the log records (in and out) decisions produced in up to 50 ms;
+event-log batches (decisions → store, on the `canopy.log` exchange):
+    LogBatch          the event log's records (in and out) decisions produced in up to 50 ms;
                       one message per batch, not per event, keeps the broker's work per
                       decision low
 
@@ -109,7 +110,7 @@ class Channel(StrEnum):
 
 
 # PROTOCOL v2 "The lobby": a session's lobby is addressed on the bus like a group, by this
-# prefix and the session's id (services/common/lobby.py); its log rows carry the group "".
+# prefix and the session's id (services/common/lobby.py); its event-log rows carry the group "".
 LOBBY_PREFIX = "lobby:"
 
 
@@ -316,7 +317,8 @@ class Lobby(Payload):
 
 
 class Finished(Payload):
-    """A seat's end (PROTOCOL v2 "Online studies"), logged and sent to its participant."""
+    """A seat's end (PROTOCOL v2 "Online studies"), recorded in the event log and sent to its
+    participant."""
 
     outcome: str
     # int | float: a sum of no payoffs is the int 0, and the export shows what was sent.
@@ -349,8 +351,9 @@ class LogBatch(BaseModel):
     version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     ts: float = Field(default_factory=now)
     records: list[LogRecord]
-    # A marker the store records once everything before it in the log queue is written: a
-    # decisions worker that starts waits for its barrier before it rebuilds any group.
+    # A marker the store records once everything before it in its queue of the event log is
+    # written: a decisions worker that starts waits for its barrier before it rebuilds any
+    # group (services.common.barrier).
     barrier: str | None = None
 
     def encode(self) -> bytes:

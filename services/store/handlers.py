@@ -1,4 +1,4 @@
-"""The store's bus handler: write every logged event to MongoDB in batches.
+"""The store's bus handler: write every record of the event log to MongoDB in batches.
 
 Each message is a `LogBatch` from decisions. Messages are gathered as they arrive
 (`services.common.bus.batcher.Gathering`, the rule decisions' log writer cuts its batches by)
@@ -27,7 +27,8 @@ Only failures that a retry can cure are retried (MongoDB away, a timeout, a fail
 that no retry can write (its document is over MongoDB's 16 MiB, or the server refuses it) is
 *poison*: retrying its batch forever would stop the whole log. It is set aside in the
 `quarantine` collection (with the error, its size and the start of its value), counted in
-`canopy_store_quarantined_total` and logged once; the rest of its batch is written and acked.
+`canopy_store_quarantined_total` and reported once (an ERROR line of the store's own logging);
+the rest of its batch is written and acked.
 Oversize documents are caught before the batch goes out (`repository.oversize`); the others
 when the server names them (a write error per document) or, for an error that names none,
 by writing that batch's events one by one.

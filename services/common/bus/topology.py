@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 INPUTS = "canopy.inputs"
 DEFAULT = ""  # the default exchange: routing key = queue name
 COMMANDS = "canopy.commands"
+# The event log's exchange and key (`LogBatch` messages, decisions → the store): not logging.
 LOG = "canopy.log"
 LOG_KEY = "log"
 DEAD = "canopy.dead"
