@@ -422,7 +422,7 @@ def _plugin_range(
 def _installed(experiment: str | Experiment) -> Experiment | None:
     """The experiment itself: given, or registered here under that name (None if not)."""
     if not isinstance(experiment, str):
-        return experiment
+        return experiments.wrap(experiment)  # a plug-in handed in as is: the whole API
     try:
         return experiments.get(experiment)
     except KeyError:

@@ -15,8 +15,9 @@ announces it again, see `Resync`), and whether a `StartPeriod` had gone out for 
 was complete (it is sent again; timers keeps one schedule per period, so that is harmless).
 
 Experiment code is not trusted to succeed (PROTOCOL v2 "The ack holds through everything"). Its
-hooks get `params` validated by the experiment's `params_model` and dumped (defaults filled in;
-once per group, see `validated_params`), and what a hook returns is checked (flow payoffs: code
+hooks get `params` validated by the experiment's `params_model`, as the model instance or
+dumped (defaults filled in) as the experiment asks (`Experiment.hook_params`, once per group,
+see `validated_params`), and what a hook returns is checked (flow payoffs: code
 → finite number; broadcasts: JSON). An input is a transaction: every hook it needs runs first
 (`payoffs` on a copy of the decisions; `on_input` gets the market, which hooks must never
 change, and returns a new one), and the group's state (decisions, market, flow / area, earned,
@@ -70,7 +71,7 @@ import orjson
 from services.common import outcomes
 from services.common.directory import GroupConfig
 from services.common.errors import ErrorCode
-from services.common.experiments import Experiment, check_input
+from services.common.experiments import Experiment, wrap
 from services.common.messages import Channel
 
 log = logging.getLogger(__name__)
@@ -221,15 +222,19 @@ class GroupState:
     bots: set[str] = field(default_factory=set)
     away_since: dict[str, float] = field(default_factory=dict)
     present_once: set[str] = field(default_factory=set)
-    # The params every hook gets: `config.params` as the experiment's model validates them.
+    # `config.params` as the experiment's model validates and dumps them, and as its hooks
+    # get them (that dict, or the model instance: `Experiment.hook_params`).
     params: dict[str, Any] = field(init=False, default_factory=dict)
+    hook_params: Any = field(init=False, default=None, repr=False)
     # (participant, seq) of inputs the log answers with `experiment_error` (set by `rebuild`):
     # their fold changes nothing, whatever the hook does this time.
     failed_inputs: set[tuple[str, int]] = field(default_factory=set, repr=False)
     folding: bool = field(default=False, repr=False)  # re-applying logged rows (quiet logs)
 
     def __post_init__(self) -> None:
+        self.experiment = wrap(self.experiment)  # a plug-in handed in as is: every hook there
         self.params = validated_params(self.experiment, self.config)
+        self.hook_params = self.experiment.hook_params(self.params)
         self.labels = {**self.config.labels, **self.labels}
         for code, decision in self._initial_decisions().items():
             self.decisions.setdefault(code, decision)
@@ -242,7 +247,7 @@ class GroupState:
         failure: Exception | None = None
         for index, code in enumerate(self.config.members, start=1):
             try:
-                decision = self.experiment.initial_decision(index, self.params)
+                decision = self.experiment.initial_decision(index, self.hook_params)
                 orjson.dumps(decision)  # it is broadcast: plain JSON only
             except Exception as exc:
                 decision, failure = None, failure or exc
@@ -286,7 +291,7 @@ class GroupState:
     ) -> list[Effect]:
         """Every hook first, then the changes (which call no experiment code)."""
         if channel != "decisions":
-            if channel in self.experiment.channels and hasattr(self.experiment, "on_input"):
+            if channel in self.experiment.own_channels:
                 return self._on_own_channel(participant, seq, channel, payload)
             return []
         if self.state != "running":
@@ -300,7 +305,7 @@ class GroupState:
             ]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
             return [self._too_big(participant, seq, "this decision")]
-        problem = check_input(self.experiment, payload, self.params)  # or the declaration
+        problem = self.experiment.validate(payload, self.hook_params)  # or the declaration
         if problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, problem)]
         decisions = dict(self.decisions)
@@ -326,14 +331,14 @@ class GroupState:
             return [self._error(participant, seq, ErrorCode.PERIOD_NOT_RUNNING, message)]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
             return [self._too_big(participant, seq, f"this {channel} input")]
-        outcome = self.experiment.on_input(  # type: ignore[attr-defined]
+        outcome = self.experiment.on_input(
             self.market,
             participant,
             self.config.id_in_group(participant),
             seq,
             channel,
             payload,
-            self.params,
+            self.hook_params,
         )
         if outcome.problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, outcome.problem)]
@@ -474,8 +479,7 @@ class GroupState:
             self.flow, self.area, self.snapshots = self._tick_payoffs(), {}, []
             self.paused_total, self.remaining = 0.0, None
             self.earned = {}
-            if hasattr(self.experiment, "initial_state"):
-                self.market = self._initial_state()
+            self.market = self._initial_state()
             self.subperiods = []
             length = self.config.period_length
             effects: list[Effect] = [
@@ -673,7 +677,7 @@ class GroupState:
             },
             # Members a bot plays now (PROTOCOL v2 "Online studies"): present, but not a person.
             **({"bots": sorted(self.bots)} if self.bots else {}),
-            **(self.hello_extra() if hasattr(self.experiment, "hello") else {}),
+            **self.hello_extra(),
         }
 
     # -- helpers -----------------------------------------------------------------------------
@@ -824,7 +828,7 @@ class GroupState:
         return {c: self.area.get(c, 0.0) / duration for c in codes}
 
     def _event_payoffs(self) -> bool:
-        return bool(getattr(self.experiment, "event_payoffs", False))
+        return self.experiment.event_payoffs
 
     def _earned(self) -> dict[str, float]:
         return {code: self.earned.get(code, 0.0) for code in self.config.members}
@@ -832,7 +836,7 @@ class GroupState:
     def _payoffs(self, decisions: Mapping[str, Any]) -> dict[str, float]:
         """The experiment's flow payoffs of `decisions`, checked: raises if it failed."""
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}
-        result = self.experiment.payoffs(decisions, roles, self.params)
+        result = self.experiment.payoffs(decisions, roles, self.hook_params)
         if not isinstance(result, Mapping):
             raise TypeError(f"payoffs returned {type(result).__name__}, not a mapping")
         return {str(code): _finite(value, "payoff") for code, value in result.items()}
@@ -843,13 +847,13 @@ class GroupState:
 
     def _initial_state(self) -> Any:
         """The experiment's state at a period's start or end; `None` if the hook failed."""
-        initial = self.experiment.initial_state  # type: ignore[attr-defined]
-        return self._safely("initial_state", None, lambda: initial(self.params))
+        initial = self.experiment.initial_state
+        return self._safely("initial_state", None, lambda: initial(self.hook_params))
 
     def hello_extra(self) -> dict[str, Any]:
         """What the experiment adds to `hello` (its own state: the auction's book); nothing if
         the hook failed. For views of the group too (the store's live monitor)."""
-        hello = self.experiment.hello  # type: ignore[attr-defined]
+        hello = self.experiment.hello
         return self._safely("hello", {}, lambda: dict(hello(self.market)))
 
 
@@ -867,8 +871,9 @@ def _json_size(value: Any) -> int:
 
 
 def validated_params(experiment: Experiment, config: GroupConfig) -> dict[str, Any]:
-    """`config.params` as the experiment's `params_model` validates and dumps them: what every
-    hook gets (PROTOCOL v2: hooks see validated params only).
+    """`config.params` as the experiment's `params_model` validates and dumps them: what the
+    hooks get, as this dict or as the model made from it (`Experiment.hook_params`; PROTOCOL
+    v2: hooks see validated params only).
 
     Sessions stored since v2 hold exactly that dump. One stored before may hold `null` for a
     param (v1 accepted it, and the hook then failed): such keys are left out, so their default

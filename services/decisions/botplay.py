@@ -116,7 +116,7 @@ class BotPlayer:
     @staticmethod
     def _view(state: GroupState, code: str) -> View:
         config = state.config
-        extra = state.hello_extra() if hasattr(state.experiment, "hello") else {}
+        extra = state.hello_extra()
         book = extra.get("book") if isinstance(extra, dict) else None
         return View(
             code=code,

@@ -64,10 +64,10 @@ def plugin_page(experiment: str) -> Path | None:
         found = experiments.get(experiment)
     except KeyError:
         return None
-    page = getattr(found, "page", None)
-    if not isinstance(page, str) or not page:
+    page = found.page
+    if page is None:
         return None
-    path = Path(inspect.getfile(type(found))).parent / page
+    path = Path(inspect.getfile(type(found.plugin))).parent / page
     return path if path.is_file() else None
 
 

@@ -19,7 +19,6 @@ dotted name of the first offending field, when there is one), never a stack trac
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import logging
 import math
@@ -402,29 +401,24 @@ def _total(payoffs: Iterable[Any]) -> float | None:
 PROBED_GROUP_SIZES = range(1, 9)
 
 
-def experiment_info(name: str) -> dict[str, Any]:
+def experiment_info(name: str, registry: experiments.Registry | None = None) -> dict[str, Any]:
     """What the console's form needs to know of one experiment (`GET /api/experiments`).
 
     `description`: the experiment's `description` attribute when it has one (a string), else
     its class docstring (docs/experiments.md); the console shows its first paragraph.
     `decision`: what it declares a decision to be, for its default params (null when it
     declares none, or its params have no defaults)."""
-    experiment = experiments.get(name)
+    registry = registry or experiments.default()
+    experiment = registry.get(name)
     model = experiment.params_model
-    described = getattr(experiment, "description", None)
-    if isinstance(described, str):
-        doc = inspect.cleandoc(described)
-    else:
-        doc = inspect.getdoc(type(experiment)) or ""
-        if doc.startswith(f"{type(experiment).__name__}("):
-            doc = ""  # a dataclass's generated signature, not a description
+    doc = experiment.description
     rules: list[str] = []
     allowed: list[int] = []
     try:
         defaults = model()
     except ValueError:
         defaults = None  # params without defaults: nothing to probe with
-    if defaults is not None and hasattr(experiment, "check_group"):
+    if defaults is not None:
         for size in PROBED_GROUP_SIZES:
             problem = experiment.check_group(defaults, size)
             if problem is None:
@@ -434,15 +428,13 @@ def experiment_info(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "description": doc,
-        "source": experiments.source(name),  # "built-in", "entry point …" (with its version)
+        "source": registry.source(name),  # "built-in", "entry point …" (with its version)
         "channels": sorted(experiment.channels),
         "params_schema": model.model_json_schema(),
         "min_group_size": min(allowed) if allowed else None,
         "group_size_rules": rules,
         "decision": (
-            None
-            if defaults is None
-            else experiments.declared_json(experiment, defaults.model_dump(mode="json"))
+            None if defaults is None else experiment.declared_json(defaults.model_dump(mode="json"))
         ),
     }
 
@@ -455,7 +447,10 @@ def api_router(
     seat_secret: bytes,
     *,
     max_sessions_per_minute: int,
+    registry: experiments.Registry | None = None,
 ) -> APIRouter:
+    """The researchers' API; `registry`: the experiments it serves, when not the process's
+    (`experiments.default()`, made and logged at the store's start)."""
     router = APIRouter(
         prefix="/api",
         dependencies=[bearer_auth(token)],
@@ -507,12 +502,13 @@ def api_router(
         """Every registered experiment (plug-ins included) with its params' JSON schema, the
         JSON schema of a session's settings (the body of `POST /api/sessions`), and the
         plug-ins that failed to load here, with their errors (`failures`)."""
+        served = registry or experiments.default()
         return {
-            "experiments": [experiment_info(name) for name in experiments.names()],
+            "experiments": [experiment_info(name, served) for name in served.names()],
             "session_schema": CreateSession.model_json_schema(),
             "failures": [
                 {"plugin": spec, "error": error}
-                for spec, error in sorted(experiments.failures().items())
+                for spec, error in sorted(served.failures().items())
             ],
         }
 

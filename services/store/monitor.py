@@ -189,7 +189,7 @@ def group_view(state: GroupState, now: float) -> dict[str, Any]:
         "periods_ended": len(state.history),
         "total_payoffs": payoffs,
     }
-    if hasattr(state.experiment, "hello"):  # an experiment's own state (the auction's book)
+    if state.experiment.own_channels:  # an experiment's own state (the auction's book)
         view["market"] = state.hello_extra()  # a failing hook: empty, never a 500
     return view
 

@@ -224,7 +224,7 @@ def test_no_broadcast_passes_the_cap(inputs: list[tuple[str, int]], subperiod_af
         rate_limit=0.0,
         params={},
     )
-    state = GroupState(config, AnyDecision())
+    state = GroupState(config, experiments.wrap(AnyDecision()))
     out: list[Broadcast] = []
 
     def carry(effects: list[Any]) -> None:

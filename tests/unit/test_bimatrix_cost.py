@@ -11,9 +11,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.experiments import GAMES, Bimatrix, _expected, _is_number
+from services.common.experiments import GAMES, Bimatrix, wrap
+from services.common.experiments.api import is_number as _is_number
+from services.common.experiments.bimatrix import expected as _expected
 
-BIMATRIX = Bimatrix()
+BIMATRIX = wrap(Bimatrix())  # the registry's wrapper: hooks take the params as a dict too
 SYMMETRIC = [GAMES["prisoners_dilemma"], GAMES["stag_hunt"], GAMES["hawk_dove"]]
 
 

@@ -9,9 +9,9 @@ import random
 from typing import Any
 
 from services.bots.strategies import OpenOrders, View, make_strategy
-from services.common.experiments import DoubleAuction
+from services.common.experiments import DoubleAuction, wrap
 
-AUCTION = DoubleAuction()
+AUCTION = wrap(DoubleAuction())  # the registry's wrapper: hooks take the params as a dict too
 
 
 def test_zi_bots_keep_one_open_order_each_behind_a_one_entry_book() -> None:

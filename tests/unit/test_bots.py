@@ -18,7 +18,7 @@ from services.bots.strategies import (
     make_strategy,
     public_goods_best_response,
 )
-from services.common.experiments import GAMES, Bimatrix, DoubleAuction
+from services.common.experiments import GAMES, Bimatrix, DoubleAuction, wrap
 
 # An asymmetric game: the row player wants to match, the column player to mismatch
 # ([r][c] = [row's, column's]).
@@ -37,7 +37,7 @@ def _view(code: str, decisions: dict[str, Any], **kw: Any) -> View:
 def test_bimatrix_best_response_pays_at_least_any_other_mix(
     matrix: list[list[list[float]]], me: str
 ) -> None:
-    bimatrix, params = Bimatrix(), {"payoff_matrix": matrix}
+    bimatrix, params = wrap(Bimatrix()), {"payoff_matrix": matrix}
     other = "b" if me == "a" else "a"
     rng = random.Random(3)
     for q in [0.0, 1.0, 0.5, *(rng.random() for _ in range(20))]:
@@ -83,7 +83,7 @@ def test_public_goods_best_response_is_the_dominant_contribution() -> None:
 
 
 def test_zi_orders_stay_within_limits_and_pass_the_auctions_validation() -> None:
-    auction, params = DoubleAuction(), {"buyer_value": 80, "seller_cost": 30}
+    auction, params = wrap(DoubleAuction()), {"buyer_value": 80, "seller_cost": 30}
     strategy = make_strategy("double_auction", "zi", params, {"low": 10, "high": 120})
     rng = random.Random(11)
     book = auction.initial_state(params)

@@ -193,7 +193,7 @@ def test_shown_values_are_the_declared_ones_and_finite() -> None:
             return {"x": float("inf"), "undeclared": 1}
 
     with pytest.raises(ValueError, match="not a finite number"):
-        experiments.shown_values(Odd(), {"a": 0.5}, {"a": 1}, {})  # type: ignore[arg-type]
+        experiments.shown_values(Odd(), {"a": 0.5}, {"a": 1}, {})
 
 
 MODULE_WITHOUT_VALIDATE = """
@@ -272,7 +272,7 @@ def test_the_view_is_what_the_experiments_hooks_make_of_the_decisions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     game = cournot()
-    monkeypatch.setitem(experiments._REGISTRY, "cournot", game)  # this test's only
+    monkeypatch.setattr(experiments, "_default", experiments.default().extended(game))
     status, body = view_of(cournot_group(), COURNOT, {"decisions": {"a": 12, "b": 20}})
     assert status == 200
     assert body == {"payoffs": {"a": 264.0, "b": 440.0}, "shown": {"price": 28.0, "total": 32.0}}
@@ -306,7 +306,7 @@ class Seats:
 async def test_the_view_route_answers_a_seat_of_a_group_and_refuses_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(experiments._REGISTRY, "cournot", cournot())
+    monkeypatch.setattr(experiments, "_default", experiments.default().extended(cournot()))
     secret = b"s" * 32
     key, lobby_key, stranger = new_key(secret), new_key(secret), new_key(secret)
     info = ParticipantInfo(

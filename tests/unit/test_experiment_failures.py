@@ -263,11 +263,11 @@ def test_the_fold_takes_the_logs_word_for_a_failed_input() -> None:
     assert rec.state.flow == {}
     errors_seen = errors(rec.frame("a", 1, 4))
     assert errors_seen[0]["code"] == "experiment_error"
-    rebuilt = rebuild(rec.state.config, Fragile(), rec.rows)
+    rebuilt = rebuild(rec.state.config, experiments.wrap(Fragile()), rec.rows)
     assert rebuilt.decisions == rec.state.decisions == dict.fromkeys(MEMBERS, 0)
     assert rebuilt.last_seq == rec.state.last_seq
     # …while a fold without the log's word would have applied it.
-    folded = GroupState(rec.state.config, Fragile())
+    folded = GroupState(rec.state.config, experiments.wrap(Fragile()))
     for row in rec.rows:
         folded.fold(row)
     assert folded.decisions["a"] == 4
@@ -302,7 +302,7 @@ def test_hooks_that_fail_on_ticks_and_connections_count_as_empty(
     # The fold meets the same failures, gets the same state, and logs them quietly.
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="services.common.group"):
-        rebuilt = rebuild(rec.state.config, experiment, rec.rows)
+        rebuilt = rebuild(rec.state.config, experiments.wrap(experiment), rec.rows)
     assert comparable(rebuilt) == comparable(rec.state)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.common.experiments import DoubleAuction, DoubleAuctionParams, Outcome
+from services.common.experiments import DoubleAuction, DoubleAuctionParams, Outcome, wrap
 from services.common.group import rebuild
 from tests.unit.test_double_auction import B1, B2, S1, S2, market, order, out
 
-AUCTION = DoubleAuction()
+AUCTION = wrap(DoubleAuction())  # the registry's wrapper: hooks take the params as a dict too
 
 
 def test_the_21st_resting_bid_is_refused_and_changes_nothing() -> None:

@@ -151,7 +151,7 @@ def test_a_plugin_whose_hello_raises_still_gets_its_group_shown() -> None:
             raise RuntimeError("the plug-in's hello hook failed")
 
     config = state("double_auction").config
-    group = GroupState(config, BrokenBook())
+    group = GroupState(config, experiments.wrap(BrokenBook()))
     view = group_view(group, time.time())
     assert view["market"] == {}  # a failing hook counts as an empty answer (hello_extra)
     assert view["members"] == ["a", "b"] and view["period"]["number"] == 1
