@@ -4,7 +4,7 @@ A barrier is an empty `LogBatch` carrying a fresh id. It goes through the log qu
 every batch published before it, and the store records its id once the batch holding it was
 written to MongoDB (services.store.handlers), so once the id is recorded, everything sent to
 the event log before it is in MongoDB too. A decisions worker waits for one at start-up and
-before it evicts a group (services.decisions.handlers), the store's live monitor before it
+before it evicts a group (services.decisions.moves), the store's live monitor before it
 reads a session's snapshot (services.store.monitor).
 
 The wait is written once here; who publishes (with or without confirms) and how the id is

@@ -568,6 +568,11 @@ class GroupState:
             return False
         return event == "period_end" or self.config.on_disconnect == "end_period"
 
+    def learn_labels(self, labels: Mapping[str, str]) -> None:
+        """Labels the store has now (given since the configuration was read), over those known:
+        the adapter's read before an input that may end the last period (`may_finish`)."""
+        self.labels = {**self.labels, **labels}
+
     def _finish(self, now: float) -> list[Effect]:
         """Each member's outcome as the last period ends, in member order: `completed` if
         connected now (UNKNOWN included: see the module docstring), else `dropout`; total
@@ -601,6 +606,11 @@ class GroupState:
         self.flush_pending = False
         self.last_broadcast_at = now
         return [Broadcast(Channel.GROUP_DECISIONS, dict(self.decisions))]
+
+    def flush_failed(self) -> None:
+        """The broadcast `flush` returned did not go out (the bus is reconnecting): the change
+        is pending again, and the next flush sends the decisions as they are then."""
+        self.flush_pending = True
 
     # -- the log -----------------------------------------------------------------------------
 

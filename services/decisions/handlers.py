@@ -4,26 +4,20 @@ One consumer per shard queue handles messages one at a time, so a group's inputs
 the one order the broker holds them in. Effects are published (with confirms) before the input
 is acknowledged, so a crash between the two replays the input instead of losing its output.
 
-Broadcasts go straight to the queues of the gateways that hold the group's members: every frame
-and presence input names its connection and gateway (`Routes`), and one `Batcher` per gateway
-sends what the inputs of one moment produced for it as one message.
+`DecisionsWorker` holds the groups and lobbies of this worker's shards and routes each input to
+its state machine: frames, presence and ticks of a group (`handle`), a lobby's arrivals and
+wake-ups (`_handle_lobby`), and the inputs the worker makes itself (a rate-limited flush that
+is due, a member not announced again, a gateway gone silent, a bot's turn; `_apply_now`). A
+group not held is rebuilt from its log first. The rest is in parts of one idea each, which the
+worker composes:
 
-Crash safety (ARCHITECTURE "Crash-safe state"): a worker that starts first waits for its log
-barrier (`wait_for_log`): once the store wrote it, every record that a previous worker sent is
-in MongoDB. It then rebuilds each group from the group's log before handling the group's first
-input (`group.rebuild`), so a redelivered input is recognised as applied (`seen`) and applied
-exactly once. It asks every gateway to announce its open connections again (`Resync`): members
-get a fresh `hello` and broadcasts reach them; a member nobody announces within
-`resync_window` is disconnected. Gateways send a heartbeat each second; the members of a
-gateway silent for `liveness_timeout` are disconnected (their presence turns false).
-
-Bounded memory: a group whose last period ended and whose members all left is evicted
-(`_evict_ended`, `evict_after` seconds later, in one sweep for every such group) once the log
-in MongoDB holds all its rows: the log batches that could carry them were confirmed, then a log
-barrier passed. A later input for it (a late presence, a reconnect, a redelivery) rebuilds it
-from the log, as after a restart, so a participant back after the end gets the final `hello`.
-A member still connected keeps the group in memory: a state rebuilt from the log could not tell
-an open socket from a gone one without asking the gateways again.
+- `Routes` (services.decisions.routes): which gateway holds which member's connection;
+- `Liveness` (services.decisions.liveness): gateways' heartbeats and the resync window;
+- `Outputs` (services.decisions.outputs): effects published to the gateways and the timers,
+  log rows handed to the log writer, the rate limit's flushes;
+- `Moves` (services.decisions.moves): the log barrier, shards taken over and handed over,
+  ended groups evicted, a group dropped after its outputs failed;
+- `BotPlayer` (services.decisions.botplay): the seats bots play.
 
 The end for everyone (PROTOCOL v2 "Online studies"): the input that ends a group's last period
 also decides each member's outcome and sends their `finished` (`GroupState._finish`), whose
@@ -41,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -49,35 +42,11 @@ from typing import Any, Literal, TypeVar
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.common import experiments, messages
-from services.common.barrier import wait_for_barrier
-from services.common.bus import (
-    COMMANDS,
-    DEFAULT,
-    GATEWAYS,
-    LOG,
-    LOG_KEY,
-    TIMERS_KEY,
-    Batcher,
-    completed,
-    shard_of,
-)
+from services.common import experiments
+from services.common.bus import completed
 from services.common.directory import GroupConfig, NoFreeSeats, NotFound
-from services.common.group import (
-    UNKNOWN,
-    BotAfter,
-    Broadcast,
-    Control,
-    Effect,
-    FlushAt,
-    GroupState,
-    PausePeriod,
-    ResumePeriod,
-    StartPeriod,
-    TimersCommand,
-    rebuild,
-)
-from services.common.lobby import LobbyEffect, LobbyState, Record, WakeAt
+from services.common.group import UNKNOWN, BotAfter, Broadcast, Effect, GroupState, rebuild
+from services.common.lobby import LobbyEffect, LobbyState
 from services.common.lobby import rebuild as rebuild_lobby
 from services.common.logs import context
 from services.common.messages import (
@@ -86,7 +55,6 @@ from services.common.messages import (
     LogRecord,
     MessageType,
     PresenceChanged,
-    Resync,
     TimerFired,
     WokeUp,
     inbound_record,
@@ -94,108 +62,24 @@ from services.common.messages import (
     lobby_group,
     new_id,
     now,
-    outbound_record,
 )
 from services.common.ports import GroupDirectory, Publisher
 from services.decisions.botplay import BotPlayer
+from services.decisions.liveness import Liveness
 from services.decisions.log import LogWriter
 from services.decisions.metrics import DecisionsMetrics
+from services.decisions.moves import Moves
+from services.decisions.outputs import Outputs
+from services.decisions.routes import Routes
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETIRED_CONNECTIONS = 10_000
 # Reads of a group's labels before its last period ends: tries, and the first retry's delay
 # (doubling). A store away longer does not hold the group's end: the labels known so far go.
 LABEL_READS = 5
 LABEL_RETRY_DELAY = 0.1
-
-
-class Routes:
-    """Which gateway holds which member's connection, learnt from the inputs themselves.
-
-    A `PresenceChanged` (connected) names the member's newest connection; a frame fills in a
-    member not known yet (e.g. after this worker restarted). A replaced connection's gateway is
-    remembered a while longer, for the `replaced` notice that closes it.
-    """
-
-    def __init__(self) -> None:
-        self._members: dict[str, dict[str, tuple[str, str]]] = {}  # group → code → (conn, gw)
-        self._retired: OrderedDict[str, str] = OrderedDict()  # connection → gateway
-
-    def learn(self, envelope: Envelope) -> None:
-        participant, connection, gateway = (
-            envelope.participant,
-            envelope.connection,
-            envelope.gateway,
-        )
-        if participant is None or connection is None or gateway is None:
-            return
-        members = self._members.setdefault(envelope.group, {})
-        current = members.get(participant)
-        if envelope.type is MessageType.PRESENCE_CHANGED:
-            if PresenceChanged.of(envelope).connected:
-                if current is not None and current[0] != connection:
-                    self._retire(*current)
-                members[participant] = (connection, gateway)
-            elif current is not None and current[0] == connection:
-                del members[participant]
-            else:  # a replaced connection closed
-                self._retired.pop(connection, None)
-        elif current is None:
-            members[participant] = (connection, gateway)
-
-    def drop_gateway(self, gateway: str) -> list[tuple[str, str, str]]:
-        """Forget every member held by `gateway`; their (group, participant, connection)."""
-        gone = []
-        for group, members in self._members.items():
-            for participant, (connection, held_by) in list(members.items()):
-                if held_by == gateway:
-                    del members[participant]
-                    gone.append((group, participant, connection))
-        return gone
-
-    def forget(self, group: str) -> None:
-        self._members.pop(group, None)
-
-    def gateways(self) -> set[str]:
-        return {gw for members in self._members.values() for _, gw in members.values()}
-
-    def group(self, group: str) -> set[str]:
-        return {gateway for _, gateway in self._members.get(group, {}).values()}
-
-    def member(self, group: str, participant: str, connection: str | None = None) -> str | None:
-        current = self._members.get(group, {}).get(participant)
-        if current is not None and (connection is None or current[0] == connection):
-            return current[1]
-        return self._retired.get(connection) if connection is not None else None
-
-    def _retire(self, connection: str, gateway: str) -> None:
-        self._retired[connection] = gateway
-        if len(self._retired) > RETIRED_CONNECTIONS:
-            self._retired.popitem(last=False)
-
-
-# The payload of a command to the timers (a union, not their base class: pydantic serializes a
-# field by its declared type, and `Payload` has no fields).
-TimersPayload = messages.StartPeriod | messages.PausePeriod | messages.ResumePeriod
-
-
-def _timers_command(effect: TimersCommand) -> tuple[MessageType, TimersPayload]:
-    """The timers command (messages.py) a state machine's effect asks for."""
-    if isinstance(effect, StartPeriod):
-        return MessageType.START_PERIOD, messages.StartPeriod(
-            period=effect.period,
-            period_length=effect.period_length,
-            num_subperiods=effect.num_subperiods,
-            delay=effect.delay,
-        )
-    if isinstance(effect, PausePeriod):
-        return MessageType.PAUSE_PERIOD, messages.PausePeriod(period=effect.period)
-    return MessageType.RESUME_PERIOD, messages.ResumePeriod(
-        period=effect.period, ends_at=effect.ends_at, next_tick=effect.next_tick
-    )
 
 
 def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None:
@@ -207,18 +91,9 @@ def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None
     return None
 
 
-def _out_record(envelope: Envelope) -> LogRecord:
-    """The log row of a frame out; a lobby's rows have the group "" (PROTOCOL v2)."""
-    record = outbound_record(envelope)
-    return record.model_copy(update={"group": ""}) if is_lobby(record.group) else record
-
-
-def _stamp(state: GroupState | LobbyState, broadcast: Broadcast) -> float:
-    """A broadcast's row `ts`: the state machine's (ticks), or the group's next one."""
-    return broadcast.ts if broadcast.ts is not None else state.stamp(now())
-
-
 class DecisionsWorker:
+    """The groups and lobbies this worker holds, and the inputs that change them."""
+
     def __init__(
         self,
         bus: Publisher,
@@ -230,81 +105,52 @@ class DecisionsWorker:
         liveness_timeout: float = 3.0,
         evict_after: float = 5.0,
     ) -> None:
-        self._bus = bus
         self._directory = directory
         self._metrics = metrics
-        self._log = log_writer
-        self._resync_window = resync_window
-        self._liveness_timeout = liveness_timeout
         self.groups: dict[str, GroupState] = {}
         # Arrival sessions' lobbies by their bus address (services.common.lobby).
         self.lobbies: dict[str, LobbyState] = {}
         # Seats bots play (on_disconnect / on_lobby_timeout bots), and the grace timers
         # before a bot takes over a member who left (group → member → handle).
-        self.bots = BotPlayer(self._apply_bot, self._held)
+        self.bots = BotPlayer(self._apply_bot, self.held)
         self._grace: dict[str, dict[str, asyncio.TimerHandle]] = {}
-        self.routes = Routes()
-        self._outputs: dict[str, Batcher] = {}  # gateway queue → its batcher
-        self._flush_handles: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._heard: dict[str, float] = {}  # gateway queue → loop time of its last heartbeat
-        self._started = 0.0
-        # group → receipt time of the oldest decision a pending rate-limited flush carries.
-        self._pending_origin: dict[str, float] = {}
-        self._evict_after = evict_after
-        self._sweep: asyncio.TimerHandle | asyncio.Task[None] | None = None  # the next eviction
-        self._unlogged: set[asyncio.Future[None]] = set()  # log batches not confirmed yet
-        # Groups whose state was dropped because an input's outputs failed: their next
-        # rebuild first waits until the log holds every batch sent before (see `_confirmed`).
-        self._tainted: set[str] = set()
-        # Groups whose `_apply_now` stamped rows not handed to the log yet.
-        self._applying: dict[str, int] = {}
+        self.routes = Routes()
+        self.liveness = Liveness(
+            bus,
+            self.routes,
+            metrics,
+            self._disconnected,
+            resync_window=resync_window,
+            liveness_timeout=liveness_timeout,
+        )
+        self.outputs = Outputs(bus, metrics, log_writer, self.routes, self._apply_now)
+        self.moves = Moves(bus, directory, metrics, self.outputs, self, evict_after=evict_after)
 
-    # -- start-up ----------------------------------------------------------------------------
+    # -- start-up and shard moves (services.decisions.moves) ---------------------------------
 
     async def wait_for_log(self, *, poll: float = 0.02, resend_after: float = 10.0) -> float:
-        """Wait until the store wrote everything sent to the log before now; seconds waited.
-
-        A barrier goes through the log queue behind whatever a previous worker left there;
-        the store records it after the batch holding it was written."""
-        started = time.perf_counter()
-        await self._log_barrier(poll=poll, resend_after=resend_after)
-        # Resync window and heartbeat silence count from here.
-        self._started = asyncio.get_running_loop().time()
-        return time.perf_counter() - started
-
-    async def _log_barrier(self, *, poll: float = 0.02, resend_after: float = 10.0) -> None:
-        """Until the store wrote everything published to the event log before now."""
-        await wait_for_barrier(
-            partial(self._bus.publish_reliably, LOG, LOG_KEY),
-            self._directory.barrier_passed,
-            poll=poll,
-            resend_after=resend_after,
-            tolerate=(httpx.HTTPError,),
-        )
+        """Wait until the store wrote everything sent to the log before now; seconds waited."""
+        waited = await self.moves.wait_for_log(poll=poll, resend_after=resend_after)
+        self.liveness.start()  # the resync window and heartbeat silence count from here
+        return waited
 
     async def request_resync(self, shards: list[int] | None = None) -> None:
         """Ask every gateway to announce its open connections again (after taking shards
         over): those of the groups in `shards`, or all."""
-        envelope = Envelope[Resync](
-            type=MessageType.RESYNC, session="", group="", payload=Resync(shards=shards)
-        )
-        await self._bus.publish_reliably(GATEWAYS, "", envelope, mandatory=False)
+        await self.moves.request_resync(shards)
 
     def forget_shard(self, index: int, shards: int) -> int:
-        """Drop the state of the groups of a shard handed to another worker; how many.
+        """Drop the state of the groups of a shard handed to another worker; how many."""
+        return self.moves.forget_shard(index, shards)
 
-        Called once the shard's consumer stopped and everything it handled is acknowledged;
-        if the shard comes back, its groups are rebuilt from the log like after a restart."""
-        gone = [group for group in self.groups if shard_of(group, shards) == index]
-        gone += [lobby for lobby in self.lobbies if shard_of(lobby, shards) == index]
-        for group in gone:
-            self._forget(group)
-        self._metrics.groups.set(len(self.groups))
-        return len(gone)
+    def held(self, group: str) -> GroupState | LobbyState | None:
+        """The state this worker holds for a group or a lobby, if any."""
+        return self.lobbies.get(group) if is_lobby(group) else self.groups.get(group)
 
-    def _forget(self, group: str) -> None:
-        """Drop a group's state (its shard moved, or it ended): the log can rebuild it."""
+    def forget(self, group: str) -> None:
+        """Drop a group's state (its shard moved, it ended, its outputs failed): the log can
+        rebuild it. What is kept beside it goes too: bots, grace and flush timers, routes."""
         if is_lobby(group):
             del self.lobbies[group]
             self.routes.forget(group)
@@ -313,137 +159,37 @@ class DecisionsWorker:
         self.bots.stop(group)
         for grace in self._grace.pop(group, {}).values():
             grace.cancel()
-        handle = self._flush_handles.pop(group, None)
-        if handle is not None:
-            handle.cancel()
-        self._pending_origin.pop(group, None)
+        self.outputs.forget(group)
         self.routes.forget(group)
         self._directory.forget_group(group)
 
-    # -- evicting ended groups ---------------------------------------------------------------
-
-    def _evictable(self, state: GroupState | LobbyState) -> bool:
-        """Its last period ended, nobody is connected, and no rate-limited flush is due; a
-        lobby: every group is formed and nobody waits in it. A later input for either (someone
-        back on an old link) rebuilds it from the log."""
-        group = state.config.group
-        if isinstance(state, LobbyState):
-            done = state.next_group() is None and not state.waiting and not state.overdue
-            return done and group not in self._applying
-        return (
-            state.state == "ended"
-            and state.period == state.config.num_periods
-            and not state.connections
-            and not state.flush_pending
-            and group not in self._flush_handles
-            and group not in self._pending_origin
-            and group not in self._applying
-        )
-
-    def _consider_eviction(self, state: GroupState | LobbyState) -> None:
-        """Sweep `evict_after` seconds from now if the group may go (one sweep at a time)."""
-        if self._sweep is None and self._evictable(state):
-            self._sweep = asyncio.get_running_loop().call_later(
-                self._evict_after, self._start_sweep
-            )
-
-    def _start_sweep(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._evict_ended())
-        self._sweep = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _evict_ended(self) -> None:
-        """Evict every evictable group whose rows are all in MongoDB.
+        """The eviction sweep, now (the tests' way to run it without waiting)."""
+        await self.moves.evict_ended()
 
-        A group is evicted only if nothing was logged for it since the sweep began (its clock
-        moves with every row): those rows might not be written yet, and a rebuild would miss
-        them."""
-        try:
-            await self._evict_logged()
-        finally:
-            self._sweep = None
-        for state in self._held_states():  # one that ended meanwhile: another sweep
-            if self._evictable(state):
-                self._consider_eviction(state)
-                break
-
-    def _held_states(self) -> list[GroupState | LobbyState]:
-        return [*self.groups.values(), *self.lobbies.values()]
-
-    async def _evict_logged(self) -> None:
-        candidates = [(s, s.clock) for s in self._held_states() if self._evictable(s)]
-        if not candidates:
-            return
-        unlogged = list(self._unlogged)
-        if unlogged:
-            await asyncio.wait(unlogged)
-            if any(f.cancelled() or f.exception() is not None for f in unlogged):
-                return  # a batch failed: its inputs come again; try on the next sweep
-        await self._log_barrier()
-        evicted = 0
-        for state, clock in candidates:
-            group = state.config.group
-            unchanged = self._held(group) is state and state.clock == clock
-            if unchanged and self._evictable(state):
-                self._forget(group)
-                evicted += 1
-        self._metrics.groups.set(len(self.groups))
-        if evicted:
-            self._metrics.groups_evicted.inc(evicted)
-            log.info("%d ended groups evicted; %d groups held", evicted, len(self.groups))
-
-    def _add_to_log(self, records: list[LogRecord]) -> asyncio.Future[None]:
-        """Hand records to the log writer, remembering their batch until it is confirmed."""
-        written = self._log.add(records)
-        if written not in self._unlogged:
-            self._unlogged.add(written)
-            written.add_done_callback(self._unlogged.discard)
-        return written
-
-    # -- gateway liveness --------------------------------------------------------------------
+    # -- gateway liveness (services.decisions.liveness) --------------------------------------
 
     async def on_heartbeat(self, message: AbstractIncomingMessage) -> None:
-        try:
-            envelope = Envelope.decode(message.body)
-        except ValueError:
-            return
-        if envelope.type is MessageType.GATEWAY_ALIVE and envelope.gateway is not None:
-            self._heard[envelope.gateway] = asyncio.get_running_loop().time()
+        await self.liveness.on_heartbeat(message)
 
     async def watch_gateways(self, every: float = 0.5) -> None:
         """Disconnect the members of gateways that stopped sending heartbeats."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(every)
-            if not self._bus.is_connected:
-                # No heartbeat can arrive while the broker is away: count from its return.
-                self._started = loop.time()
-                self._heard.clear()
-                continue
-            for gateway in self.routes.gateways():
-                last = self._heard.get(gateway, self._started)
-                if loop.time() - last > self._liveness_timeout:
-                    await self._gateway_gone(gateway)
+        await self.liveness.watch(every)
 
-    async def _gateway_gone(self, gateway: str) -> None:
-        gone = self.routes.drop_gateway(gateway)
-        self._heard.pop(gateway, None)
-        log.warning("gateway %s is silent: %d participants disconnected", gateway, len(gone))
-        self._metrics.gateways_lost.inc()
-        for group, participant, connection in gone:
-            if is_lobby(group):
-                lobby = self.lobbies.get(group)
-                if lobby is not None:
-                    effects = lobby.on_presence(participant, connection, False, now=now())
-                    await self._apply_now(lobby, effects)
-                continue
+    async def _disconnected(self, group: str, participant: str, connection: str) -> None:
+        """A member of a gateway gone silent leaves their group or lobby."""
+        if is_lobby(group):
+            lobby = self.lobbies.get(group)
+            if lobby is not None:
+                effects = lobby.on_presence(participant, connection, False, now=now())
+                await self._apply_now(lobby, effects)
+            return
+        state = self.groups.get(group)
+        if state is not None and state.may_finish("disconnect"):
+            await self._refresh_labels(state)
             state = self.groups.get(group)
-            if state is not None and state.may_finish("disconnect"):
-                await self._refresh_labels(state)
-                state = self.groups.get(group)
-            if state is not None:
-                await self._apply_now(state, state.disconnect(participant, connection, now=now()))
+        if state is not None:
+            await self._apply_now(state, state.disconnect(participant, connection, now=now()))
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -490,9 +236,9 @@ class DecisionsWorker:
             self._count_frame(state, envelope, effects, origin)
         publishes = self._carry_out(state, effects, records, origin)
         self._metrics.input[envelope.type].inc()
-        written = self._add_to_log(records) if records else None
+        written = self.outputs.log(records) if records else None
         if state.state == "ended":  # checked further only once the group is over
-            self._consider_eviction(state)
+            self.moves.consider_eviction(state)
         return self._confirmed(state, publishes, written, started)
 
     async def _confirmed(
@@ -513,31 +259,15 @@ class DecisionsWorker:
                 await written
         except BaseException:
             group = state.config.group
-            if self._held(group) is state:
+            if self.held(group) is state:
                 log.warning(
                     "outputs of an input of group %s failed: its state is rebuilt from the log",
                     group,
                     extra=context(state.config.session, group),
                 )
-                self._forget(group)
-                self._tainted.add(group)
-                self._metrics.groups.set(len(self.groups))
+                self.moves.drop(group)
             raise
         self._metrics.handle_seconds.observe(time.perf_counter() - started)
-
-    def _held(self, group: str) -> GroupState | LobbyState | None:
-        """The state this worker holds for a group or a lobby, if any."""
-        return self.lobbies.get(group) if is_lobby(group) else self.groups.get(group)
-
-    async def _await_tainted(self, group: str) -> None:
-        """Before rebuilding a group whose dropped state sent rows that may still be on their
-        way to the store: until the log holds them."""
-        if group in self._tainted:
-            unlogged = list(self._unlogged)
-            if unlogged:
-                await asyncio.wait(unlogged)
-            await self._log_barrier()
-            self._tainted.discard(group)
 
     # -- lobbies (PROTOCOL v2 "The lobby") -----------------------------------------------------
 
@@ -562,8 +292,8 @@ class DecisionsWorker:
         records: list[LogRecord] = []
         publishes = self._carry_out(lobby, effects, records)
         self._metrics.input[envelope.type].inc()
-        written = self._add_to_log(records) if records else None
-        self._consider_eviction(lobby)
+        written = self.outputs.log(records) if records else None
+        self.moves.consider_eviction(lobby)
         return self._confirmed(lobby, publishes, written, started)
 
     def _apply_lobby_input(
@@ -636,7 +366,7 @@ class DecisionsWorker:
         held = self.lobbies.get(group)
         if held is not None:
             return held, []
-        await self._await_tainted(group)
+        await self.moves.before_rebuild(group)
         delay = 0.1
         while True:
             try:
@@ -670,9 +400,7 @@ class DecisionsWorker:
                 effects.extend(lobby.form(formed_group, stored, now=now(), bots=played))
         effects.extend(lobby.ensure_wake())  # the first in line's, asked for again
         if any(w.connection == UNKNOWN for w in lobby.waiting.values()):
-            loop = asyncio.get_running_loop()
-            wait = max(0.0, self._started + self._resync_window - loop.time())
-            loop.call_later(wait, lambda: self._start_task(self._expire_lobby(lobby)))
+            self.liveness.after_resync(lambda: self._start_task(self._expire_lobby(lobby)))
         if rows:
             log.info("lobby of %s rebuilt from %d log rows", session, len(rows))
         return lobby, effects
@@ -691,7 +419,7 @@ class DecisionsWorker:
         self._metrics.applied.inc()
         if envelope.channel == "decisions" and state.flush_pending:
             self._metrics.coalesced.inc()
-            self._pending_origin.setdefault(state.config.group, origin)
+            self.outputs.coalesced(state.config.group, origin)
 
     def _apply_input(self, state: GroupState, envelope: Envelope, ts: float) -> list[Effect]:
         if envelope.type is MessageType.FRAME_ACCEPTED:
@@ -719,7 +447,7 @@ class DecisionsWorker:
         state = self.groups.get(group)
         if state is not None:
             return state
-        await self._await_tainted(group)  # its dropped state's rows may be on their way
+        await self.moves.before_rebuild(group)  # its dropped state's rows may be on their way
         delay = 0.1
         while True:  # the store is briefly unreachable: wait, keeping the group's order
             try:
@@ -756,11 +484,9 @@ class DecisionsWorker:
                 extra=context(config.session, config.group),
             )
         if state.flush_pending:  # the rate limit's trailing edge had not gone out
-            self._schedule_flush(state, state.last_broadcast_at + config.rate_limit)
+            self.outputs.schedule_flush(state, state.last_broadcast_at + config.rate_limit)
         if UNKNOWN in state.connections.values():
-            loop = asyncio.get_running_loop()
-            wait = max(0.0, self._started + self._resync_window - loop.time())
-            loop.call_later(wait, lambda: self._start_task(self._expire_unknown(state)))
+            self.liveness.after_resync(lambda: self._start_task(self._expire_unknown(state)))
         for code, since in state.away_since.items():  # grace timers are not in the log
             self._grace_for(state, code, since + config.dropout_grace)
         return state
@@ -787,7 +513,7 @@ class DecisionsWorker:
                 await asyncio.sleep(delay)
                 delay *= 2
             else:
-                state.labels = {**state.labels, **fresh.labels}
+                state.learn_labels(fresh.labels)
                 return
 
     async def _expire_unknown(self, state: GroupState) -> None:
@@ -808,22 +534,15 @@ class DecisionsWorker:
     ) -> None:
         """Carry out effects produced outside the shard queue's order (timers of our own, a
         bot's input); `first`: rows to log before theirs (the bot's `in` row)."""
-        if not (effects or first) or self._held(state.config.group) is not state:
+        if not (effects or first) or self.held(state.config.group) is not state:
             return  # nothing to do, or the group moved to another worker meanwhile
-        group = state.config.group
-        self._applying[group] = self._applying.get(group, 0) + 1
-        try:
+        with self.outputs.carrying(state.config.group):
             records: list[LogRecord] = list(first or [])
             publishes = self._carry_out(state, effects, records, origin)
             await asyncio.gather(*publishes)
             if records:
-                await self._add_to_log(records)
-        finally:
-            if self._applying[group] == 1:
-                del self._applying[group]
-            else:
-                self._applying[group] -= 1
-        self._consider_eviction(state)
+                await self.outputs.log(records)
+        self.moves.consider_eviction(state)
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -837,69 +556,16 @@ class DecisionsWorker:
         records: list[LogRecord],
         origin: float | None = None,
     ) -> list[asyncio.Future[None]]:
-        """Hand every effect to its publisher, in effect order; futures of their confirms.
-
-        A gateway's batcher keeps the order it was given, so each gateway receives a group's
-        frames in the order they were produced. `origin`: the receipt time of the frame that
-        caused these effects; its group broadcasts carry it and measure end-to-end latency.
-        """
-        config = state.config
-        tasks: list[asyncio.Future[None]] = []
-        for effect in effects:
-            if isinstance(effect, Broadcast | Control):
-                logged = isinstance(effect, Broadcast)
-                to_group = logged and effect.participant is None and origin is not None
-                envelope = Envelope(
-                    type=MessageType.BROADCAST if logged else MessageType.CONTROL,
-                    session=config.session,
-                    group=config.group,
-                    participant=effect.participant,
-                    seq=effect.seq if isinstance(effect, Broadcast) else None,
-                    connection=effect.connection if isinstance(effect, Control) else None,
-                    channel=effect.channel,
-                    ts=_stamp(state, effect) if isinstance(effect, Broadcast) else now(),
-                    origin=origin if to_group else None,
-                    payload=effect.payload,
-                )
-                tasks.extend(self._send(envelope))
-                if logged:
-                    records.append(_out_record(envelope))
-                if to_group and origin is not None:  # handed to the batchers: out right away
-                    self._metrics.end_to_end_seconds.observe(envelope.ts - origin)
-                self._metrics.broadcast(effect.channel).inc()
-            elif isinstance(effect, StartPeriod | PausePeriod | ResumePeriod):
-                kind, command = _timers_command(effect)
-                envelope = Envelope[TimersPayload](
-                    type=kind, session=config.session, group=config.group, payload=command
-                )
-                tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
-            elif isinstance(effect, FlushAt) and isinstance(state, GroupState):
-                self._schedule_flush(state, effect.at)
-            elif isinstance(effect, BotAfter) and isinstance(state, GroupState):
-                self._grace_for(state, effect.participant, effect.at)
-            elif isinstance(effect, Record):  # a lobby's own event: logged, sent to nobody
-                envelope = Envelope(
-                    type=MessageType.BROADCAST,
-                    session=config.session,
-                    group=config.group,
-                    participant=effect.participant,
-                    channel=effect.channel,
-                    ts=effect.ts if effect.ts is not None else state.stamp(now()),
-                    payload=effect.payload,
-                )
-                records.append(_out_record(envelope))
-            elif isinstance(effect, WakeAt):
-                envelope = Envelope[messages.WakeAt](
-                    type=MessageType.WAKE_AT,
-                    session=config.session,
-                    group=config.group,
-                    participant=effect.participant,
-                    payload=messages.WakeAt(at=effect.at, participant=effect.participant),
-                )
-                tasks.append(self._publish(COMMANDS, TIMERS_KEY, envelope, mandatory=True))
-        if isinstance(state, GroupState) and state.bots:
-            self.bots.ensure(state)
-        return tasks
+        """Hand every effect to its publisher (`Outputs.carry_out`); futures of their confirms.
+        A bot's grace timer is started here, and the group's bots set playing."""
+        publishes = self.outputs.carry_out(state, effects, records, origin)
+        if isinstance(state, GroupState):
+            for effect in effects:
+                if isinstance(effect, BotAfter):
+                    self._grace_for(state, effect.participant, effect.at)
+            if state.bots:
+                self.bots.ensure(state)
+        return publishes
 
     # -- bots (PROTOCOL v2 "Online studies"; services.decisions.botplay) ----------------------
 
@@ -941,76 +607,13 @@ class DecisionsWorker:
         effects = state.on_bot_input(code, channel, payload, ts)
         await self._apply_now(state, effects, first=[record])
 
-    def _send(self, envelope: Envelope) -> list[asyncio.Future[None]]:
-        """Queue a frame out to the gateways that hold its addressees (none: nobody is here)."""
-        routes = self.routes
-        if envelope.participant is None:
-            gateways = routes.group(envelope.group)
-        else:
-            gateway = routes.member(envelope.group, envelope.participant, envelope.connection)
-            gateways = {gateway} if gateway is not None else set()
-        return [self._output(gateway).add(envelope) for gateway in gateways]
-
-    def _output(self, gateway: str) -> Batcher:
-        batcher = self._outputs.get(gateway)
-        if batcher is None:
-            # Not mandatory: a gateway that went away takes its queue with it, and its
-            # participants resynchronise from `hello` on the gateway they reconnect to.
-            batcher = Batcher(
-                self._bus,
-                DEFAULT,
-                gateway,
-                mandatory=False,
-                reliable=True,
-                on_batch=self._metrics.batch_items.observe,
-            )
-            self._outputs[gateway] = batcher
-        return batcher
-
-    def _publish(
-        self, exchange: str, key: str, envelope: Envelope, *, mandatory: bool
-    ) -> asyncio.Task[None]:
-        return asyncio.create_task(
-            self._bus.publish_reliably(exchange, key, envelope, mandatory=mandatory)
-        )
-
-    def _schedule_flush(self, state: GroupState, at: float) -> None:
-        group = state.config.group
-        loop = asyncio.get_running_loop()
-        if group in self._flush_handles:
-            self._flush_handles[group].cancel()
-        delay = max(0.0, at - now())
-        self._flush_handles[group] = loop.call_later(delay, self._start_flush, state)
-
-    def _start_flush(self, state: GroupState) -> None:
-        self._flush_handles.pop(state.config.group, None)
-        self._start_task(self._flush(state))
-
-    async def _flush(self, state: GroupState) -> None:
-        origin = self._pending_origin.pop(state.config.group, None)
-        try:
-            await self._apply_now(state, state.flush(now()), origin)
-        except Exception:
-            # The bus is reconnecting: keep the change pending and try again shortly.
-            log.exception("rate-limited flush of group %s failed; retrying", state.config.group)
-            state.flush_pending = True
-            if origin is not None:
-                self._pending_origin.setdefault(state.config.group, origin)
-            self._schedule_flush(state, now() + 0.5)
-
     async def close(self) -> None:
         await self.bots.close()
         for handles in self._grace.values():
             for handle in handles.values():
                 handle.cancel()
-        for handle in self._flush_handles.values():
-            handle.cancel()
-        if isinstance(self._sweep, asyncio.TimerHandle):
-            self._sweep.cancel()
+        self.outputs.stop()
+        self.moves.stop()
         for task in self._tasks:
             task.cancel()
-        for batcher in self._outputs.values():
-            try:  # frames not sent by then are resent: their inputs were never acknowledged
-                await asyncio.wait_for(batcher.close(), 5.0)
-            except TimeoutError:
-                log.warning("frames to a gateway were still unconfirmed at shutdown")
+        await self.outputs.close()

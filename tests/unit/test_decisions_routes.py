@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common.messages import Envelope, MessageType
-from services.decisions.handlers import Routes
+from services.decisions.routes import Routes
 
 
 def presence(participant: str, connection: str, gateway: str, *, connected: bool) -> Envelope:

@@ -29,7 +29,7 @@ from services.common.messages import (
     WakeAt,
     WokeUp,
 )
-from services.decisions.handlers import TimersPayload
+from services.decisions.outputs import TimersPayload
 
 SENT: list[tuple[MessageType, Payload]] = [
     (MessageType.START_PERIOD, StartPeriod(period=2, period_length=10.0, num_subperiods=3)),

@@ -1,0 +1,97 @@
+"""Which gateways are alive, and the window in which gateways announce their members again.
+
+Gateways send a heartbeat each second (`GatewayAlive`, on this worker's own liveness queue);
+the members of a gateway silent for `liveness_timeout` are disconnected (their presence turns
+false), by the worker, one member at a time, as inputs of their groups. While the broker is
+away no heartbeat can arrive, so silence counts from its return.
+
+After this worker took shards over it asks the gateways to announce their open connections
+again (`Resync`, services.decisions.moves); a member a rebuilt group holds for connected
+(`UNKNOWN`) whom nobody announced within `resync_window` of that moment is disconnected
+(`GroupState.expire_unknown`). Both clocks start when the worker's log barrier passed
+(`start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.common.messages import Envelope, MessageType
+from services.common.ports import Publisher
+from services.decisions.metrics import DecisionsMetrics
+from services.decisions.routes import Routes
+
+log = logging.getLogger(__name__)
+
+# Disconnects one member of a gateway that went silent (the worker's `_disconnected`):
+# group, participant, connection.
+Disconnect = Callable[[str, str, str], Awaitable[None]]
+
+
+class Liveness:
+    """Heartbeats heard per gateway, the watch that disconnects a silent gateway's members,
+    and the resync window."""
+
+    def __init__(
+        self,
+        bus: Publisher,
+        routes: Routes,
+        metrics: DecisionsMetrics,
+        disconnect: Disconnect,
+        *,
+        resync_window: float,
+        liveness_timeout: float,
+    ) -> None:
+        self._bus = bus
+        self._routes = routes
+        self._metrics = metrics
+        self._disconnect = disconnect
+        self._resync_window = resync_window
+        self._liveness_timeout = liveness_timeout
+        self._heard: dict[str, float] = {}  # gateway queue → loop time of its last heartbeat
+        self._started = 0.0
+
+    def start(self) -> None:
+        """The resync window and heartbeat silence count from now."""
+        self._started = asyncio.get_running_loop().time()
+
+    def after_resync(self, callback: Callable[[], object]) -> None:
+        """Call `callback` once the resync window is over (at once if it is)."""
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, self._started + self._resync_window - loop.time())
+        loop.call_later(wait, callback)
+
+    async def on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = Envelope.decode(message.body)
+        except ValueError:
+            return
+        if envelope.type is MessageType.GATEWAY_ALIVE and envelope.gateway is not None:
+            self._heard[envelope.gateway] = asyncio.get_running_loop().time()
+
+    async def watch(self, every: float = 0.5) -> None:
+        """Disconnect the members of gateways that stopped sending heartbeats."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            if not self._bus.is_connected:
+                # No heartbeat can arrive while the broker is away: count from its return.
+                self._started = loop.time()
+                self._heard.clear()
+                continue
+            for gateway in self._routes.gateways():
+                last = self._heard.get(gateway, self._started)
+                if loop.time() - last > self._liveness_timeout:
+                    await self._gateway_gone(gateway)
+
+    async def _gateway_gone(self, gateway: str) -> None:
+        gone = self._routes.drop_gateway(gateway)
+        self._heard.pop(gateway, None)
+        log.warning("gateway %s is silent: %d participants disconnected", gateway, len(gone))
+        self._metrics.gateways_lost.inc()
+        for group, participant, connection in gone:
+            await self._disconnect(group, participant, connection)
