@@ -46,7 +46,7 @@ from services.common import experiments
 from services.common.bus import completed
 from services.common.directory import GroupConfig, NoFreeSeats, NotFound
 from services.common.group import UNKNOWN, BotAfter, Broadcast, Effect, GroupState, rebuild
-from services.common.lobby import LobbyEffect, LobbyState
+from services.common.lobby import LobbyConfig, LobbyEffect, LobbyState
 from services.common.lobby import rebuild as rebuild_lobby
 from services.common.logs import context
 from services.common.messages import (
@@ -64,6 +64,7 @@ from services.common.messages import (
     now,
 )
 from services.common.ports import GroupDirectory, Publisher
+from services.common.retry import retry_forever
 from services.decisions.botplay import BotPlayer
 from services.decisions.liveness import Liveness
 from services.decisions.log import LogWriter
@@ -80,6 +81,24 @@ T = TypeVar("T")
 # (doubling). A store away longer does not hold the group's end: the labels known so far go.
 LABEL_READS = 5
 LABEL_RETRY_DELAY = 0.1
+# Reads and calls that must wait for the store (a rebuild, a lobby's group formed): the first
+# retry's delay, doubling up to the longest.
+STORE_RETRY_DELAY = 0.1
+STORE_RETRY_MAX_DELAY = 5.0
+
+
+async def _while_store_away(action: Callable[[], Awaitable[T]], what: str) -> T:
+    """`action` retried while the store cannot be reached (0.1 s, doubling to 5 s): an input
+    waits for the store rather than being applied out of order. What the store answers is
+    raised at once: NotFound (the session was deleted) ends the wait, as NoFreeSeats does."""
+    return await retry_forever(
+        action,
+        what,
+        retry_on=(httpx.HTTPError,),
+        give_up_on=(NotFound, NoFreeSeats),
+        first_delay=STORE_RETRY_DELAY,
+        max_delay=STORE_RETRY_MAX_DELAY,
+    )
 
 
 def _finishing(envelope: Envelope) -> Literal["period_end", "disconnect"] | None:
@@ -348,15 +367,9 @@ class DecisionsWorker:
             )
 
     async def _store_call(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """`call` retried while the store is unreachable (keeping the lobby's order)."""
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except httpx.HTTPError as exc:
-                log.warning("store unreachable for %s (%s); retrying", what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """`call` retried while the store is unreachable (keeping the lobby's order); what
+        the store answers (NotFound, NoFreeSeats) is raised at once."""
+        return await _while_store_away(call, f"the store's answer for {what}")
 
     async def _lobby(self, session: str) -> tuple[LobbyState, list[LobbyEffect]] | None:
         """The lobby's state, rebuilt from its log if this worker does not hold it; with the
@@ -367,18 +380,14 @@ class DecisionsWorker:
         if held is not None:
             return held, []
         await self.moves.before_rebuild(group)
-        delay = 0.1
-        while True:
-            try:
-                config = await self._directory.lobby(session)
-                rows = await self._directory.lobby_log(session)
-                break
-            except NotFound:
-                return None
-            except httpx.HTTPError as exc:
-                log.warning("store unreachable for the lobby of %s (%s); retrying", session, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        async def read() -> tuple[LobbyConfig, list[dict[str, Any]]]:
+            return await self._directory.lobby(session), await self._directory.lobby_log(session)
+
+        try:
+            config, rows = await _while_store_away(read, f"reading the lobby of {session}")
+        except NotFound:
+            return None
         held = self.lobbies.get(group)  # another shard consumer may have raced us here
         if held is not None:
             return held, []
@@ -448,19 +457,16 @@ class DecisionsWorker:
         if state is not None:
             return state
         await self.moves.before_rebuild(group)  # its dropped state's rows may be on their way
-        delay = 0.1
-        while True:  # the store is briefly unreachable: wait, keeping the group's order
-            try:
-                config = await self._directory.group(group)
-                started = time.perf_counter()
-                rows = await self._directory.group_log(group)
-                break
-            except NotFound:
-                return None
-            except httpx.HTTPError as exc:
-                log.warning("store unreachable for group %s (%s); retrying", group, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        async def read() -> tuple[GroupConfig, list[dict[str, Any]], float]:
+            config = await self._directory.group(group)
+            started = time.perf_counter()
+            return config, await self._directory.group_log(group), started
+
+        try:  # the store is briefly unreachable: wait, keeping the group's order
+            config, rows, started = await _while_store_away(read, f"reading group {group}")
+        except NotFound:
+            return None
         state = self.groups.get(group)  # another shard consumer may have raced us here
         if state is None:
             state = self._rebuilt(config, rows, started)
