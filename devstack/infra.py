@@ -14,7 +14,7 @@ Layout of an infra folder (``Infra.run_dir``)::
     seat-secret            the seat keys' HMAC secret of `make run` (devstack.stack), 0600
     devstack-state.json    pids, restarts and URLs, while `make run` supervises (supervisor)
     rabbitmq/              HOME of the node (Erlang cookie), rabbitmq.conf, enabled_plugins,
-                           definitions.json (its one user, with a password new at each start),
+                           definitions.json (its users, with passwords new at each start),
                            plugins/ (symlinks), mnesia/ (queues and messages: kept between runs
                            when persistent)
     mongo/                 nx-27017 data, one SQLite file per database (mongo_storage="file",
@@ -31,8 +31,10 @@ node: the running node registers only when it boots (RabbitMQ 3.10 re-checks eve
 the handle registers it on its behalf (`process_ready`).
 
 The folder is its owner's alone (0700: it holds the seat secret, the state file's admin
-token, the broker's password and every log). The broker has no `guest`: one user whose
-name and password are new at each start (`Infra.amqp_url` carries them), imported from
+token, the broker's passwords and every log). The broker has no `guest`: an administrator
+(`Infra.amqp_url`: the operator's, the tests' and the bench's) and one user per service with
+only the permissions it needs (`Infra.service_amqp_url(service)`; the rules are
+services/common/bus/access.py), each with a password new at each start, imported from
 `rabbitmq/definitions.json` at boot; a node from before that still has `guest` loses it once.
 
 Every process started here (and by `devstack.stack`) carries ``DEVSTACK_RUN_DIR=<run_dir>`` in
@@ -58,12 +60,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self
 
 import pymongo
+
+from services.common.bus.access import (
+    ADMIN_PERMISSIONS,
+    PERMISSIONS,
+    SERVICES,
+    TOPIC_PERMISSIONS,
+    user_of,
+    with_credentials,
+)
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_LIB = Path("/usr/lib/rabbitmq/lib")  # rabbitmq_server-<version>/plugins
@@ -83,7 +94,7 @@ POLL_INTERVAL = 0.05
 PROBE_TIMEOUT = 0.5  # one readiness probe of a server (supervisor)
 LOCK_PATIENCE = 1.0  # how long a persistent owner retries a lock a sweeper holds
 LOG_TAIL_LINES = 40
-BROKER_USER = "canopy"
+BROKER_USER = "canopy"  # the administrator; each service has its own (`user_of`)
 NO_GUEST_MARKER = "no-guest"  # in rabbitmq/: this node's guest user is gone
 RUN_DIR_MODE = 0o700  # an infra folder: its owner's only
 SECRET_MODE = 0o600  # a file in it that holds a secret
@@ -101,13 +112,20 @@ class InfraBusy(InfraError):
 
 @dataclass(frozen=True)
 class Infra:
-    amqp_url: str
+    amqp_url: str  # the broker's administrator (every node's URL, comma-separated, in a cluster)
     mongo_url: str
     rabbit_node: str
     run_dir: Path
     management_url: str | None = None  # RabbitMQ management UI, when enabled
     # rabbitmq_prometheus's /metrics (per queue: depth, consumers), when enabled (monitoring)
     prometheus_url: str | None = None
+    # The password of each service's own broker user (`service_amqp_url`).
+    service_passwords: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def service_amqp_url(self, service: str) -> str:
+        """`amqp_url` (every node's) as `service`'s own broker user, which may do only what
+        that service does (services/common/bus/access.py)."""
+        return with_credentials(self.amqp_url, user_of(service), self.service_passwords[service])
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,9 +348,13 @@ class InfraHandle:
         self._env: dict[str, str] = {}  # the node's, epmd's and rabbitmqctl's
         self.epmd_port = 0
         self.amqp_port = 0
-        # The broker's one user (no guest), its password new at each start (definitions).
+        # The broker's administrator and each service's user (no guest), their passwords new
+        # at each start (definitions).
         self.broker_user = BROKER_USER
         self._broker_password = secrets.token_urlsafe(24)
+        self._service_passwords: dict[str, str] = {
+            name: secrets.token_urlsafe(24) for name in SERVICES
+        }
         self.mongo_port = 0
         # What the node registered with epmd (a PORT2_RESP body), once it was ready, and the
         # connection that holds that registration on its behalf after epmd was restarted.
@@ -408,6 +430,7 @@ class InfraHandle:
                 if self.prometheus_port is not None
                 else None
             ),
+            service_passwords=dict(self._service_passwords),
         )
 
     def _take_lock(self) -> None:
@@ -491,7 +514,8 @@ class InfraHandle:
         definitions = rabbit_dir / "definitions.json"
         fd = os.open(definitions, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
         with os.fdopen(fd, "w") as f:
-            json.dump(broker_definitions(self.broker_user, self._broker_password), f)
+            users = {user_of(name): password for name, password in self._service_passwords.items()}
+            json.dump(broker_definitions(self.broker_user, self._broker_password, users), f)
         if not (rabbit_dir / "mnesia").exists():
             # A node that boots with definitions to import makes no default user (guest).
             (rabbit_dir / NO_GUEST_MARKER).touch()
@@ -734,25 +758,54 @@ class InfraHandle:
                 self._lock = None
 
 
-def broker_definitions(user: str, password: str) -> dict[str, object]:
-    """RabbitMQ definitions of a node with one user, every permission on `/`, administrator
-    (the management UI), its password hashed as RabbitMQ does (rabbit_password_hashing_sha256:
-    base64 of a 4-byte salt and SHA-256 of salt + password)."""
-    salt = secrets.token_bytes(4)
-    digest = hashlib.sha256(salt + password.encode()).digest()
-    return {
-        "users": [
+def broker_definitions(
+    admin: str, password: str, services: dict[str, str] | None = None
+) -> dict[str, object]:
+    """RabbitMQ definitions of a node with an administrator (every permission on `/`, the
+    management UI) and, for each service's user in `services` (user: password), that
+    service's permissions only (services/common/bus/access.py); passwords hashed as RabbitMQ
+    does (rabbit_password_hashing_sha256: base64 of a 4-byte salt and SHA-256 of salt +
+    password)."""
+    service_of = {user_of(name): name for name in SERVICES}
+    users, permissions, topic_permissions = [], [], []
+    for user, secret in {admin: password, **(services or {})}.items():
+        service = service_of.get(user) if user != admin else None
+        salt = secrets.token_bytes(4)
+        digest = hashlib.sha256(salt + secret.encode()).digest()
+        users.append(
             {
                 "name": user,
                 "password_hash": base64.b64encode(salt + digest).decode(),
                 "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"],
+                "tags": ["administrator"] if service is None else [],
             }
-        ],
+        )
+        allowed = ADMIN_PERMISSIONS if service is None else PERMISSIONS[service]
+        permissions.append(
+            {
+                "user": user,
+                "vhost": "/",
+                "configure": allowed.configure,
+                "write": allowed.write,
+                "read": allowed.read,
+            }
+        )
+        topic = TOPIC_PERMISSIONS.get(service) if service is not None else None
+        if topic is not None:
+            topic_permissions.append(
+                {
+                    "user": user,
+                    "vhost": "/",
+                    "exchange": topic.exchange,
+                    "write": topic.write,
+                    "read": topic.read,
+                }
+            )
+    return {
+        "users": users,
         "vhosts": [{"name": "/"}],
-        "permissions": [
-            {"user": user, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
-        ],
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
     }
 
 

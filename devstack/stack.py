@@ -17,7 +17,10 @@ and the seat secret, never the admin token; timers gets no token. The internal t
 at each start (nothing outlives the processes that share it); the seat secret is kept in
 `<run folder>/seat-secret` (owner-only), so participants' links outlive a restart even with a
 new admin token. `CANOPY_GATEWAY_HOST` puts the gateway alone on another interface (a lab
-network): the other services stay on `CANOPY_HOST` (127.0.0.1).
+network): the other services stay on `CANOPY_HOST` (127.0.0.1). The broker likewise: `env`'s
+`CANOPY_AMQP_URL` is the administrator's (tests and tools use it); each service gets, in the
+same variable as its Kubernetes Secret holds, its own broker user's, which may do only what
+that service does (`Infra.service_amqp_url`, services/common/bus/access.py).
 """
 
 from __future__ import annotations
@@ -159,6 +162,8 @@ class StackHandle:
         withheld = SECRET_VARIABLES - secrets_of(service)
         env = {key: value for key, value in self.env.items() if key not in withheld}
         env["CANOPY_HOST"] = self.hosts[service]
+        if env["CANOPY_AMQP_URL"] == self.infra.amqp_url:  # not a URL a test chose itself
+            env["CANOPY_AMQP_URL"] = self.infra.service_amqp_url(service)
         env.pop(GATEWAY_HOST_VARIABLE, None)
         return env
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: DecisionsSettings) -> FastAPI:
     metrics = DecisionsMetrics()
-    topology = Topology(settings.shards, settings.queue_type)
+    topology = Topology(settings.shards, settings.queue_type, service="decisions")
     bus = Bus(
         settings.amqp_url,
         topology,

@@ -82,7 +82,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     instance = instance_name(settings)
     bus = Bus(
         settings.amqp_url,
-        Topology(settings.shards, settings.queue_type),
+        Topology(settings.shards, settings.queue_type, service="gateway"),
         name=f"gateway {instance}",
         on_reconnect=metrics.bus_reconnects.inc,
     )

@@ -45,7 +45,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
     internal = (settings.internal_bearer(), token)
     seat_secret = settings.seat_key_secret()
     repository = Repository(settings.mongo_url, settings.mongo_db)
-    topology = Topology(settings.shards, settings.queue_type)
+    topology = Topology(settings.shards, settings.queue_type, service="store")
     bus = Bus(
         settings.amqp_url,
         topology,

@@ -19,7 +19,7 @@ from services.timers.settings import TimersSettings
 
 def create_app(settings: TimersSettings) -> FastAPI:
     metrics = TimersMetrics()
-    topology = Topology(settings.shards, settings.queue_type)
+    topology = Topology(settings.shards, settings.queue_type, service="timers")
     instance = instance_name(settings)
     bus = Bus(
         settings.amqp_url,

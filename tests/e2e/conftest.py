@@ -46,7 +46,9 @@ async def extra_service(
 ) -> AsyncIterator[ServiceProcess]:
     """Another process of `service` on a running stack, on a port of its own, ready."""
     port = free_port()
-    env = dict(stack.env) | {port_variable(service): str(port)} | (env_overrides or {})
+    env = dict(stack.env) | {port_variable(service): str(port)}
+    env["CANOPY_AMQP_URL"] = stack.infra.service_amqp_url(service)  # its own broker user
+    env |= env_overrides or {}
     log = stack.logs_dir / f"{service}-{port}.log"
     process = spawn(
         [sys.executable, "-m", f"services.{service}"], env=env, log=log, cwd=PROJECT_ROOT

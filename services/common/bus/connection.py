@@ -29,7 +29,13 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    PublishError,
+)
 
 from services.common.bus.topology import Topology, declare_gateway_queue, declare_liveness_queue
 from services.common.bus.wire import BATCH_TYPE, batch_body, encode_batch
@@ -338,12 +344,21 @@ class Bus:
 
     async def missing_consumers(self) -> list[str]:
         """Queues among `topology.required_consumers()` that have no consumer right now."""
-        if self._probe_channel is None or self._probe_channel.is_closed:
-            self._probe_channel = await self.connection.channel(publisher_confirms=False)
         missing = []
         for name in self.topology.required_consumers():
-            # robust=False: a robust channel caches declarations and would repeat the first answer.
-            queue = await self._probe_channel.declare_queue(name, passive=True, robust=False)
+            if self._probe_channel is None or self._probe_channel.is_closed:
+                self._probe_channel = await self.connection.channel(publisher_confirms=False)
+            try:
+                # robust=False: a robust channel caches declarations, would repeat an answer.
+                queue = await self._probe_channel.declare_queue(name, passive=True, robust=False)
+            except ChannelNotFoundEntity:
+                # Not declared yet: its service (the one that declares it) never started on
+                # this broker. RabbitMQ closed the channel with its answer.
+                missing.append(name)
+                with contextlib.suppress(Exception):
+                    await self._probe_channel.close()
+                self._probe_channel = None
+                continue
             result = queue.declaration_result
             if not result.consumer_count:
                 missing.append(name)

@@ -51,10 +51,21 @@ handler failing on every attempt for days.
 Queues that an older Canopy declared with the limit of 50 keep it (RabbitMQ refuses to redeclare a
 queue with other arguments): `Topology.declare` keeps them as they are and logs a warning;
 docs/operations.md "Dead letters" says how to recreate them.
+
+Who declares what. Each service's RabbitMQ user may configure only its own names
+(services/common/bus/access.py), so each exchange and durable queue has one declaring service
+(`EXCHANGES`, `Topology.durable_queues`): a queue's consumer declares it, its dead-letter
+argument, its binding and the exchange it binds it to; decisions, the hub, also declares the
+fanouts whose queues come and go with their consumers (canopy.gateways, canopy.liveness).
+`Topology(service=...)` declares that service's part, then waits, passively, for the
+exchanges it uses and the queues it publishes into that others declare (a first start on an
+empty broker): its own part first, so no two services wait on each other. `service=None`
+(tests, tools, the admin user) declares everything, as every service did before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 from dataclasses import dataclass
@@ -79,11 +90,34 @@ LIVENESS = "canopy.liveness"
 STORE_QUEUE = "canopy.store.events"
 TIMERS_QUEUE = "canopy.timers"
 TIMERS_KEY = "timers"
+# How the store's queue was bound to INPUTS before log batches (it unbinds it; see `declare`).
+LEGACY_STORE_KEY = "shard.*.frame"
 # Gateways announce themselves this often on LIVENESS; decisions takes a gateway silent for a
 # few of these (its `gateway_liveness_timeout`) for dead.
 HEARTBEAT_INTERVAL = 1.0
 
 InputKind = Literal["frame", "presence", "timer", "batch"]
+Service = Literal["gateway", "decisions", "store", "timers"]
+ExchangeKind = Literal["topic", "direct", "fanout"]
+
+# Each exchange: its type and the one service that declares it (see "Who declares what").
+EXCHANGES: dict[str, tuple[ExchangeKind, Service]] = {
+    INPUTS: ("topic", "decisions"),
+    COMMANDS: ("direct", "timers"),
+    LOG: ("direct", "store"),
+    DEAD: ("fanout", "store"),
+    GATEWAYS: ("fanout", "decisions"),
+    LIVENESS: ("fanout", "decisions"),
+}
+# The exchanges each service publishes to or binds its own queues to.
+USES: dict[Service, tuple[str, ...]] = {
+    "gateway": (INPUTS, LIVENESS, GATEWAYS),
+    "decisions": (INPUTS, LIVENESS, GATEWAYS, LOG, COMMANDS),
+    "store": (LOG, DEAD),
+    "timers": (INPUTS, COMMANDS),
+}
+# How long a service waits between two looks for what another declares.
+WAIT_INTERVAL = 0.2
 
 
 def shard_of(group: str, shards: int) -> int:
@@ -112,6 +146,29 @@ LEGACY_DELIVERY_LIMIT = 50
 class Topology:
     shards: int
     queue_type: Literal["quorum", "classic"]
+    # The service whose part `declare` declares (its broker user may configure no more); None:
+    # all of it.
+    service: Service | None = None
+
+    def _owns(self, owner: Service) -> bool:
+        return self.service is None or self.service == owner
+
+    def durable_queues(self) -> dict[str, Service]:
+        """Every durable queue and the service that consumes and declares it."""
+        queues: dict[str, Service] = {shard_queue(i): "decisions" for i in range(self.shards)}
+        return queues | {STORE_QUEUE: "store", TIMERS_QUEUE: "timers", DEAD: "store"}
+
+    def publishes_into(self) -> list[str]:
+        """The durable queues `service` publishes into with `mandatory` and does not declare:
+        they must exist before it publishes (or its messages come back unroutable)."""
+        shards = [shard_queue(i) for i in range(self.shards)]
+        into: dict[Service, list[str]] = {
+            "gateway": shards,
+            "timers": shards,
+            "decisions": [STORE_QUEUE, TIMERS_QUEUE],
+            "store": [],
+        }
+        return [] if self.service is None else into[self.service]
 
     def _durable_args(self, *, single_active: bool = False) -> dict[str, Any]:
         args: dict[str, Any] = {"x-queue-type": self.queue_type, "x-dead-letter-exchange": DEAD}
@@ -156,32 +213,88 @@ class Topology:
         return declared
 
     async def declare(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
-        exchanges = {
-            DEFAULT: channel.default_exchange,
-            INPUTS: await channel.declare_exchange(INPUTS, "topic", durable=True),
-            COMMANDS: await channel.declare_exchange(COMMANDS, "direct", durable=True),
-            LOG: await channel.declare_exchange(LOG, "direct", durable=True),
-            DEAD: await channel.declare_exchange(DEAD, "fanout", durable=True),
-            GATEWAYS: await channel.declare_exchange(GATEWAYS, "fanout", durable=True),
-            LIVENESS: await channel.declare_exchange(LIVENESS, "fanout", durable=True),
-        }
-        dead = await channel.declare_queue(
-            DEAD, durable=True, arguments={"x-queue-type": self.queue_type}
+        """Declare this service's part of the topology (all of it when `service` is None),
+        wait for the rest it uses; the exchanges it uses, by name."""
+        exchanges: dict[str, AbstractExchange] = {DEFAULT: channel.default_exchange}
+        for name, (kind, owner) in EXCHANGES.items():
+            if self._owns(owner):
+                exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
+        if self._owns("store"):
+            dead = await channel.declare_queue(
+                DEAD, durable=True, arguments={"x-queue-type": self.queue_type}
+            )
+            await dead.bind(exchanges[DEAD])
+        shards = [shard_queue(i) for i in range(self.shards)] if self._owns("decisions") else []
+        durable = [(name, self._durable_args(single_active=True)) for name in shards]
+        durable += [(STORE_QUEUE, self._durable_args())] if self._owns("store") else []
+        durable += [(TIMERS_QUEUE, self._durable_args())] if self._owns("timers") else []
+        declared = dict(
+            zip(
+                [name for name, _ in durable],
+                await self._durable_queues(channel, durable),
+                strict=True,
+            )
         )
-        await dead.bind(exchanges[DEAD])
-        *shards, store, timers = await self._durable_queues(
-            channel,
-            [(shard_queue(i), self._durable_args(single_active=True)) for i in range(self.shards)]
-            + [(STORE_QUEUE, self._durable_args()), (TIMERS_QUEUE, self._durable_args())],
-        )
-        for index, queue in enumerate(shards):
-            await queue.bind(exchanges[INPUTS], routing_key=f"shard.{index}.*")
-        await store.bind(exchanges[LOG], routing_key=LOG_KEY)
-        # Before log batches, the store read frames and broadcasts straight off these
-        # exchanges; a broker kept from then (make run's) must stop copying them to it.
-        await store.unbind(exchanges[INPUTS], routing_key="shard.*.frame")
-        await timers.bind(exchanges[COMMANDS], routing_key=TIMERS_KEY)
+        for index, name in enumerate(shards):
+            await declared[name].bind(exchanges[INPUTS], routing_key=f"shard.{index}.*")
+        if STORE_QUEUE in declared:
+            store = declared[STORE_QUEUE]
+            await store.bind(exchanges[LOG], routing_key=LOG_KEY)
+            # Before log batches, the store read frames and broadcasts straight off these
+            # exchanges; a broker kept from then (make run's) must stop copying them to it.
+            # By name: the store does not declare canopy.inputs (an unbind from an exchange
+            # that does not exist yet is no error).
+            await store.unbind(INPUTS, routing_key=LEGACY_STORE_KEY)
+        if TIMERS_QUEUE in declared:
+            await declared[TIMERS_QUEUE].bind(exchanges[COMMANDS], routing_key=TIMERS_KEY)
+        # Its own part first, then what others declare: so no two services wait on each other.
+        uses = USES[self.service] if self.service is not None else ()
+        others = [name for name in uses if name not in exchanges]
+        await self._wait_for(channel, exchanges=others, queues=self.publishes_into())
+        for name in others:
+            exchanges[name] = await channel.declare_exchange(name, passive=True)
         return exchanges
+
+    async def _wait_for(
+        self, channel: AbstractChannel, *, exchanges: list[str], queues: list[str]
+    ) -> None:
+        """Until every named exchange and queue exists (declared by its own service; a first
+        start on an empty broker), looked up passively on a probe channel, since RabbitMQ
+        answers a lookup of a missing name by closing the channel."""
+        pending = [("exchange", name) for name in exchanges] + [("queue", name) for name in queues]
+        if not pending:
+            return
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        probe: aiormq.abc.AbstractChannel | None = None
+        waited = False
+        try:
+            while pending:
+                kind, name = pending[0]
+                if probe is None or probe.is_closed:
+                    probe = await underlay.connection.channel(publisher_confirms=False)
+                try:
+                    if kind == "exchange":
+                        await probe.exchange_declare(name, passive=True)
+                    else:
+                        await probe.queue_declare(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    if not waited:
+                        log.warning(
+                            "%s: waiting for the %s %s, which %s declares",
+                            self.service,
+                            kind,
+                            name,
+                            EXCHANGES[name][1]
+                            if kind == "exchange"
+                            else self.durable_queues()[name],
+                        )
+                        waited = True
+                    await asyncio.sleep(WAIT_INTERVAL)
+                    continue
+                pending.pop(0)
+        finally:
+            if probe is not None and not probe.is_closed:
+                await probe.close()
 
     def required_consumers(self) -> list[str]:
         """Queues that must have a consumer before the stack can serve a session."""
