@@ -172,6 +172,54 @@ def test_probe_paths_are_the_services_health_routes() -> None:
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_a_job_gives_each_service_its_own_broker_user(
+    rendered: dict[str, list[k8s.Resource]], overlay: str
+) -> None:
+    """rabbitmq-users (services/common/bus/access.py) reads each service's broker URL from
+    that service's own Secret, and the operator's default user; it is hardened as the
+    services are; in prod its only way out is the management API."""
+    from services.common.bus import access
+
+    resources = rendered[overlay]
+    job = of_kind(resources, "Job")["rabbitmq-users"]
+    spec = job["spec"]["template"]["spec"]
+    (box,) = spec["containers"]
+    assert box["command"] == ["python", "-m", access.__name__]
+    assert box["image"] == container(of_kind(resources, "Deployment")["store"])["image"]
+    references = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in box["env"] if "valueFrom" in e}
+    assert references == {
+        "RABBITMQ_USERNAME": {"name": "rabbitmq-default-user", "key": "username"},
+        "RABBITMQ_PASSWORD": {"name": "rabbitmq-default-user", "key": "password"},
+        **{
+            f"CANOPY_{name.upper()}_AMQP_URL": {"name": f"canopy-{name}", "key": "CANOPY_AMQP_URL"}
+            for name in access.SERVICES
+        },
+    }
+    assert set(access.SERVICES) == set(SERVICES)
+    assert all("CANOPY_AMQP_URL" in SECRET_KEYS[name] for name in SERVICES)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    assert box["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    if overlay == "prod":
+        policies = of_kind(resources, "NetworkPolicy")
+        assert policies["rabbitmq-users"]["spec"]["egress"] == [
+            {
+                "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rabbitmq"}}}],
+                "ports": [{"protocol": "TCP", "port": 15672}],
+            }
+        ]
+        management = [
+            rule
+            for rule in policies["rabbitmq"]["spec"]["ingress"]
+            if {"protocol": "TCP", "port": 15672} in rule["ports"]
+        ]
+        assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rabbitmq-users"}}} in [
+            peer for rule in management for peer in rule["from"]
+        ]
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 def test_config_comes_from_one_config_map_and_each_services_own_secret(
     rendered: dict[str, list[k8s.Resource]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
