@@ -84,6 +84,9 @@ class CommonSettings(BaseSettings):
 
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
+    # As this service's own RabbitMQ user, which may do only what the service does (its
+    # Secret on Kubernetes, `make run` likewise; services/common/bus/access.py); several URLs,
+    # comma-separated, for a cluster's nodes.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     store_url: str = "http://127.0.0.1:8001"
     public_url: str = "http://127.0.0.1:8000"
