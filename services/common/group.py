@@ -305,7 +305,9 @@ class GroupState:
             ]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
             return [self._too_big(participant, seq, "this decision")]
-        problem = self.experiment.validate(payload, self.hook_params)  # or the declaration
+        # The plug-in's own hooks (`Experiment.hooks`), params in their form: per frame, no
+        # wrapper's call between.
+        problem = self.experiment.hooks.validate(payload, self.hook_params)  # or declaration
         if problem is not None:
             return [self._error(participant, seq, ErrorCode.INVALID_DECISION, problem)]
         decisions = dict(self.decisions)
@@ -331,7 +333,7 @@ class GroupState:
             return [self._error(participant, seq, ErrorCode.PERIOD_NOT_RUNNING, message)]
         if _json_size(payload) > MAX_PAYLOAD_BYTES - ROW_OVERHEAD_BYTES:
             return [self._too_big(participant, seq, f"this {channel} input")]
-        outcome = self.experiment.on_input(
+        outcome = self.experiment.hooks.on_input(
             self.market,
             participant,
             self.config.id_in_group(participant),
@@ -846,7 +848,7 @@ class GroupState:
     def _payoffs(self, decisions: Mapping[str, Any]) -> dict[str, float]:
         """The experiment's flow payoffs of `decisions`, checked: raises if it failed."""
         roles = {code: i for i, code in enumerate(self.config.members, start=1)}
-        result = self.experiment.payoffs(decisions, roles, self.hook_params)
+        result = self.experiment.hooks.payoffs(decisions, roles, self.hook_params)
         if not isinstance(result, Mapping):
             raise TypeError(f"payoffs returned {type(result).__name__}, not a mapping")
         return {str(code): _finite(value, "payoff") for code, value in result.items()}

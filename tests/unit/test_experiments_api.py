@@ -290,6 +290,57 @@ def test_every_hook_is_there_for_a_plug_in_with_only_the_required_ones() -> None
     assert "book" not in state.hello("a") and state.market is None
 
 
+def test_a_group_calls_the_plug_ins_own_per_input_hooks_with_nothing_between() -> None:
+    """The hooks a group calls per input are the plug-in's own, bound when it is registered
+    (`Registered.hooks`): no wrapper's call between the state machine and the plug-in."""
+    callers: dict[str, str] = {}
+
+    class Watched(TypedGame):
+        def validate(self, decision: Any, params: GameParams) -> str | None:
+            callers["validate"] = sys._getframe(1).f_code.co_qualname
+            return super().validate(decision, params)
+
+        def payoffs(
+            self, decisions: Mapping[str, Any], roles: Mapping[str, int], params: GameParams
+        ) -> dict[str, float]:
+            callers["payoffs"] = sys._getframe(1).f_code.co_qualname
+            return super().payoffs(decisions, roles, params)
+
+        def on_input(self, state: Any, *args: Any) -> Outcome:
+            callers["on_input"] = sys._getframe(1).f_code.co_qualname
+            return super().on_input(state, *args)
+
+    game = Watched()
+    hooks = wrap(game).hooks
+    assert (hooks.validate, hooks.payoffs, hooks.on_input) == (
+        game.validate,
+        game.payoffs,
+        game.on_input,
+    )
+    play(game)
+    assert callers == {
+        "validate": "GroupState._apply_frame",
+        "payoffs": "GroupState._payoffs",
+        "on_input": "GroupState._on_own_channel",
+    }
+    # Called as the services call them otherwise (either form of params), the same hooks.
+    registered = wrap(game)
+    assert registered.validate(5, {"top": 4}) == "no"
+    assert registered.validate(3, GameParams()) is None
+    assert callers["validate"] == "Registered.validate"
+
+
+def test_the_hooks_a_plug_in_left_out_answer_as_their_absence_means() -> None:
+    class Declaring(DictGame):
+        validate = None  # type: ignore[assignment]  # its declared decision checks inputs
+        on_input = None  # type: ignore[assignment]
+
+    hooks = wrap(Declaring()).hooks
+    assert hooks.validate(3, {"top": 4}) is None
+    assert hooks.validate(5, {"top": 4}) == "a decision is a number from 0 to 4"
+    assert hooks.on_input(["kept"], "a", 1, 1, "notes", "x", {}) == Outcome(["kept"])
+
+
 def test_hook_params_is_dict_or_model() -> None:
     class Odd(DictGame):
         hook_params = "json"  # type: ignore[assignment]

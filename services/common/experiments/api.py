@@ -19,8 +19,8 @@ contract out for researchers; the built-ins in this package are plug-ins on it, 
 "dict", the default for a plug-in that does not say, gives the dict that instance dumps to
 (`model_dump(mode="json")`, defaults filled in), as every plug-in written before typed hooks
 expects. `check_group` always gets the model instance. A caller may hand any hook either form:
-the wrapper converts to the plug-in's (`Registered.hook_params` once per group, so the hot
-hooks convert nothing).
+the wrapper converts to the plug-in's. A group converts once (`Registered.hook_params`) and
+calls the per-input hooks as the plug-in takes them (`Hooks`: no wrapper between).
 
 Every hook is pure and deterministic: no I/O, no clock, no randomness, and no change to its
 arguments (they are the group's state). A hook that raises changes nothing (see
@@ -30,7 +30,7 @@ arguments (they are the group's state). A hook that raises changes nothing (see
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
@@ -188,6 +188,23 @@ class EventPayoffs(Protocol):
 # ---- what the services call --------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """The hooks a group calls on every input, as the plug-in takes them: bound once, when it
+    is registered (`Experiment.hooks`), and given `params` in the plug-in's own form (what
+    `Experiment.hook_params` made of them), so an input costs one call into the plug-in and
+    nothing between. A hook the plug-in left out is a function that answers as its absence
+    means. The `Experiment` methods of the same names take either form of `params`, at the
+    cost of a call more: for callers that do not hold the plug-in's form."""
+
+    # validate(decision, params): a problem, or None (its declaration's check without it)
+    validate: Callable[[Any, Any], str | None]
+    # payoffs(decisions, roles, params): code → flow payoff (checked by the caller)
+    payoffs: Callable[[Mapping[str, Any], Mapping[str, int], Any], Mapping[str, float]]
+    # on_input(state, participant, id_in_group, seq, channel, payload, params)
+    on_input: Callable[[Any, str, int, int, str, Any, Any], Outcome]
+
+
 class Experiment(Protocol):
     """A registered experiment as the services call it (`registry.Registered`): every hook
     is there, the ones a plug-in left out answering as its absence always meant, and every
@@ -218,6 +235,10 @@ class Experiment(Protocol):
     @property
     def plugin(self) -> object:
         """The plug-in itself (its class says where its page lives)."""
+
+    @property
+    def hooks(self) -> Hooks:
+        """The per-input hooks as the plug-in takes them (params from `hook_params`)."""
 
     def hook_params(self, params: Mapping[str, Any]) -> Params:
         """Validated params in the form this plug-in's hooks get: a group computes it once."""

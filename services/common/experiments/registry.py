@@ -16,6 +16,8 @@ stopped instead would take down every study on it for one broken package.
 `Registered` wraps each plug-in: it fills in the optional hooks the plug-in left out (each
 answering as its absence always meant) and hands the plug-in `params` in the form it asked
 for (`api.HookParams`), so the services call every hook of `api.Experiment` unconditionally.
+The hooks a group calls per input are also bound as the plug-in takes them (`hooks`,
+`api.Hooks`), for a caller that holds the params in the plug-in's form already.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from services.common.decision import Decision
-from services.common.experiments.api import Base, Outcome, Params, is_number
+from services.common.experiments.api import Base, Hooks, Outcome, Params, is_number
 
 log = logging.getLogger("services.common.experiments")
 
@@ -78,6 +80,16 @@ class Registered:
         self._initial_state: Callable[..., Any] | None = getattr(plugin, "initial_state", None)
         self._on_input: Callable[..., Outcome] | None = getattr(plugin, "on_input", None)
         self._hello: Callable[..., Any] | None = getattr(plugin, "hello", None)
+        # The per-input hooks bound now, the plug-in's own where it has them: a group calls
+        # them with params already in its form, with no call of this wrapper between (two
+        # calls less per frame: about 0.25 µs of the 4-5 µs a plain decision costs).
+        self.hooks = Hooks(
+            validate=self._validate or self._declared_check,
+            # Required (the loader refuses a plug-in without it); wrapped by hand, one
+            # without it fails where its payoffs are asked for, as it always did.
+            payoffs=getattr(plugin, "payoffs", None) or partial(_lacks, "payoffs"),
+            on_input=self._on_input or _no_input,
+        )
         self.event_payoffs = bool(getattr(plugin, "event_payoffs", False))
         page = getattr(plugin, "page", None)
         self.page: str | None = page if isinstance(page, str) and page else None
@@ -154,9 +166,10 @@ class Registered:
         """Whether an input on `decisions` is acceptable: the plug-in's own `validate` when it
         has one (it knows best), else its declared decision's check; an experiment with
         neither takes any JSON value. Raises what the hooks raise."""
-        if self._validate is not None:
-            problem: str | None = self._validate(decision, self._params(params))
-            return problem
+        return self.hooks.validate(decision, self._params(params))
+
+    def _declared_check(self, decision: Any, params: Any) -> str | None:
+        """`validate` of a plug-in without one: its declared decision's check, or None."""
         declaration = self.declared(params)
         return None if declaration is None else declaration.check(decision)
 
@@ -232,14 +245,21 @@ class Registered:
     ) -> Outcome:
         """One input on one of `own_channels`; without the hook there are none (and an input
         it is handed anyway changes nothing)."""
-        if self._on_input is None:
-            return Outcome(state)
-        return self._on_input(
+        return self.hooks.on_input(
             state, participant, id_in_group, seq, channel, payload, self._params(params)
         )
 
     def hello(self, state: Any) -> dict[str, Any]:
         return {} if self._hello is None else dict(self._hello(state))
+
+
+def _lacks(hook: str, *_: Any) -> Any:
+    raise AttributeError(f"the experiment has no {hook!r}")
+
+
+def _no_input(state: Any, *_: Any) -> Outcome:
+    """`on_input` of a plug-in without channels of its own: the input changes nothing."""
+    return Outcome(state)
 
 
 def _finite_value(value: Any, name: str) -> float:
