@@ -10,17 +10,23 @@
 # pin its digest here (python:3.11.14-slim-bookworm@sha256:...) where the build can look it up.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-# Builder: wheels for the project and its pinned dependencies (pyproject.toml is the only
-# list of them), installed into a virtualenv without pip. Anything that had to be compiled
-# would be compiled here; nothing of this stage but the virtualenv reaches the final image.
+# Builder: a virtualenv without pip holding exactly the runtime lock (requirements.lock, made
+# by `make lock` from pyproject.toml: every package pinned, every file's hash checked), then
+# the project's own wheel without its dependencies (they are the lock's), and `pip check` that
+# the lock meets what the wheel declares. The lock's layer comes first, so a change of the code
+# alone reuses it. Anything that had to be compiled would be compiled here; nothing of this
+# stage but the virtualenv reaches the final image.
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+COPY requirements.lock ./
+RUN python -m venv --without-pip /opt/canopy \
+ && pip --python /opt/canopy/bin/python install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml ./
 COPY services ./services
-RUN pip wheel --wheel-dir /wheels . \
- && python -m venv --without-pip /opt/canopy \
- && pip --python /opt/canopy/bin/python install --no-index --find-links /wheels canopy
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && pip --python /opt/canopy/bin/python install --no-index --no-deps --find-links /wheels canopy \
+ && pip --python /opt/canopy/bin/python check
 
 # Runtime: the interpreter, the virtualenv and an unprivileged user; no pip, no compiler.
 FROM ${PYTHON_IMAGE} AS runtime

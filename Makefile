@@ -35,7 +35,7 @@ help:
 	@echo "              ARGS=--launch: 1,000 people open the study link within 10 s for 800 seats)"
 	@echo "make bench-matrix   the target table (20 s per row; ARGS=\"--duration 30\")"
 	@echo "make lock     re-pin requirements*.lock (with hashes) after a change of pyproject.toml"
-	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs) and caches"
+	@echo "make clean    remove .run/ (local RabbitMQ / MongoDB data, logs), caches, node_modules/"
 
 # Quiet and fast when everything is there: two file tests and a timestamp comparison.
 install: system-packages monitoring-tools $(STAMP)
@@ -238,5 +238,5 @@ clean:
 			echo "$$lock is held by pid $$(cat "$$lock"): stop it first"; exit 1; \
 		fi; \
 	done
-	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache *.egg-info node_modules
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

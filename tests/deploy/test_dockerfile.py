@@ -1,6 +1,7 @@
 """The Dockerfile, checked offline: a pinned slim Python base matching pyproject's, a non-root
-numeric USER, no build tools or pip in the final image, the project's own dependency list
-(pyproject.toml) and nothing else installed, and a build context that holds only the code."""
+numeric USER, no build tools or pip in the final image, the runtime lock (requirements.lock,
+with hashes) and then the project's wheel without its dependencies installed, nothing else,
+and a build context that holds only the code and the lock."""
 
 from __future__ import annotations
 
@@ -52,35 +53,74 @@ def test_final_image_runs_as_a_numeric_non_root_user_without_build_tools() -> No
     assert final.all("CMD") == ['["python", "-m", "services.gateway"]']
 
 
-def test_image_installs_pyprojects_dependencies_and_nothing_else() -> None:
-    """The builder installs the project itself (so pyproject.toml's pinned list, without the
-    dev extra) and no requirement named beside it."""
+def _requirements(command: list[str], verb: str) -> list[str]:
+    """The requirements a `pip install` / `pip wheel` names (not the values of its options)."""
+    requirements, skip = [], False
+    for word in command[command.index(verb) + 1 :]:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in {"--wheel-dir", "-w", "--find-links", "-f", "--python", "-r"}
+        else:
+            requirements.append(word)
+    return requirements
+
+
+def test_image_installs_the_runtime_lock_then_the_wheel_without_its_dependencies() -> None:
+    """Exactly the locked versions: the builder installs requirements.lock (every file's hash
+    checked, nothing resolved beyond it) into the virtualenv, then builds the project's wheel
+    alone and installs it with --no-deps from the wheels built here, then `pip check`s that the
+    lock meets what the wheel declares. Nothing else is installed."""
     dockerfile = Dockerfile.read()
     (builder,) = [stage for stage in dockerfile.stages if stage.name == "builder"]
-    assert "pyproject.toml ./" in builder.all("COPY")
-    installs = [
-        command
-        for command in dockerfile.run_commands(builder)
-        if "pip" in command[0] and ({"install", "wheel"} & set(command))
-    ]
-    assert installs, "the builder must build wheels and install them"
-    for command in installs:
-        verb = "wheel" if "wheel" in command else "install"
-        rest = command[command.index(verb) + 1 :]
-        requirements, skip = [], False
-        for word in rest:
-            if skip:
-                skip = False
-            elif word.startswith("-"):
-                skip = word in {"--wheel-dir", "-w", "--find-links", "-f", "--python"}
-            else:
-                requirements.append(word)
-        # `.` is the project (pyproject.toml); `canopy` is its wheel from /wheels.
-        assert requirements in (["."], [PYPROJECT["project"]["name"]]), command
-    assert all("[dev]" not in " ".join(command) for command in installs)
+    copies = builder.all("COPY")
+    assert "requirements.lock ./" in copies and "pyproject.toml ./" in copies
+    # The lock's layer before the code's: a change of the code alone reuses it.
+    assert copies.index("requirements.lock ./") < copies.index("services ./services")
+    commands = dockerfile.run_commands(builder)
+    installs = [c for c in commands if c[:1] == ["pip"] and "install" in c]
+    builds = [c for c in commands if c[:1] == ["pip"] and "wheel" in c]
+    assert len(installs) == 2 and len(builds) == 1, commands
+    lock, wheel = installs
+    assert {"--require-hashes", "--no-deps"} <= set(lock), lock
+    assert lock[lock.index("-r") + 1] == "requirements.lock" and not _requirements(lock, "install")
+    (build,) = builds
+    assert "--no-deps" in build and _requirements(build, "wheel") == ["."], build
+    assert {"--no-index", "--no-deps"} <= set(wheel), wheel
+    assert _requirements(wheel, "install") == [PYPROJECT["project"]["name"]], wheel
+    check = ["pip", "--python", "/opt/canopy/bin/python", "check"]
+    assert all(c[:3] == check[:3] for c in installs), "every install goes into the virtualenv"
+    assert check in commands
+    order = [commands.index(c) for c in (lock, build, wheel, check)]
+    assert order == sorted(order), "the lock, then the wheel, then the check"
+    assert all("[dev]" not in " ".join(command) for command in commands)
     # Every dependency is pinned exactly, so the image resolves what the tests ran.
     for requirement in PYPROJECT["project"]["dependencies"]:
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[0-9][0-9A-Za-z.]*", requirement)
+
+
+def test_the_runtime_lock_pins_pyprojects_dependencies_with_hashes() -> None:
+    """requirements.lock (`make lock`) is the runtime's: each of pyproject.toml's dependencies
+    at its pinned version, every package pinned with its hashes, no dev tool."""
+    pins: dict[str, str] = {}
+    hashed: set[str] = set()
+    current = ""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        pinned = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
+        if pinned:
+            current = _normal(pinned[1])
+            pins[current] = pinned[2]
+        elif line.strip().startswith("--hash=sha256:") and current:
+            hashed.add(current)
+    assert pins and hashed == set(pins), set(pins) - hashed
+    for requirement in PYPROJECT["project"]["dependencies"]:
+        name, version = re.sub(r"\[.*\]", "", requirement).split("==")
+        assert pins.get(_normal(name)) == version, requirement
+    assert not {"pytest", "ruff", "mypy"} & set(pins)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def test_build_context_is_the_code_only() -> None:

@@ -1,7 +1,8 @@
 """The installed package, as the container image has it: a wheel built from what the
-Dockerfile's builder copies (pyproject.toml and services/ only), installed with the runtime
-lock into a clean virtualenv, then every console script's `--help`, each CLI module's `--help`
-and each service's app built from its settings, with nothing of the repository on the path.
+Dockerfile's builder copies (pyproject.toml, requirements.lock and services/ only), installed
+after the runtime lock into a clean virtualenv, then every console script's `--help`, each CLI
+module's `--help` and each service's app built from its settings, with nothing of the
+repository on the path.
 
 No Docker engine runs here, so this is the image's Python side without the image: the same
 sources, the same wheel, the same kind of virtualenv, the same entry points."""
@@ -60,8 +61,8 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def image_sources(into: Path) -> Path:
-    """What the Dockerfile's builder stage COPYs (`COPY pyproject.toml ./`, `COPY services
-    ./services`), copied to the same places under `into`."""
+    """What the Dockerfile's builder stage COPYs (`COPY requirements.lock ./`, `COPY
+    pyproject.toml ./`, `COPY services ./services`), copied to the same places under `into`."""
     builder = Dockerfile.read().stages[0]
     for copy in builder.all("COPY"):
         *sources, target = copy.split()
@@ -80,7 +81,8 @@ def test_sources_are_what_the_image_copies(tmp_path: Path) -> None:
     """The test builds from the image's sources: a repository folder beside services/ (say
     devstack/) is not in them, which is the point."""
     src = image_sources(tmp_path)
-    assert sorted(p.name for p in src.iterdir()) == ["pyproject.toml", "services"]
+    names = sorted(p.name for p in src.iterdir())
+    assert names == ["pyproject.toml", "requirements.lock", "services"]
 
 
 def test_installed_wheel_starts(tmp_path: Path) -> None:
@@ -94,7 +96,8 @@ def test_installed_wheel_starts(tmp_path: Path) -> None:
     venv.EnvBuilder(with_pip=False).create(target)
     python = target / "bin" / "python"
     install = [*PIP, "--python", str(python), "install", "-q", "--no-warn-script-location"]
-    run([*install, "--require-hashes", "-r", str(ROOT / "requirements.lock")], tmp_path)
+    # As the image's builder: the lock alone (hashes checked), then the wheel without deps.
+    run([*install, "--require-hashes", "--no-deps", "-r", str(src / "requirements.lock")], src)
     run([*install, "--no-deps", str(wheel)], tmp_path)
     # The wheel's declared dependencies are all met by the runtime lock alone.
     run([*PIP, "--python", str(python), "check"], tmp_path)
