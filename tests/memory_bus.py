@@ -247,6 +247,7 @@ class MemoryBus:
     store: FakeStore | None = None
     shards: int = 4
     is_connected: bool = True
+    blocked: bool = False
     queues: dict[str, MemoryQueue] = field(default_factory=dict)
     # Every envelope sent in a batch (to the gateways), as a gateway decodes it.
     sent: list[Envelope] = field(default_factory=list)

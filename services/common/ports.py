@@ -29,6 +29,10 @@ class Publisher(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def blocked(self) -> bool:
+        """RabbitMQ blocks the connection (a resource alarm): nothing is confirmed meanwhile."""
+
     async def publish(
         self,
         exchange: str,

@@ -3,7 +3,8 @@
 Gateways send a heartbeat each second (`GatewayAlive`, on this worker's own liveness queue);
 the members of a gateway silent for `liveness_timeout` are disconnected (their presence turns
 false), by the worker, one member at a time, as inputs of their groups. While the broker is
-away no heartbeat can arrive, so silence counts from its return.
+away, or blocks this worker's connection (a memory or disk alarm blocks the gateways'
+heartbeats too), no heartbeat can arrive, so silence counts from its return.
 
 After this worker took shards over it asks the gateways to announce their open connections
 again (`Resync`, services.decisions.moves); a member a rebuilt group holds for connected
@@ -78,8 +79,10 @@ class Liveness:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every)
-            if not self._bus.is_connected:
-                # No heartbeat can arrive while the broker is away: count from its return.
+            if not self._bus.is_connected or self._bus.blocked:
+                # No heartbeat can arrive while the broker is away, nor while it blocks
+                # publishers (a resource alarm: the gateways cannot publish theirs either, and
+                # this worker could not publish a disconnect): count from its return.
                 self._started = loop.time()
                 self._heard.clear()
                 continue

@@ -85,6 +85,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         Topology(settings.shards, settings.queue_type, service="gateway"),
         name=f"gateway {instance}",
         on_reconnect=metrics.bus_reconnects.inc,
+        on_unblocked=lambda: announce_again(),
     )
     directory = Directory(settings.store_url, settings.internal_bearer())
     hub = Hub(metrics)
@@ -92,15 +93,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     me = gateway_queue(instance)
     participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
 
-    async def resync(shards: list[int] | None) -> None:
+    async def resync(shards: list[int] | None, why: str | None = None) -> None:
         connections = [
             connection
             for connection in hub.connections.values()
             if shards is None or shard_of(connection.group, settings.shards) in shards
         ]
         log.info(
-            "a decisions worker took over %s: announcing %d connections",
-            "every shard" if shards is None else f"shards {shards}",
+            "%s: announcing %d connections",
+            why
+            or "a decisions worker took over "
+            + ("every shard" if shards is None else f"shards {shards}"),
             len(connections),
         )
         for connection in connections:
@@ -110,6 +113,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 log.exception("could not announce %s again", connection.participant)
 
     hub.on_resync = resync
+    announcing: set[asyncio.Task[None]] = set()
+
+    def announce_again() -> None:
+        # While RabbitMQ blocked this gateway its heartbeats could not be published either, so
+        # decisions may have taken it for dead and disconnected its members, whose sockets
+        # stayed open here: announced again, they are connected again (for a worker that did
+        # not, an announcement of a connection it knows is no change).
+        why = "RabbitMQ no longer blocks this gateway"
+        task = asyncio.get_running_loop().create_task(resync(None, why))
+        announcing.add(task)
+        task.add_done_callback(announcing.discard)
 
     async def regroup(connection: Connection) -> None:
         try:

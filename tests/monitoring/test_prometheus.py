@@ -89,6 +89,7 @@ async def test_prometheus_scrapes_every_service_and_the_broker_and_evaluates_the
         "CanopyEndToEndLatencyHigh",
         "CanopyDeliveryLatencyHigh",
         "CanopyStoreLagGrowing",
+        "CanopyBusBlocked",
         "CanopyEventsQuarantined",
         "CanopyDeadLetters",
         "CanopyQueueWithoutConsumer",

@@ -68,11 +68,13 @@ class Bus:
         *,
         name: str,
         on_reconnect: Callable[[], None] | None = None,
+        on_unblocked: Callable[[], None] | None = None,
     ) -> None:
         self._url = url
         self.topology = topology
         self._name = name
         self._on_reconnect = on_reconnect  # counts reconnects (canopy_<service>_bus_reconnects)
+        self._on_unblocked = on_unblocked  # the broker reads the connection again
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -155,6 +157,8 @@ class Bus:
         self.blocked_reason = reason
         if reason is None:
             log.warning("%s: RabbitMQ no longer blocks the connection", self._name)
+            if self._on_unblocked is not None:
+                self._on_unblocked()
         else:
             log.error("%s: RabbitMQ blocks the connection (%s)", self._name, reason)
 
