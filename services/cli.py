@@ -57,6 +57,7 @@ from rich.table import Table
 
 from services.bots.runner import BotFleet, BotsError, fill_session
 from services.bots.strategies import STRATEGIES, StrategyError
+from services.common.experiments import Registry
 
 DEFAULT_API = "http://127.0.0.1:8001"
 # devstack (make run's supervisor) is imported only by `reset`, which needs it: the installed
@@ -670,9 +671,23 @@ def bots(
     if count is not None and all_but is not None:
         raise Failure("give --count or --all-but, not both")
     target = _target(ctx)
+    # The experiments the bots know (their declared decisions): the built-ins and the plug-ins
+    # installed where the bots run, loaded once for every session.
+    registry = Registry.standard()
     try:
         fleets = asyncio.run(
-            _run_bots(target, session_ids, strategy, rate, count, all_but, duration, seed, options)
+            _run_bots(
+                target,
+                session_ids,
+                strategy,
+                rate,
+                count,
+                all_but,
+                duration,
+                seed,
+                options,
+                registry,
+            )
         )
     except (BotsError, StrategyError) as exc:
         raise Failure(str(exc)) from exc
@@ -696,6 +711,7 @@ async def _run_bots(
     duration: float | None,
     seed: int | None,
     options: dict[str, float | None],
+    registry: Registry,
 ) -> dict[str, BotFleet]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -706,7 +722,7 @@ async def _run_bots(
         for session in session_ids:
             fleets[session] = await fill_session(
                 target.api_url, target.token, session, count=count, all_but=all_but,
-                strategy=strategy, rate=rate, options=options, seed=seed,
+                strategy=strategy, rate=rate, options=options, seed=seed, registry=registry,
             )  # fmt: skip
             fleet = fleets[session]
             stderr.print(

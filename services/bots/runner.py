@@ -22,6 +22,7 @@ import httpx
 
 from services.bots.client import Bot
 from services.bots.strategies import make_strategy
+from services.common.experiments import Registry
 
 API_TIMEOUT = 10.0
 
@@ -97,6 +98,7 @@ async def start_bots(
     num_periods: int | None = None,
     seed: int | None = None,
     codes: list[str] | None = None,
+    registry: Registry | None = None,
 ) -> BotFleet:
     """One bot per participant link (`http://host:port/p/<key>`), each playing `strategy`
     for `experiment` with the session's `params` at `rate` turns per second while its period
@@ -104,12 +106,13 @@ async def start_bots(
 
     `options`: the strategy's own (`value`, `cost`, `low`, `high`: services.bots.strategies);
     `num_periods`: stop playing after that period ended; `seed`: reproducible moves; `codes`:
-    the participants' public codes, link by link (else each bot learns its own from `hello`).
-    Raises StrategyError for a strategy that does not fit, ValueError for a link that is not
-    one."""
+    the participants' public codes, link by link (else each bot learns its own from `hello`);
+    `registry`: where `experiment` is found (`make_strategy`: the process's default when not
+    given, for scripts). Raises StrategyError for a strategy that does not fit, ValueError for
+    a link that is not one."""
     if not rate >= 0:
         raise ValueError(f"rate must be a number ≥ 0 (turns per second), not {rate!r}")
-    chosen = make_strategy(experiment, strategy, params, options)
+    chosen = make_strategy(experiment, strategy, params, options, registry=registry)
     master = random.Random(seed)
     if codes is not None and len(codes) != len(links):
         raise ValueError("give one code per link")
@@ -180,9 +183,10 @@ async def fill_session(
     rate: float = 1.0,
     options: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    registry: Registry | None = None,
 ) -> BotFleet:
     """Bots in the open slots of a session (see `open_slots`), each playing until the
-    session's last period ended for its group."""
+    session's last period ended for its group; `registry` as for `start_bots`."""
     session = await fetch_session(api_url, token, session_id)
     slots = open_slots(session, count=count, all_but=all_but)
     if not slots:
@@ -197,6 +201,7 @@ async def fill_session(
         options=options,
         num_periods=int(session.get("num_periods") or 1),
         seed=seed,
+        registry=registry,
     )
 
 

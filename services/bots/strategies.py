@@ -54,6 +54,8 @@ from services.common.experiments import (
     DoubleAuctionParams,
     Experiment,
     PublicGoodsParams,
+    Registry,
+    wrap,
 )
 
 Action = tuple[str, Any]  # (channel, payload)
@@ -419,12 +421,16 @@ def _plugin_range(
     return (0.0 if low is None else low), float(params[top]), note
 
 
-def _installed(experiment: str | Experiment) -> Experiment | None:
-    """The experiment itself: given, or registered here under that name (None if not)."""
+def _installed(experiment: str | Experiment, registry: Registry | None) -> Experiment | None:
+    """The experiment itself: given, or registered under that name in `registry` (None if
+    not); without a registry, in the process's default (a researcher's script: the built-ins
+    and the plug-ins installed where it runs)."""
     if not isinstance(experiment, str):
-        return experiments.wrap(experiment)  # a plug-in handed in as is: the whole API
+        return wrap(experiment)  # a plug-in handed in as is: the whole API
     try:
-        return experiments.get(experiment)
+        # The module-level default only here: the bots' library API for researchers' scripts
+        # (start_bots, fill_session, make_strategy by name), documented in docs/cli.md.
+        return (experiments.default() if registry is None else registry).get(experiment)
     except KeyError:
         return None
 
@@ -434,6 +440,8 @@ def make_strategy(
     name: str = "default",
     params: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    *,
+    registry: Registry | None = None,
 ) -> Strategy:
     """The strategy `name` for a session of `experiment` (its name, or the experiment itself)
     with these `params` (as the session holds them: validated, defaults filled in).
@@ -441,12 +449,13 @@ def make_strategy(
     `options` (all optional): `value` (fixed: the decision; zi: the buyers' value), `cost`
     (zi: the sellers' cost), `low` / `high` (random_walk: the range; zi: the lowest bid and
     the highest ask). Unset ones come from the experiment's declared decision, `params` and
-    the experiment's defaults."""
+    the experiment's defaults. A name is looked up in `registry` (the caller's: the CLI's, the
+    store's), else in the process's default registry."""
     params, options = dict(params or {}), dict(options or {})
-    found = _installed(experiment)
+    found = _installed(experiment, registry)
     experiment = experiment if isinstance(experiment, str) else experiment.name
     try:
-        decision = experiments.declared(found, params) if found is not None else None
+        decision = found.declared(params) if found is not None else None
     except Exception as exc:  # the experiment's hook; its params are the session's
         raise StrategyError(f"{experiment!r} failed to declare its decision: {exc!r}") from exc
     if name not in STRATEGIES:

@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from aio_pika.abc import AbstractChannel
 from fastapi import FastAPI
 
-from services.common import experiments
 from services.common.bus import (
     Bus,
     ConsumerHalted,
@@ -30,6 +29,7 @@ from services.common.bus import (
     shard_queue,
 )
 from services.common.directory import Directory
+from services.common.experiments import Registry
 from services.common.health import VitalTasks, health_router
 from services.common.serve import instance_name
 from services.decisions.handlers import DecisionsWorker
@@ -52,6 +52,9 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         on_reconnect=metrics.bus_reconnects.inc,
     )
     directory = Directory(settings.store_url, settings.internal_bearer())
+    # The experiments this worker runs: the built-ins now, the plug-ins at start (lifespan,
+    # once logging is set up: loading them logs what it found).
+    experiments = Registry.builtin()
     log_writer = LogWriter(
         bus,
         interval=settings.log_batch_seconds,
@@ -65,6 +68,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         log_writer,
         resync_window=settings.resync_window,
         liveness_timeout=settings.gateway_liveness_timeout,
+        experiments=experiments,
     )
     repository = DecisionsRepository(settings.mongo_url, settings.mongo_db)
     consumers: dict[int, tuple[asyncio.Task[None], asyncio.Event]] = {}
@@ -140,7 +144,7 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        experiments.load()  # logs which experiments this worker runs, and broken plug-ins
+        experiments.load_plugins()  # logs which experiments this worker runs, broken plug-ins
         await bus.connect()
         channel = await bus.channel(prefetch=settings.decisions_prefetch)
         channels.append(channel)
@@ -177,4 +181,5 @@ def create_app(settings: DecisionsSettings) -> FastAPI:
         )
     )
     app.state.worker = worker
+    app.state.experiments = experiments
     return app

@@ -102,7 +102,8 @@ class BotPlayer:
         if key not in self._strategies:
             config = state.config
             try:
-                self._strategies[key] = make_strategy(config.experiment, "default", state.params)
+                # The group's own experiment (the worker's registry's): no look-up by name.
+                self._strategies[key] = make_strategy(state.experiment, "default", state.params)
             except StrategyError as exc:
                 log.warning(
                     "bots cannot play %s (%s): its seats are held without moves",

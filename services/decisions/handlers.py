@@ -42,9 +42,9 @@ from typing import Any, Literal, TypeVar
 import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.common import experiments
 from services.common.bus import completed
 from services.common.directory import GroupConfig, NoFreeSeats, NotFound
+from services.common.experiments import Registry
 from services.common.group import UNKNOWN, BotAfter, Broadcast, Effect, GroupState, rebuild
 from services.common.lobby import LobbyConfig, LobbyEffect, LobbyState
 from services.common.lobby import rebuild as rebuild_lobby
@@ -123,7 +123,11 @@ class DecisionsWorker:
         resync_window: float = 5.0,
         liveness_timeout: float = 3.0,
         evict_after: float = 5.0,
+        experiments: Registry | None = None,
     ) -> None:
+        """`experiments`: the registry of the experiments its groups run (the service's, made
+        at its start; the built-ins alone when not given)."""
+        self._experiments = Registry.builtin() if experiments is None else experiments
         self._directory = directory
         self._metrics = metrics
         self.groups: dict[str, GroupState] = {}
@@ -477,7 +481,7 @@ class DecisionsWorker:
     def _rebuilt(
         self, config: GroupConfig, rows: list[dict[str, Any]], started: float
     ) -> GroupState:
-        state = rebuild(config, experiments.get(config.experiment), rows)
+        state = rebuild(config, self._experiments.get(config.experiment), rows)
         if rows:
             seconds = time.perf_counter() - started
             self._metrics.rebuilds.inc()

@@ -35,10 +35,10 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
-from services.common import experiments
 from services.common.bus import INPUTS, Batcher, Bus, shard_of
 from services.common.directory import Directory, NotFound
 from services.common.errors import CloseCode, ErrorCode, ProtocolError
+from services.common.experiments import Registry
 from services.common.logs import context
 from services.common.messages import (
     Channel,
@@ -77,7 +77,11 @@ class Participants:
         metrics: GatewayMetrics,
         *,
         gateway: str,
+        experiments: Registry | None = None,
     ) -> None:
+        """`experiments`: the gateway's registry, whose experiments' channels it accepts and
+        whose pages it serves (the built-ins alone when not given)."""
+        self.experiments = Registry.builtin() if experiments is None else experiments
         self._settings = settings
         self._bus = bus
         self._directory = directory
@@ -259,7 +263,7 @@ class Participants:
         # One bucket per participant, kept across reconnects (PROTOCOL v2); every frame takes
         # a token, valid or not, so a stream of bad frames floods no more than good ones.
         bucket = self._limits.bucket(connection.participant, time.monotonic())
-        channels = experiments.get(connection.info.experiment).channels
+        channels = self.experiments.get(connection.info.experiment).channels
         websocket = connection.websocket
         inbox: Inbox[InboundFrame | None] = Inbox(settings.inbox_bytes)
         publisher = asyncio.create_task(self._publish_loop(connection, inbox))
@@ -383,7 +387,9 @@ def participant_router(participants: Participants) -> APIRouter:
     async def websocket_endpoint(websocket: WebSocket, key: str) -> None:
         await participants.serve(websocket, key)
 
-    router.include_router(page_router(participants._directory, participants._seat_secret))
+    router.include_router(
+        page_router(participants._directory, participants._seat_secret, participants.experiments)
+    )
     router.include_router(join_router(participants._directory, participants._seat_secret))
 
     @router.get("/", response_class=PlainTextResponse, include_in_schema=False)

@@ -19,7 +19,6 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from services.common import experiments
 from services.common.bus import (
     HEARTBEAT_INTERVAL,
     LIVENESS,
@@ -32,6 +31,7 @@ from services.common.bus import (
 from services.common.csp import PAGES_POLICY, ContentSecurityPolicy
 from services.common.directory import Directory
 from services.common.errors import CloseCode
+from services.common.experiments import Registry
 from services.common.health import VitalTasks, health_router
 from services.common.messages import Envelope, MessageType
 from services.common.serve import instance_name
@@ -91,7 +91,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     hub = Hub(metrics)
     vital = VitalTasks()
     me = gateway_queue(instance)
-    participants = Participants(settings, bus, directory, hub, metrics, gateway=me)
+    # The experiments whose channels and pages it serves: the built-ins now, the plug-ins at
+    # start (lifespan, once logging is set up: loading them logs what it found).
+    experiments = Registry.builtin()
+    participants = Participants(
+        settings, bus, directory, hub, metrics, gateway=me, experiments=experiments
+    )
 
     async def resync(shards: list[int] | None, why: str | None = None) -> None:
         connections = [
@@ -148,7 +153,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        experiments.load()  # logs which experiments' channels and pages it serves
+        experiments.load_plugins()  # logs which experiments' channels and pages it serves
         await bus.connect()
         # Finite, with acks (Hub.consume): the broker sends at most this many messages ahead.
         channel = await bus.channel(prefetch=settings.gateway_prefetch)
@@ -186,4 +191,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     static_dir = Path(str(files("services.gateway").joinpath("static")))
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
     app.state.hub = hub
+    app.state.experiments = experiments
     return app

@@ -30,9 +30,8 @@ import orjson
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 
-from services.common import experiments
 from services.common.directory import Directory, GroupConfig, NotFound
-from services.common.experiments import BimatrixParams
+from services.common.experiments import BimatrixParams, Registry
 from services.common.lobby import LobbyConfig
 from services.common.messages import is_lobby
 from services.common.seats import well_formed
@@ -58,7 +57,7 @@ RETRY_PAGE = (
 )
 
 
-def plugin_page(experiment: str) -> Path | None:
+def plugin_page(experiments: Registry, experiment: str) -> Path | None:
     """The page module a plug-in ships (its `page` attribute), if it names an existing file."""
     try:
         found = experiments.get(experiment)
@@ -71,16 +70,16 @@ def plugin_page(experiment: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def module_url(experiment: Any) -> str:
+def module_url(experiments: Registry, experiment: Any) -> str:
     name = str(experiment)
     if name in PAGES:
         return f"/static/{PAGES[name]}"
-    if experiment is not None and plugin_page(name) is not None:
+    if experiment is not None and plugin_page(experiments, name) is not None:
         return f"/static/plugins/{quote(name, safe='')}.js"
     return f"/static/{GENERIC_PAGE}"
 
 
-def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
+def page_params(experiments: Registry, experiment: str, params: dict[str, Any]) -> dict[str, Any]:
     """The session's params with the experiment's defaults filled in, as the page shows them."""
     try:
         model = experiments.get(experiment).params_model.model_validate(params)
@@ -92,7 +91,9 @@ def page_params(experiment: str, params: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def declared_decision(experiment: str, params: dict[str, Any]) -> dict[str, Any] | None:
+def declared_decision(
+    experiments: Registry, experiment: str, params: dict[str, Any]
+) -> dict[str, Any] | None:
     """What the experiment declares a decision to be for these params (the generic page's
     control, docs/pages.md), as JSON; None when it declares none."""
     try:
@@ -100,10 +101,12 @@ def declared_decision(experiment: str, params: dict[str, Any]) -> dict[str, Any]
         hook_params = found.params_model.model_validate(params).model_dump(mode="json")
     except (KeyError, ValueError):
         return None
-    return experiments.declared_json(found, hook_params)
+    return found.declared_json(hook_params)
 
 
-async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dict[str, Any] | None:
+async def page_config(
+    directory: Directory, key: str, seat_secret: bytes, experiments: Registry
+) -> dict[str, Any] | None:
     """What the page of seat `key` needs to know before its WebSocket opens; None for a key
     that names no seat. Raises httpx.HTTPError when the store cannot be reached."""
     if not well_formed(key, seat_secret):
@@ -130,8 +133,8 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
             "period_length": group.period_length,
             "num_subperiods": group.num_subperiods,
             "on_disconnect": group.on_disconnect,
-            "params": page_params(group.experiment, group.params),
-            "decision": declared_decision(group.experiment, group.params),
+            "params": page_params(experiments, group.experiment, group.params),
+            "decision": declared_decision(experiments, group.experiment, group.params),
         }
     config: dict[str, Any] = {"participant": info.participant}
     config.update(
@@ -142,14 +145,14 @@ async def page_config(directory: Directory, key: str, seat_secret: bytes) -> dic
         period_length=group.period_length,
         num_subperiods=group.num_subperiods,
         on_disconnect=group.on_disconnect,
-        params=page_params(group.experiment, group.params),
-        decision=declared_decision(group.experiment, group.params),
+        params=page_params(experiments, group.experiment, group.params),
+        decision=declared_decision(experiments, group.experiment, group.params),
     )
     return config
 
 
-def render_page(shell: str, config: dict[str, Any]) -> str:
-    module = module_url(config.get("experiment"))
+def render_page(shell: str, config: dict[str, Any], experiments: Registry) -> str:
+    module = module_url(experiments, config.get("experiment"))
     # Inside <script>, "</" and "<!--" must not appear: escape "<" (and & > for good measure).
     data = (
         orjson.dumps(config)
@@ -163,14 +166,18 @@ def render_page(shell: str, config: dict[str, Any]) -> str:
     ).replace(MODULE_SLOT, f'<script type="module" src="{module}"></script>')
 
 
-def page_router(directory: Directory, seat_secret: bytes) -> APIRouter:
+def page_router(
+    directory: Directory, seat_secret: bytes, experiments: Registry | None = None
+) -> APIRouter:
+    """The pages; `experiments`: the gateway's registry (the built-ins alone when not given)."""
+    registry = Registry.builtin() if experiments is None else experiments
     router = APIRouter()
     shell = files("services.gateway").joinpath("static", "participant.html").read_text()
 
     @router.get("/p/{key}", response_class=HTMLResponse, include_in_schema=False)
     async def participant_page(key: str) -> HTMLResponse:
         try:
-            config = await page_config(directory, key, seat_secret)
+            config = await page_config(directory, key, seat_secret, registry)
         except httpx.HTTPError as exc:
             # The exception's text may hold the look-up's URL, and so the key: its type only.
             log.warning("participant page: store unreachable (%s)", type(exc).__name__)
@@ -178,15 +185,16 @@ def page_router(directory: Directory, seat_secret: bytes) -> APIRouter:
         headers = {"Cache-Control": "no-store"}
         if config is None:  # no seat data at all: the page says the link is not valid
             unknown = {"participant": None, "experiment": None}
-            return HTMLResponse(render_page(shell, unknown), status_code=404, headers=headers)
-        return HTMLResponse(render_page(shell, config), headers=headers)
+            page = render_page(shell, unknown, registry)
+            return HTMLResponse(page, status_code=404, headers=headers)
+        return HTMLResponse(render_page(shell, config, registry), headers=headers)
 
-    add_view_route(router, directory, seat_secret)  # POST /p/{key}/view: the live values
+    add_view_route(router, directory, seat_secret, registry)  # POST /p/{key}/view: live values
 
     # Matched before the app's /static mount, which is added after this router.
     @router.get("/static/plugins/{experiment}.js", include_in_schema=False, response_model=None)
     async def plugin_module(experiment: str) -> FileResponse | PlainTextResponse:
-        path = plugin_page(experiment)
+        path = plugin_page(registry, experiment)
         if path is None:
             return PlainTextResponse("no page for this experiment\n", status_code=404)
         return FileResponse(path, media_type="text/javascript")

@@ -25,8 +25,8 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from services.common import experiments
 from services.common.directory import Directory, GroupConfig, NotFound
+from services.common.experiments import Experiment, Registry
 from services.common.messages import is_lobby
 from services.common.seats import well_formed
 
@@ -60,27 +60,28 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def hook_params(group: GroupConfig) -> dict[str, Any]:
+def hook_params(experiment: Experiment, group: GroupConfig) -> dict[str, Any]:
     """The group's params as every hook gets them (validated, defaults filled in)."""
-    experiment = experiments.get(group.experiment)
     dumped: dict[str, Any] = experiment.params_model.model_validate(group.params).model_dump(
         mode="json"
     )
     return dumped
 
 
-def view_of(group: GroupConfig, params: dict[str, Any], sent: Any) -> tuple[int, dict[str, Any]]:
-    """(status, body) for the decisions `sent` in this group: see the module's docstring."""
+def view_of(
+    experiment: Experiment, group: GroupConfig, params: dict[str, Any], sent: Any
+) -> tuple[int, dict[str, Any]]:
+    """(status, body) for the decisions `sent` in this group of `experiment`: see the module's
+    docstring."""
     if not isinstance(sent, dict) or not isinstance(sent.get("decisions"), dict):
         return 422, {"error": {"code": "invalid_request", "message": "{decisions: {code: …}}"}}
-    experiment = experiments.get(group.experiment)
     roles = {code: i for i, code in enumerate(group.members, start=1)}
     decisions = {code: sent["decisions"].get(code) for code in group.members}
     for code, value in decisions.items():
         if value is None:
             continue  # before a member's first decision, as the group has it
         try:
-            problem = experiments.check_input(experiment, value, params)
+            problem = experiment.validate(value, params)
         except Exception:
             problem = "the experiment failed on it"
         if problem is not None:
@@ -95,15 +96,18 @@ def view_of(group: GroupConfig, params: dict[str, Any], sent: Any) -> tuple[int,
         log.debug("view: payoffs failed in %s: %r", group.group, exc)
         payoffs = {}
     try:
-        shown = experiments.shown_values(experiment, decisions, roles, params)
+        shown = experiment.shown(decisions, roles, params)
     except Exception as exc:
         log.debug("view: shown failed in %s: %r", group.group, exc)
         shown = {}
     return 200, {"payoffs": payoffs, "shown": shown}
 
 
-def add_view_route(router: APIRouter, directory: Directory, seat_secret: bytes) -> None:
-    """Add `POST /p/{key}/view` to the pages' router."""
+def add_view_route(
+    router: APIRouter, directory: Directory, seat_secret: bytes, experiments: Registry
+) -> None:
+    """Add `POST /p/{key}/view` to the pages' router (the groups' experiments from
+    `experiments`, the gateway's)."""
     buckets = Buckets()
     params_of: OrderedDict[str, dict[str, Any]] = OrderedDict()  # group → hook params
 
@@ -129,11 +133,12 @@ def add_view_route(router: APIRouter, directory: Directory, seat_secret: bytes) 
             sent = orjson.loads(body)
         except orjson.JSONDecodeError:
             return _error(422, "invalid_request", "not JSON")
+        experiment = experiments.get(group.experiment)
         params = params_of.pop(group.group, None)
         if params is None:
-            params = hook_params(group)
+            params = hook_params(experiment, group)
         params_of[group.group] = params
         while len(params_of) > KEYS_REMEMBERED:
             params_of.popitem(last=False)
-        status, answer = view_of(group, params, sent)
+        status, answer = view_of(experiment, group, params, sent)
         return JSONResponse(answer, status_code=status)

@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common import experiments, outcomes
+from services.common import outcomes
 from services.common.errors import ApiCode, ApiError
+from services.common.experiments import Registry
 from services.store.deadletters import DeadLetterKeeper, NotRedrivable
 from services.store.domain import (
     EXPORT_COLUMNS,
@@ -401,14 +402,13 @@ def _total(payoffs: Iterable[Any]) -> float | None:
 PROBED_GROUP_SIZES = range(1, 9)
 
 
-def experiment_info(name: str, registry: experiments.Registry | None = None) -> dict[str, Any]:
+def experiment_info(name: str, registry: Registry) -> dict[str, Any]:
     """What the console's form needs to know of one experiment (`GET /api/experiments`).
 
     `description`: the experiment's `description` attribute when it has one (a string), else
     its class docstring (docs/experiments.md); the console shows its first paragraph.
     `decision`: what it declares a decision to be, for its default params (null when it
     declares none, or its params have no defaults)."""
-    registry = registry or experiments.default()
     experiment = registry.get(name)
     model = experiment.params_model
     doc = experiment.description
@@ -447,10 +447,12 @@ def api_router(
     seat_secret: bytes,
     *,
     max_sessions_per_minute: int,
-    registry: experiments.Registry | None = None,
+    registry: Registry | None = None,
 ) -> APIRouter:
-    """The researchers' API; `registry`: the experiments it serves, when not the process's
-    (`experiments.default()`, made and logged at the store's start)."""
+    """The researchers' API; `registry`: the experiments it serves (the store's, made at its
+    start; the built-ins alone when none is given)."""
+    registry = Registry.builtin() if registry is None else registry
+    sessions = CreateSession.of(registry)  # the body of POST /api/sessions
     router = APIRouter(
         prefix="/api",
         dependencies=[bearer_auth(token)],
@@ -465,7 +467,6 @@ def api_router(
             raise ApiError(404, ApiCode.NOT_FOUND, f"no session {session_id[:100]!r}")
         return session
 
-    @router.post("/sessions", status_code=201, responses=_documented(429))
     async def create_session(request: CreateSession) -> dict[str, Any]:
         wait = creations.take()
         if wait is not None:
@@ -497,18 +498,22 @@ def api_router(
             ],
         }
 
+    # The body is validated by this store's model (its registry's experiments): an annotation
+    # of the class itself, not a name that FastAPI would look up in this module.
+    create_session.__annotations__["request"] = sessions
+    router.post("/sessions", status_code=201, responses=_documented(429))(create_session)
+
     @router.get("/experiments")
     async def list_experiments() -> dict[str, Any]:
         """Every registered experiment (plug-ins included) with its params' JSON schema, the
         JSON schema of a session's settings (the body of `POST /api/sessions`), and the
         plug-ins that failed to load here, with their errors (`failures`)."""
-        served = registry or experiments.default()
         return {
-            "experiments": [experiment_info(name, served) for name in served.names()],
-            "session_schema": CreateSession.model_json_schema(),
+            "experiments": [experiment_info(name, registry) for name in registry.names()],
+            "session_schema": sessions.model_json_schema(),
             "failures": [
                 {"plugin": spec, "error": error}
-                for spec, error in sorted(served.failures().items())
+                for spec, error in sorted(registry.failures().items())
             ],
         }
 
@@ -528,7 +533,7 @@ def api_router(
     @router.get("/sessions/{session_id}/replay", responses=_documented(404))
     async def session_replay(session_id: str) -> dict[str, Any]:
         """Every group's ended periods, rebuilt from the event log (PROTOCOL v1.1)."""
-        return await replay_session(repository, await load(session_id))
+        return await replay_session(repository, await load(session_id), registry)
 
     @router.get("/sessions/{session_id}", responses=_documented(404))
     async def session_detail(session_id: str) -> dict[str, Any]:

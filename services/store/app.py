@@ -12,9 +12,9 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 
-from services.common import experiments
 from services.common.bus import STORE_QUEUE, Bus, Topology, dead_letter_queue, running
 from services.common.csp import CONSOLE_POLICY, ContentSecurityPolicy
+from services.common.experiments import Registry
 from services.common.health import VitalTasks, health_router
 from services.common.seats import new_key
 from services.common.serve import instance_name
@@ -52,7 +52,10 @@ def create_app(settings: StoreSettings) -> FastAPI:
         name=f"store {instance_name(settings)}",
         on_reconnect=metrics.bus_reconnects.inc,
     )
-    hub = LiveHub(bus, repository, instance=instance_name(settings))
+    # The experiments this store serves: the built-ins now, the plug-ins at start (lifespan,
+    # once logging is set up: loading them logs what it found).
+    experiments = Registry.builtin()
+    hub = LiveHub(bus, repository, instance=instance_name(settings), experiments=experiments)
     dead_letters = DeadLetterKeeper(
         repository.quarantine.database[COLLECTION], bus, metrics.registry
     )
@@ -68,7 +71,7 @@ def create_app(settings: StoreSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        experiments.load()  # logs which experiments this store serves, and broken plug-ins
+        experiments.load_plugins()  # logs which experiments this store serves, broken plug-ins
         await repository.setup()
         keyed = await repository.give_seats_keys(lambda: new_key(seat_secret))
         if keyed:
@@ -123,10 +126,11 @@ def create_app(settings: StoreSettings) -> FastAPI:
             token,
             seat_secret,
             max_sessions_per_minute=settings.max_sessions_per_minute,
+            registry=experiments,
         )
     )
     app.include_router(tickets_router(token))
-    app.include_router(bots_router(repository, fleets, token))
+    app.include_router(bots_router(repository, fleets, token, experiments))
     app.include_router(live_router(hub, repository, token))
     app.include_router(internal_router(repository, internal))
     app.include_router(recovery_router(repository, internal))
@@ -141,4 +145,5 @@ def create_app(settings: StoreSettings) -> FastAPI:
 
     app.state.writer = writer
     app.state.hub = hub
+    app.state.experiments = experiments
     return app

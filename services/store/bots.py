@@ -26,6 +26,7 @@ from pydantic.config import JsonDict
 from services.bots.runner import BotFleet, open_slots, start_bots
 from services.bots.strategies import STRATEGIES, StrategyError
 from services.common.errors import ApiCode, ApiError
+from services.common.experiments import Registry
 from services.store.api import _documented as documented
 from services.store.api import bearer_auth, session_summary, token_first_route
 from services.store.domain import WholeNumber
@@ -108,7 +109,12 @@ class Fleets:
             await self.stop(session)
 
 
-def bots_router(repository: Repository, fleets: Fleets, token: str) -> APIRouter:
+def bots_router(
+    repository: Repository, fleets: Fleets, token: str, experiments: Registry | None = None
+) -> APIRouter:
+    """`experiments`: the store's registry, where the bots find a session's experiment (the
+    built-ins alone when not given)."""
+    registry = Registry.builtin() if experiments is None else experiments
     router = APIRouter(
         prefix="/api",
         dependencies=[bearer_auth(token)],
@@ -149,6 +155,7 @@ def bots_router(repository: Repository, fleets: Fleets, token: str) -> APIRouter
                 rate=request.rate,
                 num_periods=int(session["num_periods"]),
                 seed=request.seed,
+                registry=registry,
             )
         except StrategyError as exc:  # the documented 422, with `field`: "strategy"
             error = {"loc": ("body", "strategy"), "msg": str(exc), "type": "value_error"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, cast
 
 import orjson
 from pydantic import (
@@ -21,8 +21,8 @@ from pydantic import (
 from pydantic.config import JsonDict
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from services.common import experiments
 from services.common.directory import GroupConfig
+from services.common.experiments import Registry
 from services.common.lobby import LobbyConfig
 from services.common.messages import LogRecord
 from services.common.outcomes import Completion, Outcome, Payment
@@ -72,14 +72,21 @@ def _whole_number(value: Any) -> Any:
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 
 
-def _experiment_names(schema: JsonDict) -> None:
-    """The schema of `experiment` lists the registered experiments (for API clients and
-    generated tests); the model validator is what refuses another one."""
-    schema["enum"] = [name for name in experiments.names()]
+def _experiment_names(schema: JsonDict, model: type[BaseModel]) -> None:
+    """The schema of `experiment` lists the experiments a session may be of, the model's
+    registry's (for API clients and generated tests); the model validator is what refuses
+    another one."""
+    properties = cast(dict[str, JsonDict], schema.get("properties", {}))
+    if "experiment" in properties:
+        registry = cast("type[CreateSession]", model).experiments
+        properties["experiment"]["enum"] = list(registry.names())
 
 
 class CreateSession(BaseModel):
     """Body of `POST /api/sessions` (PROTOCOL.md).
+
+    The experiments it knows are its `experiments` registry's: the built-ins alone on this
+    class, the store's (built-ins and plug-ins, made at its start) on `CreateSession.of(it)`.
 
     Strict: a number where a number belongs (`"8"`, `true` or `8.5` for an integer → 422; `8.0`
     is 8), no NaN / Infinity (the HTTP layer's JSON parser accepts them; JSON has none), no
@@ -90,9 +97,12 @@ class CreateSession(BaseModel):
     1,000 members.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=_experiment_names
+    )
+    experiments: ClassVar[Registry] = Registry.builtin()
 
-    experiment: str = Field(json_schema_extra=_experiment_names)
+    experiment: str
     num_participants: WholeNumber = Field(ge=1, le=10_000)
     group_size: WholeNumber = Field(ge=1, le=1_000)
     num_periods: WholeNumber = Field(default=1, ge=1, le=1_000)
@@ -120,9 +130,18 @@ class CreateSession(BaseModel):
     # `on_disconnect: bots`: how long a member is away before a bot plays for them.
     dropout_grace: float = Field(default=15.0, gt=0, le=3_600)
 
+    @classmethod
+    def of(cls, registry: Registry) -> type[CreateSession]:
+        """This model for the sessions of `registry`'s experiments (the store's): the body of
+        its `POST /api/sessions`. The registry may gain plug-ins later (at the store's start):
+        the model asks it at each validation."""
+        namespace = {"experiments": registry, "__doc__": cls.__doc__, "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), namespace)
+
     @model_validator(mode="after")
     def _check(self) -> CreateSession:
-        if self.experiment not in experiments.names():
+        experiments = self.experiments
+        if self.experiment not in experiments:
             failed = experiments.failures()
             # A plug-in that failed to load is left out of the registry; say so here, where
             # a researcher meets it, not only in the services' logs.
@@ -180,7 +199,8 @@ class CreateSession(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         name = info.data.get("experiment")
-        if name in experiments.names():
+        experiments = cls.experiments
+        if isinstance(name, str) and name in experiments:
             # The experiment's own params model: a ValidationError raised here is reported at
             # params.<its field> (e.g. params.payoff_matrix.0.1). Kept as it dumps them: what
             # the hooks get, with the defaults filled in.

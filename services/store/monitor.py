@@ -70,10 +70,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from services.common import experiments
 from services.common.barrier import wait_for_barrier
 from services.common.bus import LOG, LOG_KEY, Bus, declare_monitor_queue
 from services.common.errors import ApiCode, ApiError
+from services.common.experiments import Registry
 from services.common.group import GroupState
 from services.common.lobby import GROUP_FORMED, LOBBY_JOIN, LOBBY_LEAVE
 from services.store.api import _documented as documented
@@ -197,8 +197,10 @@ def group_view(state: GroupState, now: float) -> dict[str, Any]:
 class LiveSession:
     """One watched session: its groups' states, its consoles, its recent event counts."""
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, experiments: Registry | None = None) -> None:
         self.id = session_id
+        # The experiments its groups are of: the store's (the built-ins alone when not given).
+        self.experiments = Registry.builtin() if experiments is None else experiments
         self.watchers: set[asyncio.Queue[ServerSentEvent]] = set()
         self.groups: dict[str, GroupState] = {}
         # Arrival grouping: the rows of a group whose members the view does not know yet.
@@ -254,7 +256,7 @@ class LiveSession:
         if state is None or state.config.members:
             return False  # not this session's, or known already (the snapshot read it)
         config = state.config.model_copy(update={"members": [str(m) for m in value["members"]]})
-        formed = GroupState(config, experiments.get(config.experiment))
+        formed = GroupState(config, self.experiments.get(config.experiment))
         for record in self.unformed.pop(config.group, []):
             try:
                 formed.fold(record)
@@ -353,8 +355,17 @@ def _push(live: LiveSession, event: ServerSentEvent) -> None:
 class LiveHub:
     """The live views of the sessions consoles watch, and the log stream that feeds them."""
 
-    def __init__(self, bus: Bus, repository: Repository, *, instance: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        repository: Repository,
+        *,
+        instance: str,
+        experiments: Registry | None = None,
+    ) -> None:
+        """`experiments`: the store's registry (the built-ins alone when not given)."""
         self._bus = bus
+        self._experiments = Registry.builtin() if experiments is None else experiments
         self._repository = repository
         self._instance = instance
         self._sessions: dict[str, LiveSession] = {}
@@ -383,7 +394,7 @@ class LiveHub:
             await self._start()
             live = self._sessions.get(session_id)
             if live is None:
-                live = self._sessions[session_id] = LiveSession(session_id)
+                live = self._sessions[session_id] = LiveSession(session_id, self._experiments)
                 live.loading = asyncio.create_task(self._load(live))
             live.watchers.add(queue)
             if live.ready:
@@ -514,7 +525,7 @@ class LiveHub:
             recent = time.time() - DEDUPE_SECONDS
             for group_id in document["groups"]:
                 config = group_config(document, groups[group_id])
-                state = GroupState(config, experiments.get(config.experiment))
+                state = GroupState(config, live.experiments.get(config.experiment))
                 async for row in self._repository.group_events(group_id):
                     state.fold({**row, "value": orjson.loads(row["value"])})
                     if row["ts"] >= recent:

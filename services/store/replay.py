@@ -13,14 +13,17 @@ from typing import Any
 
 import orjson
 
-from services.common import experiments
+from services.common.experiments import Registry
 from services.common.group import rebuild
 from services.store.domain import group_config
 from services.store.repository import Repository
 
 
-async def replay_session(repository: Repository, session: dict[str, Any]) -> dict[str, Any]:
-    """`{"groups": [{"group", "periods": [...]}]}` for one session's document."""
+async def replay_session(
+    repository: Repository, session: dict[str, Any], experiments: Registry
+) -> dict[str, Any]:
+    """`{"groups": [{"group", "periods": [...]}]}` for one session's document, its experiment
+    from `experiments` (the store's)."""
     groups = {g["_id"]: g for g in await repository.session_groups(session["_id"])}
     result = []
     for group_id in session["groups"]:

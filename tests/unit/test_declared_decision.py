@@ -118,8 +118,9 @@ def test_the_built_ins_declare_their_decisions_on_the_same_surface() -> None:
     assert [s.name for s in goods.shows] == ["total", "kept"]
     assert experiments.declared(experiments.get("double_auction"), {}) is None  # its channels
     # `GET /api/experiments` gives each one's, for its default params.
-    assert experiment_info("public_goods")["decision"]["input"]["max"] == 20.0
-    assert experiment_info("double_auction")["decision"] is None
+    builtin = experiments.Registry.builtin()
+    assert experiment_info("public_goods", builtin)["decision"]["input"]["max"] == 20.0
+    assert experiment_info("double_auction", builtin)["decision"] is None
 
 
 def test_public_goods_shows_the_total_and_what_each_keeps() -> None:
@@ -248,10 +249,11 @@ def test_a_plug_in_may_leave_out_validate_only_when_it_declares_its_decision(
 
 
 def test_the_page_config_carries_the_declaration() -> None:
-    decision = declared_decision("public_goods", {"endowment": 30.0, "mpcr": 0.4})
+    builtin = experiments.Registry.builtin()
+    decision = declared_decision(builtin, "public_goods", {"endowment": 30.0, "mpcr": 0.4})
     assert decision is not None and decision["input"]["max"] == 30.0
-    assert declared_decision("double_auction", {}) is None
-    assert declared_decision("no_such_experiment", {}) is None
+    assert declared_decision(builtin, "double_auction", {}) is None
+    assert declared_decision(builtin, "no_such_experiment", {}) is None
 
 
 def cournot_group() -> GroupConfig:
@@ -268,17 +270,14 @@ def cournot_group() -> GroupConfig:
     )
 
 
-def test_the_view_is_what_the_experiments_hooks_make_of_the_decisions(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    game = cournot()
-    monkeypatch.setattr(experiments, "_default", experiments.default().extended(game))
-    status, body = view_of(cournot_group(), COURNOT, {"decisions": {"a": 12, "b": 20}})
+def test_the_view_is_what_the_experiments_hooks_make_of_the_decisions() -> None:
+    game = experiments.wrap(cournot())
+    status, body = view_of(game, cournot_group(), COURNOT, {"decisions": {"a": 12, "b": 20}})
     assert status == 200
     assert body == {"payoffs": {"a": 264.0, "b": 440.0}, "shown": {"price": 28.0, "total": 32.0}}
-    status, body = view_of(cournot_group(), COURNOT, {"decisions": {"a": 70, "b": 20}})
+    status, body = view_of(game, cournot_group(), COURNOT, {"decisions": {"a": 70, "b": 20}})
     assert status == 422 and body["error"]["code"] == "invalid_decision"
-    assert view_of(cournot_group(), COURNOT, {"nope": 1})[0] == 422
+    assert view_of(game, cournot_group(), COURNOT, {"nope": 1})[0] == 422
 
 
 def test_each_key_asks_for_views_at_a_bounded_rate() -> None:
@@ -303,10 +302,8 @@ class Seats:
         return self.groups[group]
 
 
-async def test_the_view_route_answers_a_seat_of_a_group_and_refuses_the_rest(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(experiments, "_default", experiments.default().extended(cournot()))
+async def test_the_view_route_answers_a_seat_of_a_group_and_refuses_the_rest() -> None:
+    registry = experiments.Registry.builtin().extended(cournot())  # the gateway's
     secret = b"s" * 32
     key, lobby_key, stranger = new_key(secret), new_key(secret), new_key(secret)
     info = ParticipantInfo(
@@ -315,7 +312,7 @@ async def test_the_view_route_answers_a_seat_of_a_group_and_refuses_the_rest(
     waiting = info.model_copy(update={"group": lobby_group("s"), "id_in_group": 0})
     directory = Seats({key: info, lobby_key: waiting}, {"g1": cournot_group()})
     app = FastAPI()
-    app.include_router(page_router(directory, secret))  # type: ignore[arg-type]
+    app.include_router(page_router(directory, secret, registry))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
         ok = await http.post(f"/p/{key}/view", json={"decisions": {"a": 12, "b": 20}})

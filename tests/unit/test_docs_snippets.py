@@ -122,22 +122,24 @@ def test_the_walk_through_commands_are_the_clis() -> None:
 PROBE = """
 import json
 from pydantic import ValidationError
-from services.common import experiments
+from services.common.experiments import Registry
 from services.store.domain import CreateSession
 
+registry = Registry.standard()  # as a store makes it: the built-ins, then the plug-ins
+sessions = CreateSession.of(registry)
 body = {"experiment": "min_effort", "num_participants": 4, "group_size": 2,
         "period_length": 60}
-created = CreateSession.model_validate(body | {"params": {"max_effort": 5}})
+created = sessions.model_validate(body | {"params": {"max_effort": 5}})
 refused = []
 for params, size in (({"max_effort": 1}, 2), ({}, 1), ({"max_effrot": 5}, 2)):
     try:
-        CreateSession.model_validate(body | {"params": params, "num_participants": size,
-                                             "group_size": size})
+        sessions.model_validate(body | {"params": params, "num_participants": size,
+                                        "group_size": size})
     except ValidationError as exc:
         refused.append([".".join(map(str, e["loc"])) for e in exc.errors()])
-game = experiments.get("min_effort")
+game = registry.get("min_effort")
 print(json.dumps({
-    "source": experiments.source("min_effort"),
+    "source": registry.source("min_effort"),
     "params": created.params,
     "refused": refused,
     "payoffs": game.payoffs({"a": 3, "b": 5}, {"a": 1, "b": 2}, created.params),

@@ -27,7 +27,7 @@ from services.common.decision import Decision, Number, Shown
 from services.common.directory import GroupConfig
 from services.common.experiments import Base, Outcome, PluginError, Registry, wrap
 from services.common.group import Broadcast, GroupState
-from services.store.api import api_router
+from services.store.api import api_router, install_error_handlers
 from services.store.metrics import StoreMetrics
 from tests.conftest import PLUGINS_SITE
 
@@ -403,11 +403,38 @@ def test_no_service_asks_whether_an_experiment_has_a_hook() -> None:
     assert asked == []
 
 
+def test_no_service_module_reaches_a_registry_of_the_process() -> None:
+    """Each composition root makes its service's registry and hands it down: no module of
+    services/ imports the module-level default (`experiments.get`, `names`, `default`, …),
+    but the bots' library API for scripts (services/bots/strategies.py: `make_strategy` by
+    name without a registry). A name `experiments` elsewhere is a registry handed in."""
+    default = re.compile(
+        r"from services\.common import (\w+, )*experiments\b|import services\.common\."
+        r"experiments\b|from services\.common\.experiments import [^\n]*\b(get|names|source|"
+        r"failures|default|install|load|declared|declared_json|check_input|shown_values)\b"
+    )
+    reached = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        if path.parent.name == "experiments":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if default.search(line):
+                reached.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert [r.split(":")[0] for r in reached] == ["services/bots/strategies.py"], reached
+
+
 async def test_the_store_api_serves_the_registry_it_is_handed() -> None:
     registry = Registry.builtin().extended(TypedGame())
     app = FastAPI()
+    install_error_handlers(app)  # the API's 422: {"error": {"code", "message", "field"}}
+    created: list[dict[str, Any]] = []
+
+    class Sessions:
+        async def create_session(self, layout: dict[str, Any]) -> None:
+            created.append(layout)
+
     router = api_router(
-        cast(Any, None),  # GET /api/experiments reads no session
+        cast(Any, Sessions()),  # what POST /api/sessions writes; GET /api/experiments reads none
         StoreMetrics(),
         "http://gateway.test",
         "t" * 32,
@@ -427,3 +454,23 @@ async def test_the_store_api_serves_the_registry_it_is_handed() -> None:
     assert typed["source"] == f"module {__name__}"
     assert typed["decision"]["input"]["max"] == 10.0  # its hook got the default model
     assert typed["min_group_size"] == 1 and answer.json()["failures"] == []
+    schema = answer.json()["session_schema"]
+    assert schema["properties"]["experiment"]["enum"] == registry.names()
+    # A session of it is one this store makes (its params checked by its model), and the
+    # refusal of an unknown one names it among the known.
+    body = {"experiment": "typed_game", "num_participants": 2, "group_size": 2}
+    async with httpx.AsyncClient(transport=transport, base_url="http://store.test") as http:
+        auth = {"Authorization": "Bearer " + "t" * 32}
+        made = await http.post("/api/sessions", json=body | {"period_length": 5}, headers=auth)
+        bad = await http.post(
+            "/api/sessions",
+            json=body | {"period_length": 5, "params": {"top": -1}},
+            headers=auth,
+        )
+        unknown = await http.post(
+            "/api/sessions", json=body | {"experiment": "nope", "period_length": 5}, headers=auth
+        )
+    assert made.status_code == 201, made.text
+    assert created[0]["session"]["params"] == {"top": 10.0, "bonus": 1.0}
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "params.top"
+    assert unknown.status_code == 422 and "typed_game" in unknown.json()["error"]["message"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
+from services.common.experiments import Registry
 from services.gateway.pages import render_page
 from tests.unit.fake_socket import FAKE_WEBSOCKET
 
@@ -44,7 +45,7 @@ def html() -> str:
         "on_disconnect": "continue",
         "params": {},
     }
-    return render_page(shell, config)
+    return render_page(shell, config, Registry.builtin())
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from services.common.decision import Choice, Compound, Decision, Mix, Number, Option, Shown
+from services.common.experiments import Registry
 from services.gateway.pages import render_page
 from tests.unit.fake_socket import FAKE_WEBSOCKET as BASE_FAKE_WEBSOCKET
 
@@ -81,7 +82,7 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
             "params": {},
             "decision": None if decision is None else decision.model_dump(mode="json"),
         }
-        body = render_page((STATIC / "participant.html").read_text(), config)
+        body = render_page((STATIC / "participant.html").read_text(), config, Registry.builtin())
         asked: list[Any] = []
 
         async def serve(route: Route) -> None:

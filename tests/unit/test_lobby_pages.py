@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
+from services.common.experiments import Registry
 from services.gateway.pages import render_page
 from tests.unit.fake_socket import FAKE_WEBSOCKET
 
@@ -79,7 +80,7 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
         page = await context.new_page()
         page.on("pageerror", lambda e: errors.append(f"{experiment}: {e}"))
         shell = (STATIC / "participant.html").read_text()
-        body = render_page(shell, lobby_config(experiment))
+        body = render_page(shell, lobby_config(experiment), Registry.builtin())
 
         async def serve(route: Route) -> None:
             path = route.request.url.removeprefix(ORIGIN).split("?")[0]

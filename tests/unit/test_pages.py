@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from services.common.directory import GroupConfig, NotFound, ParticipantInfo
+from services.common.experiments import Registry
 from services.common.seats import new_key
 from services.gateway.pages import declared_decision, page_router
 
@@ -109,7 +110,7 @@ async def test_each_experiment_gets_its_page_and_params_with_defaults(
     found_module, config = embedded(response.text)
     assert found_module == module
     # What the experiment declares a decision to be (the generic page's control; issue 21).
-    assert config.pop("decision") == declared_decision(experiment, params)
+    assert config.pop("decision") == declared_decision(Registry.builtin(), experiment, params)
     assert config == {
         "participant": CODE,
         "experiment": experiment,

@@ -16,11 +16,19 @@ functions); it may declare what a decision is (`decision`): the generic page, th
 check of inputs of an experiment without `validate` are built from it. docs/experiments.md is
 the contract, written out.
 
-A registry is an object (`Registry`), made by whoever needs one and handed to what takes one
-(the store's API router, tests); nothing is registered at import. Each service makes its
-process's registry at start (`load()` in its lifespan, so the log says what it serves); the
-functions below are the thin module-level default for the code that is not handed one (the
-CLI, the bots, the handlers): `default()` is made on first use unless `install()` set it.
+A registry is an object (`Registry`), made by whoever needs one and handed to what takes one;
+nothing is registered at import. Each service's composition root (its `create_app`) makes
+one, with the built-ins, and loads the plug-ins into it in its lifespan (once logging is set
+up, so the log says what it serves), and hands it to what needs it: decisions' worker, the
+gateway's participants and pages, the store's API, live monitor, replay and bots; `canopy
+bots` makes its own. No service module reaches a registry of the process.
+
+The functions below are the module-level default for what is not handed one: the bots'
+library API called from researchers' scripts without a registry (`start_bots`,
+`fill_session`, `make_strategy` by name: docs/cli.md), a module named alone in
+CANOPY_EXPERIMENT_MODULES that calls `register()` while it loads (docs/experiments.md), and
+tests. `default()` is made (built-ins and plug-ins, logged) on first use unless `install()`
+set it.
 """
 
 from __future__ import annotations
