@@ -10,12 +10,22 @@ nx-27017 itself then loses all of them, sessions and events that were acknowledg
 Real MongoDB aborts such a transaction by itself (transactionLifetimeLimitSeconds) and isolates
 other clients' writes from it meanwhile.
 
-This wrapper runs nx-27017's own `main` with one addition: the connection that started a
-transaction is remembered, and when that connection closes with the transaction still open,
-the transaction is rolled back at once. A client that dies kills its sockets with it, so the
-rollback comes within milliseconds, before anyone else writes into it. PyMongo runs each
-transaction's operations on one pooled connection that it keeps open, so a live client's
-transaction is never touched. `make run` and the tests start nx-27017 through this module.
+This wrapper runs nx-27017's own `main` with two additions:
+- the connection that started a transaction is remembered, and when that connection closes
+  with the transaction still open, the transaction is rolled back at once. A client that dies
+  kills its sockets with it, so the rollback comes within milliseconds. PyMongo runs each
+  transaction's operations on one pooled connection that it keeps open, so a live client's
+  transaction is never touched;
+- a transaction does not start while another session's is open: its first operation gets a
+  WriteConflict labelled TransientTransactionError (what MongoDB answers a transaction that
+  collides with another), and the client retries. Nested, it would be a SAVEPOINT inside the
+  other one, committed or rolled back with it. That lost acknowledged events (issue 23, the
+  database away for 5 minutes): the store's write of a batch timed out while the server was
+  slow, the store closed that connection and wrote the batch again in a new transaction,
+  which ran inside the first one, found every event "already logged" (the first one's
+  uncommitted inserts) and was acknowledged; then the server saw the first connection closed
+  and rolled back both.
+`make run` and the tests start nx-27017 through this module.
 """
 
 from __future__ import annotations
@@ -38,22 +48,48 @@ def _command_of(msg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+# MongoDB's answer to a transaction that collides with another: retry the whole transaction.
+WRITE_CONFLICT: dict[str, Any] = {
+    "ok": 0,
+    "errmsg": "another transaction is open (nx-27017 would nest this one in it): retry",
+    "code": 112,
+    "codeName": "WriteConflict",
+    "errorLabels": ["TransientTransactionError"],
+}
+
+
+def _another_open(handler: Any, session_id: str) -> bool:
+    """Whether a session other than `session_id` has a transaction open."""
+    with handler._sessions_lock:
+        return any(
+            sid != session_id and session.in_transaction
+            for (sid, _scope), session in handler._sessions.items()
+        )
+
+
 def patch(cls: Any = nx_handler.NeoSQLiteHandler) -> None:
     """Teach the handler to roll back the open transactions of a connection that closed."""
     if getattr(cls, "_canopy_patched", False):
         return
     lock = threading.Lock()
+    starting = threading.Lock()  # a transaction's check for others and its start, as one
     started_on: dict[str, Any] = {}  # session id → the connection its transaction started on
 
     def remembering(original: Any) -> Any:
         def handle(self: Any, msg: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             command = _command_of(msg)
+            session_id = None
             if command.get("startTransaction") and command.get("lsid"):
                 session_id = _extract_session_id(command["lsid"])
-                if session_id:
-                    with lock:
-                        started_on[session_id] = msg.get("_conn_id")
-            return original(self, msg, *args, **kwargs)
+            if not session_id:
+                return original(self, msg, *args, **kwargs)
+            # Checked and started under one lock: two transactions cannot both see none open.
+            with starting:
+                if _another_open(self, session_id):
+                    return msg["request_id"], WRITE_CONFLICT
+                with lock:
+                    started_on[session_id] = msg.get("_conn_id")
+                return original(self, msg, *args, **kwargs)
 
         return handle
 

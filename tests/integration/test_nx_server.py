@@ -93,3 +93,74 @@ def test_a_killed_clients_transaction_does_not_swallow_later_writes(tmp_path: Pa
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+# A client in the middle of writing a batch of events in a transaction (as the store does),
+# which will never commit: the store gave up on it (a timeout) and closed its connection.
+STALE_WRITE = """
+import sys
+from pymongo import MongoClient
+client = MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000)
+session = client.start_session()
+session.start_transaction()
+client.canopy.events.insert_many(
+    [{"_id": f"event-{n}"} for n in range(3)], ordered=False, session=session
+)
+print("in transaction", flush=True)
+sys.stdin.read()
+"""
+
+
+def in_transaction(script: str, url: str) -> subprocess.Popen[str]:
+    """A client process running `script`, once it says it is in its transaction."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "in transaction"
+    return process
+
+
+async def test_a_batch_written_again_does_not_nest_in_its_first_unfinished_write(
+    tmp_path: Path,
+) -> None:
+    """Issue 23 (the database away for 5 minutes): the store's retry of a batch ran inside the
+    first attempt's transaction, took its uncommitted events for duplicates, was acknowledged,
+    and was rolled back with it. Now the retry is refused as a transient write conflict until
+    the first attempt is gone, then writes the batch."""
+    from pymongo.errors import OperationFailure
+
+    from services.store.repository import Repository
+
+    port = free_port()
+    url = f"mongodb://127.0.0.1:{port}/"
+    server = start_server(tmp_path, port)
+    repository = Repository(url, "canopy")
+    batch = [{"_id": f"event-{n}", "n": n} for n in range(3)]
+    try:
+        with MongoClient[dict[str, Any]](url, serverSelectionTimeoutMS=5000) as client:
+            client.canopy.create_collection("events")  # as the store's start-up does
+        stale = in_transaction(STALE_WRITE, url)
+        with pytest.raises(OperationFailure) as refused:
+            await repository.insert_events(batch)
+        assert refused.value.has_error_label("TransientTransactionError")
+        os.kill(stale.pid, signal.SIGKILL)  # its connection closes: rolled back
+        stale.wait(timeout=10)
+        assert stale.stdin is not None and stale.stdout is not None
+        stale.stdin.close()
+        stale.stdout.close()
+        with MongoClient[dict[str, Any]](url, serverSelectionTimeoutMS=5000) as client:
+            wait_until(
+                lambda: client.canopy.events.count_documents({}) == 0,
+                timeout=10,
+                what="the stale write rolled back",
+            )
+            assert await repository.insert_events(batch) == 3
+            assert client.canopy.events.count_documents({}) == 3
+    finally:
+        await repository.close()
+        server.kill()
+        server.wait(timeout=10)
