@@ -17,7 +17,7 @@ LINTED := services devstack bench tests
 	cluster-check fault-check otree-check browser-check lock
 
 help:
-	@echo "make install  system packages (rabbitmq-server, chromium), $(VENV), Python deps"
+	@echo "make install  system packages (rabbitmq-server, chromium, nftables), $(VENV), Python deps"
 	@echo "make run      the whole system + a demo session, in the foreground (Ctrl-C stops)"
 	@echo "              MONITORING=1 (or make run-monitoring): also Prometheus, with the alert rules"
 	@echo "              BOTS=1: bots in every demo slot but one, so you play them in one tab"
@@ -27,7 +27,7 @@ help:
 	@echo "make monitoring-check   promtool: config, rules, rule tests, dashboard queries (in make test)"
 	@echo "make k8s-check   render deploy/k8s overlays, validate them offline (in make test)"
 	@echo "make fault-check   SIGKILL / SIGTERM each process under the real supervisor (CI)"
-	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills"
+	@echo "make cluster-check   3-node RabbitMQ cluster, 2 gateways, 2 decisions workers, kills, a partition"
 	@echo "make otree-check   the oTree 6 example (integrations/otree) against a stack, in $(OTREE_VENV)"
 	@echo "make bench    load test on its own stack; ARGS=\"--groups 5 --size 4 --rate 2 --duration 15\""
 	@echo "              (ARGS=--matrix: the target table; ARGS=micro: single-hop costs;"
@@ -44,6 +44,7 @@ system-packages:
 	@missing=""; \
 	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	command -v ps >/dev/null || missing="$$missing procps"; \
 	if [ ! -x $(PY) ]; then \
 		command -v python3 >/dev/null || missing="$$missing python3"; \
@@ -170,7 +171,8 @@ browser-check: install
 fault-check: install
 	$(PY) -m pytest -m faults tests/faults
 
-# Scale-out on a local 3-node RabbitMQ cluster (tests/cluster/, about a minute and a half): not
+# Scale-out on a local 3-node RabbitMQ cluster (tests/cluster/, about three minutes: two
+# clusters, one for the kills, one cut off by nftables for test_partition.py, as root): not
 # in `make test` (it boots a cluster, which would push that past 10 minutes); .ci/run calls it.
 cluster-check: install
 	$(PY) -m pytest -m cluster tests/cluster

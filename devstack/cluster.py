@@ -7,6 +7,15 @@ register with the same epmd, share the first node's Erlang cookie (same HOME) an
 default initial group size), so a node can die without losing an acknowledged message.
 `ClusterHandle.infra.amqp_url` lists every node's URL (services/common/failover.py).
 
+Partitions: every node runs `cluster_partition_handling = pause_minority` (as deploy/k8s does):
+a node that sees fewer than half the cluster stops serving (closes its clients' connections,
+stops its listener) until it sees a majority again, so the side that keeps quorum queues'
+majority is the only side clients can use (docs/reliability.md, "A broker node cut off").
+Each joined node N makes its outgoing distribution connections from 127.0.0.N (the first node
+from 127.0.0.1), and every node listens on a distribution port of its own, so a packet filter
+can tell every node-to-node link apart (tests/cluster/test_partition.py). `net_ticktime`
+(Erlang's 60 s by default) is how long a silent peer takes to be declared down.
+
 Used by tests/cluster/ and `make cluster-check`; `make run` stays one node.
 """
 
@@ -40,6 +49,7 @@ from devstack.infra import (
 )
 
 LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
+PARTITION_HANDLING = "pause_minority"
 
 
 @dataclass
@@ -48,12 +58,18 @@ class Node:
     amqp_port: int
     env: dict[str, str]
     log: Path
+    dist_port: int = 0  # its Erlang distribution listener (127.0.0.1)
+    source_ip: str = "127.0.0.1"  # where its own distribution connections come from
     process: Popen[bytes] | None = None
     credentials: str = ""  # "user:password" of the cluster (users are cluster-wide)
 
     @property
     def url(self) -> str:
         return f"amqp://{self.credentials}@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split("@")[0]
 
     def rabbitmqctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return rabbitmqctl(self.name, self.env, *args, timeout=timeout)
@@ -68,6 +84,34 @@ class ClusterHandle:
     def infra(self) -> Infra:
         urls = [self.first.infra.amqp_url, *(node.url for node in self.nodes)]
         return dataclasses.replace(self.first.infra, amqp_url=",".join(urls))
+
+    @property
+    def names(self) -> list[str]:
+        """Every node's name, the first node's first."""
+        return [self.first.rabbit_node, *(node.name for node in self.nodes)]
+
+    def dist_endpoint(self, name: str) -> tuple[int, str]:
+        """`name`'s distribution port and the address its own distribution connections come
+        from: enough for a packet filter to cut it off from the others."""
+        if name == self.first.rabbit_node:
+            short = self.first.rabbit_short_name
+            return (epmd_names(self.first.epmd_port) or {}).get(short, 0), "127.0.0.1"
+        node = self.node(name)
+        return node.dist_port, node.source_ip
+
+    def amqp_port(self, name: str) -> int:
+        if name == self.first.rabbit_node:
+            return self.first.amqp_port
+        return self.node(name).amqp_port
+
+    def node(self, name: str) -> Node:
+        return next(node for node in self.nodes if node.name == name)
+
+    def ctl(self, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """rabbitmqctl against the node called `name` (any node of the cluster)."""
+        if name == self.first.rabbit_node:
+            return self.first.rabbitmqctl(*args, timeout=timeout)
+        return self.node(name).rabbitmqctl(*args, timeout=timeout)
 
     def kill(self, node: Node) -> None:
         """SIGKILL a joined node's VM (the cluster keeps a majority with 3 nodes)."""
@@ -87,14 +131,46 @@ def node_ctl(cluster: ClusterHandle, *args: str) -> subprocess.CompletedProcess[
     return cluster.first.rabbitmqctl(*args, timeout=60)
 
 
-def _node(first: InfraHandle, index: int) -> Node:
+def _cluster_conf(net_ticktime: int | None) -> list[str]:
+    """rabbitmq.conf lines every node of a cluster shares."""
+    conf = [f"cluster_partition_handling = {PARTITION_HANDLING}"]
+    if net_ticktime is not None:
+        conf.append(f"net_ticktime = {net_ticktime}")
+    return conf
+
+
+def _configure_first(first: InfraHandle, net_ticktime: int | None) -> None:
+    """The first node was started by `start_infra` (one node, `make run`'s config): give it
+    the cluster's settings now, before any node joins, and in its rabbitmq.conf for a restart.
+    RabbitMQ reads `cluster_partition_handling` when a peer goes down, so setting it at run
+    time takes effect."""
+    with (first.rabbit_dir / "rabbitmq.conf").open("a") as conf:
+        conf.write("\n".join(_cluster_conf(net_ticktime)) + "\n")
+    term = f"application:set_env(rabbit, cluster_partition_handling, {PARTITION_HANDLING})"
+    if net_ticktime is not None:
+        # Transition period 0: at once (nothing is connected to it yet but this CLI call).
+        term += f", net_kernel:set_net_ticktime({net_ticktime}, 0)"
+    result = first.rabbitmqctl("eval", term + ".")
+    if result.returncode != 0:
+        raise InfraError(
+            f"{first.rabbit_node}: setting the cluster's config failed:\n{result.stdout}"
+        )
+
+
+def _node(first: InfraHandle, index: int, net_ticktime: int | None) -> Node:
     base = first.run_dir / f"rabbit-{index}"
     base.mkdir(parents=True, exist_ok=True)
     port, dist_port = free_port(), free_port()
     name = f"{first.rabbit_short_name}-{index}@localhost"
-    (base / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
-    )
+    conf = [f"listeners.tcp.default = 127.0.0.1:{port}", "loopback_users = none"]
+    (base / "rabbitmq.conf").write_text("\n".join(conf + _cluster_conf(net_ticktime)) + "\n")
+    source_ip = f"127.0.0.{index}"
+    # Read by erl itself (not a shell, which could glob the brackets), for the node and its
+    # rabbitmqctl alike: distribution connections from an address of its own; the CLI's net
+    # ticktime as the cluster's, or the node would drop a CLI call that waits longer.
+    erl_flags = f"-kernel inet_dist_connect_options [{{ip,{{{source_ip.replace('.', ',')}}}}}]"
+    if net_ticktime is not None:
+        erl_flags += f" -kernel net_ticktime {net_ticktime}"
     (base / "enabled_plugins").write_text("[].\n")
     (base / "rabbitmq-env.conf").write_text("")
     plugins = first.rabbit_dir / "plugins"  # the first node's slim plugins folder
@@ -120,12 +196,14 @@ def _node(first: InfraHandle, index: int) -> Node:
             "RABBITMQ_CTL_ERL_ARGS": LOOPBACK_DIST,
             "RABBITMQ_ALLOW_INPUT": "1",  # the child is the VM itself: SIGKILL reaches it
             "RABBITMQ_SERVER_START_ARGS": "-noinput +B i",
+            "ERL_ZFLAGS": erl_flags,
         },
     )
     if plugins.exists():
         env["RABBITMQ_PLUGINS_DIR"] = str(plugins)
     credentials = urlsplit(first.infra.amqp_url).netloc.rpartition("@")[0]
-    return Node(name, port, env, first.logs_dir / f"rabbitmq-{index}.log", credentials=credentials)
+    log = first.logs_dir / f"rabbitmq-{index}.log"
+    return Node(name, port, env, log, dist_port, source_ip, credentials=credentials)
 
 
 def _spawn(node: Node) -> None:
@@ -154,13 +232,17 @@ def _join(first: InfraHandle, node: Node) -> None:
 
 
 @contextmanager
-def start_cluster(run_dir: Path, *, nodes: int = 3) -> Iterator[ClusterHandle]:
-    """The devstack infrastructure with a RabbitMQ cluster of `nodes` nodes."""
+def start_cluster(
+    run_dir: Path, *, nodes: int = 3, net_ticktime: int | None = None
+) -> Iterator[ClusterHandle]:
+    """The devstack infrastructure with a RabbitMQ cluster of `nodes` nodes (`net_ticktime`:
+    seconds of silence before a peer is down, Erlang's 60 when None)."""
     with ExitStack() as stack:
         first = stack.enter_context(start_infra(run_dir, persistent=False))
+        _configure_first(first, net_ticktime)
         cluster = ClusterHandle(first)
         for index in range(2, nodes + 1):  # they boot side by side, then join one by one
-            node = _node(first, index)
+            node = _node(first, index, net_ticktime)
             cluster.nodes.append(node)
             stack.callback(_stop_node, node)
             _spawn(node)
