@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from starlette.websockets import WebSocketState
+from starlette.websockets import WebSocket, WebSocketState
 
 from services.common.directory import ParticipantInfo
 from services.common.messages import Envelope, MessageType, PresenceChanged
@@ -140,7 +140,7 @@ async def test_frames_the_broker_does_not_take_are_left_in_the_socket() -> None:
     bus = HeldBus()
     participants, _, metrics = gateway(bus)
     socket = SendingSocket(frames())
-    serving = asyncio.create_task(participants.serve(socket, KEY))
+    serving = asyncio.create_task(participants.serve(cast(WebSocket, socket), KEY))
     await asyncio.wait_for(bus.holding.wait(), 5)
     # Everything the gateway could do without the broker, it has done: the reader now
     # waits for room (or, before the fix, had read every frame).
@@ -170,7 +170,7 @@ async def test_while_the_broker_blocks_publishers_new_sockets_get_1013(blocked: 
     bus.release()
     participants, hub, metrics = gateway(bus)
     socket = SendingSocket([])
-    serving = asyncio.create_task(participants.serve(socket, KEY))
+    serving = asyncio.create_task(participants.serve(cast(WebSocket, socket), KEY))
     if blocked:
         async with asyncio.timeout(3):
             await serving
