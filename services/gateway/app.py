@@ -2,7 +2,8 @@
 
 Besides serving participants, a gateway sends a `GatewayAlive` heartbeat every
 `HEARTBEAT_INTERVAL` seconds (decisions disconnects the members of a silent gateway) and
-answers a `Resync` (a decisions worker restarted) by announcing every open connection again."""
+answers a `Resync` (a decisions worker restarted) by announcing every open connection again;
+it announces them again as well once its own broker connection is back (`announce_again`)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         settings.amqp_url,
         Topology(settings.shards, settings.queue_type, service="gateway"),
         name=f"gateway {instance}",
-        on_reconnect=metrics.bus_reconnects.inc,
-        on_unblocked=lambda: announce_again(),
+        on_reconnect=lambda: reconnected(),
+        on_unblocked=lambda: announce_again("RabbitMQ no longer blocks this gateway"),
     )
     directory = Directory(settings.store_url, settings.internal_bearer())
     hub = Hub(metrics)
@@ -120,15 +121,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     hub.on_resync = resync
     announcing: set[asyncio.Task[None]] = set()
 
-    def announce_again() -> None:
+    def announce_again(why: str) -> None:
         # While RabbitMQ blocked this gateway its heartbeats could not be published either, so
         # decisions may have taken it for dead and disconnected its members, whose sockets
         # stayed open here: announced again, they are connected again (for a worker that did
-        # not, an announcement of a connection it knows is no change).
-        why = "RabbitMQ no longer blocks this gateway"
+        # not, an announcement of a connection it knows is no change but a new `hello`).
         task = asyncio.get_running_loop().create_task(resync(None, why))
         announcing.add(task)
         task.add_done_callback(announcing.discard)
+
+    def reconnected() -> None:
+        # The robust connection calls this once every channel is restored, the gateway's queue
+        # and its consumer included. While the connection was down that queue did not exist
+        # (exclusive: it goes with its connection), and decisions sends to it without
+        # `mandatory`, so whatever it sent meanwhile went nowhere: the `hello` of a socket
+        # accepted just before (whose browser sends nothing until its hello: it would wait
+        # for good), broadcasts, a `Resync`. And a gateway silent for longer than decisions'
+        # liveness timeout had its members disconnected, their sockets still open here.
+        # Announced again, every connection gets a new hello and is connected again.
+        metrics.bus_reconnects.inc()
+        announce_again("the connection to RabbitMQ was restored")
 
     async def regroup(connection: Connection) -> None:
         try:

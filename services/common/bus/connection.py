@@ -80,6 +80,8 @@ class Bus:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._probe_channel: AbstractRobustChannel | None = None
         self._replacing: asyncio.Task[None] | None = None
+        # Every channel of the current underlying connection restored (see `is_connected`).
+        self._restored = False
         self.channel_replacements = 0  # publish channels given up on (see `_replace_channel`)
         # Why RabbitMQ blocks this connection (a memory or disk alarm), None while it does not.
         self.blocked_reason: str | None = None
@@ -104,7 +106,9 @@ class Bus:
             async def _on_connected(self) -> None:
                 # Each (re)connect makes a new underlying connection, not blocked to begin with.
                 bus._watch_blocking(self)
-                await super()._on_connected()
+                bus._restored = False
+                await super()._on_connected()  # raises if a channel could not be restored
+                bus._restored = True
 
         self._connection = await aio_pika.connect_robust(
             urls[0],
@@ -177,10 +181,19 @@ class Bus:
 
     @property
     def is_connected(self) -> bool:
+        """Connected, and every channel restored after the last reconnect.
+
+        aio-pika sets `connected` as soon as a new underlying connection is open, then restores
+        the channels one by one (their queues, bindings and consumers); a channel whose restore
+        fails (a declaration or binding refused) closes that connection, and the next attempt
+        comes 0.5 s later. Meanwhile the publish channel may work while a consumer is not back:
+        a gateway that took a socket then published its presence, and decisions' `hello` went
+        to a queue that did not exist yet (tests/integration/test_bus_restore.py)."""
         return (
             self._connection is not None
             and not self._connection.is_closed
             and self._connection.connected.is_set()  # clear while the robust one reconnects
+            and self._restored
             and self._publish_channel is not None
             and not self._publish_channel.is_closed
         )
