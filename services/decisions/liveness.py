@@ -86,10 +86,21 @@ class Liveness:
                 self._started = loop.time()
                 self._heard.clear()
                 continue
-            for gateway in self._routes.gateways():
-                last = self._heard.get(gateway, self._started)
-                if loop.time() - last > self._liveness_timeout:
-                    await self._gateway_gone(gateway)
+            await self.check()
+
+    async def check(self) -> None:
+        """One look: disconnect the members of each gateway silent for `liveness_timeout`.
+
+        Silence counts from the last heartbeat heard, or else from the first look that found
+        the gateway (since this worker started, or last dropped it): a gateway whose members
+        were disconnected and that then announces them again (back from its own broker
+        outage) may do so before its next heartbeat, and must not be dropped again at once
+        for the silence already counted (tests/e2e/test_gateway_reconnect.py was flaky so)."""
+        now = asyncio.get_running_loop().time()
+        for gateway in self._routes.gateways():
+            last = self._heard.setdefault(gateway, now)
+            if now - last > self._liveness_timeout:
+                await self._gateway_gone(gateway)
 
     async def _gateway_gone(self, gateway: str) -> None:
         gone = self._routes.drop_gateway(gateway)

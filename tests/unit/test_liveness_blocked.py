@@ -68,3 +68,33 @@ async def test_silence_is_not_counted_while_the_broker_blocks_publishers() -> No
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_a_gateway_that_announces_its_members_again_is_not_dropped_again_at_once() -> None:
+    """A gateway dropped for its silence (away from the broker for longer than the timeout)
+    announces its open connections again once it is back, possibly before its next heartbeat.
+    Its silence counts again from then: before, the next look found no heartbeat since the
+    worker started and disconnected those members at once, for good (the period of
+    tests/e2e/test_gateway_reconnect.py then never started, in about half of its runs)."""
+    bus = MemoryBus()
+    routes = Routes()
+    routes.learn(connected("a"))
+    disconnected: list[str] = []
+
+    async def disconnect(group: str, participant: str, connection: str) -> None:
+        disconnected.append(participant)
+
+    liveness = Liveness(
+        bus, routes, DecisionsMetrics(), disconnect, resync_window=1.0, liveness_timeout=TIMEOUT
+    )
+    liveness.start()
+    await liveness.check()  # first look: the silence counts from here
+    await asyncio.sleep(2 * TIMEOUT)  # a span of silence longer than the timeout
+    await liveness.check()
+    assert disconnected == ["a"]
+    routes.learn(connected("a"))  # back: its member announced again, no heartbeat yet
+    await liveness.check()
+    assert disconnected == ["a"], "dropped again for the silence already counted"
+    await asyncio.sleep(2 * TIMEOUT)  # silent again for longer than the timeout
+    await liveness.check()
+    assert disconnected == ["a", "a"]
