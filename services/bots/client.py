@@ -129,6 +129,7 @@ class Bot:
     _seq: int = 0
     _acked_high: int = 0  # the highest seq an `ack` confirmed, on any connection
     _acked_here: int = 0  # the same, on the current connection
+    _hello_here: bool = False  # the current (or last) socket got a hello
     _synced: bool = False  # hello seen and the outbox resent on the current socket
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     _finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -236,7 +237,7 @@ class Bot:
                     self._ws = ws
                     self.connects += 1
                     self._acked_here = 0
-                    attempt = 0
+                    self._hello_here = False
                     await self._read(ws)
                 code = ws.close_code
                 self.closes.append(code)
@@ -256,6 +257,11 @@ class Bot:
                 self._finished.set()
                 self._changed.set()
                 return
+            # The backoff starts again only after a socket that got its hello, as in canopy.js:
+            # a gateway that accepts sockets and closes them at once (1013 while its broker
+            # connection is restored) must not be hammered by every bot at full speed.
+            if self._hello_here:
+                attempt = 0
             # Equal jitter, as canopy.js: bots that lost the same gateway come back spread out.
             nominal = min(self.max_delay, self.min_delay * 2**attempt)
             attempt = min(attempt + 1, 30)
@@ -296,6 +302,7 @@ class Bot:
             self._changed.set()
 
     async def _on_hello(self, ws: ClientConnection, payload: dict[str, Any]) -> None:
+        self._hello_here = True
         # The larger of what the bot knows (acks confirm every seq up to theirs) and what the
         # hello says: a hello that was overtaken must not make it resend or renumber.
         last_seq = max(self._acked_high, int(payload["last_seq"]))

@@ -56,3 +56,51 @@ async def test_an_older_hello_never_makes_the_bot_resend_or_renumber() -> None:
     assert await bot.send("decisions", 0.6) == 6
     assert [f["seq"] for f in second.sent] == [6]
     assert [h.last_seq for h in bot.hellos] == [0, 3]  # what the server said, as it said it
+
+
+async def test_sockets_closed_before_a_hello_back_off_further_each_time(
+    monkeypatch: Any,
+) -> None:
+    """A gateway that accepts a socket and closes it at once (1013 while its broker connection
+    is restored) gets the bots back ever more slowly, as canopy.js: the backoff starts again
+    only after a socket that got its hello (before: after every socket that opened, so every
+    bot came back every 0.25 s; the partition test saw ~150 attempts per gateway in 2 s)."""
+    import asyncio
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    import services.bots.client as client
+
+    real_sleep = asyncio.sleep
+    waits: list[float] = []
+    enough = asyncio.Event()
+
+    class Clock:
+        """The module's `asyncio`, with backoff sleeps recorded and not waited out."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        async def sleep(self, seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) >= 6:
+                enough.set()
+            await real_sleep(0)
+
+    async def refuse(socket: ServerConnection) -> None:
+        await socket.close(1013, "try again later")
+
+    monkeypatch.setattr(client, "asyncio", Clock())
+    async with serve(refuse, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        bot = Bot(f"ws://127.0.0.1:{port}/ws/a-seat-key", min_delay=0.25, max_delay=5.0)
+        loop = asyncio.get_running_loop().create_task(bot._connect_loop())
+        try:
+            await asyncio.wait_for(enough.wait(), 10)
+        finally:
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+    assert bot.closes[:6] == [1013] * 6
+    for attempt, waited in enumerate(waits[:6]):
+        nominal = min(5.0, 0.25 * 2**attempt)
+        assert nominal / 2 <= waited <= nominal, (attempt, waits)
