@@ -104,8 +104,15 @@ async def second_gateway(partition_stack: StackHandle) -> AsyncIterator[ServiceP
         yield gateway
 
 
+class NodeUnreachable(Exception):
+    """A cluster-wide listing could not reach a node (it asks every node, the cut-off one
+    included, until the others declare it down): the state is still changing."""
+
+
 def ctl_json(cluster: ClusterHandle, via: str, *args: str) -> list[dict[str, Any]]:
     result = cluster.ctl(via, *args, "--formatter", "json", "--quiet")
+    if result.returncode != 0 and ("nodedown" in result.stdout or "badrpc" in result.stdout):
+        raise NodeUnreachable(result.stdout.strip()[-200:])
     assert result.returncode == 0, result.stdout
     rows: list[dict[str, Any]] = json.loads(result.stdout)
     return rows
@@ -142,8 +149,11 @@ async def until(
     try:
         async with asyncio.timeout(timeout):
             while True:
-                if await check():
-                    return time.monotonic()
+                try:
+                    if await check():
+                        return time.monotonic()
+                except NodeUnreachable:
+                    pass  # asked mid-change (a listing that reached a node being cut): not yet
                 await asyncio.sleep(poll)
     except TimeoutError:
         raise AssertionError(f"{what} (within {timeout} s)") from None
