@@ -80,6 +80,7 @@ MATRIX: tuple[tuple[int, int, float, float], ...] = (
     (50, 4, 10.0, 25.0),
 )
 RUN_DURATION = 15.0
+RUN_IDLE = 5.0  # s without sends before a run's load: the idle stack's CPU
 MATRIX_DURATION = 20.0
 # A p99 needs enough samples to mean anything: a matrix row runs at least long enough for this
 # many measured decisions (20 participants at 2 Hz: 50 s instead of 20 s, p99 = 20th-worst).
@@ -172,8 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument(
         "--idle",
         type=float,
-        default=GROUP_IDLE,
-        help=f"seconds without sends before each row, for the idle CPU ({GROUP_IDLE:g})",
+        default=None,
+        help="seconds without sends before the load, for the idle stack's CPU "
+        f"(a run: {RUN_IDLE:g}; each group-size row: {GROUP_IDLE:g}; a matrix row: 0)",
     )
     load = parser.add_argument_group("load")
     load.add_argument("--groups", "-G", type=int, default=5, help="groups (default 5)")
@@ -293,6 +295,7 @@ def _params(args: argparse.Namespace, groups: int, size: int, rate: float) -> Lo
         jitter=args.jitter,
         drain=args.drain,
         experiment=args.experiment or "decisions",
+        idle=args.idle if args.idle is not None else (0.0 if args.matrix else RUN_IDLE),
     )
 
 
@@ -374,7 +377,7 @@ def run_group_size_rows(args: argparse.Namespace, target: StackTarget) -> list[d
             jitter=args.jitter,
             drain=args.drain,
             experiment=args.experiment or GROUP_EXPERIMENT,
-            idle=args.idle,
+            idle=GROUP_IDLE if args.idle is None else args.idle,
         )
         prefix = f"[{number}/{len(rows)}] "
         print(

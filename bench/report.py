@@ -248,6 +248,23 @@ def format_versus_floor(result: dict[str, Any]) -> str:
     )
 
 
+def _idle_row(result: dict[str, Any], roles: Sequence[str]) -> list[list[Any]]:
+    """The processes' CPU while everyone was connected and nobody sent (`--idle`), as a row
+    of the processes table; none when it was not measured."""
+    idle = (result.get("idle_processes") or {}).get("roles") or {}
+    if not idle:
+        return []
+    stack = sum(v["cpu_pct"] for r, v in idle.items() if r != "loadgen")
+    return [
+        [
+            "idle CPU %",
+            *(idle.get(r, {}).get("cpu_pct", "") for r in roles),
+            f"stack {stack:.1f}",
+            "",
+        ]
+    ]
+
+
 def format_run(result: dict[str, Any]) -> str:
     """The terminal report of one run."""
     p = result["params"]
@@ -340,6 +357,7 @@ def format_run(result: dict[str, Any]) -> str:
                         machine.get("other_pct"),
                     ],
                     ["RSS MiB", *(processes[r]["rss_mib"] for r in roles), "", ""],
+                    *_idle_row(result, roles),
                 ],
             ),
         ]

@@ -101,8 +101,18 @@ class Delivery:
     def redelivered(self) -> bool:
         return self.message.redelivered
 
-    async def ack(self) -> None:
-        self.queue._settle(self.message, requeue=None)
+    async def ack(self, multiple: bool = False) -> None:
+        self.queue.ack_frames += 1
+        if not multiple:
+            self.queue._settle(self.message, requeue=None)
+            return
+        # With every delivery before it (the channel's order: `unacked` keeps it).
+        if self.message.tag not in self.queue.unacked:
+            raise RuntimeError(f"{self.queue.name}: delivery {self.message.tag} settled twice")
+        for message in list(self.queue.unacked.values()):
+            self.queue._settle(message, requeue=None)
+            if message is self.message:
+                break
 
     async def nack(self, requeue: bool = True) -> None:
         self.queue._settle(self.message, requeue=requeue)
@@ -120,6 +130,7 @@ class MemoryQueue:
         self.unacked: dict[int, Message] = {}
         self.dead: list[Message] = []
         self.acked = 0
+        self.ack_frames = 0  # basic.ack frames (one with `multiple` settles several)
         self.deliveries = 0
         self.delivered: list[Message] = []  # every delivery, in order (redeliveries again)
         self._tags = 0

@@ -171,7 +171,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         channel = await bus.channel(prefetch=settings.gateway_prefetch)
         queue = await bus.declare_gateway_queue(channel, instance)
         tasks = [
-            vital.watch("the gateway queue's consumer", asyncio.create_task(hub.consume(queue))),
+            vital.watch(
+                "the gateway queue's consumer",
+                asyncio.create_task(
+                    hub.consume(queue, ack_every=max(1, settings.gateway_prefetch // 2))
+                ),
+            ),
             vital.watch("the heartbeat", asyncio.create_task(heartbeat())),
         ]
         async with running(tasks):

@@ -112,3 +112,86 @@ async def test_without_halting_a_failed_input_comes_back_after_later_ones() -> N
     await asyncio.wait_for(consume_pipelined(amqp(queue), worker.handle, stop=worker.stop), TIMEOUT)
     queue.close_channel()
     assert [m.message_id for m in queue.ready] == ["m3"]  # behind 4..8, already applied
+
+
+class Batched:
+    """Outputs confirmed in bursts, as decisions' log batches confirm their inputs: each
+    input's outputs wait for the batch it is in; `confirm` settles the open batch."""
+
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.batch: asyncio.Future[None] | None = None
+        self.handled: list[int] = []
+        self.fail = fail or set()
+        self._more = asyncio.Condition()
+
+    async def handle(self, envelope: Envelope) -> Awaitable[Any]:
+        seq = envelope.seq or 0
+        self.handled.append(seq)
+        async with self._more:
+            self._more.notify_all()
+        if self.batch is None:
+            self.batch = asyncio.get_running_loop().create_future()
+        batch = self.batch
+
+        async def outputs() -> None:
+            await batch
+            if seq in self.fail:
+                self.fail.discard(seq)
+                raise ConnectionError("a publish of this input's outputs failed")
+
+        return outputs()
+
+    async def until(self, count: int) -> None:
+        async with self._more:
+            await asyncio.wait_for(self._more.wait_for(lambda: len(self.handled) >= count), TIMEOUT)
+
+    def confirm(self) -> None:
+        assert self.batch is not None
+        self.batch.set_result(None)
+        self.batch = None
+
+
+async def test_inputs_confirmed_together_are_acknowledged_with_one_ack() -> None:
+    # Before: one ack per input (20 ack frames for the worker to write, and for RabbitMQ to
+    # apply to the quorum queue); a burst finished together now shares one.
+    queue = MemoryQueue("shard.0", prefetch=50)
+    fill(queue, 20)
+    worker = Batched()
+    task = asyncio.create_task(consume_pipelined(amqp(queue), worker.handle))
+    await worker.until(20)
+    assert queue.acked == 0  # nothing before its outputs are confirmed
+    worker.confirm()
+    await queue.settled(TIMEOUT)
+    assert queue.acked == 20 and queue.ack_frames == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_failed_input_in_a_burst_is_given_back_and_the_rest_acknowledged() -> None:
+    queue = MemoryQueue("shard.0", prefetch=50)
+    fill(queue, 10)
+    worker = Batched(fail={4})
+    task = asyncio.create_task(consume_pipelined(amqp(queue), worker.handle))
+    await worker.until(10)
+    worker.confirm()
+    # Input 4 comes back (requeued, delivered again), the other nine are acknowledged.
+    await worker.until(11)
+    assert worker.handled[-1] == 4 and queue.acked == 9 and queue.ack_frames <= 2
+    worker.confirm()
+    await queue.settled(TIMEOUT)
+    assert queue.acked == 10
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_hand_over_acknowledges_every_handled_input_before_it_returns() -> None:
+    queue = MemoryQueue("shard.0", prefetch=50)
+    fill(queue, 10)
+    worker = Batched()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume_pipelined(amqp(queue), worker.handle, stop=stop))
+    await worker.until(10)
+    stop.set()
+    worker.confirm()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert queue.acked == 10 and not queue.unacked

@@ -128,6 +128,34 @@ async def test_the_consume_loop_goes_on_after_a_bad_message() -> None:
     assert payloads(socket) == [{"n": 1}, {"n": 2}]
 
 
+class Channel:
+    """Records the acks written on it (aiormq's `basic_ack`)."""
+
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self.acks.append((delivery_tag, multiple))
+
+
+async def test_the_gateway_acknowledges_its_queue_every_so_many_messages() -> None:
+    # Before: one ack per message (~1 per decision for the gateway to write and RabbitMQ to
+    # apply); the prefetch still bounds what the broker sends ahead.
+    hub = Hub(GatewayMetrics())
+    socket = Socket()
+    member(hub, "a", socket)
+    channel = Channel()
+    messages = []
+    for tag in range(1, 11):
+        message = broadcast({"n": tag})
+        message.channel = channel  # type: ignore[attr-defined]
+        message.delivery_tag = tag  # type: ignore[attr-defined]
+        messages.append(message)
+    await asyncio.wait_for(hub.consume(Queue(messages), ack_every=4), 5)  # type: ignore[arg-type]
+    assert len(payloads(socket)) == 10
+    assert channel.acks == [(4, True), (8, True)]
+
+
 # -- a dead consumer makes /readyz fail --------------------------------------------------------
 
 

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -84,8 +86,11 @@ async def consume_pipelined(
     broker redelivers it when the channel closes).
     """
     in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
+    acks = _InOrderAcks(queue.name)
 
-    async def ack_when_done(message: AbstractIncomingMessage, dones: list[Awaitable[Any]]) -> None:
+    async def ack_when_done(
+        message: AbstractIncomingMessage, dones: list[Awaitable[Any]], handled: _Handled
+    ) -> None:
         try:
             for done in dones:  # already under way: awaiting them in turn waits for the slowest
                 await done
@@ -99,8 +104,9 @@ async def consume_pipelined(
             )
             _discard(dones)
             await _settle(message, queue.name, ack=False)
+            acks.finish(handled, ok=False)
             return
-        await _settle(message, queue.name, ack=True)
+        acks.finish(handled, ok=True)
 
     inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
@@ -163,12 +169,13 @@ async def consume_pipelined(
                 )
                 await _settle(message, queue.name, ack=False)
                 continue
-            task = asyncio.create_task(ack_when_done(message, dones))
+            task = asyncio.create_task(ack_when_done(message, dones, acks.handled(message)))
             in_flight[task] = dones
             task.add_done_callback(in_flight.pop)
         await _cancel(queue, tag)
         if in_flight:  # stopped: finish and acknowledge what was handled
             await asyncio.gather(*in_flight)
+        await acks.sent()
     except BaseException:
         # Cancelled (a shutdown) or the channel failed: stop deliveries and give back what
         # waits here, so that it is not left unacknowledged on a channel that stays open.
@@ -183,8 +190,78 @@ async def consume_pipelined(
         for task, dones in list(in_flight.items()):
             task.cancel()
             _discard(dones)
+        acks.abandon()
     if halted is not None:
         raise ConsumerHalted(f"a handler failed on {queue.name}") from halted
+
+
+@dataclass(eq=False, slots=True)
+class _Handled:
+    """A delivery handled by `consume_pipelined`, until its outputs are confirmed (or failed
+    and it was given back)."""
+
+    message: AbstractIncomingMessage
+    finished: bool = False
+    ok: bool = False
+
+
+class _InOrderAcks:
+    """Acknowledges a consumer's handled deliveries several at a time, in delivery order.
+
+    A delivery is acknowledged once its outputs are confirmed, and deliveries finish in bursts:
+    decisions' inputs wait for the log batch holding their records (`CANOPY_LOG_BATCH_SECONDS`),
+    so a batch's confirm finishes every input in it at once. One `basic.ack` with `multiple`
+    for the longest finished prefix then stands for all of them: measured at 200 decisions/s
+    (docs/performance.md), that was one ack frame per input for the worker to write and for
+    RabbitMQ to apply to the quorum queue; now it is about one per log batch. Nothing waits
+    longer for its acknowledgement: the ack leaves as soon as the prefix is finished, after
+    the callbacks of the same event-loop step (so that a burst shares it).
+
+    Only a finished prefix is ever acknowledged, so `multiple` never covers a delivery whose
+    outputs are still pending; one that failed was given back (nack, requeue) before it counts
+    as finished, and a later `multiple` ack passes over it (it is no longer outstanding). Acks
+    are sent by one task at a time, in order: a `multiple` ack for a lower tag after a higher
+    one would be a channel error.
+    """
+
+    def __init__(self, queue: str) -> None:
+        self._queue = queue
+        self._handled: deque[_Handled] = deque()
+        self._upto: AbstractIncomingMessage | None = None  # to acknowledge (with all before it)
+        self._sending: asyncio.Task[None] | None = None
+
+    def handled(self, message: AbstractIncomingMessage) -> _Handled:
+        handled = _Handled(message)
+        self._handled.append(handled)
+        return handled
+
+    def finish(self, handled: _Handled, *, ok: bool) -> None:
+        handled.finished, handled.ok = True, ok
+        pending = self._handled
+        while pending and pending[0].finished:
+            head = pending.popleft()
+            if head.ok:
+                self._upto = head.message
+        if self._upto is not None and self._sending is None:
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while (upto := self._upto) is not None:
+                self._upto = None
+                await _settle(upto, self._queue, ack=True, multiple=True)
+        finally:
+            self._sending = None
+
+    async def sent(self) -> None:
+        """Until every finished delivery's acknowledgement was sent."""
+        while self._sending is not None:
+            await asyncio.shield(self._sending)
+
+    def abandon(self) -> None:
+        """Stop sending (the consumer was cancelled: its channel gives back the rest)."""
+        if self._sending is not None:
+            self._sending.cancel()
 
 
 async def _cancel(queue: AbstractQueue, tag: str) -> None:
@@ -195,12 +272,15 @@ async def _cancel(queue: AbstractQueue, tag: str) -> None:
         log.info("consumer of %s not cancelled (%r): its channel is gone", queue.name, exc)
 
 
-async def _settle(message: AbstractIncomingMessage, queue: str, *, ack: bool) -> None:
-    """Ack (or nack and requeue) a delivery. If its channel is gone meanwhile (a broker
-    node died), the broker requeues it by itself and the handler sees it again."""
+async def _settle(
+    message: AbstractIncomingMessage, queue: str, *, ack: bool, multiple: bool = False
+) -> None:
+    """Ack (or nack and requeue) a delivery (`multiple`: the ack stands for every delivery
+    before it on the channel too). If its channel is gone meanwhile (a broker node died), the
+    broker requeues it by itself and the handler sees it again."""
     try:
         if ack:
-            await message.ack()
+            await message.ack(multiple=multiple)
         else:
             await message.nack(requeue=True)
     except (ChannelInvalidStateError, AMQPError) as exc:
