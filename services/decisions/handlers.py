@@ -43,6 +43,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.common.bus import completed
+from services.common.bus.batcher import all_of
 from services.common.directory import GroupConfig, NoFreeSeats, NotFound
 from services.common.experiments import Registry
 from services.common.group import UNKNOWN, BotAfter, Broadcast, Effect, GroupState, rebuild
@@ -264,33 +265,40 @@ class DecisionsWorker:
             self.moves.consider_eviction(state)
         return self._confirmed(state, publishes, written, started)
 
-    async def _confirmed(
+    def _confirmed(
         self,
         state: GroupState | LobbyState,
         publishes: list[asyncio.Future[None]],
         written: asyncio.Future[None] | None,
         started: float,
+    ) -> asyncio.Future[None]:
+        """A future that completes when the input's outputs are confirmed, and fails as the
+        first of them that failed. If they fail, the input goes back to its queue, but this
+        state has applied it: handled again, it would be a duplicate and its rows would never
+        reach the log. So the group's state is dropped, and rebuilt from the log (once the log
+        holds every batch sent before) when the input comes back.
+
+        A future with a callback, not a coroutine: the consumer then acknowledges the input
+        from a callback too, with no task per input (`consume_pipelined`)."""
+        parts = [*publishes, written] if written is not None else publishes
+        done = all_of(parts) if parts else completed()
+        done.add_done_callback(partial(self._outputs_settled, state, started))
+        return done
+
+    def _outputs_settled(
+        self, state: GroupState | LobbyState, started: float, done: asyncio.Future[None]
     ) -> None:
-        """Until the input's outputs are confirmed. If they fail, the input goes back to its
-        queue, but this state has applied it: handled again, it would be a duplicate and its
-        rows would never reach the log. So the group's state is dropped, and rebuilt from the
-        log (once the log holds every batch sent before) when the input comes back."""
-        try:
-            if publishes:
-                await asyncio.gather(*publishes)
-            if written is not None:
-                await written
-        except BaseException:
-            group = state.config.group
-            if self.held(group) is state:
-                log.warning(
-                    "outputs of an input of group %s failed: its state is rebuilt from the log",
-                    group,
-                    extra=context(state.config.session, group),
-                )
-                self.moves.drop(group)
-            raise
-        self._metrics.handle_seconds.observe(time.perf_counter() - started)
+        if not done.cancelled() and done.exception() is None:
+            self._metrics.handle_seconds.observe(time.perf_counter() - started)
+            return
+        group = state.config.group
+        if self.held(group) is state:
+            log.warning(
+                "outputs of an input of group %s failed: its state is rebuilt from the log",
+                group,
+                extra=context(state.config.session, group),
+            )
+            self.moves.drop(group)
 
     # -- lobbies (PROTOCOL v2 "The lobby") -----------------------------------------------------
 

@@ -12,11 +12,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from services.common.bus.batcher import all_of
 from services.common.bus.wire import decode_message
 from services.common.logs import context
 from services.common.messages import Envelope
@@ -27,8 +29,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Envelope], Awaitable[None]]
 
 
-async def completed() -> None:
-    """An awaitable with nothing to wait for (a pipelined handler's 'no outputs')."""
+def completed() -> asyncio.Future[None]:
+    """An awaitable with nothing to wait for (a pipelined handler's 'no outputs'): a future
+    already done, so that `consume_pipelined` acknowledges it without a task."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 async def consume_in_order(
@@ -85,8 +91,33 @@ async def consume_pipelined(
     later inputs before it. Cancelling the task instead abandons what is in flight (the
     broker redelivers it when the channel closes).
     """
-    in_flight: dict[asyncio.Task[None], list[Awaitable[Any]]] = {}
+    # Per handled message: what it waits for (a future that settles its acknowledgement, or a
+    # task that awaits its outputs), with the outputs to close if it is abandoned.
+    in_flight: dict[asyncio.Future[Any], list[Awaitable[Any]]] = {}
     acks = _InOrderAcks(queue.name)
+
+    def outputs_settled(
+        message: AbstractIncomingMessage, handled: _Handled, done: asyncio.Future[None]
+    ) -> None:
+        in_flight.pop(done, None)
+        if done.cancelled():
+            return  # abandoned: the channel gives the message back
+        if done.exception() is None:
+            acks.finish(handled, ok=True)
+            return
+        log.error(
+            "outputs of a message on %s failed; message requeued",
+            queue.name,
+            exc_info=done.exception(),
+            extra=context(message_id=message.message_id),
+        )
+        giving_back = asyncio.get_running_loop().create_task(give_back(message, handled))
+        in_flight[giving_back] = []
+        giving_back.add_done_callback(in_flight.pop)
+
+    async def give_back(message: AbstractIncomingMessage, handled: _Handled) -> None:
+        await _settle(message, queue.name, ack=False)
+        acks.finish(handled, ok=False)
 
     async def ack_when_done(
         message: AbstractIncomingMessage, dones: list[Awaitable[Any]], handled: _Handled
@@ -169,12 +200,21 @@ async def consume_pipelined(
                 )
                 await _settle(message, queue.name, ack=False)
                 continue
-            task = asyncio.create_task(ack_when_done(message, dones, acks.handled(message)))
-            in_flight[task] = dones
-            task.add_done_callback(in_flight.pop)
+            handled = acks.handled(message)
+            if all(isinstance(done, asyncio.Future) for done in dones):
+                # The usual case (decisions' outputs are batch futures): the acknowledgement
+                # follows from a callback, with no task per message.
+                futures: list[asyncio.Future[None]] = dones  # type: ignore[assignment]
+                settled = all_of(futures)
+                in_flight[settled] = dones
+                settled.add_done_callback(partial(outputs_settled, message, handled))
+            else:
+                task = asyncio.create_task(ack_when_done(message, dones, handled))
+                in_flight[task] = dones
+                task.add_done_callback(in_flight.pop)
         await _cancel(queue, tag)
-        if in_flight:  # stopped: finish and acknowledge what was handled
-            await asyncio.gather(*in_flight)
+        while in_flight:  # stopped: finish and acknowledge what was handled
+            await asyncio.wait(list(in_flight))
         await acks.sent()
     except BaseException:
         # Cancelled (a shutdown) or the channel failed: stop deliveries and give back what
@@ -187,8 +227,8 @@ async def consume_pipelined(
     finally:
         if stopping is not None:
             stopping.cancel()
-        for task, dones in list(in_flight.items()):
-            task.cancel()
+        for waiting, dones in list(in_flight.items()):
+            waiting.cancel()
             _discard(dones)
         acks.abandon()
     if halted is not None:
