@@ -2,6 +2,7 @@
 
 from services.common.serve import serve
 from services.gateway.app import create_app
+from services.gateway.fastpath import SocketProtocol
 from services.gateway.settings import GatewaySettings
 
 settings = GatewaySettings()
@@ -13,4 +14,6 @@ serve(
     ws_max_size=settings.max_frame_bytes,
     # Frames are small JSON: deflating each one for each member costs more CPU than it saves.
     ws_per_message_deflate=False,
+    # uvicorn's own WebSocket protocol plus a way past ASGI for frames (see the module).
+    ws=SocketProtocol,
 )

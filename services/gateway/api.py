@@ -231,7 +231,7 @@ class Participants:
 
     def _reply(self, connection: Connection, frame: bytes) -> None:
         """Queue an answer (ack, error) for the browser; one too far behind is closed (1013)."""
-        if not connection.send(frame.decode()):
+        if not connection.send(frame):
             log.warning("participant %s is too far behind; disconnecting", connection.participant)
             self._metrics.slow_clients.inc()
             connection.close(CloseCode.TRY_AGAIN_LATER, "too far behind; reconnect")

@@ -38,6 +38,7 @@ from services.common.messages import (
     now,
     server_frame,
 )
+from services.gateway.fastpath import FastSocket, fast_socket, text_frame
 from services.gateway.mailbox import Mailbox
 from services.gateway.metrics import GatewayMetrics
 
@@ -82,10 +83,15 @@ class Connection:
         loop = asyncio.get_running_loop()
         self.id = new_id()
         self.websocket = websocket
+        # Frames written straight to the transport, when the server offers it (see
+        # services/gateway/fastpath.py); None: everything goes through ASGI.
+        self.socket: FastSocket | None = fast_socket(getattr(websocket, "scope", None))
         self.info = info
         # Frames waiting for the socket, each with the time its cause reached a gateway
         # (`Envelope.origin`), if any; a write that suspended comes first.
-        self.outbox: Mailbox[tuple[str, float | None] | _Suspended | None] = Mailbox(outbox_limit)
+        self.outbox: Mailbox[tuple[str | bytes, float | None] | _Suspended | None] = Mailbox(
+            outbox_limit
+        )
         self._writing = False  # the writer task holds a frame: later ones queue behind it
         self._broken = False  # a write failed: the browser is gone (the reader notices)
         # Observes delivery latency (set by the `Hub`): receipt of the cause → socket write.
@@ -109,20 +115,32 @@ class Connection:
     def group(self) -> str:
         return self.info.group
 
-    def send(self, frame: str, origin: float | None = None) -> bool:
-        """Write a frame to this browser, or queue it behind earlier ones; False if the browser
-        is too far behind.
+    def send(
+        self, frame: str | bytes, origin: float | None = None, wire: bytes | None = None
+    ) -> bool:
+        """Write a frame (its JSON text, UTF-8 bytes on the hot path) to this browser, or queue
+        it behind earlier ones; False if the browser is too far behind. `wire`: the same frame
+        as `text_frame` built it, if the caller has it (one per broadcast, for every member).
 
         With nothing queued, the frame is written right away, in the caller's step: a write
         that does not have to wait (the usual case: the transport takes it) costs no task
-        switch. One that has to wait (the transport is paused) goes to the outbox's head and
-        the writer task finishes it, then what queued behind it.
+        switch, and on the fast path no coroutine either. One that has to wait (the transport
+        is paused) goes through ASGI to the outbox's head and the writer task finishes it,
+        then what queued behind it.
         """
         if self.closing or self._broken:
             return True
         if self._writing or self.outbox.qsize():
             return self.outbox.put_nowait((frame, origin))
-        write = self.websocket.send_text(frame)
+        socket = self.socket
+        if socket is not None:
+            if wire is None:
+                wire = text_frame(frame if isinstance(frame, bytes) else frame.encode())
+            if socket.write(wire):
+                self._delivered(origin)
+                return True
+            # Paused, closing or gone: ASGI knows how to wait, or to fail, as it always did.
+        write = self.websocket.send_text(frame if isinstance(frame, str) else frame.decode())
         try:
             blocker = write.send(None)
         except StopIteration:
@@ -173,7 +191,7 @@ class Connection:
                     await _finish(item)
                 else:
                     frame, origin = item
-                    await ws.send_text(frame)
+                    await ws.send_text(frame if isinstance(frame, str) else frame.decode())
             except Exception:
                 self._broken = True
                 return  # the reader notices the disconnect and cleans up
@@ -370,11 +388,12 @@ class Hub:
 
     def _broadcast(self, envelope: Envelope) -> None:
         self._metrics.broadcasts.inc()
-        frame: str | None = None
+        frame: bytes | None = None
+        wire: bytes | None = None
         if envelope.participant is not None:
             connection = self.connections.get(envelope.participant)
             if connection is not None:
-                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
+                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts)
                 self._deliver(connection, frame, envelope.origin)
             return
         for participant in self._members_here.get(envelope.group, ()):
@@ -382,9 +401,11 @@ class Hub:
             if connection is None:
                 continue
             if frame is None:  # encode once per broadcast, not once per member
-                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts).decode()
+                frame = server_frame(envelope.channel or "", envelope.payload, envelope.ts)
+            if wire is None and connection.socket is not None:  # and frame it once
+                wire = text_frame(frame)
             try:
-                self._deliver(connection, frame, envelope.origin)
+                self._deliver(connection, frame, envelope.origin, wire)
             except Exception:
                 # This member missed a frame: it reconnects and resynchronises from hello.
                 # The others still get theirs.
@@ -396,10 +417,13 @@ class Hub:
                 connection.close(CloseCode.INTERNAL_ERROR, "internal error; reconnect")
 
     def _deliver(
-        self, connection: Connection, frame: str | bytes, origin: float | None = None
+        self,
+        connection: Connection,
+        frame: bytes,
+        origin: float | None = None,
+        wire: bytes | None = None,
     ) -> None:
-        text = frame if isinstance(frame, str) else frame.decode()
-        if connection.send(text, origin):
+        if connection.send(frame, origin, wire):
             self._metrics.frames_out.inc()
         else:
             info = connection.info
