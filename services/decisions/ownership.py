@@ -144,7 +144,11 @@ class ShardOwnership:
     async def _step(self, at: float) -> None:
         leases = self._repository.shards
         await self._repository.workers.acquire(self._owner, self._owner, now=at, ttl=self._ttl)
-        for index in sorted(self.held):
+        held = [shard_key(index) for index in sorted(self.held)]
+        # All held leases in one update (8 shards: 3 MongoDB round trips a step instead of 10,
+        # every 0.75 s, idle or not); only if one of them is no longer ours, one by one.
+        renewed = await leases.renew(held, self._owner, now=at, ttl=self._ttl)
+        for index in [] if renewed else sorted(self.held):
             if index not in self.held:
                 continue  # handed back below, with the claim it was part of
             if not await leases.acquire(shard_key(index), self._owner, now=at, ttl=self._ttl):

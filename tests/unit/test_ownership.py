@@ -30,6 +30,12 @@ class MemoryLeases:
         self.leases[key] = (owner, now + ttl)
         return True
 
+    async def renew(self, keys: list[str], owner: str, *, now: float, ttl: float) -> bool:
+        ours = [k for k in keys if k in self.leases and self.leases[k][0] == owner]
+        for key in ours:
+            self.leases[key] = (owner, now + ttl)
+        return len(ours) == len(keys)
+
     async def release(self, key: str, owner: str) -> None:
         if key in self.leases and self.leases[key][0] == owner:
             del self.leases[key]
