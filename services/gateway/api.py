@@ -50,7 +50,8 @@ from services.common.messages import (
     server_frame,
 )
 from services.common.seats import well_formed
-from services.gateway.domain import MAX_SEQ_JUMP, SeatLimits, parse_frame
+from services.gateway.domain import MAX_SEQ_JUMP, SeatLimits, TokenBucket, parse_frame
+from services.gateway.fastpath import FastSocket
 from services.gateway.handlers import Connection, Hub
 from services.gateway.join import join_router
 from services.gateway.mailbox import Inbox
@@ -259,15 +260,19 @@ class Participants:
         Reading never waits for the broker, so the flood limit sees the real arrival rate, and
         the publisher keeps one participant's frames in seq order on the bus.
         """
-        settings = self._settings
         # One bucket per participant, kept across reconnects (PROTOCOL v2); every frame takes
         # a token, valid or not, so a stream of bad frames floods no more than good ones.
         bucket = self._limits.bucket(connection.participant, time.monotonic())
         channels = self.experiments.get(connection.info.experiment).channels
         websocket = connection.websocket
-        inbox: Inbox[InboundFrame | None] = Inbox(settings.inbox_bytes)
+        inbox: Inbox[InboundFrame | None] = Inbox(self._settings.inbox_bytes)
         publisher = asyncio.create_task(self._publish_loop(connection, inbox))
         try:
+            if connection.socket is not None:
+                await self._read_fast(
+                    connection, connection.socket, bucket, channels, inbox, publisher
+                )
+                return
             while not connection.closing and not publisher.done():
                 if inbox.full:
                     # The broker has not taken this browser's frames yet: stop reading it
@@ -278,40 +283,89 @@ class Participants:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     return
-                text = message.get("text")
-                now = time.monotonic()
-                allowed = bucket.take(now)
-                try:
-                    if text is None:
-                        raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
-                    frame = parse_frame(text, channels)
-                    if not allowed:
-                        raise ProtocolError(
-                            ErrorCode.TOO_MANY_MESSAGES,
-                            f"more than {settings.max_frames_per_second:g} frames/s",
-                            frame.seq,
-                        )
-                    inbox.put_nowait(frame, len(text) + INBOX_FRAME_COST)
-                except ProtocolError as error:
-                    # Only a flood refusal comes after the frame (and its channel) was parsed.
-                    known = error.code == ErrorCode.TOO_MANY_MESSAGES
-                    channel = frame.channel if known else UNPARSED
-                    if not allowed and not known:
-                        # Past the limit a bad frame is refused as a flood like any other
-                        # (its answers count against the outbox: a flood that does not read
-                        # them is closed with 1013).
-                        error = ProtocolError(
-                            ErrorCode.TOO_MANY_MESSAGES,
-                            f"more than {settings.max_frames_per_second:g} frames/s",
-                            error.seq,
-                        )
-                    self._metrics.frame_outcome(channel, error.code).inc()
-                    payload = {"code": error.code, "message": error.message, "seq": error.seq}
-                    self._reply(connection, server_frame(Channel.ERROR, payload))
+                self._take(connection, bucket, channels, inbox, message.get("text"))
         finally:
             # Frames already read are still published (and acknowledged if the socket is open).
             inbox.put_nowait(None, 0)
             await publisher
+
+    async def _read_fast(
+        self,
+        connection: Connection,
+        socket: FastSocket,
+        bucket: TokenBucket,
+        channels: frozenset[str],
+        inbox: Inbox[InboundFrame | None],
+        publisher: asyncio.Task[None],
+    ) -> None:
+        """`_read` on the fast path (services/gateway/fastpath.py): the socket hands each frame
+        to `take` as it is read, with no ASGI message and no task switch; this task only waits
+        for the socket to end (or the publisher to fail)."""
+
+        def resume(_: object) -> None:
+            socket.resume_reading()
+
+        def take(text: str | None) -> bool:
+            if connection.closing or publisher.done():
+                return False  # read no more; the waiting below ends
+            self._take(connection, bucket, channels, inbox, text)
+            if not inbox.full:
+                return True
+            # The broker has not taken this browser's frames yet: stop reading it until it
+            # does (or the publisher fails), rather than buffer more.
+            self._metrics.inbox_full.inc()
+            inbox.room().add_done_callback(resume)
+            return False
+
+        ended = socket.read(take)
+        try:
+            # `_read_until_closed` cancels this task once a close is requested.
+            await asyncio.wait({ended, publisher}, return_when=FIRST_COMPLETED)
+        finally:
+            socket.stop_reading()
+        if ended.done():
+            ended.result()  # what `take` raised, if it did
+
+    def _take(
+        self,
+        connection: Connection,
+        bucket: TokenBucket,
+        channels: frozenset[str],
+        inbox: Inbox[InboundFrame | None],
+        text: str | None,
+    ) -> None:
+        """One frame read from the browser (None: a binary one): the flood limit, its shape,
+        then the inbox; a refused frame gets its `error`."""
+        settings = self._settings
+        now = time.monotonic()
+        allowed = bucket.take(now)
+        try:
+            if text is None:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary frames are not accepted")
+            frame = parse_frame(text, channels)
+            if not allowed:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_MESSAGES,
+                    f"more than {settings.max_frames_per_second:g} frames/s",
+                    frame.seq,
+                )
+            inbox.put_nowait(frame, len(text) + INBOX_FRAME_COST)
+        except ProtocolError as error:
+            # Only a flood refusal comes after the frame (and its channel) was parsed.
+            known = error.code == ErrorCode.TOO_MANY_MESSAGES
+            channel = frame.channel if known else UNPARSED
+            if not allowed and not known:
+                # Past the limit a bad frame is refused as a flood like any other (its answers
+                # count against the outbox: a flood that does not read them is closed with
+                # 1013).
+                error = ProtocolError(
+                    ErrorCode.TOO_MANY_MESSAGES,
+                    f"more than {settings.max_frames_per_second:g} frames/s",
+                    error.seq,
+                )
+            self._metrics.frame_outcome(channel, error.code).inc()
+            payload = {"code": error.code, "message": error.message, "seq": error.seq}
+            self._reply(connection, server_frame(Channel.ERROR, payload))
 
     async def _publish_loop(
         self, connection: Connection, inbox: Inbox[InboundFrame | None]

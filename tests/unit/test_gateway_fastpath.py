@@ -2,7 +2,7 @@
 
 `text_frame` builds the same bytes as websockets' own framing. Then the gateway's own
 `Participants` and `Hub`, served by uvicorn with `SocketProtocol` on a loopback port, talk to
-a real `websockets` client: frames out go past ASGI (the protocol counts them), and a
+a real `websockets` client: frames both ways go past ASGI (the protocol counts them), and a
 client that stops reading still gets every frame queued for it, in order, then the 1013 close
 when its outbox overflowed. The broker and the store are fakes here (the e2e tests run the
 same protocol in the real gateway process).
@@ -49,7 +49,8 @@ def test_text_frame_is_websockets_own_unmasked_frame(size: int) -> None:
 
 
 class FakeBus:
-    """Confirms every batch at once; keeps the frames and presence changes published."""
+    """Confirms every batch at once, unless `confirming` is cleared (then frames wait for it);
+    keeps the frames and presence changes published."""
 
     is_connected = True
     blocked = False
@@ -58,10 +59,14 @@ class FakeBus:
         self.inputs: list[Envelope] = []
         self.presence: list[bool] = []
         self.changed = asyncio.Event()
+        self.confirming = asyncio.Event()
+        self.confirming.set()
 
     async def publish_batch(
         self, exchange: str, key: str, envelopes: list[Envelope], **_: Any
     ) -> None:
+        if any(e.type is MessageType.FRAME_ACCEPTED for e in envelopes):
+            await self.confirming.wait()
         for envelope in envelopes:
             if envelope.type is MessageType.PRESENCE_CHANGED:
                 self.presence.append(PresenceChanged.of(envelope).connected)
@@ -74,6 +79,16 @@ class FakeBus:
             while not done():
                 self.changed.clear()
                 await self.changed.wait()
+
+
+class Signal:
+    """Stands in for a counter of the metrics: says when it was counted."""
+
+    def __init__(self) -> None:
+        self.counted = asyncio.Event()
+
+    def inc(self) -> None:
+        self.counted.set()
 
 
 class FakeDirectory:
@@ -137,7 +152,8 @@ class Server(uvicorn.Server):
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(admin_token="t", outbox_limit=10, close_grace=5)
+    # An inbox of 1 KiB holds two small frames (each counts its text + INBOX_FRAME_COST).
+    settings = GatewaySettings(admin_token="t", outbox_limit=10, close_grace=5, inbox_bytes=1024)
     metrics = GatewayMetrics()
     hub = Hub(metrics)
     bus = FakeBus()
@@ -179,7 +195,7 @@ async def frames(client: ClientConnection, count: int) -> list[dict[str, Any]]:
         return [json.loads(await client.recv()) for _ in range(count)]
 
 
-async def test_frames_go_out_past_asgi(gateway: Gateway) -> None:
+async def test_frames_go_both_ways_past_asgi(gateway: Gateway) -> None:
     async with connect(gateway.url, proxy=None, compression=None) as client:
         connection, protocol = await gateway.connection()
         gateway.hello(connection)
@@ -196,8 +212,10 @@ async def test_frames_go_out_past_asgi(gateway: Gateway) -> None:
         await client.send(b"\x00binary")
         (error,) = await frames(client, 1)
         assert error["channel"] == "error" and error["payload"]["code"] == "bad_message"
-        # hello, two acks, the broadcast, the error: all written straight to the transport.
+        # hello, two acks, the broadcast, the error: all written straight to the transport;
+        # the two decisions and the binary frame handed over in data_received.
         assert protocol.frames_written == 5
+        assert protocol.frames_read == 3
     await gateway.bus.until(lambda: gateway.bus.presence == [True, False])
 
 
@@ -229,3 +247,24 @@ async def test_a_client_that_stops_reading_gets_its_queued_frames_then_1013(
     assert received == list(range(sent - 2))
     slow = gateway.metrics.registry.get_sample_value("canopy_gateway_slow_clients_total")
     assert slow == 1
+
+
+async def test_reading_stops_while_the_inbox_is_full_and_loses_nothing(gateway: Gateway) -> None:
+    gateway.metrics.inbox_full = Signal()  # type: ignore[assignment]
+    gateway.bus.confirming.clear()  # the broker confirms nothing for now
+    async with connect(gateway.url, proxy=None, compression=None) as client:
+        connection, protocol = await gateway.connection()
+        gateway.hello(connection)
+        await frames(client, 1)
+        for seq in range(1, 51):
+            await client.send(json.dumps({"channel": "decisions", "seq": seq, "payload": 0.5}))
+        await asyncio.wait_for(gateway.metrics.inbox_full.counted.wait(), 5)  # type: ignore[attr-defined]
+        # Full at once: the gateway took a few frames and stopped reading the socket.
+        assert protocol.read_paused
+        assert protocol.frames_read < 10
+        gateway.bus.confirming.set()
+        acks = await frames(client, 50)
+        assert [a["payload"]["seq"] for a in acks] == list(range(1, 51))
+        assert [e.seq for e in gateway.bus.inputs] == list(range(1, 51))
+        assert protocol.frames_read == 50
+        assert not protocol.read_paused
