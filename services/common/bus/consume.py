@@ -139,28 +139,39 @@ async def consume_pipelined(
             return
         acks.finish(handled, ok=True)
 
-    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    # Delivered and not handled yet, in delivery order. The loop waits on a plain future that
+    # a delivery (or `stop`) completes: before, each wait with nothing delivered made a task
+    # (`ensure_future(inbox.get())`) and an `asyncio.wait` with its callbacks, per message at
+    # low load.
+    inbox: deque[AbstractIncomingMessage] = deque()
+    waiter: asyncio.Future[None] | None = None
+
+    def wake(_: object = None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def deliver(message: AbstractIncomingMessage) -> None:
-        inbox.put_nowait(message)
+        inbox.append(message)
+        wake()
 
     halted: BaseException | None = None
     stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopping is not None:
+        stopping.add_done_callback(wake)
     tag = await queue.consume(deliver)
+    loop = asyncio.get_running_loop()
     try:
         while True:
             if stop is not None and stop.is_set():
-                break
-            if not inbox.empty():
-                message = inbox.get_nowait()  # (no task switch per message under load)
-            else:
-                getting = asyncio.ensure_future(inbox.get())
-                if stopping is not None:
-                    await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if stopping.done():
-                        getting.cancel()
-                        break  # whatever `getting` took stays unacknowledged: put back in order
-                message = await getting
+                break  # whatever was delivered and not handled is put back, in order
+            if not inbox:
+                waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    waiter = None
+                continue
+            message = inbox.popleft()  # (no task switch per message under load)
             try:
                 envelopes = decode_message(message)
             except ValueError as exc:
@@ -221,8 +232,8 @@ async def consume_pipelined(
         # waits here, so that it is not left unacknowledged on a channel that stays open.
         with contextlib.suppress(BaseException):
             await _cancel(queue, tag)
-            while not inbox.empty():
-                await _settle(inbox.get_nowait(), queue.name, ack=False)
+            while inbox:
+                await _settle(inbox.popleft(), queue.name, ack=False)
         raise
     finally:
         if stopping is not None:
