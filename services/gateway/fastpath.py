@@ -98,6 +98,7 @@ class SocketProtocol(WebSocketsSansIOProtocol):
         self._reader: Reader | None = None
         self._ended: asyncio.Future[None] | None = None
         self._stalled = False  # the reader asked for no more until `resume_reading`
+        self._ending = False  # the socket ended: the reader gets what it holds, then `_ended`
         # Frames read while stalled: the rest of what one `data_received` held (the transport
         # is paused, so no more come in meanwhile).
         self._held: deque[str | None] = deque()
@@ -132,7 +133,8 @@ class SocketProtocol(WebSocketsSansIOProtocol):
     def read(self, reader: Reader) -> asyncio.Future[None]:
         """From now on hand every frame to `reader`, starting with those uvicorn queued for
         the app meanwhile. The future completes when the socket ends (uvicorn queued a
-        disconnect), or fails with what `reader` raised (it then gets no more frames)."""
+        disconnect) and the reader had every frame read before that, or fails with what
+        `reader` raised (it then gets no more frames)."""
         ended = self._ended = self.loop.create_future()
         self._reader = reader
         self._stalled = False
@@ -162,7 +164,11 @@ class SocketProtocol(WebSocketsSansIOProtocol):
         self._stalled = False
         while self._held and not self._stalled and self._reader is not None:
             self._call(self._held.popleft())
-        if self._reader is not None and not self._stalled:
+        if self._reader is None:
+            return
+        if self._ending and not self._held:
+            self._end()
+        elif not self._stalled:
             self._resume_transport()
 
     def send_receive_event_to_app(self) -> None:
@@ -171,8 +177,8 @@ class SocketProtocol(WebSocketsSansIOProtocol):
             return
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
-        if self.close_sent:
-            return  # past the app's close: discarded, as uvicorn does
+        if self.close_sent or self._ending:
+            return  # past the app's close, or the end: discarded, as uvicorn does
         text: str | None = None
         if self.curr_msg_data_type == "text":
             try:
@@ -203,18 +209,25 @@ class SocketProtocol(WebSocketsSansIOProtocol):
             return
         if not more:
             self._stalled = True
-            if not self.read_paused:
+            if not self.read_paused and not self.transport.is_closing():
                 self.read_paused = True
                 self.transport.pause_reading()
 
     def _resume_transport(self) -> None:
-        if self.read_paused and not self.close_sent:
+        if self.read_paused and not self.close_sent and not self.disconnected:
             self.read_paused = False
             self.transport.resume_reading()
 
     def _disconnected(self) -> None:
         if self._reader is None:
             return
-        self.stop_reading()  # frames after a disconnect are never the app's
+        # Frames read before the end are still the reader's (through ASGI the app would
+        # receive them before the disconnect), once it has room for them.
+        self._ending = True
+        if not self._held:
+            self._end()
+
+    def _end(self) -> None:
+        self.stop_reading()
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)

@@ -22,8 +22,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from services.common.bus import BATCH_TYPE, encode_batch
 from services.common.directory import ParticipantInfo
@@ -268,3 +271,36 @@ async def test_reading_stops_while_the_inbox_is_full_and_loses_nothing(gateway: 
         assert [e.seq for e in gateway.bus.inputs] == list(range(1, 51))
         assert protocol.frames_read == 50
         assert not protocol.read_paused
+
+
+async def test_frames_read_before_a_close_are_all_published(gateway: Gateway) -> None:
+    """Fifty frames and the close frame in one TCP segment, while the broker confirms nothing:
+    the gateway takes two (its inbox is full), keeps the rest it read, and still publishes
+    every one once the broker confirms, as when each waited in uvicorn's queue for `receive`
+    ahead of the disconnect."""
+    gateway.metrics.inbox_full = Signal()  # type: ignore[assignment]
+    gateway.bus.confirming.clear()
+    client = ClientProtocol(parse_uri(gateway.url))
+    client.send_request(client.connect())
+    host, port = gateway.url.split("/")[2].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"".join(client.data_to_send()))
+        async with asyncio.timeout(5):
+            while not any(isinstance(e, Response) for e in client.events_received()):
+                client.receive_data(await reader.read(65536))
+        connection, protocol = await gateway.connection()
+        gateway.hello(connection)
+        for seq in range(1, 51):
+            client.send_text(
+                json.dumps({"channel": "decisions", "seq": seq, "payload": 1}).encode()
+            )
+        client.send_close(1000)
+        writer.write(b"".join(client.data_to_send()))  # one write: one segment on loopback
+        await asyncio.wait_for(gateway.metrics.inbox_full.counted.wait(), 5)  # type: ignore[attr-defined]
+        gateway.bus.confirming.set()
+        await gateway.bus.until(lambda: gateway.bus.presence == [True, False])
+        assert [e.seq for e in gateway.bus.inputs] == list(range(1, 51))
+        assert protocol.frames_read == 50
+    finally:
+        writer.close()
