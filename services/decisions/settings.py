@@ -18,9 +18,11 @@ class DecisionsSettings(CommonSettings):
     decisions_prefetch: int = Field(default=200, ge=1, le=65535)
     # Log records are sent to the store in batches: at most this often, or this many at once.
     # Nobody waits for a batch but the broker's ack of the inputs it holds (a participant's
-    # ack comes from the gateway), so 50 ms costs only export lag, and at low load saves a
-    # fifth of the CPU per decision against 10 ms (docs/performance.md).
-    log_batch_seconds: float = Field(default=0.05, gt=0, le=5)
+    # ack comes from the gateway), so the interval costs only export lag. At low load each
+    # batch is a broker message, a delivery to the store and a store transaction of its own:
+    # 50 ms saved a fifth of the CPU per decision against 10 ms, and 100 ms with the store's
+    # 0.25 s another ~15 % at 200 decisions/s (docs/performance.md, "Speed, round three").
+    log_batch_seconds: float = Field(default=0.1, gt=0, le=5)
     log_batch_records: int = Field(default=1000, ge=1, le=100_000)
     # ... and at most about this many bytes per batch (RabbitMQ refuses messages over its
     # max_message_size, 128 MiB by default; a row is at most 256 KiB).
