@@ -100,8 +100,8 @@ class SocketProtocol(WebSocketsSansIOProtocol):
         self._stalled = False  # the reader asked for no more until `resume_reading`
         self._ending = False  # the socket ended: the reader gets what it holds, then `_ended`
         # Frames read while stalled: the rest of what one `data_received` held (the transport
-        # is paused, so no more come in meanwhile).
-        self._held: deque[str | None] = deque()
+        # is paused, so no more come in meanwhile). Made when first needed (~0.7 KiB).
+        self._held: deque[str | None] | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -155,15 +155,18 @@ class SocketProtocol(WebSocketsSansIOProtocol):
         """Give no more frames to the reader: from now on uvicorn queues them for the app
         again (unread, they keep reading paused, as for an app that stopped reading)."""
         self._reader = None
-        self._held.clear()
+        self._held = None
 
     def resume_reading(self) -> None:
         """The reader takes frames again (it had returned False)."""
         if self._reader is None or not self._stalled:
             return
         self._stalled = False
-        while self._held and not self._stalled and self._reader is not None:
-            self._call(self._held.popleft())
+        held = self._held
+        while held and not self._stalled and self._reader is not None:
+            self._call(held.popleft())
+        if not held:
+            self._held = None  # a slow reader's backlog is rare: keep no empty deque
         if self._reader is None:
             return
         if self._ending and not self._held:
@@ -192,6 +195,8 @@ class SocketProtocol(WebSocketsSansIOProtocol):
 
     def _hand(self, text: str | None) -> None:
         if self._stalled:
+            if self._held is None:
+                self._held = deque()
             self._held.append(text)
         else:
             self._call(text)
