@@ -20,8 +20,11 @@ bounded, one-off cost.
 Idle wake-ups: uvicorn's main loop wakes 10 times a second to check for a stop and refreshes
 the `Date` header on every tenth wake. Here it wakes once a second, on the second (the header's
 resolution), and a stop or the drain's end wakes it at once instead (`_poke`): 9 wakes a second
-fewer in each service, with nothing to do in them (measured with `make bench --idle`, see
-docs/performance.md "The idle stack"), and a stop seen no later than before.
+fewer in each service, with nothing to do in them, and a stop seen no later than before. In
+`make bench ARGS="--groups 25 --size 4 --rate 2 --duration 5 --idle 20 --no-floor"` the idle
+services' context switches fell from 13-15 to 4-8 a second (gateway, timers, store) and from
+23-25 to 14-16 (decisions, with its lease renewals batched too); their idle CPU, medians of
+quiet runs, gateway 0.7 -> 0.4, timers 0.7 -> 0.5, store 0.6 -> 0.3 % of a core.
 """
 
 from __future__ import annotations
