@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 Disconnect = Callable[[str, str, str], Awaitable[None]]
 
 
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
 class Liveness:
     """Heartbeats heard per gateway, the watch that disconnects a silent gateway's members,
     and the resync window."""
@@ -46,7 +50,11 @@ class Liveness:
         *,
         resync_window: float,
         liveness_timeout: float,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock`: seconds on a monotonic clock (the event loop's when not given; tests step
+        one of their own instead of waiting)."""
+        self._clock = clock or _loop_time
         self._bus = bus
         self._routes = routes
         self._metrics = metrics
@@ -58,13 +66,12 @@ class Liveness:
 
     def start(self) -> None:
         """The resync window and heartbeat silence count from now."""
-        self._started = asyncio.get_running_loop().time()
+        self._started = self._clock()
 
     def after_resync(self, callback: Callable[[], object]) -> None:
         """Call `callback` once the resync window is over (at once if it is)."""
-        loop = asyncio.get_running_loop()
-        wait = max(0.0, self._started + self._resync_window - loop.time())
-        loop.call_later(wait, callback)
+        wait = max(0.0, self._started + self._resync_window - self._clock())
+        asyncio.get_running_loop().call_later(wait, callback)
 
     async def on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -72,21 +79,24 @@ class Liveness:
         except ValueError:
             return
         if envelope.type is MessageType.GATEWAY_ALIVE and envelope.gateway is not None:
-            self._heard[envelope.gateway] = asyncio.get_running_loop().time()
+            self._heard[envelope.gateway] = self._clock()
 
     async def watch(self, every: float = 0.5) -> None:
         """Disconnect the members of gateways that stopped sending heartbeats."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every)
-            if not self._bus.is_connected or self._bus.blocked:
-                # No heartbeat can arrive while the broker is away, nor while it blocks
-                # publishers (a resource alarm: the gateways cannot publish theirs either, and
-                # this worker could not publish a disconnect): count from its return.
-                self._started = loop.time()
-                self._heard.clear()
-                continue
-            await self.check()
+            await self.look()
+
+    async def look(self) -> None:
+        """One step of the watch."""
+        if not self._bus.is_connected or self._bus.blocked:
+            # No heartbeat can arrive while the broker is away, nor while it blocks publishers
+            # (a resource alarm: the gateways cannot publish theirs either, and this worker
+            # could not publish a disconnect): count from its return.
+            self._started = self._clock()
+            self._heard.clear()
+            return
+        await self.check()
 
     async def check(self) -> None:
         """One look: disconnect the members of each gateway silent for `liveness_timeout`.
@@ -96,7 +106,7 @@ class Liveness:
         were disconnected and that then announces them again (back from its own broker
         outage) may do so before its next heartbeat, and must not be dropped again at once
         for the silence already counted (tests/e2e/test_gateway_reconnect.py was flaky so)."""
-        now = asyncio.get_running_loop().time()
+        now = self._clock()
         for gateway in self._routes.gateways():
             last = self._heard.setdefault(gateway, now)
             if now - last > self._liveness_timeout:

@@ -10,16 +10,23 @@ from the alarm's end. The in-memory bus (tests/memory_bus.py) stands in for the 
 
 from __future__ import annotations
 
-import asyncio
-
 from services.common.messages import Envelope, MessageType, PresenceChanged
 from services.decisions.liveness import Liveness
 from services.decisions.metrics import DecisionsMetrics
 from services.decisions.routes import Routes
 from tests.memory_bus import MemoryBus
 
-TIMEOUT = 0.05  # liveness_timeout, s
-EVERY = 0.01  # how often the watch looks, s
+TIMEOUT = 3.0  # liveness_timeout, s (the default; nothing waits for it: the clock is stepped)
+
+
+class Clock:
+    """The watch's clock, stepped by the test instead of waited for."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def connected(participant: str) -> Envelope:
@@ -34,16 +41,13 @@ def connected(participant: str) -> Envelope:
     )
 
 
-async def test_silence_is_not_counted_while_the_broker_blocks_publishers() -> None:
-    bus = MemoryBus(blocked=True)
+def watched(bus: MemoryBus, disconnected: list[str]) -> tuple[Liveness, Routes, Clock]:
     routes = Routes()
     routes.learn(connected("a"))
-    disconnected: list[str] = []
-    gone = asyncio.Event()
+    clock = Clock()
 
     async def disconnect(group: str, participant: str, connection: str) -> None:
         disconnected.append(participant)
-        gone.set()
 
     liveness = Liveness(
         bus,
@@ -52,22 +56,32 @@ async def test_silence_is_not_counted_while_the_broker_blocks_publishers() -> No
         disconnect,
         resync_window=1.0,
         liveness_timeout=TIMEOUT,
+        clock=clock,
     )
     liveness.start()
-    watch = asyncio.create_task(liveness.watch(every=EVERY))
-    try:
-        # Four timeouts of silence (about twenty looks), all while blocked: the watch would
-        # have disconnected the member after the first. A span of the fault, not a wait for
-        # an event: what is checked is that nothing happens in it.
-        await asyncio.sleep(4 * TIMEOUT)
-        assert disconnected == [], "members of a gateway that could not send disconnected"
-        # The alarm clears and the gateway stays silent: now it is gone, a timeout later.
-        bus.blocked = False
-        await asyncio.wait_for(gone.wait(), 2)
-        assert disconnected == ["a"]
-    finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+    return liveness, routes, clock
+
+
+async def test_silence_is_not_counted_while_the_broker_blocks_publishers() -> None:
+    bus = MemoryBus(blocked=True)
+    disconnected: list[str] = []
+    liveness, _, clock = watched(bus, disconnected)
+    # Four timeouts of silence, looked at twenty times, all while blocked: the watch would
+    # have disconnected the member after the first timeout.
+    for _ in range(20):
+        clock.now += TIMEOUT / 5
+        await liveness.look()
+    assert disconnected == [], "members of a gateway that could not send disconnected"
+    # The alarm clears and the gateway stays silent: gone a timeout after the alarm's end,
+    # not before.
+    bus.blocked = False
+    await liveness.look()
+    clock.now += TIMEOUT * 0.9
+    await liveness.look()
+    assert disconnected == []
+    clock.now += TIMEOUT * 0.2
+    await liveness.look()
+    assert disconnected == ["a"]
 
 
 async def test_a_gateway_that_announces_its_members_again_is_not_dropped_again_at_once() -> None:
@@ -76,25 +90,15 @@ async def test_a_gateway_that_announces_its_members_again_is_not_dropped_again_a
     Its silence counts again from then: before, the next look found no heartbeat since the
     worker started and disconnected those members at once, for good (the period of
     tests/e2e/test_gateway_reconnect.py then never started, in about half of its runs)."""
-    bus = MemoryBus()
-    routes = Routes()
-    routes.learn(connected("a"))
     disconnected: list[str] = []
-
-    async def disconnect(group: str, participant: str, connection: str) -> None:
-        disconnected.append(participant)
-
-    liveness = Liveness(
-        bus, routes, DecisionsMetrics(), disconnect, resync_window=1.0, liveness_timeout=TIMEOUT
-    )
-    liveness.start()
+    liveness, routes, clock = watched(MemoryBus(), disconnected)
     await liveness.check()  # first look: the silence counts from here
-    await asyncio.sleep(2 * TIMEOUT)  # a span of silence longer than the timeout
+    clock.now += 2 * TIMEOUT  # a span of silence longer than the timeout
     await liveness.check()
     assert disconnected == ["a"]
     routes.learn(connected("a"))  # back: its member announced again, no heartbeat yet
     await liveness.check()
     assert disconnected == ["a"], "dropped again for the silence already counted"
-    await asyncio.sleep(2 * TIMEOUT)  # silent again for longer than the timeout
+    clock.now += 2 * TIMEOUT  # silent again for longer than the timeout
     await liveness.check()
     assert disconnected == ["a", "a"]
