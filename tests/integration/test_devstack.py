@@ -31,7 +31,8 @@ from devstack.infra import (
 )
 from devstack.stack import PROJECT_ROOT
 
-pytestmark = pytest.mark.integration
+# Slow (about a minute: each test starts and stops a broker and a store): `make stack-check`.
+pytestmark = [pytest.mark.integration, pytest.mark.stack]
 
 QUORUM_SAC = {"x-queue-type": "quorum", "x-single-active-consumer": True}
 

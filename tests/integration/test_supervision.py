@@ -29,7 +29,8 @@ from devstack.supervisor import (
 from tests.e2e.protocol import Participant, create_session
 from tests.faults.conftest import Supervised, start_supervised
 
-pytestmark = pytest.mark.integration
+# Slow (about a minute: real supervisors, processes killed): `make stack-check`.
+pytestmark = [pytest.mark.integration, pytest.mark.stack]
 
 # Killed one after the other: the services, then the servers, the broker last (the services
 # reconnect to it by themselves, which takes the longest).
